@@ -1,0 +1,38 @@
+"""Dead letters: messages plantstream could not apply, kept whole with the reason."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Literal
+
+import msgspec
+
+__all__ = ["DeadLetter", "DeadLetterReason"]
+
+DeadLetterReason = Literal[
+    "malformed",  # not valid JSON, or not an object
+    "invalid",  # valid JSON that breaks the event contract (type, field, value)
+    "reused_id",  # an event id seen before with a different payload
+    "future_time",  # occurred_at further ahead of the plant's clock than allowed
+    "parked_expired",  # waited for a prerequisite (its order release) longer than allowed
+    "unmatched",  # refers to an event or hold that does not exist
+    "negative_stock",  # the movement would drive stock of a material below zero
+]
+
+
+class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
+    """A rejected message with everything needed to fix and retry it.
+
+    `data` is the original message body, byte for byte (base64 in JSON). `stream_seq` is
+    its sequence in the plant events stream, so `plantstream dlq retry` can find it again.
+    """
+
+    reason: DeadLetterReason
+    detail: str
+    subject: str
+    stream_seq: int
+    data: bytes
+    rejected_at: dt.datetime
+    event_id: str | None = None
+    plant: str | None = None
+    order: str | None = None

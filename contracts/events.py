@@ -1,0 +1,252 @@
+"""Canonical plant events: what MES, quality, maintenance and warehouse systems publish.
+
+Every event is a msgspec Struct in the tagged union `PlantEvent`, tagged by `event_type`.
+Quantities are `Quantity` (a Decimal with its unit of measure) and every timestamp must carry
+a UTC offset, so a naive timestamp fails to decode instead of being guessed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+from typing import Annotated, Literal
+
+import msgspec
+
+__all__ = [
+    "SCHEMA_VERSION",
+    "Component",
+    "ConsumptionReversed",
+    "DowntimeEnded",
+    "DowntimeStarted",
+    "Event",
+    "InspectionRecorded",
+    "MachineStateChanged",
+    "MaterialConsumed",
+    "OperationCompleted",
+    "OperationSpec",
+    "OperationStarted",
+    "PlantEvent",
+    "ProductionCancelled",
+    "ProductionConfirmed",
+    "QualityHoldApplied",
+    "QualityHoldReleased",
+    "Quantity",
+    "ShipmentConfirmed",
+    "WorkOrderReleased",
+]
+
+SCHEMA_VERSION = 1
+
+QUANTITY_SCALE = 9
+"""Decimal places a quantity may have; snapshot tables store DECIMAL(38, 9)."""
+
+AwareDatetime = Annotated[dt.datetime, msgspec.Meta(tz=True)]
+"""A timestamp that must carry a UTC offset ("Z" or "+02:00"); naive ones fail to decode."""
+
+NonEmpty = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+
+
+class Quantity(msgspec.Struct, frozen=True):
+    """A non-negative, finite decimal amount in a unit of measure such as "KG" or "EA".
+
+    On the wire `value` is a JSON string ("12.500") or a JSON number; both decode to the
+    exact Decimal as written, never through a float.
+    """
+
+    value: Decimal
+    uom: NonEmpty
+
+    def __post_init__(self) -> None:
+        if not self.value.is_finite():
+            raise ValueError(f"quantity must be a finite number, got {self.value}")
+        if self.value.as_tuple().exponent < -QUANTITY_SCALE:  # type: ignore[operator]
+            raise ValueError(
+                f"quantity {self.value} has more than {QUANTITY_SCALE} decimal places, "
+                "which the postings and snapshot tables cannot store exactly"
+            )
+        if self.value < 0:
+            raise ValueError(
+                f"quantity must not be negative, got {self.value} {self.uom}; "
+                "send a reversal event to take a quantity back"
+            )
+
+
+def _require_utc_offset(value: dt.datetime, field: str) -> None:
+    # msgspec's tz=True already rejects naive values on decode; this also guards
+    # events built in Python, where the annotation is not checked.
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{field} must carry a UTC offset, got naive {value.isoformat()}")
+
+
+class Event(
+    msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="event_type"
+):
+    """Fields every plant event carries.
+
+    `order` is the production order the event belongs to, where it belongs to one;
+    events without an order (machine states, shipments) are keyed by machine or delivery.
+    """
+
+    event_id: NonEmpty
+    plant: NonEmpty
+    occurred_at: AwareDatetime
+    source: NonEmpty
+    schema_version: int = SCHEMA_VERSION
+    order: NonEmpty | None = None
+    work_center: NonEmpty | None = None
+
+    def __post_init__(self) -> None:
+        _require_utc_offset(self.occurred_at, "occurred_at")
+
+
+class Component(msgspec.Struct, frozen=True, kw_only=True):
+    """A bill-of-material line: the standard quantity of a component for the whole order."""
+
+    material: NonEmpty
+    quantity: Quantity
+    operation: str | None = None
+    storage_location: str | None = None
+
+
+class OperationSpec(msgspec.Struct, frozen=True, kw_only=True):
+    """An operation of a routing with its ideal cycle time (ISO 22400 PRI) per unit."""
+
+    operation: NonEmpty
+    work_center: NonEmpty
+    ideal_cycle_time_s: Decimal
+
+    def __post_init__(self) -> None:
+        if not self.ideal_cycle_time_s.is_finite() or self.ideal_cycle_time_s <= 0:
+            raise ValueError(
+                f"ideal_cycle_time_s of operation {self.operation} must be a positive "
+                f"number of seconds, got {self.ideal_cycle_time_s}"
+            )
+
+
+class WorkOrderReleased(Event, tag="work_order_released"):
+    """A production order released to the shop floor, with its BOM and routing."""
+
+    material: NonEmpty
+    quantity: Quantity
+    components: list[Component] = []
+    operations: list[OperationSpec] = []
+    storage_location: str | None = None
+
+
+class OperationStarted(Event, tag="operation_started"):
+    operation: NonEmpty
+
+
+class OperationCompleted(Event, tag="operation_completed"):
+    operation: NonEmpty
+
+
+class ProductionConfirmed(Event, tag="production_confirmed"):
+    """Output reported against an order: good, scrap and rework quantities of one unit."""
+
+    good: Quantity
+    scrap: Quantity | None = None
+    rework: Quantity | None = None
+    operation: str | None = None
+    lot: str | None = None
+    final: bool = False
+    started_at: AwareDatetime | None = None
+
+
+class ProductionCancelled(Event, tag="production_cancelled"):
+    """Cancels an earlier `production_confirmed` event, named by its event id."""
+
+    cancels_event_id: NonEmpty
+
+
+class MaterialConsumed(Event, tag="material_consumed"):
+    material: NonEmpty
+    quantity: Quantity
+    lot: str | None = None
+    storage_location: str | None = None
+    operation: str | None = None
+
+
+class ConsumptionReversed(Event, tag="consumption_reversed"):
+    """Reverses an earlier `material_consumed` event, named by its event id."""
+
+    reverses_event_id: NonEmpty
+
+
+class InspectionRecorded(Event, tag="inspection_recorded"):
+    """A quality inspection result. A failed one places a hold on its lot, or its order."""
+
+    result: Literal["pass", "fail"]
+    lot: str | None = None
+    material: str | None = None
+    characteristic: str | None = None
+
+
+class QualityHoldApplied(Event, tag="quality_hold_applied"):
+    """Blocks stock of an order, a lot or a material until a matching release."""
+
+    hold_id: NonEmpty
+    scope: Literal["order", "lot", "material"] = "order"
+    lot: str | None = None
+    material: str | None = None
+    reason: str | None = None
+
+
+class QualityHoldReleased(Event, tag="quality_hold_released"):
+    hold_id: NonEmpty
+
+
+MachineState = Literal["running", "idle", "down", "setup", "maintenance"]
+
+
+class MachineStateChanged(Event, tag="machine_state_changed"):
+    """A machine entered `state`; it stays there until its next state change."""
+
+    machine: NonEmpty
+    state: MachineState
+    reason: str | None = None
+    planned: bool = False
+
+
+class DowntimeStarted(Event, tag="downtime_started"):
+    machine: NonEmpty
+    downtime_id: NonEmpty
+    reason: str | None = None
+    planned: bool = False
+
+
+class DowntimeEnded(Event, tag="downtime_ended"):
+    machine: NonEmpty
+    downtime_id: NonEmpty
+
+
+class ShipmentConfirmed(Event, tag="shipment_confirmed"):
+    """A delivery left the plant. The ERP delivery posts its own goods issue (601)."""
+
+    delivery: NonEmpty
+    material: NonEmpty
+    quantity: Quantity
+    customer: str | None = None
+
+
+PlantEvent = (
+    WorkOrderReleased
+    | OperationStarted
+    | OperationCompleted
+    | ProductionConfirmed
+    | ProductionCancelled
+    | MaterialConsumed
+    | ConsumptionReversed
+    | InspectionRecorded
+    | QualityHoldApplied
+    | QualityHoldReleased
+    | MachineStateChanged
+    | DowntimeStarted
+    | DowntimeEnded
+    | ShipmentConfirmed
+)
+
+EVENT_TYPES: tuple[str, ...] = tuple(
+    cls.__struct_config__.tag for cls in PlantEvent.__args__  # type: ignore[attr-defined]
+)

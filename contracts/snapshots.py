@@ -1,0 +1,177 @@
+"""Arrow schemas of the DuckDB snapshot tables, shared by the actors and the sink.
+
+Partition actors build record batches in these schemas; the sink creates the tables from
+them and upserts by `primary_key`, so a row written twice (after a recovery, or because its
+order changed again) is replaced, never doubled. Quantities are DECIMAL(38, 9) and
+timestamps are TIMESTAMP WITH TIME ZONE in UTC.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import pyarrow as pa
+
+__all__ = ["QUANTITY", "TABLES", "TIMESTAMP", "TableSpec"]
+
+QUANTITY = pa.decimal128(38, 9)
+TIMESTAMP = pa.timestamp("us", tz="UTC")
+
+
+class TableSpec(NamedTuple):
+    schema: pa.Schema
+    primary_key: tuple[str, ...]
+
+
+def _spec(primary_key: tuple[str, ...], *fields: tuple[str, pa.DataType]) -> TableSpec:
+    return TableSpec(pa.schema(list(fields)), primary_key)
+
+
+TABLES: dict[str, TableSpec] = {
+    # Every posting published to the ERP postings stream, goods movements and
+    # confirmations alike; columns that do not apply to a kind are null.
+    "postings": _spec(
+        ("key",),
+        ("key", pa.string()),
+        ("posting_type", pa.string()),
+        ("plant", pa.string()),
+        ("order_id", pa.string()),
+        ("movement_type", pa.string()),
+        ("material", pa.string()),
+        ("quantity", QUANTITY),
+        ("uom", pa.string()),
+        ("stock_type", pa.string()),
+        ("batch", pa.string()),
+        ("storage_location", pa.string()),
+        ("operation", pa.string()),
+        ("work_center", pa.string()),
+        ("yield_quantity", QUANTITY),
+        ("scrap_quantity", QUANTITY),
+        ("rework_quantity", QUANTITY),
+        ("final", pa.bool_()),
+        ("posting_date", pa.date32()),
+        ("occurred_at", TIMESTAMP),
+        ("reference", pa.string()),
+        ("reverses", pa.string()),
+        ("lineage", pa.list_(pa.string())),
+    ),
+    # Current state of each production order.
+    "orders": _spec(
+        ("plant", "order_id"),
+        ("plant", pa.string()),
+        ("order_id", pa.string()),
+        ("status", pa.string()),  # released, in_progress, on_hold, completed
+        ("material", pa.string()),
+        ("planned_quantity", QUANTITY),
+        ("uom", pa.string()),
+        ("good_quantity", QUANTITY),
+        ("scrap_quantity", QUANTITY),
+        ("rework_quantity", QUANTITY),
+        ("blocked_quantity", QUANTITY),
+        ("released_at", TIMESTAMP),
+        ("first_activity_at", TIMESTAMP),
+        ("last_event_at", TIMESTAMP),
+        ("completed_at", TIMESTAMP),
+        ("active_holds", pa.int32()),
+        ("events_applied", pa.int64()),
+    ),
+    # Standard (bill of material, for the planned quantity) and actual consumption per
+    # order and component; `actual_quantity` is net of reversals.
+    "order_components": _spec(
+        ("plant", "order_id", "material"),
+        ("plant", pa.string()),
+        ("order_id", pa.string()),
+        ("material", pa.string()),
+        ("uom", pa.string()),
+        ("standard_quantity", QUANTITY),
+        ("actual_quantity", QUANTITY),
+    ),
+    # One row per production report, for OEE: what a work center produced and the ideal
+    # cycle time of the operation it ran.
+    "production": _spec(
+        ("event_id",),
+        ("event_id", pa.string()),
+        ("plant", pa.string()),
+        ("order_id", pa.string()),
+        ("work_center", pa.string()),
+        ("operation", pa.string()),
+        ("good_quantity", QUANTITY),
+        ("scrap_quantity", QUANTITY),
+        ("rework_quantity", QUANTITY),
+        ("uom", pa.string()),
+        ("ideal_cycle_time_s", QUANTITY),
+        ("occurred_at", TIMESTAMP),
+        ("cancelled", pa.bool_()),
+    ),
+    # Machine time by state: one row per interval; `ended_at` is null while it is open.
+    "machine_states": _spec(
+        ("plant", "machine", "started_at", "state"),
+        ("plant", pa.string()),
+        ("machine", pa.string()),
+        ("state", pa.string()),  # running, idle, down, setup, maintenance
+        ("planned", pa.bool_()),
+        ("reason", pa.string()),
+        ("started_at", TIMESTAMP),
+        ("ended_at", TIMESTAMP),
+        ("source_event_id", pa.string()),
+    ),
+    "inspections": _spec(
+        ("event_id",),
+        ("event_id", pa.string()),
+        ("plant", pa.string()),
+        ("order_id", pa.string()),
+        ("lot", pa.string()),
+        ("material", pa.string()),
+        ("result", pa.string()),
+        ("characteristic", pa.string()),
+        ("occurred_at", TIMESTAMP),
+    ),
+    "holds": _spec(
+        ("plant", "hold_id"),
+        ("plant", pa.string()),
+        ("hold_id", pa.string()),
+        ("scope", pa.string()),
+        ("order_id", pa.string()),
+        ("lot", pa.string()),
+        ("material", pa.string()),
+        ("reason", pa.string()),
+        ("applied_at", TIMESTAMP),
+        ("released_at", TIMESTAMP),
+    ),
+    # Events waiting for a prerequisite, such as consumption that arrived before its
+    # order release. `status` is parked, applied or expired.
+    "parked_events": _spec(
+        ("event_id",),
+        ("event_id", pa.string()),
+        ("plant", pa.string()),
+        ("order_id", pa.string()),
+        ("event_type", pa.string()),
+        ("waiting_for", pa.string()),
+        ("stream_seq", pa.int64()),
+        ("occurred_at", TIMESTAMP),
+        ("status", pa.string()),
+    ),
+    "shipments": _spec(
+        ("event_id",),
+        ("event_id", pa.string()),
+        ("plant", pa.string()),
+        ("delivery", pa.string()),
+        ("material", pa.string()),
+        ("quantity", QUANTITY),
+        ("uom", pa.string()),
+        ("customer", pa.string()),
+        ("occurred_at", TIMESTAMP),
+    ),
+    "dead_letters": _spec(
+        ("subject", "stream_seq", "reason"),
+        ("reason", pa.string()),
+        ("detail", pa.string()),
+        ("subject", pa.string()),
+        ("stream_seq", pa.int64()),
+        ("event_id", pa.string()),
+        ("plant", pa.string()),
+        ("order_id", pa.string()),
+        ("rejected_at", TIMESTAMP),
+        ("data", pa.binary()),
+    ),
+}
