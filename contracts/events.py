@@ -76,11 +76,17 @@ def _require_utc_offset(value: dt.datetime, field: str) -> None:
     # msgspec's tz=True already rejects naive values on decode; this also guards
     # events built in Python, where the annotation is not checked.
     if value.tzinfo is None or value.utcoffset() is None:
-        raise ValueError(f"{field} must carry a UTC offset, got naive {value.isoformat()}")
+        raise ValueError(
+            f"{field} must carry a UTC offset, got naive {value.isoformat()}"
+        )
 
 
 class Event(
-    msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True, tag_field="event_type"
+    msgspec.Struct,
+    frozen=True,
+    kw_only=True,
+    omit_defaults=True,
+    tag_field="event_type",
 ):
     """Fields every plant event carries.
 
@@ -248,5 +254,6 @@ PlantEvent = (
 )
 
 EVENT_TYPES: tuple[str, ...] = tuple(
-    cls.__struct_config__.tag for cls in PlantEvent.__args__  # type: ignore[attr-defined]
+    cls.__struct_config__.tag
+    for cls in PlantEvent.__args__  # type: ignore[attr-defined]
 )

@@ -31,13 +31,14 @@ def decode_key(data: bytes) -> EventKey:
 def routing_key(key: EventKey) -> str:
     """Return the entity whose state the event changes, within its plant.
 
-    Events of a production order go to that order. Machine events without an order go to
-    the machine, shipments without an order to their delivery.
+    Machine events go to their machine, even when they name the order that was running,
+    because a machine's intervals must be built in one place. Other events of a production
+    order go to that order, shipments without an order to their delivery.
     """
-    if key.order:
-        return f"order:{key.order}"
     if key.machine:
         return f"machine:{key.machine}"
+    if key.order:
+        return f"order:{key.order}"
     if key.delivery:
         return f"delivery:{key.delivery}"
     return "plant"

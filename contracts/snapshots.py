@@ -105,7 +105,7 @@ TABLES: dict[str, TableSpec] = {
     ),
     # Machine time by state: one row per interval; `ended_at` is null while it is open.
     "machine_states": _spec(
-        ("plant", "machine", "started_at", "state"),
+        ("source_event_id",),
         ("plant", pa.string()),
         ("machine", pa.string()),
         ("state", pa.string()),  # running, idle, down, setup, maintenance

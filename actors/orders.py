@@ -1,0 +1,617 @@
+"""Per-order state and the ERP postings each order event causes.
+
+`OrderBook.apply` is called by the partition state with an event whose order is known. It
+updates the order and returns the postings and snapshot rows the event produced. Stock is
+tracked per lot (batch) of the order's output, in unrestricted and blocked stock, so that a
+quality hold blocks exactly the stock it covers.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from decimal import Decimal
+
+import msgspec
+
+from contracts import events as ev
+from contracts.postings import (
+    FROM_BLOCKED,
+    GOODS_ISSUE,
+    GOODS_ISSUE_REVERSAL,
+    GOODS_RECEIPT,
+    GOODS_RECEIPT_REVERSAL,
+    TO_BLOCKED,
+    GoodsMovement,
+    OrderConfirmation,
+    Posting,
+    posting_key,
+)
+
+__all__ = ["HoldState", "OrderState", "Receipt", "apply_order_event", "release_order"]
+
+ZERO = Decimal(0)
+
+
+class ComponentState(msgspec.Struct):
+    uom: str
+    standard: Decimal = ZERO
+    actual: Decimal = ZERO
+
+
+class OperationState(msgspec.Struct):
+    work_center: str
+    ideal_cycle_time_s: Decimal
+
+
+class LotStock(msgspec.Struct):
+    """Received output of one lot that is still in stock, by stock type."""
+
+    unrestricted: Decimal = ZERO
+    blocked: Decimal = ZERO
+
+
+class Receipt(msgspec.Struct):
+    """A goods receipt and its confirmation, kept so a cancellation can invert them."""
+
+    receipt_key: str | None
+    confirmation_key: str
+    good: Decimal
+    scrap: Decimal
+    rework: Decimal
+    uom: str
+    lot: str
+    operation: str | None
+    work_center: str | None
+    occurred_at: dt.datetime
+    ideal_cycle_time_s: Decimal | None
+    cancelled_by: str | None = None
+
+
+class Consumption(msgspec.Struct):
+    key: str
+    material: str
+    quantity: Decimal
+    uom: str
+    lot: str | None
+    storage_location: str | None
+    reversed_by: str | None = None
+
+
+class HoldState(msgspec.Struct):
+    hold_id: str
+    scope: str
+    lot: str | None
+    material: str | None
+    reason: str | None
+    applied_at: dt.datetime
+    applied_by: str
+
+
+class OrderState(msgspec.Struct):
+    plant: str
+    order_id: str
+    material: str
+    planned: Decimal
+    uom: str
+    released_at: dt.datetime
+    storage_location: str | None = None
+    status: str = "released"
+    components: dict[str, ComponentState] = {}
+    operations: dict[str, OperationState] = {}
+    good: Decimal = ZERO
+    scrap: Decimal = ZERO
+    rework: Decimal = ZERO
+    stock: dict[str, LotStock] = {}
+    holds: dict[str, HoldState] = {}
+    receipts: dict[str, Receipt] = {}
+    consumptions: dict[str, Consumption] = {}
+    first_activity_at: dt.datetime | None = None
+    last_event_at: dt.datetime | None = None
+    completed_at: dt.datetime | None = None
+    events_applied: int = 0
+
+    def covered_by_hold(self, lot: str) -> bool:
+        return any(
+            _hold_covers(hold, lot, self.material) for hold in self.holds.values()
+        )
+
+    def blocked_quantity(self) -> Decimal:
+        return sum((stock.blocked for stock in self.stock.values()), ZERO)
+
+
+class Outcome(msgspec.Struct):
+    """What one applied event produced: postings and append-only snapshot rows."""
+
+    postings: list[Posting] = []
+    rows: dict[str, list[dict[str, object]]] = {}
+
+    def add_row(self, table: str, row: dict[str, object]) -> None:
+        self.rows.setdefault(table, []).append(row)
+
+
+class Unmatched(Exception):
+    """The event names an event or hold this order does not have (yet)."""
+
+    def __init__(self, waiting_for: str, detail: str) -> None:
+        super().__init__(detail)
+        self.waiting_for = waiting_for
+        self.detail = detail
+
+
+def _hold_covers(hold: HoldState, lot: str, material: str) -> bool:
+    if hold.scope == "lot":
+        return hold.lot == lot
+    if hold.scope == "material":
+        return hold.material == material
+    return True
+
+
+def _local_date(moment: dt.datetime) -> dt.date:
+    # The plant publishes its local time with its offset, so the offset's date is the
+    # plant's calendar day: the ERP's posting date.
+    return moment.date()
+
+
+def release_order(event: ev.WorkOrderReleased) -> OrderState:
+    """Create the state of a newly released order from its release event."""
+    assert event.order is not None
+    components: dict[str, ComponentState] = {}
+    for line in event.components:
+        # A BOM may list one material in several lines (per operation); sum them.
+        component = components.setdefault(
+            line.material, ComponentState(line.quantity.uom)
+        )
+        if component.uom != line.quantity.uom:
+            raise ValueError(
+                f"component {line.material} of order {event.order} is listed in both "
+                f"{component.uom} and {line.quantity.uom}; send one unit per material"
+            )
+        component.standard += line.quantity.value
+    operations = {
+        op.operation: OperationState(op.work_center, op.ideal_cycle_time_s)
+        for op in event.operations
+    }
+    return OrderState(
+        plant=event.plant,
+        order_id=event.order,
+        material=event.material,
+        planned=event.quantity.value,
+        uom=event.quantity.uom,
+        released_at=event.occurred_at,
+        storage_location=event.storage_location,
+        components=components,
+        operations=operations,
+        last_event_at=event.occurred_at,
+    )
+
+
+def _movement(
+    order: OrderState,
+    event: ev.Event,
+    movement_type: str,
+    key: str,
+    *,
+    material: str,
+    quantity: Decimal,
+    uom: str,
+    stock_type: str,
+    batch: str | None,
+    storage_location: str | None,
+    reverses: str | None = None,
+    reason: str | None = None,
+) -> GoodsMovement:
+    return GoodsMovement(
+        key=key,
+        plant=order.plant,
+        movement_type=movement_type,  # type: ignore[arg-type]
+        material=material,
+        quantity=quantity,
+        uom=uom,
+        stock_type=stock_type,  # type: ignore[arg-type]
+        order=order.order_id,
+        batch=batch or None,
+        storage_location=storage_location,
+        reason=reason,
+        posting_date=_local_date(event.occurred_at),
+        document_date=_local_date(event.occurred_at),
+        occurred_at=event.occurred_at,
+        reference=event.event_id,
+        lineage=[event.event_id] if reverses is None else [event.event_id, reverses],
+        reverses=reverses,
+    )
+
+
+def _touch(order: OrderState, event: ev.Event) -> None:
+    order.events_applied += 1
+    if order.last_event_at is None or event.occurred_at > order.last_event_at:
+        order.last_event_at = event.occurred_at
+    if not isinstance(event, ev.WorkOrderReleased | ev.QualityHoldApplied):
+        if (
+            order.first_activity_at is None
+            or event.occurred_at < order.first_activity_at
+        ):
+            order.first_activity_at = event.occurred_at
+        if order.status == "released":
+            order.status = "in_progress"
+
+
+def _confirmed(order: OrderState, event: ev.ProductionConfirmed, out: Outcome) -> None:
+    lot = event.lot or ""
+    good = event.good.value
+    scrap = event.scrap.value if event.scrap else ZERO
+    rework = event.rework.value if event.rework else ZERO
+    for name, quantity in (("scrap", event.scrap), ("rework", event.rework)):
+        if quantity is not None and quantity.uom != event.good.uom:
+            raise ValueError(
+                f"{name} of {event.event_id} is in {quantity.uom} but good quantity is in "
+                f"{event.good.uom}; report all three in one unit"
+            )
+    if event.good.uom != order.uom:
+        raise ValueError(
+            f"production of {event.event_id} is in {event.good.uom} but order "
+            f"{order.order_id} is planned in {order.uom}; report in the order's unit"
+        )
+    operation = order.operations.get(event.operation or "")
+    if operation is None and len(order.operations) == 1:
+        operation = next(iter(order.operations.values()))
+    work_center = event.work_center or (operation.work_center if operation else None)
+
+    receipt_key = None
+    if good > 0:
+        blocked = order.covered_by_hold(lot)
+        receipt_key = posting_key(order.plant, GOODS_RECEIPT, event.event_id)
+        out.postings.append(
+            _movement(
+                order,
+                event,
+                GOODS_RECEIPT,
+                receipt_key,
+                material=order.material,
+                quantity=good,
+                uom=order.uom,
+                stock_type="blocked" if blocked else "unrestricted",
+                batch=lot,
+                storage_location=order.storage_location,
+            )
+        )
+        stock = order.stock.setdefault(lot, LotStock())
+        if blocked:
+            stock.blocked += good
+        else:
+            stock.unrestricted += good
+    confirmation_key = posting_key(order.plant, "conf", event.event_id)
+    out.postings.append(
+        OrderConfirmation(
+            key=confirmation_key,
+            plant=order.plant,
+            order=order.order_id,
+            operation=event.operation,
+            work_center=work_center,
+            yield_quantity=good,
+            scrap_quantity=scrap,
+            rework_quantity=rework,
+            uom=order.uom,
+            final=event.final,
+            started_at=event.started_at,
+            finished_at=event.occurred_at,
+            lineage=[event.event_id],
+        )
+    )
+    order.good += good
+    order.scrap += scrap
+    order.rework += rework
+    receipt = Receipt(
+        receipt_key=receipt_key,
+        confirmation_key=confirmation_key,
+        good=good,
+        scrap=scrap,
+        rework=rework,
+        uom=order.uom,
+        lot=lot,
+        operation=event.operation,
+        work_center=work_center,
+        occurred_at=event.occurred_at,
+        ideal_cycle_time_s=operation.ideal_cycle_time_s if operation else None,
+    )
+    order.receipts[event.event_id] = receipt
+    if event.final:
+        order.status = "completed"
+        order.completed_at = event.occurred_at
+    out.add_row("production", _production_row(order, event.event_id, receipt))
+
+
+def _production_row(
+    order: OrderState, event_id: str, receipt: Receipt
+) -> dict[str, object]:
+    return {
+        "event_id": event_id,
+        "plant": order.plant,
+        "order_id": order.order_id,
+        "work_center": receipt.work_center,
+        "operation": receipt.operation,
+        "good_quantity": receipt.good,
+        "scrap_quantity": receipt.scrap,
+        "rework_quantity": receipt.rework,
+        "uom": receipt.uom,
+        "ideal_cycle_time_s": receipt.ideal_cycle_time_s,
+        "occurred_at": receipt.occurred_at,
+        "cancelled": receipt.cancelled_by is not None,
+    }
+
+
+def _cancelled(order: OrderState, event: ev.ProductionCancelled, out: Outcome) -> None:
+    receipt = order.receipts.get(event.cancels_event_id)
+    if receipt is None:
+        raise Unmatched(
+            f"event:{event.cancels_event_id}",
+            f"production {event.cancels_event_id} to cancel is not applied to order "
+            f"{order.order_id}",
+        )
+    if receipt.cancelled_by is not None:
+        # The same fact, cancelled again under another event id: post nothing twice.
+        return
+    receipt.cancelled_by = event.event_id
+    if receipt.receipt_key is not None:
+        stock = order.stock.setdefault(receipt.lot, LotStock())
+        from_blocked = stock.unrestricted < receipt.good
+        if from_blocked:
+            stock.blocked -= receipt.good
+        else:
+            stock.unrestricted -= receipt.good
+        out.postings.append(
+            _movement(
+                order,
+                event,
+                GOODS_RECEIPT_REVERSAL,
+                posting_key(order.plant, GOODS_RECEIPT_REVERSAL, receipt.receipt_key),
+                material=order.material,
+                quantity=receipt.good,
+                uom=receipt.uom,
+                stock_type="blocked" if from_blocked else "unrestricted",
+                batch=receipt.lot,
+                storage_location=order.storage_location,
+                reverses=receipt.receipt_key,
+            )
+        )
+    out.postings.append(
+        OrderConfirmation(
+            key=posting_key(order.plant, "conf-cancel", receipt.confirmation_key),
+            plant=order.plant,
+            order=order.order_id,
+            operation=receipt.operation,
+            work_center=receipt.work_center,
+            yield_quantity=receipt.good,
+            scrap_quantity=receipt.scrap,
+            rework_quantity=receipt.rework,
+            uom=receipt.uom,
+            final=False,
+            started_at=None,
+            finished_at=event.occurred_at,
+            lineage=[event.event_id, event.cancels_event_id],
+            reverses=receipt.confirmation_key,
+        )
+    )
+    order.good -= receipt.good
+    order.scrap -= receipt.scrap
+    order.rework -= receipt.rework
+    out.add_row("production", _production_row(order, event.cancels_event_id, receipt))
+
+
+def _consumed(order: OrderState, event: ev.MaterialConsumed, out: Outcome) -> None:
+    component = order.components.get(event.material)
+    if component is None:
+        # Not on the BOM: still a real consumption, with a standard of zero.
+        component = order.components[event.material] = ComponentState(
+            event.quantity.uom
+        )
+    if component.uom != event.quantity.uom:
+        raise ValueError(
+            f"consumption {event.event_id} of {event.material} is in "
+            f"{event.quantity.uom} but the order's BOM uses {component.uom}; "
+            "report it in the BOM unit"
+        )
+    key = posting_key(order.plant, GOODS_ISSUE, event.event_id)
+    out.postings.append(
+        _movement(
+            order,
+            event,
+            GOODS_ISSUE,
+            key,
+            material=event.material,
+            quantity=event.quantity.value,
+            uom=event.quantity.uom,
+            stock_type="unrestricted",
+            batch=event.lot,
+            storage_location=event.storage_location,
+        )
+    )
+    component.actual += event.quantity.value
+    order.consumptions[event.event_id] = Consumption(
+        key,
+        event.material,
+        event.quantity.value,
+        event.quantity.uom,
+        event.lot,
+        event.storage_location,
+    )
+
+
+def _reversed(order: OrderState, event: ev.ConsumptionReversed, out: Outcome) -> None:
+    consumption = order.consumptions.get(event.reverses_event_id)
+    if consumption is None:
+        raise Unmatched(
+            f"event:{event.reverses_event_id}",
+            f"consumption {event.reverses_event_id} to reverse is not applied to order "
+            f"{order.order_id}",
+        )
+    if consumption.reversed_by is not None:
+        return
+    consumption.reversed_by = event.event_id
+    out.postings.append(
+        _movement(
+            order,
+            event,
+            GOODS_ISSUE_REVERSAL,
+            posting_key(order.plant, GOODS_ISSUE_REVERSAL, consumption.key),
+            material=consumption.material,
+            quantity=consumption.quantity,
+            uom=consumption.uom,
+            stock_type="unrestricted",
+            batch=consumption.lot,
+            storage_location=consumption.storage_location,
+            reverses=consumption.key,
+        )
+    )
+    order.components[consumption.material].actual -= consumption.quantity
+
+
+def apply_hold(
+    order: OrderState,
+    event: ev.Event,
+    hold: HoldState,
+    out: Outcome,
+) -> None:
+    """Place `hold` on the order and move the unrestricted stock it covers to blocked."""
+    order.holds[hold.hold_id] = hold
+    for lot, stock in sorted(order.stock.items()):
+        if stock.unrestricted > 0 and _hold_covers(hold, lot, order.material):
+            out.postings.append(
+                _movement(
+                    order,
+                    event,
+                    TO_BLOCKED,
+                    posting_key(order.plant, TO_BLOCKED, event.event_id, lot),
+                    material=order.material,
+                    quantity=stock.unrestricted,
+                    uom=order.uom,
+                    stock_type="blocked",
+                    batch=lot,
+                    storage_location=order.storage_location,
+                    reason=hold.reason,
+                )
+            )
+            stock.blocked += stock.unrestricted
+            stock.unrestricted = ZERO
+    order.status = "on_hold"
+    out.add_row("holds", _hold_row(order, hold, released_at=None))
+
+
+def _released(order: OrderState, event: ev.QualityHoldReleased, out: Outcome) -> None:
+    hold = order.holds.pop(event.hold_id, None)
+    if hold is None:
+        raise Unmatched(
+            f"hold:{event.hold_id}",
+            f"hold {event.hold_id} to release is not active on order {order.order_id}",
+        )
+    for lot, stock in sorted(order.stock.items()):
+        # Stock another active hold still covers stays blocked.
+        if (
+            stock.blocked > 0
+            and _hold_covers(hold, lot, order.material)
+            and not order.covered_by_hold(lot)
+        ):
+            out.postings.append(
+                _movement(
+                    order,
+                    event,
+                    FROM_BLOCKED,
+                    posting_key(order.plant, FROM_BLOCKED, event.event_id, lot),
+                    material=order.material,
+                    quantity=stock.blocked,
+                    uom=order.uom,
+                    stock_type="unrestricted",
+                    batch=lot,
+                    storage_location=order.storage_location,
+                    reason=hold.reason,
+                )
+            )
+            stock.unrestricted += stock.blocked
+            stock.blocked = ZERO
+    if not order.holds:
+        order.status = "completed" if order.completed_at else "in_progress"
+    out.add_row("holds", _hold_row(order, hold, released_at=event.occurred_at))
+
+
+def _hold_row(
+    order: OrderState, hold: HoldState, released_at: dt.datetime | None
+) -> dict[str, object]:
+    return {
+        "plant": order.plant,
+        "hold_id": hold.hold_id,
+        "scope": hold.scope,
+        "order_id": order.order_id,
+        "lot": hold.lot,
+        "material": hold.material,
+        "reason": hold.reason,
+        "applied_at": hold.applied_at,
+        "released_at": released_at,
+    }
+
+
+def _inspected(order: OrderState, event: ev.InspectionRecorded, out: Outcome) -> None:
+    out.add_row(
+        "inspections",
+        {
+            "event_id": event.event_id,
+            "plant": order.plant,
+            "order_id": order.order_id,
+            "lot": event.lot,
+            "material": event.material,
+            "result": event.result,
+            "characteristic": event.characteristic,
+            "occurred_at": event.occurred_at,
+        },
+    )
+    if event.result == "fail":
+        # A failed inspection blocks what it judged: its lot, or the whole order.
+        hold = HoldState(
+            hold_id=f"inspection-{event.event_id}",
+            scope="lot" if event.lot else "order",
+            lot=event.lot,
+            material=event.material,
+            reason=f"failed inspection {event.characteristic or ''}".strip(),
+            applied_at=event.occurred_at,
+            applied_by=event.event_id,
+        )
+        apply_hold(order, event, hold, out)
+
+
+def apply_order_event(order: OrderState, event: ev.PlantEvent) -> Outcome:
+    """Apply one event of a released order; raise Unmatched or ValueError to reject it."""
+    out = Outcome()
+    match event:
+        case ev.ProductionConfirmed():
+            _confirmed(order, event, out)
+        case ev.ProductionCancelled():
+            _cancelled(order, event, out)
+        case ev.MaterialConsumed():
+            _consumed(order, event, out)
+        case ev.ConsumptionReversed():
+            _reversed(order, event, out)
+        case ev.InspectionRecorded():
+            _inspected(order, event, out)
+        case ev.QualityHoldApplied():
+            hold = HoldState(
+                hold_id=event.hold_id,
+                scope=event.scope,
+                lot=event.lot,
+                material=event.material,
+                reason=event.reason,
+                applied_at=event.occurred_at,
+                applied_by=event.event_id,
+            )
+            apply_hold(order, event, hold, out)
+        case ev.QualityHoldReleased():
+            _released(order, event, out)
+        case ev.OperationStarted():
+            pass
+        case ev.OperationCompleted():
+            pass
+        case ev.WorkOrderReleased():
+            raise ValueError(f"order {order.order_id} is already released")
+        case _:
+            raise ValueError(
+                f"event type {event.__struct_config__.tag} has no order logic"
+            )
+    _touch(order, event)
+    return out

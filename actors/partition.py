@@ -1,0 +1,63 @@
+"""The Ray actor around `PartitionState`, and the stable hash that picks a partition."""
+
+from __future__ import annotations
+
+import logging
+import zlib
+
+import pyarrow as pa
+import ray
+
+from actors.partition_state import BatchResult, PartitionState, SourceMessage
+from actors.settings import StateSettings
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["PartitionActor", "partition_of"]
+
+
+def partition_of(plant: str, routing_key: str, partitions: int) -> int:
+    """Return the partition that owns (plant, routing key).
+
+    CRC-32 is stable across processes and Python versions, unlike hash(), so a key keeps
+    its partition across restarts and its checkpoint stays valid.
+    """
+    return zlib.crc32(f"{plant}\x1f{routing_key}".encode()) % partitions
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
+class PartitionActor:
+    """One partition's state in a Ray actor.
+
+    `num_cpus=0` lets more partitions than cores share a machine; each actor is still one
+    process. Ray restarts a dead actor (max_restarts=-1) empty; the ingest then restores it
+    from its last checkpoint before sending more work.
+    """
+
+    def __init__(self, partition: int, settings: StateSettings | None = None) -> None:
+        logging.basicConfig(level=logging.INFO)
+        self._settings = settings
+        self._state = PartitionState(partition, settings)
+
+    def apply(self, messages: list[SourceMessage]) -> BatchResult:
+        return self._state.apply_batch(messages)
+
+    def restore(self, checkpoint: bytes | None) -> int:
+        """Replace the state with a checkpoint (or an empty state); return its last seq."""
+        if checkpoint is None:
+            self._state = PartitionState(self._state.partition, self._settings)
+        else:
+            self._state = PartitionState.restore(checkpoint, self._settings)
+        return self._state.last_seq
+
+    def checkpoint(self) -> tuple[bytes, dict[str, pa.Table]]:
+        """Return the serialised state and the snapshot rows changed since the last call."""
+        return self._state.checkpoint(), self._state.take_snapshot()
+
+    def stats(self) -> dict[str, object]:
+        return self._state.stats()
+
+    def pid(self) -> int:
+        import os
+
+        return os.getpid()

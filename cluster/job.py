@@ -1,0 +1,112 @@
+"""The main job: NATS, Ray, the partition actors, the ingest loop and the DuckDB sink.
+
+`run_job` works on the embedded default (its own nats-server and a local Ray) or on a
+cluster, given a NATS URL and a Ray address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nats
+import ray
+
+from actors.partition import PartitionActor
+from actors.settings import StateSettings
+from cluster.nats_server import EmbeddedNatsServer
+from pipeline.ingest import Ingest, IngestReport
+from pipeline.publish import publish_all
+from pipeline.settings import PipelineSettings
+from pipeline.sink import SnapshotWriter
+from pipeline.streams import ensure_streams
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["JobConfig", "JobResult", "connect_ray", "run_job"]
+
+
+@dataclass
+class JobConfig:
+    db: Path
+    partitions: int = 2
+    nats_url: str | None = None
+    """An existing NATS server; None starts an embedded one with a temporary store."""
+    ray_address: str | None = None
+    """An existing Ray cluster ("auto" or host:port); None starts Ray locally."""
+    pipeline: PipelineSettings = field(default_factory=PipelineSettings)
+    state: StateSettings = field(default_factory=StateSettings)
+
+
+@dataclass
+class JobResult:
+    report: IngestReport
+    published: int
+    partition_stats: list[dict[str, object]]
+    db: Path
+
+
+def connect_ray(address: str | None) -> None:
+    """Join a Ray cluster, or start Ray on this machine if `address` is None."""
+    if ray.is_initialized():
+        return
+    # Ray's token authentication and usage reporting are for shared clusters; a local
+    # instance that only this process uses needs neither.
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if address is None:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        ray.init(
+            include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True
+        )
+    else:
+        ray.init(address=address, logging_level=logging.WARNING)
+    logger.info("ray connected: %s", ray.cluster_resources())
+
+
+async def run_job(
+    config: JobConfig, inputs: Iterable[tuple[str, bytes]] | None
+) -> JobResult:
+    """Publish `inputs` (if any), then process the plant events stream until drained."""
+    server = None
+    url = config.nats_url
+    if url is None:
+        server = EmbeddedNatsServer().start()
+        url = server.url
+    try:
+        connect_ray(config.ray_address)
+        nc = await nats.connect(url, max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+        try:
+            js = nc.jetstream(publish_async_max_pending=4000)
+            await ensure_streams(js, config.pipeline)
+            published = 0
+            if inputs is not None:
+                published, _ = await publish_all(js, ((s, d, None) for s, d in inputs))
+                logger.info("published %d input messages", published)
+            actors = [
+                PartitionActor.remote(index, config.state)  # type: ignore[attr-defined]
+                for index in range(config.partitions)
+            ]
+            config.db.parent.mkdir(parents=True, exist_ok=True)
+            with SnapshotWriter(config.db) as writer:
+                ingest = Ingest(nc, actors, writer, config.pipeline)
+                await ingest.start()
+                report = await ingest.run(until_drained=True)
+                stats = await ingest.partition_stats()
+            for actor in actors:
+                ray.kill(actor)
+            return JobResult(report, published, stats, config.db)
+        finally:
+            await nc.close()
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def run_job_sync(
+    config: JobConfig, inputs: Iterable[tuple[str, bytes]] | None
+) -> JobResult:
+    return asyncio.run(run_job(config, inputs))

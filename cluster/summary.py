@@ -1,0 +1,80 @@
+"""The summary `plantstream demo` prints after a run, from the report and the DuckDB file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cluster.job import JobResult
+from pipeline.sink import open_for_reading
+
+__all__ = ["format_summary"]
+
+MOVEMENT_NAMES = {
+    "101": "goods receipt",
+    "102": "goods receipt reversal",
+    "261": "goods issue",
+    "262": "goods issue reversal",
+    "344": "to blocked stock",
+    "343": "from blocked stock",
+    "conf": "order confirmation",
+}
+
+
+def _table(headers: list[str], rows: list[tuple[object, ...]]) -> list[str]:
+    cells = [headers] + [["" if v is None else str(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+
+
+def format_summary(result: JobResult, db: Path, *, top: int = 5) -> str:
+    """Render counts, postings by movement type, OEE per machine and the largest variances."""
+    counts = result.report.counts
+    parked = sum(int(s.get("parked", 0)) for s in result.partition_stats)  # type: ignore[call-overload]
+    lines = [
+        "plantstream run summary",
+        f"  messages published   {result.published}",
+        f"  events in            {counts['events_in']}",
+        f"  applied              {counts['applied']}",
+        f"  duplicates dropped   {counts['duplicates']}",
+        f"  parked (waiting)     {parked}",
+        f"  dead letters         {sum(result.report.dead_letters.values())}",
+    ]
+    for reason, number in sorted(result.report.dead_letters.items()):
+        lines.append(f"    {reason:<20} {number}")
+    lines.append("postings by movement type")
+    postings = result.report.postings
+    lines += _table(
+        ["type", "meaning", "count"],
+        [(k, MOVEMENT_NAMES.get(k, k), postings[k]) for k in sorted(postings)],
+    )
+    with open_for_reading(db) as connection:
+        oee = connection.execute(
+            "SELECT plant, machine, round(availability, 4), round(performance, 4), "
+            "round(quality, 4), round(oee, 4), performance_flag "
+            "FROM oee ORDER BY plant, machine"
+        ).fetchall()
+        variances = connection.execute(
+            "SELECT plant, order_id, material, standard_quantity, actual_quantity, variance, "
+            "uom FROM material_variance WHERE variance IS NOT NULL "
+            f"ORDER BY abs(variance_pct) DESC NULLS LAST, abs(variance) DESC LIMIT {top:d}"
+        ).fetchall()
+    lines.append("OEE per machine")
+    lines += _table(
+        [
+            "plant",
+            "machine",
+            "availability",
+            "performance",
+            "quality",
+            "oee",
+            "ideal ct wrong",
+        ],
+        oee,
+    )
+    lines.append(f"largest material variances (top {top})")
+    lines += _table(
+        ["plant", "order", "component", "standard", "actual", "variance", "uom"],
+        variances,
+    )
+    lines.append(f"DuckDB file: {db}")
+    return "\n".join(lines)

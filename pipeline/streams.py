@@ -1,0 +1,107 @@
+"""Creating the JetStream streams and the ingest consumer, idempotently."""
+
+from __future__ import annotations
+
+import logging
+
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+from nats.js.errors import NotFoundError
+
+from pipeline.settings import PipelineSettings
+from pipeline.subjects import (
+    DLQ_PREFIX,
+    DLQ_STREAM,
+    EVENTS_PREFIX,
+    EVENTS_STREAM,
+    POSTINGS_PREFIX,
+    POSTINGS_STREAM,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CHECKPOINT_BUCKET", "ensure_consumer", "ensure_streams", "stream_configs"]
+
+CHECKPOINT_BUCKET = "plantstream-checkpoints"
+"""JetStream object store bucket that keeps the partition actors' checkpoints."""
+
+
+def stream_configs(settings: PipelineSettings) -> list[StreamConfig]:
+    """Return the configuration of the three streams plantstream owns."""
+    return [
+        StreamConfig(
+            name=EVENTS_STREAM,
+            description="Canonical plant events, one subject per plant and event type",
+            subjects=[f"{EVENTS_PREFIX}.>"],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_age=settings.events_max_age_s,
+            duplicate_window=settings.events_duplicate_window_s,
+            discard=DiscardPolicy.OLD,
+        ),
+        StreamConfig(
+            name=POSTINGS_STREAM,
+            description="ERP postings per plant; Nats-Msg-Id is the posting's idempotency key",
+            subjects=[f"{POSTINGS_PREFIX}.>"],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            duplicate_window=settings.postings_duplicate_window_s,
+        ),
+        StreamConfig(
+            name=DLQ_STREAM,
+            description="Messages plantstream could not apply, with the reason and the bytes",
+            subjects=[f"{DLQ_PREFIX}.>"],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            duplicate_window=settings.events_duplicate_window_s,
+        ),
+    ]
+
+
+async def ensure_streams(js: JetStreamContext, settings: PipelineSettings) -> None:
+    """Create the streams, or update them to `settings`, so start-up can run any time."""
+    for config in stream_configs(settings):
+        try:
+            await js.stream_info(config.name)
+        except NotFoundError:
+            await js.add_stream(config)
+            logger.info("created stream %s on %s", config.name, config.subjects)
+        else:
+            await js.update_stream(config)
+            logger.debug("stream %s exists; configuration updated", config.name)
+    try:
+        await js.object_store(CHECKPOINT_BUCKET)
+    except NotFoundError:
+        await js.create_object_store(CHECKPOINT_BUCKET)
+        logger.info("created object store %s for checkpoints", CHECKPOINT_BUCKET)
+
+
+def consumer_config(settings: PipelineSettings) -> ConsumerConfig:
+    return ConsumerConfig(
+        durable_name=settings.consumer,
+        ack_policy=AckPolicy.EXPLICIT,
+        ack_wait=settings.ack_wait_s,
+        # Messages stay pending until a checkpoint covers them, so the server must let
+        # more than one checkpoint's worth of messages be outstanding.
+        max_ack_pending=settings.max_unacked * 2,
+        filter_subject=f"{EVENTS_PREFIX}.>",
+        max_deliver=-1,
+    )
+
+
+async def ensure_consumer(js: JetStreamContext, settings: PipelineSettings) -> None:
+    """Create the durable ingest consumer if it does not exist yet."""
+    try:
+        await js.consumer_info(EVENTS_STREAM, settings.consumer)
+    except NotFoundError:
+        await js.add_consumer(EVENTS_STREAM, consumer_config(settings))
+        logger.info(
+            "created durable consumer %s on %s", settings.consumer, EVENTS_STREAM
+        )
