@@ -27,7 +27,15 @@ from contracts.postings import (
     posting_key,
 )
 
-__all__ = ["HoldState", "OrderState", "Receipt", "apply_order_event", "release_order"]
+__all__ = [
+    "HoldState",
+    "OrderState",
+    "Receipt",
+    "apply_hold",
+    "apply_order_event",
+    "release_hold",
+    "release_order",
+]
 
 ZERO = Decimal(0)
 
@@ -470,8 +478,13 @@ def apply_hold(
     event: ev.Event,
     hold: HoldState,
     out: Outcome,
+    *,
+    record: bool = True,
 ) -> None:
-    """Place `hold` on the order and move the unrestricted stock it covers to blocked."""
+    """Place `hold` on the order and move the unrestricted stock it covers to blocked.
+
+    `record` adds the hold's row; a plant-wide hold records one row for the plant instead.
+    """
     order.holds[hold.hold_id] = hold
     for lot, stock in sorted(order.stock.items()):
         if stock.unrestricted > 0 and _hold_covers(hold, lot, order.material):
@@ -480,7 +493,9 @@ def apply_hold(
                     order,
                     event,
                     TO_BLOCKED,
-                    posting_key(order.plant, TO_BLOCKED, event.event_id, lot),
+                    posting_key(
+                        order.plant, TO_BLOCKED, event.event_id, order.order_id, lot
+                    ),
                     material=order.material,
                     quantity=stock.unrestricted,
                     uom=order.uom,
@@ -492,17 +507,22 @@ def apply_hold(
             )
             stock.blocked += stock.unrestricted
             stock.unrestricted = ZERO
-    order.status = "on_hold"
-    out.add_row("holds", _hold_row(order, hold, released_at=None))
+    _refresh_status(order)
+    if record:
+        out.add_row("holds", _hold_row(order, hold, released_at=None))
 
 
-def _released(order: OrderState, event: ev.QualityHoldReleased, out: Outcome) -> None:
+def release_hold(
+    order: OrderState,
+    event: ev.QualityHoldReleased,
+    out: Outcome,
+    *,
+    record: bool = True,
+) -> HoldState | None:
+    """Lift a hold and move the stock no other hold covers back to unrestricted."""
     hold = order.holds.pop(event.hold_id, None)
     if hold is None:
-        raise Unmatched(
-            f"hold:{event.hold_id}",
-            f"hold {event.hold_id} to release is not active on order {order.order_id}",
-        )
+        return None
     for lot, stock in sorted(order.stock.items()):
         # Stock another active hold still covers stays blocked.
         if (
@@ -515,7 +535,9 @@ def _released(order: OrderState, event: ev.QualityHoldReleased, out: Outcome) ->
                     order,
                     event,
                     FROM_BLOCKED,
-                    posting_key(order.plant, FROM_BLOCKED, event.event_id, lot),
+                    posting_key(
+                        order.plant, FROM_BLOCKED, event.event_id, order.order_id, lot
+                    ),
                     material=order.material,
                     quantity=stock.blocked,
                     uom=order.uom,
@@ -527,9 +549,31 @@ def _released(order: OrderState, event: ev.QualityHoldReleased, out: Outcome) ->
             )
             stock.unrestricted += stock.blocked
             stock.blocked = ZERO
-    if not order.holds:
+    _refresh_status(order)
+    if record:
+        out.add_row("holds", _hold_row(order, hold, released_at=event.occurred_at))
+    return hold
+
+
+def _released(order: OrderState, event: ev.QualityHoldReleased, out: Outcome) -> None:
+    if release_hold(order, event, out) is None:
+        raise Unmatched(
+            f"hold:{event.hold_id}",
+            f"hold {event.hold_id} to release is not active on order {order.order_id}",
+        )
+
+
+def _refresh_status(order: OrderState) -> None:
+    # An order is on hold while an order-wide hold is active or any of its stock is
+    # blocked; a lot or material hold that covers none of its stock leaves it alone.
+    held = (
+        any(h.scope == "order" for h in order.holds.values())
+        or order.blocked_quantity() > 0
+    )
+    if held:
+        order.status = "on_hold"
+    elif order.status == "on_hold":
         order.status = "completed" if order.completed_at else "in_progress"
-    out.add_row("holds", _hold_row(order, hold, released_at=event.occurred_at))
 
 
 def _hold_row(

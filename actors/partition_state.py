@@ -27,16 +27,20 @@ import pyarrow as pa
 
 from actors.machines import DowntimeNotStarted, MachineTrack, apply_machine_event
 from actors.orders import (
+    HoldState,
     OrderState,
     Outcome,
     Unmatched,
+    apply_hold,
     apply_order_event,
+    release_hold,
     release_order,
 )
 from actors.settings import StateSettings
 from contracts import events as ev
 from contracts.codec import decode_event, encode
 from contracts.dead_letters import DeadLetter, DeadLetterReason
+from contracts.keys import EventKey, decode_key
 from contracts.postings import GoodsMovement, Posting
 from contracts.snapshots import TABLES
 from pipeline.subjects import posting_subject
@@ -52,11 +56,16 @@ EXPIRY_SCAN_INTERVAL_S = 5.0
 
 
 class SourceMessage(msgspec.Struct, array_like=True):
-    """One message of the plant events stream, as the ingest hands it to a partition."""
+    """One message of the plant events stream, as the ingest hands it to a partition.
+
+    A plant-wide hold is sent to every partition; only the copy with `primary` set counts
+    in the statistics and reports dead letters, so the totals stay per message.
+    """
 
     stream_seq: int
     subject: str
     data: bytes
+    primary: bool = True
 
 
 class OutgoingPosting(msgspec.Struct, array_like=True):
@@ -93,7 +102,17 @@ class Checkpoint(msgspec.Struct):
     orders: dict[str, OrderState]
     machines: dict[str, MachineTrack]
     parked: dict[str, list[Parked]]
+    plant_holds: dict[str, HoldState]
     counts: dict[str, int]
+
+
+def _key_or_none(data: bytes) -> EventKey | None:
+    # An event that fails the full contract may still name its id, plant and order,
+    # which makes its dead letter much easier to trace.
+    try:
+        return decode_key(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
 
 
 def _payload_hash(event: ev.PlantEvent) -> int:
@@ -154,6 +173,7 @@ class PartitionState:
         self.orders: dict[str, OrderState] = {}
         self.machines: dict[str, MachineTrack] = {}
         self.parked: dict[str, list[Parked]] = {}
+        self.plant_holds: dict[str, HoldState] = {}
         self.counts: Counter[str] = Counter()
         self._dirty_orders: set[str] = set()
         self._rows: dict[str, list[dict[str, object]]] = {}
@@ -184,14 +204,17 @@ class PartitionState:
         return BatchResult(self._postings, self._dead, delta, self.last_seq)
 
     def _accept(self, message: SourceMessage) -> None:
+        if not message.primary:
+            self._accept_copy(message)
+            return
         self.counts["events_in"] += 1
         try:
             event = decode_event(message.data)
         except msgspec.ValidationError as error:
-            self._reject(message, "invalid", str(error))
+            self._reject(message, "invalid", str(error), _key_or_none(message.data))
             return
         except msgspec.DecodeError as error:
-            self._reject(message, "malformed", str(error))
+            self._reject(message, "malformed", str(error), _key_or_none(message.data))
             return
 
         max_ahead = dt.timedelta(seconds=self.settings.max_future_s)
@@ -223,6 +246,67 @@ class PartitionState:
         self._remember(event.event_id, payload_hash)
         self._apply(event, message)
 
+    def _accept_copy(self, message: SourceMessage) -> None:
+        # The primary copy validates and reports; a copy only applies what is valid.
+        try:
+            event = decode_event(message.data)
+        except (msgspec.ValidationError, msgspec.DecodeError):
+            return
+        payload_hash = _payload_hash(event)
+        if event.event_id in self.seen:
+            return
+        self._remember(event.event_id, payload_hash)
+        if isinstance(event, ev.QualityHoldApplied | ev.QualityHoldReleased):
+            self._apply_plant_hold(event, record=False)
+
+    def _apply_plant_hold(
+        self, event: ev.QualityHoldApplied | ev.QualityHoldReleased, *, record: bool
+    ) -> list[str]:
+        """Apply a hold without an order to every order of its plant in this partition.
+
+        A lot or material hold blocks the matching stock of each order; orders released
+        later in this partition take it on at release, until the hold is released.
+        """
+        outcome = Outcome()
+        if isinstance(event, ev.QualityHoldApplied):
+            if event.scope == "order":
+                raise ValueError(
+                    f"hold {event.hold_id} has scope order but names no order; give its "
+                    "order, or use scope lot or material for a plant-wide hold"
+                )
+            hold = HoldState(
+                hold_id=event.hold_id,
+                scope=event.scope,
+                lot=event.lot,
+                material=event.material,
+                reason=event.reason,
+                applied_at=event.occurred_at,
+                applied_by=event.event_id,
+            )
+            self.plant_holds[f"{event.plant}\x1f{event.hold_id}"] = hold
+            for key, order in self.orders.items():
+                if order.plant == event.plant:
+                    apply_hold(order, event, hold, outcome, record=False)
+                    self._dirty_orders.add(key)
+            if record:
+                outcome.add_row("holds", _plant_hold_row(event.plant, hold, None))
+            self._collect(outcome)
+            return [f"hold:{event.plant}:{event.hold_id}"]
+        hold = self.plant_holds.pop(f"{event.plant}\x1f{event.hold_id}", None)
+        if hold is None:
+            raise _Park(f"hold:{event.plant}:{event.hold_id}")
+        for key, order in self.orders.items():
+            if order.plant == event.plant and release_hold(
+                order, event, outcome, record=False
+            ):
+                self._dirty_orders.add(key)
+        if record:
+            outcome.add_row(
+                "holds", _plant_hold_row(event.plant, hold, event.occurred_at)
+            )
+        self._collect(outcome)
+        return []
+
     def _remember(self, event_id: str, payload_hash: int) -> None:
         seen = self.seen
         seen[event_id] = payload_hash
@@ -236,7 +320,7 @@ class PartitionState:
         message: SourceMessage,
         reason: DeadLetterReason,
         detail: str,
-        event: ev.PlantEvent | None = None,
+        event: ev.PlantEvent | EventKey | None = None,
     ) -> None:
         self.counts[f"dead_letter:{reason}"] += 1
         self._dead.append(
@@ -304,9 +388,11 @@ class PartitionState:
                 }
             )
             return satisfied
+        if event.order is None and isinstance(
+            event, ev.QualityHoldApplied | ev.QualityHoldReleased
+        ):
+            return satisfied + self._apply_plant_hold(event, record=True)
         if event.order is None:
-            # TODO: route lot and material holds without an order to every partition of
-            # the plant, so they block stock of all matching orders.
             raise ValueError(
                 f"{event.__struct_config__.tag} event {event.event_id} names no order; "
                 "this event type must carry the production order it belongs to"
@@ -318,7 +404,11 @@ class PartitionState:
                     f"order {event.order} of plant {plant} is already released; a changed "
                     "release needs a new order number"
                 )
-            self.orders[order_key] = release_order(event)
+            order = release_order(event)
+            for hold_key, hold in self.plant_holds.items():
+                if hold_key.startswith(f"{plant}\x1f"):
+                    order.holds[hold.hold_id] = hold
+            self.orders[order_key] = order
             self._dirty_orders.add(order_key)
             satisfied.append(f"release:{plant}:{event.order}")
             return satisfied
@@ -462,6 +552,7 @@ class PartitionState:
                 self.orders,
                 self.machines,
                 self.parked,
+                self.plant_holds,
                 dict(self.counts),
             )
         )
@@ -477,6 +568,7 @@ class PartitionState:
         state.orders = saved.orders
         state.machines = saved.machines
         state.parked = saved.parked
+        state.plant_holds = saved.plant_holds
         state.counts = Counter(saved.counts)
         # Snapshot rows not yet written were lost with the old process; rewriting every
         # order brings the tables back in step with the restored state.
@@ -510,6 +602,22 @@ def _last_per_key(table: str, rows: list[dict[str, object]]) -> list[dict[str, o
     key_columns = TABLES[table].primary_key
     latest = {tuple(row.get(c) for c in key_columns): row for row in rows}
     return list(latest.values())
+
+
+def _plant_hold_row(
+    plant: str, hold: HoldState, released_at: dt.datetime | None
+) -> dict[str, object]:
+    return {
+        "plant": plant,
+        "hold_id": hold.hold_id,
+        "scope": hold.scope,
+        "order_id": None,
+        "lot": hold.lot,
+        "material": hold.material,
+        "reason": hold.reason,
+        "applied_at": hold.applied_at,
+        "released_at": released_at,
+    }
 
 
 def _order_row(order: OrderState) -> dict[str, object]:

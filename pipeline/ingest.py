@@ -60,6 +60,12 @@ __all__ = ["CheckpointManifest", "Ingest", "IngestReport"]
 
 MANIFEST = "manifest"
 
+PLANT_WIDE_EVENTS = frozenset({"quality_hold_applied", "quality_hold_released"})
+"""Event types that every partition applies when they name no order."""
+
+DEAD_LETTER_LOG_FIRST = 5
+"""Dead letters per reason logged at WARNING before the log thins out to every 1000th."""
+
 
 class CheckpointManifest(msgspec.Struct):
     """The commit record of a checkpoint: every message up to `stream_seq` is covered."""
@@ -267,6 +273,15 @@ class Ingest:
             groups.setdefault(partition, []).append(
                 SourceMessage(seq, message.subject, message.data)
             )
+            if key.order is None and key.event_type in PLANT_WIDE_EVENTS:
+                # A lot or material hold blocks stock in orders of every partition.
+                for other in range(partitions):
+                    if other != partition:
+                        groups.setdefault(other, []).append(
+                            SourceMessage(
+                                seq, message.subject, message.data, primary=False
+                            )
+                        )
         self._unacked.extend(messages)
         for letter in dead:
             self.report.counts["events_in"] += 1
@@ -288,15 +303,28 @@ class Ingest:
         self.report.counts["postings_repeated"] += repeated
         self._dead_rows.extend(_dead_letter_row(d) for d in dead)
         for letter in dead:
-            logger.warning(
-                "dead letter: reason=%s seq=%d subject=%s event_id=%s detail=%s",
-                letter.reason,
-                letter.stream_seq,
-                letter.subject,
-                letter.event_id,
-                letter.detail[:300],
-            )
+            self._log_dead_letter(letter)
         self.report.batches += 1
+
+    def _log_dead_letter(self, letter: DeadLetter) -> None:
+        # The first few of each reason at WARNING, then every thousandth, so a flood of
+        # one bad gateway does not drown the log; all of them are in the DLQ stream.
+        seen = self.report.counts[f"dead_letter:{letter.reason}"]
+        level = (
+            logging.WARNING
+            if seen <= DEAD_LETTER_LOG_FIRST or seen % 1000 == 0
+            else logging.DEBUG
+        )
+        logger.log(
+            level,
+            "dead letter #%d of reason %s: seq=%d subject=%s event_id=%s detail=%s",
+            seen,
+            letter.reason,
+            letter.stream_seq,
+            letter.subject,
+            letter.event_id,
+            letter.detail[:300],
+        )
 
     async def checkpoint(self) -> None:
         """Steps 5 and 6: make the state durable, then acknowledge what it covers."""

@@ -1,0 +1,421 @@
+"""DuckDB snapshot sink: upserts the actors' record batches into one database file.
+
+DuckDB lets one process open a file for writing, and a read-only connection in another
+process conflicts with it, because both take a file lock (DuckDB 2.0.1). So that
+analysts can query the file while the pipeline runs, the writer keeps the file open
+only while it writes:
+
+1. `write` validates every batch against `contracts.snapshots.TABLES` before it touches
+   the file.
+2. It opens the file, retrying with bounded backoff while a reader holds the lock.
+3. It upserts all tables in one transaction and commits, so a crash before the commit
+   leaves the previous state. DuckDB replays only committed WAL entries on the next
+   open.
+4. It closes the file, which releases the lock for readers.
+
+Readers use `open_for_reading`, which retries the same way, and should close their
+connection soon, because an open reader blocks the next write.
+
+DuckDB 2.0 also offers a server mode (the `quack` extension) in which the pipeline
+would keep the file open and analysts would attach over HTTP. It is not used here,
+because the extension is not bundled with the Python package and is downloaded on first
+use.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import TracebackType
+
+import duckdb
+import pyarrow as pa
+
+from contracts.snapshots import TABLES, TableSpec
+
+from .views import MACROS, VIEWS
+
+__all__ = [
+    "DEFAULT_LOCK_TIMEOUT_S",
+    "DatabaseLockedError",
+    "SchemaMismatchError",
+    "SinkError",
+    "SnapshotWriter",
+    "duckdb_type",
+    "open_for_reading",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_LOCK_TIMEOUT_S = 30.0
+"""Seconds to wait for another process to release the file before giving up."""
+
+# Backoff between lock attempts: short at first because a write holds the file for
+# tens of milliseconds, capped so that a waiting process notices a released lock within
+# half a second.
+_FIRST_BACKOFF_S = 0.01
+_MAX_BACKOFF_S = 0.5
+
+# Cost of opening and closing per write, measured with DuckDB 2.0.1 on a 2-core Linux
+# VM by upserting 1,000 `orders` rows per write into a file that contains 100,000 rows:
+# a write takes about 27 ms, against 8 ms for the same upsert and commit on a connection
+# kept open. The difference is mostly the open (about 11 ms, loading the catalog and the
+# primary key index). The close, with its checkpoint, takes 2 to 3 ms. At one write per
+# second the writer holds the file under 3% of the time, which leaves readers the rest.
+_ROW_INDEX = "__plantstream_row"
+
+
+class SinkError(Exception):
+    """Base class of the snapshot sink's errors."""
+
+
+class SchemaMismatchError(SinkError, ValueError):
+    """A batch whose columns differ from its table's schema in `contracts.snapshots`."""
+
+    def __init__(
+        self,
+        table: str,
+        missing: Sequence[str],
+        unexpected: Sequence[str],
+        mismatched: Mapping[str, tuple[pa.DataType, pa.DataType]],
+    ) -> None:
+        self.table = table
+        self.missing = list(missing)
+        self.unexpected = list(unexpected)
+        self.mismatched = dict(mismatched)
+        problems = []
+        if self.missing:
+            problems.append(f"missing columns {self.missing}")
+        if self.unexpected:
+            problems.append(f"unexpected columns {self.unexpected}")
+        for column, (expected, found) in self.mismatched.items():
+            problems.append(f"column {column!r} has type {found}, expected {expected}")
+        super().__init__(
+            f"batch for table {table!r} does not match its schema: "
+            f"{'; '.join(problems)}. Build it with contracts.snapshots.TABLES"
+            f"[{table!r}].schema"
+        )
+
+
+class DatabaseLockedError(SinkError, TimeoutError):
+    """Another process held the database file for longer than the lock timeout."""
+
+    def __init__(self, path: Path, timeout_s: float, detail: str) -> None:
+        self.path = path
+        self.timeout_s = timeout_s
+        super().__init__(
+            f"timed out after {timeout_s:.1f} s waiting for the lock on {path}: "
+            f"{detail}. "
+            "Close long-running connections to the file (readers should open, query "
+            "and close), and make sure only one pipeline writes to it"
+        )
+
+
+def duckdb_type(arrow_type: pa.DataType) -> str:
+    """Return the DuckDB column type for an Arrow type used in the snapshot schemas."""
+    if pa.types.is_decimal(arrow_type):
+        return f"DECIMAL({arrow_type.precision}, {arrow_type.scale})"
+    if pa.types.is_timestamp(arrow_type):
+        if arrow_type.tz is None:
+            return "TIMESTAMP"
+        return "TIMESTAMPTZ"
+    if pa.types.is_list(arrow_type):
+        return f"{duckdb_type(arrow_type.value_type)}[]"
+    simple = {
+        pa.string(): "VARCHAR",
+        pa.bool_(): "BOOLEAN",
+        pa.int32(): "INTEGER",
+        pa.int64(): "BIGINT",
+        pa.float64(): "DOUBLE",
+        pa.date32(): "DATE",
+        pa.binary(): "BLOB",
+    }
+    try:
+        return simple[arrow_type]
+    except KeyError:
+        raise TypeError(
+            f"Arrow type {arrow_type} has no DuckDB mapping in pipeline.sink; "
+            "add it to duckdb_type"
+        ) from None
+
+
+def _quote(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+def _create_table_sql(name: str, spec: TableSpec) -> str:
+    columns = [f"{_quote(f.name)} {duckdb_type(f.type)}" for f in spec.schema]
+    key = ", ".join(_quote(column) for column in spec.primary_key)
+    body = ",\n    ".join([*columns, f"PRIMARY KEY ({key})"])
+    return f"CREATE TABLE IF NOT EXISTS {_quote(name)} (\n    {body}\n)"
+
+
+def _is_lock_conflict(error: duckdb.Error) -> bool:
+    return "Could not set lock" in str(error)
+
+
+def _connect(
+    path: Path, *, read_only: bool, timeout_s: float
+) -> duckdb.DuckDBPyConnection:
+    """Open `path`, retrying with bounded backoff while another process holds it."""
+    deadline = time.monotonic() + timeout_s
+    delay = _FIRST_BACKOFF_S
+    attempts = 0
+    while True:
+        try:
+            connection = duckdb.connect(str(path), read_only=read_only)
+        except duckdb.IOException as exc:
+            if not _is_lock_conflict(exc):
+                raise SinkError(
+                    f"cannot open DuckDB file {path}: {exc}. If the file is not a "
+                    "DuckDB database, move it aside and let the writer create a new one"
+                ) from exc
+            attempts += 1
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise DatabaseLockedError(path, timeout_s, str(exc)) from exc
+            if attempts == 1:
+                logger.info(
+                    "DuckDB file %s is locked by another process, retrying for up to "
+                    "%.1f s: %s",
+                    path,
+                    timeout_s,
+                    exc,
+                )
+            else:
+                logger.debug("DuckDB file %s still locked (attempt %d)", path, attempts)
+            time.sleep(min(delay, remaining))
+            delay = min(delay * 2, _MAX_BACKOFF_S)
+            continue
+        if attempts:
+            logger.info("opened DuckDB file %s after %d lock retries", path, attempts)
+        # Readers see TIMESTAMPTZ values in UTC, whatever the machine's local zone is.
+        connection.execute("SET TimeZone = 'UTC'")
+        return connection
+
+
+def open_for_reading(
+    path: Path | str, *, timeout_s: float = DEFAULT_LOCK_TIMEOUT_S
+) -> duckdb.DuckDBPyConnection:
+    """Open the snapshot file read-only, waiting up to `timeout_s` for a write to end.
+
+    Close the connection as soon as the query is done: while it is open, the pipeline
+    cannot write and waits, up to its own lock timeout.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"snapshot file {path} not found; start the pipeline or pass the path of "
+            "an existing file"
+        )
+    return _connect(path, read_only=True, timeout_s=timeout_s)
+
+
+def _as_table(
+    name: str, data: pa.Table | pa.RecordBatch | Sequence[pa.RecordBatch]
+) -> pa.Table:
+    if isinstance(data, pa.Table):
+        return data
+    if isinstance(data, pa.RecordBatch):
+        return pa.Table.from_batches([data])
+    batches = list(data)
+    for batch in batches:
+        _check_schema(name, batch.schema)
+    if not batches:
+        return TABLES[name].schema.empty_table()
+    return pa.Table.from_batches(batches)
+
+
+def _check_schema(name: str, schema: pa.Schema) -> None:
+    expected = TABLES[name].schema
+    expected_types = {f.name: f.type for f in expected}
+    found_types = {f.name: f.type for f in schema}
+    missing = [column for column in expected_types if column not in found_types]
+    unexpected = [column for column in found_types if column not in expected_types]
+    mismatched = {
+        column: (expected_types[column], found_types[column])
+        for column in expected_types
+        if column in found_types and found_types[column] != expected_types[column]
+    }
+    if missing or unexpected or mismatched:
+        raise SchemaMismatchError(name, missing, unexpected, mismatched)
+
+
+def _check_keys(name: str, table: pa.Table) -> None:
+    for column in TABLES[name].primary_key:
+        nulls = table.column(column).null_count
+        if nulls:
+            raise SinkError(
+                f"batch for table {name!r} has {nulls} rows with a null {column!r}, "
+                f"which is part of the primary key {TABLES[name].primary_key}; every "
+                "key column needs a value"
+            )
+
+
+class SnapshotWriter:
+    """Upserts snapshot batches into a DuckDB file, one transaction per `write`.
+
+    The constructor creates the file, its tables (from `contracts.snapshots.TABLES`) and
+    its views if needed, and checks that existing tables have the expected columns. Only
+    one process may write to a file; readers use `open_for_reading`.
+    """
+
+    def __init__(
+        self, path: Path, *, lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S
+    ) -> None:
+        self.path = Path(path)
+        self.lock_timeout_s = lock_timeout_s
+        self._closed = False
+        existed = self.path.exists()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        connection = self._open()
+        try:
+            self._create_schema(connection)
+        finally:
+            connection.close()
+        logger.info(
+            "%s DuckDB snapshot file %s (%d tables, %d views)",
+            "opened" if existed else "created",
+            self.path,
+            len(TABLES),
+            len(VIEWS),
+        )
+
+    def _open(self) -> duckdb.DuckDBPyConnection:
+        return _connect(self.path, read_only=False, timeout_s=self.lock_timeout_s)
+
+    def _create_schema(self, connection: duckdb.DuckDBPyConnection) -> None:
+        connection.begin()
+        try:
+            for name, spec in TABLES.items():
+                connection.execute(_create_table_sql(name, spec))
+                self._check_existing_table(connection, name, spec)
+            for sql in MACROS.values():
+                connection.execute(sql)
+            for sql in VIEWS.values():
+                connection.execute(sql)
+            connection.commit()
+        except BaseException:
+            connection.rollback()
+            raise
+
+    def _check_existing_table(
+        self, connection: duckdb.DuckDBPyConnection, name: str, spec: TableSpec
+    ) -> None:
+        rows = connection.execute(
+            "SELECT column_name, data_type FROM information_schema.columns "
+            "WHERE table_schema = current_schema() AND table_name = ? "
+            "ORDER BY ordinal_position",
+            [name],
+        ).fetchall()
+        found = {column: data_type for column, data_type in rows}
+        # information_schema spells types in DuckDB's canonical form ("DECIMAL(38,9)",
+        # "TIMESTAMP WITH TIME ZONE"), so the expected types are parsed into it first.
+        expected = {
+            f.name: str(duckdb.sqltype(duckdb_type(f.type))) for f in spec.schema
+        }
+        if found == expected:
+            return
+        differing = sorted(
+            column
+            for column in expected.keys() | found.keys()
+            if found.get(column) != expected.get(column)
+        )
+        raise SinkError(
+            f"table {name!r} in {self.path} has columns that differ from "
+            f"contracts.snapshots: {differing}. The file was written by another schema "
+            "version; move it aside so the writer creates a new one"
+        )
+
+    def write(
+        self, tables: Mapping[str, pa.Table | pa.RecordBatch | Sequence[pa.RecordBatch]]
+    ) -> None:
+        """Upsert every table's rows by primary key, all in one transaction.
+
+        Rows whose key already exists replace the stored row; within one batch, the last
+        row of a key wins. Nothing is written if any batch fails validation.
+        """
+        if self._closed:
+            raise SinkError(
+                f"SnapshotWriter for {self.path} is closed; create a new one"
+            )
+        staged: dict[str, pa.Table] = {}
+        for name, data in tables.items():
+            if name not in TABLES:
+                raise SinkError(
+                    f"unknown snapshot table {name!r}; expected one of {sorted(TABLES)}"
+                )
+            table = _as_table(name, data)
+            _check_schema(name, table.schema)
+            _check_keys(name, table)
+            if table.num_rows:
+                staged[name] = table
+        if not staged:
+            return
+
+        started = time.perf_counter()
+        connection = self._open()
+        try:
+            connection.begin()
+            try:
+                for name, table in staged.items():
+                    self._upsert(connection, name, table)
+                connection.commit()
+            except BaseException:
+                connection.rollback()
+                raise
+        finally:
+            connection.close()
+        if logger.isEnabledFor(logging.DEBUG):
+            counts = ", ".join(
+                f"{name}={table.num_rows}" for name, table in staged.items()
+            )
+            logger.debug(
+                "wrote %s to %s in %.1f ms",
+                counts,
+                self.path,
+                (time.perf_counter() - started) * 1000,
+            )
+
+    def _upsert(
+        self, connection: duckdb.DuckDBPyConnection, name: str, table: pa.Table
+    ) -> None:
+        spec = TABLES[name]
+        columns = ", ".join(_quote(f.name) for f in spec.schema)
+        key = ", ".join(_quote(column) for column in spec.primary_key)
+        # INSERT OR REPLACE rejects two rows with one key in the same statement, so only
+        # the last row of each key is kept, as if the rows had been written one by one.
+        numbered = table.append_column(
+            _ROW_INDEX, pa.array(range(table.num_rows), pa.int64())
+        )
+        view = f"__plantstream_staged_{name}"
+        connection.register(view, numbered)
+        try:
+            # Identifiers come from contracts.snapshots, never from batch data.
+            connection.execute(
+                f"INSERT OR REPLACE INTO {_quote(name)} ({columns}) "  # noqa: S608
+                f"SELECT {columns} FROM {_quote(view)} "
+                f"QUALIFY row_number() OVER (PARTITION BY {key} "
+                f"ORDER BY {_ROW_INDEX} DESC) = 1"
+            )
+        finally:
+            connection.unregister(view)
+
+    def close(self) -> None:
+        """Mark the writer closed. The file is already closed between writes."""
+        if not self._closed:
+            self._closed = True
+            logger.info("closed DuckDB snapshot writer for %s", self.path)
+
+    def __enter__(self) -> SnapshotWriter:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        self.close()

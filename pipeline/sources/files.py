@@ -1,0 +1,95 @@
+"""Recognize an input file by its content and send it to the matching reader."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+from contracts.events import PlantEvent
+from pipeline.sources.ai4i import is_ai4i_header, read_ai4i
+from pipeline.sources.b2mml import message_noun, read_b2mml
+from pipeline.sources.secom import is_secom_line, read_secom
+
+__all__ = ["SUPPORTED_KINDS", "SourceKind", "detect_kind", "read_events"]
+
+logger = logging.getLogger(__name__)
+
+SourceKind = Literal["ai4i", "secom", "b2mml"]
+
+SUPPORTED_KINDS = (
+    "an AI4I 2020 CSV (header with UDI, Type, Tool wear [min], Machine failure and "
+    "the failure modes), a SECOM labels file (lines like -1 "
+    '"19/07/2008 11:55:00"), a B2MML V0401 ProductionSchedule, ProductionPerformance, '
+    "MaterialInformation or MaterialDefinition message, or a folder of these"
+)
+
+_BOM = b"\xef\xbb\xbf"
+_SNIFF_BYTES = 4096
+
+
+def detect_kind(path: Path) -> SourceKind | None:
+    """Return the kind of input file `path` holds, judged by its content, or None."""
+    with Path(path).open("rb") as file:
+        head = file.read(_SNIFF_BYTES).removeprefix(_BOM)
+    # A cut multi-byte character at the end of the sample must not hide the first line.
+    text = head.decode("utf-8", errors="replace")
+    if text.lstrip().startswith("<"):
+        return "b2mml" if message_noun(path) is not None else None
+    first_line = text.splitlines()[0] if text.strip() else ""
+    if is_ai4i_header(first_line):
+        return "ai4i"
+    if is_secom_line(first_line):
+        return "secom"
+    return None
+
+
+def read_events(path: Path) -> Iterator[PlantEvent]:
+    """Read plant events from one input file, or from every input file in a folder.
+
+    A folder is read recursively in sorted path order, except that B2MML performance
+    messages come after everything else, so orders are released before their reports.
+    Files of no known kind in a folder are skipped with a warning. A single file of no
+    known kind raises ValueError, and so does a row that cannot be read.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return _read_folder(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"input {path} does not exist; pass a data file or a folder"
+        )
+    kind = detect_kind(path)
+    if kind is None:
+        raise ValueError(
+            f"{path}: unknown input file kind; supported are {SUPPORTED_KINDS}"
+        )
+    return _read(path, kind)
+
+
+def _read(path: Path, kind: SourceKind) -> Iterator[PlantEvent]:
+    if kind == "ai4i":
+        return read_ai4i(path)
+    if kind == "secom":
+        return read_secom(path)
+    return read_b2mml(path)
+
+
+def _read_folder(folder: Path) -> Iterator[PlantEvent]:
+    inputs: list[tuple[int, Path, SourceKind]] = []
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if not path.is_file() or any(part.startswith(".") for part in relative.parts):
+            continue
+        kind = detect_kind(path)
+        if kind is None:
+            logger.warning("%s: skipped, not a supported input file kind", path)
+            continue
+        is_report = kind == "b2mml" and message_noun(path) == "ProductionPerformance"
+        inputs.append((int(is_report), path, kind))
+    inputs.sort(key=lambda item: (item[0], item[1]))
+    logger.info("%s: reading %d input files", folder, len(inputs))
+    # Readers open and check their file when the chain reaches it, not all up front.
+    return itertools.chain.from_iterable(_read(path, kind) for _, path, kind in inputs)

@@ -1,0 +1,498 @@
+"""SQL of the analyst views that the snapshot writer creates over the snapshot tables.
+
+Every statement is idempotent (`CREATE OR REPLACE`), so opening a file written by an
+older version of plantstream replaces its views with these. `VIEWS` keeps them in
+creation order, because a view can only be created after the views it reads.
+docs/analytics.md describes the columns and formulas for analysts.
+
+Time model (ISO 22400-2). Each machine is observed from its first to its last known
+time: state interval starts and ends and the production reports of its work center.
+Open intervals (`ended_at` null) end at the window end. Every instant of the window
+falls into exactly one category, by this precedence when intervals overlap:
+
+1. `planned_down`: any state other than `running` whose row has `planned = true`
+   (breaks, planned maintenance, no order). It leaves the planned busy time.
+2. `unplanned_down`: state `down` or `maintenance` without `planned = true`. It is an
+   availability loss.
+3. `running`: state `running`. This is the actual production time.
+4. `idle`: everything else (state `idle` or `setup` without the planned flag, and gaps
+   with no state row). Idle is not planned, so it stays in the planned busy time and
+   lowers availability like a stop. A machine that waits for material during planned
+   time loses output as surely as one that is broken.
+
+Because the categories never overlap, overlapping down intervals count once. Down time
+covered by two reasons is attributed to the interval that started first (ties go to the
+reason that sorts first), which `downtime_by_reason` shows.
+"""
+
+from __future__ import annotations
+
+__all__ = ["MACROS", "VIEWS"]
+
+# DuckDB divides DECIMAL by DECIMAL in DOUBLE, which would make a scaled BOM standard
+# inexact. These macros compute quantity * numerator / denominator in HUGEINT units of
+# 1e-18 and 1e-9 and round half away from zero to 9 decimal places. The result is exact
+# while quantity * numerator stays below 8.5e19, far above any order quantity.
+QUANTITY_UNITS = """
+CREATE OR REPLACE MACRO quantity_units(quantity) AS
+    CAST(CAST(quantity AS DECIMAL(38, 9)) * 1000000000 AS HUGEINT)
+"""
+
+PRODUCT_UNITS = """
+CREATE OR REPLACE MACRO product_units(product) AS
+    CAST(trunc(product) AS HUGEINT) * 1000000000000000000
+        + CAST((product - trunc(product)) * 1000000000000000000 AS HUGEINT)
+"""
+
+SCALE_QUANTITY = """
+CREATE OR REPLACE MACRO scale_quantity(quantity, numerator, denominator) AS
+    CAST(
+        CAST(
+            sign(product_units(
+                CAST(quantity AS DECIMAL(38, 9)) * CAST(numerator AS DECIMAL(38, 9))
+            ))
+            * sign(quantity_units(denominator))
+            * (
+                (
+                    abs(product_units(
+                        CAST(quantity AS DECIMAL(38, 9))
+                        * CAST(numerator AS DECIMAL(38, 9))
+                    )) * 2
+                    + abs(quantity_units(denominator))
+                )
+                // (abs(quantity_units(denominator)) * 2)
+            )
+            AS DECIMAL(38, 0)
+        ) * 0.000000001
+        AS DECIMAL(38, 9)
+    )
+"""
+
+# One row per stretch of machine time with a single category, which the other machine
+# views aggregate. The sweep counts, at every boundary, how many intervals of each
+# category are open, which is O(n log n) per machine instead of joining intervals
+# pairwise.
+MACHINE_TIME_SEGMENTS = """
+CREATE OR REPLACE VIEW machine_time_segments AS
+WITH reports AS (
+    SELECT plant, work_center AS machine, occurred_at
+    FROM production
+    WHERE NOT coalesce(cancelled, false) AND work_center IS NOT NULL
+),
+known_times AS (
+    SELECT plant, machine, started_at AS t FROM machine_states
+    UNION ALL
+    SELECT plant, machine, ended_at FROM machine_states WHERE ended_at IS NOT NULL
+    UNION ALL
+    SELECT plant, machine, occurred_at FROM reports WHERE occurred_at IS NOT NULL
+),
+windows AS (
+    SELECT plant, machine, min(t) AS window_start, max(t) AS window_end
+    FROM known_times
+    GROUP BY plant, machine
+),
+intervals AS (
+    SELECT
+        s.plant,
+        s.machine,
+        CASE
+            WHEN s.state <> 'running' AND coalesce(s.planned, false) THEN 'planned_down'
+            WHEN s.state IN ('down', 'maintenance') THEN 'unplanned_down'
+            WHEN s.state = 'running' THEN 'running'
+        END AS category,
+        greatest(s.started_at, w.window_start) AS started_at,
+        least(coalesce(s.ended_at, w.window_end), w.window_end) AS ended_at
+    FROM machine_states AS s
+    JOIN windows AS w USING (plant, machine)
+),
+boundaries AS (
+    SELECT plant, machine, started_at AS t, category, 1 AS delta
+    FROM intervals
+    WHERE category IS NOT NULL AND ended_at > started_at
+    UNION ALL
+    SELECT plant, machine, ended_at, category, -1
+    FROM intervals
+    WHERE category IS NOT NULL AND ended_at > started_at
+    UNION ALL
+    SELECT plant, machine, window_start, NULL, 0 FROM windows
+    UNION ALL
+    SELECT plant, machine, window_end, NULL, 0 FROM windows
+),
+points AS (
+    SELECT
+        plant,
+        machine,
+        t,
+        coalesce(sum(delta) FILTER (WHERE category = 'planned_down'), 0)
+            AS planned_delta,
+        coalesce(sum(delta) FILTER (WHERE category = 'unplanned_down'), 0)
+            AS unplanned_delta,
+        coalesce(sum(delta) FILTER (WHERE category = 'running'), 0)
+            AS running_delta
+    FROM boundaries
+    GROUP BY plant, machine, t
+),
+open_counts AS (
+    SELECT
+        plant,
+        machine,
+        t AS started_at,
+        lead(t) OVER by_time AS ended_at,
+        sum(planned_delta) OVER by_time AS planned_open,
+        sum(unplanned_delta) OVER by_time AS unplanned_open,
+        sum(running_delta) OVER by_time AS running_open
+    FROM points
+    WINDOW by_time AS (PARTITION BY plant, machine ORDER BY t)
+)
+SELECT
+    plant,
+    machine,
+    started_at,
+    ended_at,
+    CASE
+        WHEN planned_open > 0 THEN 'planned_down'
+        WHEN unplanned_open > 0 THEN 'unplanned_down'
+        WHEN running_open > 0 THEN 'running'
+        ELSE 'idle'
+    END AS category,
+    CAST(
+        CAST(epoch_us(ended_at) - epoch_us(started_at) AS DECIMAL(38, 0)) * 0.000001
+        AS DECIMAL(38, 6)
+    ) AS duration_s
+FROM open_counts
+WHERE ended_at IS NOT NULL
+"""
+
+# Time columns are DECIMAL(38, 6) seconds, exact to the microsecond. Ratios are DOUBLE.
+# `oee` uses the capped performance, so it equals availability * performance * quality
+# whenever all three are defined, and is 0 when planned busy time passed without output.
+OEE = """
+CREATE OR REPLACE VIEW oee AS
+WITH machine_time AS (
+    SELECT
+        plant,
+        machine,
+        min(started_at) AS window_start,
+        max(ended_at) AS window_end,
+        sum(duration_s) AS window_s,
+        coalesce(sum(duration_s) FILTER (WHERE category = 'planned_down'), 0)
+            AS planned_s,
+        coalesce(sum(duration_s) FILTER (WHERE category = 'unplanned_down'), 0)
+            AS unplanned_s,
+        coalesce(sum(duration_s) FILTER (WHERE category = 'running'), 0) AS running_s,
+        coalesce(sum(duration_s) FILTER (WHERE category = 'idle'), 0) AS idle_s
+    FROM machine_time_segments
+    GROUP BY plant, machine
+),
+reports AS (
+    SELECT
+        plant,
+        work_center AS machine,
+        coalesce(good_quantity, 0) AS good,
+        coalesce(scrap_quantity, 0) AS scrap,
+        coalesce(good_quantity, 0) + coalesce(scrap_quantity, 0)
+            + coalesce(rework_quantity, 0) AS produced,
+        ideal_cycle_time_s
+    FROM production
+    WHERE NOT coalesce(cancelled, false) AND work_center IS NOT NULL
+),
+output AS (
+    SELECT
+        plant,
+        machine,
+        CAST(sum(produced) AS DECIMAL(38, 9)) AS produced_quantity,
+        CAST(sum(good) AS DECIMAL(38, 9)) AS good_quantity,
+        CAST(sum(scrap) AS DECIMAL(38, 9)) AS scrap_quantity,
+        CAST(
+            coalesce(sum(CAST(ideal_cycle_time_s * produced AS DECIMAL(38, 9))), 0)
+            AS DECIMAL(38, 9)
+        ) AS ideal_time_s,
+        count(*) FILTER (WHERE ideal_cycle_time_s IS NULL) AS reports_without_ideal_time
+    FROM reports
+    GROUP BY plant, machine
+),
+totals AS (
+    SELECT
+        t.plant,
+        t.machine,
+        t.window_start,
+        t.window_end,
+        CAST(t.window_s - t.planned_s AS DECIMAL(38, 6)) AS planned_busy_time_s,
+        CAST(t.running_s AS DECIMAL(38, 6)) AS actual_production_time_s,
+        CAST(t.unplanned_s AS DECIMAL(38, 6)) AS unplanned_down_time_s,
+        CAST(t.planned_s AS DECIMAL(38, 6)) AS planned_down_time_s,
+        CAST(t.idle_s AS DECIMAL(38, 6)) AS idle_time_s,
+        coalesce(o.produced_quantity, 0) AS produced_quantity,
+        coalesce(o.good_quantity, 0) AS good_quantity,
+        coalesce(o.scrap_quantity, 0) AS scrap_quantity,
+        coalesce(o.ideal_time_s, 0) AS ideal_time_s,
+        coalesce(o.reports_without_ideal_time, 0) AS reports_without_ideal_time
+    FROM machine_time AS t
+    LEFT JOIN output AS o USING (plant, machine)
+),
+ratios AS (
+    SELECT
+        *,
+        CASE WHEN planned_busy_time_s > 0
+            THEN CAST(actual_production_time_s AS DOUBLE)
+                / CAST(planned_busy_time_s AS DOUBLE)
+        END AS availability,
+        CASE WHEN actual_production_time_s > 0
+            THEN CAST(ideal_time_s AS DOUBLE) / CAST(actual_production_time_s AS DOUBLE)
+        END AS raw_performance,
+        CASE WHEN produced_quantity > 0
+            THEN CAST(good_quantity AS DOUBLE) / CAST(produced_quantity AS DOUBLE)
+        END AS quality
+    FROM totals
+)
+SELECT
+    plant,
+    machine,
+    window_start,
+    window_end,
+    planned_busy_time_s,
+    actual_production_time_s,
+    unplanned_down_time_s,
+    planned_down_time_s,
+    idle_time_s,
+    produced_quantity,
+    good_quantity,
+    scrap_quantity,
+    ideal_time_s,
+    availability,
+    least(raw_performance, 1.0) AS performance,
+    quality,
+    CASE
+        WHEN planned_busy_time_s <= 0 THEN NULL
+        WHEN produced_quantity <= 0 THEN 0.0
+        ELSE CAST(least(ideal_time_s, actual_production_time_s) AS DOUBLE)
+            / CAST(planned_busy_time_s AS DOUBLE) * quality
+    END AS oee,
+    ideal_time_s > actual_production_time_s AS performance_flag,
+    raw_performance,
+    reports_without_ideal_time
+FROM ratios
+"""
+
+# Sums times and quantities over machines and computes the ratios again from the sums.
+# The performance numerator is each machine's ideal time capped at its actual production
+# time, so a machine with a wrong ideal cycle time cannot lift the plant above 1.
+OEE_BY_PLANT = """
+CREATE OR REPLACE VIEW oee_by_plant AS
+WITH sums AS (
+    SELECT
+        plant,
+        count(*) AS machines,
+        min(window_start) AS window_start,
+        max(window_end) AS window_end,
+        sum(planned_busy_time_s) AS planned_busy_time_s,
+        sum(actual_production_time_s) AS actual_production_time_s,
+        sum(unplanned_down_time_s) AS unplanned_down_time_s,
+        sum(planned_down_time_s) AS planned_down_time_s,
+        sum(idle_time_s) AS idle_time_s,
+        sum(produced_quantity) AS produced_quantity,
+        sum(good_quantity) AS good_quantity,
+        sum(scrap_quantity) AS scrap_quantity,
+        sum(ideal_time_s) AS ideal_time_s,
+        sum(least(ideal_time_s, actual_production_time_s)) AS capped_ideal_time_s,
+        count(*) FILTER (WHERE performance_flag) AS flagged_machines
+    FROM oee
+    GROUP BY plant
+),
+ratios AS (
+    SELECT
+        *,
+        CASE WHEN planned_busy_time_s > 0
+            THEN CAST(actual_production_time_s AS DOUBLE)
+                / CAST(planned_busy_time_s AS DOUBLE)
+        END AS availability,
+        CASE WHEN actual_production_time_s > 0
+            THEN CAST(capped_ideal_time_s AS DOUBLE)
+                / CAST(actual_production_time_s AS DOUBLE)
+        END AS performance,
+        CASE WHEN produced_quantity > 0
+            THEN CAST(good_quantity AS DOUBLE) / CAST(produced_quantity AS DOUBLE)
+        END AS quality
+    FROM sums
+)
+SELECT
+    plant,
+    machines,
+    window_start,
+    window_end,
+    planned_busy_time_s,
+    actual_production_time_s,
+    unplanned_down_time_s,
+    planned_down_time_s,
+    idle_time_s,
+    produced_quantity,
+    good_quantity,
+    scrap_quantity,
+    ideal_time_s,
+    availability,
+    performance,
+    quality,
+    CASE
+        WHEN planned_busy_time_s <= 0 THEN NULL
+        WHEN produced_quantity <= 0 THEN 0.0
+        ELSE CAST(capped_ideal_time_s AS DOUBLE)
+            / CAST(planned_busy_time_s AS DOUBLE) * quality
+    END AS oee,
+    flagged_machines > 0 AS performance_flag,
+    flagged_machines
+FROM ratios
+"""
+
+# Attributes each down segment to one state row: among the rows of the segment's
+# category that cover it, the one that started first, then the reason that sorts first.
+DOWNTIME_BY_REASON = """
+CREATE OR REPLACE VIEW downtime_by_reason AS
+WITH down_segments AS (
+    SELECT plant, machine, started_at, ended_at, category, duration_s
+    FROM machine_time_segments
+    WHERE category IN ('planned_down', 'unplanned_down')
+),
+candidates AS (
+    SELECT
+        d.plant,
+        d.machine,
+        d.started_at AS segment_start,
+        d.category,
+        d.duration_s,
+        s.reason,
+        s.started_at AS interval_start
+    FROM down_segments AS d
+    JOIN machine_states AS s
+        ON s.plant = d.plant
+        AND s.machine = d.machine
+        AND s.started_at <= d.started_at
+        AND (s.ended_at IS NULL OR s.ended_at >= d.ended_at)
+        AND CASE
+            WHEN s.state <> 'running' AND coalesce(s.planned, false) THEN 'planned_down'
+            WHEN s.state IN ('down', 'maintenance') THEN 'unplanned_down'
+        END = d.category
+),
+attributed AS (
+    SELECT plant, machine, category, duration_s, reason
+    FROM candidates
+    QUALIFY row_number() OVER (
+        PARTITION BY plant, machine, segment_start
+        ORDER BY interval_start, reason NULLS LAST
+    ) = 1
+)
+SELECT
+    plant,
+    machine,
+    category = 'planned_down' AS planned,
+    reason,
+    CAST(sum(duration_s) AS DECIMAL(38, 6)) AS down_time_s,
+    count(*) AS segments
+FROM attributed
+GROUP BY plant, machine, category, reason
+"""
+
+# The BOM standard is scaled to the output reported so far; before any output it is the
+# full BOM quantity, so an order that has only started shows its consumption against the
+# whole plan rather than against zero.
+MATERIAL_VARIANCE = """
+CREATE OR REPLACE VIEW material_variance AS
+WITH scaled AS (
+    SELECT
+        c.plant,
+        c.order_id,
+        c.material,
+        c.uom,
+        c.standard_quantity AS bom_quantity,
+        CASE
+            WHEN o.planned_quantity > 0
+                AND coalesce(o.good_quantity, 0) + coalesce(o.scrap_quantity, 0) > 0
+            THEN scale_quantity(
+                c.standard_quantity,
+                coalesce(o.good_quantity, 0) + coalesce(o.scrap_quantity, 0),
+                o.planned_quantity
+            )
+            ELSE c.standard_quantity
+        END AS standard_quantity,
+        coalesce(c.actual_quantity, 0) AS actual_quantity,
+        o.planned_quantity,
+        CAST(
+            coalesce(o.good_quantity, 0) + coalesce(o.scrap_quantity, 0)
+            AS DECIMAL(38, 9)
+        ) AS output_quantity
+    FROM order_components AS c
+    LEFT JOIN orders AS o USING (plant, order_id)
+)
+SELECT
+    plant,
+    order_id,
+    material,
+    uom,
+    bom_quantity,
+    CAST(standard_quantity AS DECIMAL(38, 9)) AS standard_quantity,
+    CAST(actual_quantity AS DECIMAL(38, 9)) AS actual_quantity,
+    CAST(actual_quantity - standard_quantity AS DECIMAL(38, 9)) AS variance,
+    CASE WHEN standard_quantity <> 0
+        THEN CAST(actual_quantity - standard_quantity AS DOUBLE)
+            / CAST(standard_quantity AS DOUBLE) * 100
+    END AS variance_pct,
+    planned_quantity,
+    output_quantity
+FROM scaled
+"""
+
+# Signs by movement type: 101 and 262 add, 102 and 261 remove, 344 moves unrestricted
+# stock to blocked and 343 moves it back. A 101 or 102 books to the row's stock type.
+STOCK = """
+CREATE OR REPLACE VIEW stock AS
+WITH moves AS (
+    SELECT plant, material, uom, coalesce(stock_type, 'unrestricted') AS stock_type,
+        quantity AS delta
+    FROM postings WHERE movement_type = '101'
+    UNION ALL
+    SELECT plant, material, uom, coalesce(stock_type, 'unrestricted'), -quantity
+    FROM postings WHERE movement_type = '102'
+    UNION ALL
+    SELECT plant, material, uom, 'unrestricted', -quantity
+    FROM postings WHERE movement_type = '261'
+    UNION ALL
+    SELECT plant, material, uom, 'unrestricted', quantity
+    FROM postings WHERE movement_type = '262'
+    UNION ALL
+    SELECT plant, material, uom, 'unrestricted', -quantity
+    FROM postings WHERE movement_type = '344'
+    UNION ALL
+    SELECT plant, material, uom, 'blocked', quantity
+    FROM postings WHERE movement_type = '344'
+    UNION ALL
+    SELECT plant, material, uom, 'blocked', -quantity
+    FROM postings WHERE movement_type = '343'
+    UNION ALL
+    SELECT plant, material, uom, 'unrestricted', quantity
+    FROM postings WHERE movement_type = '343'
+)
+SELECT
+    plant,
+    material,
+    stock_type,
+    uom,
+    CAST(sum(delta) AS DECIMAL(38, 9)) AS quantity,
+    count(*) AS movements
+FROM moves
+WHERE delta IS NOT NULL
+GROUP BY plant, material, stock_type, uom
+"""
+
+MACROS: dict[str, str] = {
+    "quantity_units": QUANTITY_UNITS,
+    "product_units": PRODUCT_UNITS,
+    "scale_quantity": SCALE_QUANTITY,
+}
+
+VIEWS: dict[str, str] = {
+    "machine_time_segments": MACHINE_TIME_SEGMENTS,
+    "oee": OEE,
+    "oee_by_plant": OEE_BY_PLANT,
+    "downtime_by_reason": DOWNTIME_BY_REASON,
+    "material_variance": MATERIAL_VARIANCE,
+    "stock": STOCK,
+}

@@ -1,0 +1,327 @@
+"""Partition state rules, run in-process and inside a real Ray actor."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from decimal import Decimal
+
+import msgspec
+import pytest
+import ray
+
+from actors.partition import PartitionActor
+from actors.partition_state import BatchResult, PartitionState, SourceMessage
+from contracts import events as ev
+from contracts.codec import decode_posting, encode
+from contracts.postings import GoodsMovement, OrderConfirmation
+from pipeline.subjects import event_subject
+
+T0 = dt.datetime(2026, 3, 2, 8, 0, tzinfo=dt.timezone(dt.timedelta(hours=1)))
+
+
+def at(minutes: int) -> dt.datetime:
+    return T0 + dt.timedelta(minutes=minutes)
+
+
+def qty(value: str, uom: str = "EA") -> ev.Quantity:
+    return ev.Quantity(Decimal(value), uom)
+
+
+def release(order: str = "O1", minutes: int = 0) -> ev.WorkOrderReleased:
+    return ev.WorkOrderReleased(
+        event_id=f"{order}-rel",
+        plant="P1",
+        order=order,
+        occurred_at=at(minutes),
+        source="mes",
+        material="FG-1",
+        quantity=qty("100"),
+        components=[
+            ev.Component(material="RM-1", quantity=qty("50", "KG")),
+            ev.Component(material="RM-1", quantity=qty("25", "KG"), operation="20"),
+        ],
+        operations=[
+            ev.OperationSpec(
+                operation="10", work_center="M1", ideal_cycle_time_s=Decimal(30)
+            )
+        ],
+    )
+
+
+def confirm(
+    event_id: str, good: str, order: str = "O1", **kw: object
+) -> ev.ProductionConfirmed:
+    return ev.ProductionConfirmed(
+        event_id=event_id,
+        plant="P1",
+        order=order,
+        occurred_at=at(10),
+        source="mes",
+        good=qty(good),
+        operation="10",
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def consume(event_id: str, amount: str, order: str = "O1") -> ev.MaterialConsumed:
+    return ev.MaterialConsumed(
+        event_id=event_id,
+        plant="P1",
+        order=order,
+        occurred_at=at(5),
+        source="mes",
+        material="RM-1",
+        quantity=qty(amount, "KG"),
+    )
+
+
+def hold(event_id: str, hold_id: str, order: str = "O1") -> ev.QualityHoldApplied:
+    return ev.QualityHoldApplied(
+        event_id=event_id, plant="P1", order=order, occurred_at=at(20), source="qm",
+        hold_id=hold_id,
+    )  # fmt: skip
+
+
+def unhold(event_id: str, hold_id: str, order: str = "O1") -> ev.QualityHoldReleased:
+    return ev.QualityHoldReleased(
+        event_id=event_id, plant="P1", order=order, occurred_at=at(30), source="qm",
+        hold_id=hold_id,
+    )  # fmt: skip
+
+
+def messages(*events: ev.PlantEvent | bytes) -> list[SourceMessage]:
+    out = []
+    for seq, item in enumerate(events, start=1):
+        if isinstance(item, bytes):
+            out.append(SourceMessage(seq, "plant.events.P1.x", item))
+        else:
+            subject = event_subject(item.plant, str(item.__struct_config__.tag))
+            out.append(SourceMessage(seq, subject, encode(item)))
+    return out
+
+
+Apply = Callable[[list[SourceMessage]], BatchResult]
+
+
+@pytest.fixture(params=["in_process", "ray_actor"])
+def apply(request: pytest.FixtureRequest) -> Apply:
+    """The same rules, applied by a plain PartitionState and by a real Ray actor."""
+    if request.param == "in_process":
+        return PartitionState(0).apply_batch
+    request.getfixturevalue("ray_local")
+    actor = PartitionActor.remote(0)  # type: ignore[attr-defined]
+    request.addfinalizer(lambda: ray.kill(actor))
+    return lambda batch: ray.get(actor.apply.remote(batch))
+
+
+def movements(result: BatchResult) -> list[GoodsMovement]:
+    decoded = [decode_posting(p.data) for p in result.postings]
+    return [p for p in decoded if isinstance(p, GoodsMovement)]
+
+
+def test_receipt_issue_and_confirmation(apply: Apply) -> None:
+    result = apply(messages(release(), consume("c1", "12.125"), confirm("p1", "40")))
+    kinds = sorted(p.movement for p in result.postings)
+    assert kinds == ["101", "261", "conf"]
+    issue = next(m for m in movements(result) if m.movement_type == "261")
+    assert issue.quantity == Decimal("12.125")
+    assert issue.uom == "KG"
+    receipt = next(m for m in movements(result) if m.movement_type == "101")
+    assert receipt.stock_type == "unrestricted"
+    assert receipt.lineage == ["p1"]
+
+
+def test_duplicate_dropped(apply: Apply) -> None:
+    result = apply(messages(release(), confirm("p1", "5"), confirm("p1", "5")))
+    assert result.counts["duplicates"] == 1
+    assert sum(1 for p in result.postings if p.movement == "101") == 1
+
+
+def test_reused_id_dead_lettered(apply: Apply) -> None:
+    result = apply(messages(release(), confirm("p1", "5"), confirm("p1", "6")))
+    assert [d.reason for d in result.dead_letters] == ["reused_id"]
+    assert result.dead_letters[0].stream_seq == 3
+    assert sum(1 for p in result.postings if p.movement == "101") == 1
+
+
+def test_parked_until_release(apply: Apply) -> None:
+    result = apply(messages(consume("c1", "3"), confirm("p1", "5"), release()))
+    assert result.counts["parked"] == 2
+    assert result.counts["unparked"] == 2
+    assert sorted(p.movement for p in result.postings) == ["101", "261", "conf"]
+
+
+def test_cancellation_inverts_once(apply: Apply) -> None:
+    cancel = ev.ProductionCancelled(
+        event_id="x1", plant="P1", order="O1", occurred_at=at(40), source="mes",
+        cancels_event_id="p1",
+    )  # fmt: skip
+    again = msgspec.structs.replace(cancel, event_id="x2")
+    result = apply(messages(release(), confirm("p1", "5"), cancel, again))
+    reversal = [m for m in movements(result) if m.movement_type == "102"]
+    receipt = next(m for m in movements(result) if m.movement_type == "101")
+    assert len(reversal) == 1
+    assert reversal[0].reverses == receipt.key
+    assert reversal[0].quantity == Decimal(5)
+
+
+def test_hold_moves_stock_to_blocked_and_back(apply: Apply) -> None:
+    result = apply(
+        messages(
+            release(),
+            confirm("p1", "5"),
+            hold("h1", "H"),
+            confirm("p2", "2"),
+            unhold("u1", "H"),
+        )
+    )
+    by_type = {(m.movement_type, m.stock_type): m.quantity for m in movements(result)}
+    assert by_type[("344", "blocked")] == Decimal(5)
+    assert by_type[("101", "blocked")] == Decimal(2)
+    assert by_type[("343", "unrestricted")] == Decimal(7)
+
+
+def test_failed_inspection_blocks_lot(apply: Apply) -> None:
+    inspection = ev.InspectionRecorded(
+        event_id="i1", plant="P1", order="O1", occurred_at=at(15), source="qm",
+        result="fail", lot="L1",
+    )  # fmt: skip
+    result = apply(
+        messages(
+            release(),
+            confirm("p1", "5", lot="L1"),
+            confirm("p2", "4", lot="L2"),
+            inspection,
+        )
+    )
+    transfers = [m for m in movements(result) if m.movement_type == "344"]
+    assert len(transfers) == 1
+    assert transfers[0].batch == "L1"
+    assert transfers[0].quantity == Decimal(5)
+
+
+def test_bad_message_dead_lettered(apply: Apply) -> None:
+    naive = encode(consume("c9", "1")).replace(b"+01:00", b"")
+    result = apply(messages(release(), b"{not json", naive, consume("c1", "1")))
+    reasons = sorted(d.reason for d in result.dead_letters)
+    assert reasons == ["invalid", "malformed"]
+    invalid = next(d for d in result.dead_letters if d.reason == "invalid")
+    assert invalid.event_id == "c9"
+    assert invalid.data == naive
+    assert "timezone" in invalid.detail
+    assert result.counts["applied"] == 2
+
+
+def test_future_timestamp_rejected(apply: Apply) -> None:
+    future = msgspec.structs.replace(
+        consume("c1", "1"), occurred_at=dt.datetime.now(dt.UTC) + dt.timedelta(hours=2)
+    )
+    result = apply(messages(release(), future))
+    assert [d.reason for d in result.dead_letters] == ["future_time"]
+
+
+def test_machine_intervals_and_early_end() -> None:
+    state = PartitionState(0)
+    ended = ev.DowntimeEnded(
+        event_id="d1-end", plant="P1", occurred_at=at(30), source="pm", machine="M1",
+        downtime_id="D1",
+    )  # fmt: skip
+    started = ev.DowntimeStarted(
+        event_id="d1", plant="P1", occurred_at=at(10), source="pm", machine="M1",
+        downtime_id="D1", reason="jam",
+    )  # fmt: skip
+    result = state.apply_batch(messages(ended, started))
+    assert result.counts["parked"] == 1
+    rows = state.take_snapshot()["machine_states"].to_pylist()
+    assert len(rows) == 1
+    assert rows[0]["ended_at"] == at(30)
+    assert rows[0]["state"] == "down"
+
+
+def test_checkpoint_round_trip() -> None:
+    state = PartitionState(3)
+    state.apply_batch(
+        messages(release(), consume("c1", "2"), confirm("p1", "5"), hold("h", "H"))
+    )
+    restored = PartitionState.restore(state.checkpoint())
+    assert restored.checkpoint() == state.checkpoint()
+    again = restored.apply_batch(messages(consume("c1", "2")))
+    assert again.counts["duplicates"] == 1
+    assert again.postings == []
+
+
+def test_snapshot_rows_match_schema() -> None:
+    state = PartitionState(0)
+    state.apply_batch(messages(release(), consume("c1", "2.5"), confirm("p1", "5")))
+    tables = state.take_snapshot()
+    orders = tables["orders"].to_pylist()
+    assert orders[0]["good_quantity"] == Decimal(5)
+    assert orders[0]["status"] == "in_progress"
+    components = tables["order_components"].to_pylist()
+    assert components[0]["standard_quantity"] == Decimal(75)
+    assert components[0]["actual_quantity"] == Decimal("2.5")
+    postings = tables["postings"].to_pylist()
+    assert {p["posting_type"] for p in postings} == {
+        "goods_movement",
+        "order_confirmation",
+    }
+    assert state.take_snapshot() == {}
+
+
+def test_confirmation_posting_fields() -> None:
+    state = PartitionState(0)
+    result = state.apply_batch(messages(release(), confirm("p1", "5", final=True)))
+    confirmation = next(
+        p for p in map(decode_posting, (x.data for x in result.postings))
+        if isinstance(p, OrderConfirmation)
+    )  # fmt: skip
+    assert confirmation.work_center == "M1"
+    assert confirmation.final is True
+    assert state.orders["P1\x1fO1"].status == "completed"
+
+
+def test_plant_wide_lot_hold() -> None:
+    state = PartitionState(0)
+    lot_hold = ev.QualityHoldApplied(
+        event_id="h1", plant="P1", occurred_at=at(20), source="qm", hold_id="LH",
+        scope="lot", lot="L1",
+    )  # fmt: skip
+    lot_release = ev.QualityHoldReleased(
+        event_id="u1", plant="P1", occurred_at=at(30), source="qm", hold_id="LH"
+    )
+    first = state.apply_batch(
+        messages(
+            release("O1"),
+            confirm("p1", "5", lot="L1"),
+            lot_hold,
+            release("O2"),
+            confirm("p2", "3", order="O2", lot="L1"),
+            confirm("p3", "4", order="O2", lot="L2"),
+        )
+    )
+    by_key = {
+        (m.order, m.movement_type, m.batch, m.stock_type) for m in movements(first)
+    }
+    assert ("O1", "344", "L1", "blocked") in by_key
+    assert ("O2", "101", "L1", "blocked") in by_key
+    assert ("O2", "101", "L2", "unrestricted") in by_key
+    second = state.apply_batch(messages(lot_release))
+    returned = sorted((m.order, m.quantity) for m in movements(second))
+    assert returned == [("O1", Decimal(5)), ("O2", Decimal(3))]
+    holds = state.take_snapshot()["holds"].to_pylist()
+    assert [(h["hold_id"], h["order_id"]) for h in holds] == [("LH", None)]
+
+
+def test_plant_wide_hold_copy_not_counted() -> None:
+    state = PartitionState(1)
+    lot_hold = ev.QualityHoldApplied(
+        event_id="h1", plant="P1", occurred_at=at(20), source="qm", hold_id="LH",
+        scope="lot", lot="L1",
+    )  # fmt: skip
+    copy = SourceMessage(
+        7, "plant.events.P1.quality_hold_applied", encode(lot_hold), False
+    )
+    result = state.apply_batch([copy])
+    assert result.counts.get("events_in") is None
+    assert "P1\x1fLH" in state.plant_holds

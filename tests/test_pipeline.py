@@ -1,0 +1,182 @@
+"""The whole job on a generated stream: real nats-server, Ray and DuckDB."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from decimal import Decimal
+from pathlib import Path
+
+import duckdb
+import nats
+import pytest
+from nats.js.api import AckPolicy, ConsumerConfig
+
+from cluster.job import JobConfig, JobResult, run_job
+from cluster.nats_server import EmbeddedNatsServer
+from contracts.codec import decode_dead_letter, decode_posting
+from pipeline.settings import PipelineSettings
+from pipeline.sources.generated import Expected, StreamSpec, generate
+from pipeline.subjects import DLQ_STREAM, EVENTS_STREAM, POSTINGS_STREAM
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+SPEC = StreamSpec(plants=2, orders_per_plant=60, seed=11)
+
+
+async def _stream_messages(
+    url: str, stream: str, subject: str
+) -> list[nats.aio.msg.Msg]:
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        info = await js.stream_info(stream)
+        # No acks: an ephemeral reader stops at max_ack_pending if it has to ack.
+        config = ConsumerConfig(ack_policy=AckPolicy.NONE)
+        sub = await js.pull_subscribe(subject, stream=stream, config=config)
+        out: list[nats.aio.msg.Msg] = []
+        while len(out) < info.state.messages:
+            out.extend(await sub.fetch(1000, timeout=5))
+        return out
+    finally:
+        await nc.close()
+
+
+@pytest.fixture(scope="module")
+def generated() -> tuple[list[tuple[str, bytes]], Expected]:
+    messages, expected = generate(SPEC)
+    return [(m.subject, m.data) for m in messages], expected
+
+
+@pytest.fixture
+def run(
+    nats_server: EmbeddedNatsServer, tmp_path: Path, generated: tuple[list, Expected]
+) -> JobResult:
+    config = JobConfig(
+        db=tmp_path / "out.duckdb",
+        partitions=3,
+        nats_url=nats_server.url,
+        pipeline=PipelineSettings(fetch_batch=500, checkpoint_interval_s=0.5),
+    )
+    return asyncio.run(run_job(config, generated[0]))
+
+
+def test_counts_match_truth(run: JobResult, generated: tuple[list, Expected]) -> None:
+    expected = generated[1]
+    counts = run.report.counts
+    assert run.published == expected.messages
+    assert counts["events_in"] == expected.messages
+    assert counts["applied"] == expected.events
+    assert counts["duplicates"] == expected.duplicates
+    assert sum(run.report.dead_letters.values()) == expected.bad_total
+
+
+def test_postings_match_truth(run: JobResult, generated: tuple[list, Expected]) -> None:
+    with duckdb.connect(str(run.db), read_only=True) as db:
+        rows = db.execute(
+            "SELECT plant, material, movement_type, sum(quantity) FROM postings "
+            "WHERE posting_type = 'goods_movement' GROUP BY ALL"
+        ).fetchall()
+    posted = {(plant, material, kind): total for plant, material, kind, total in rows}
+    assert posted == generated[1].movements
+
+
+def test_postings_stream_unique_keys(
+    run: JobResult, nats_server: EmbeddedNatsServer
+) -> None:
+    messages = asyncio.run(
+        _stream_messages(nats_server.url, POSTINGS_STREAM, "erp.postings.>")
+    )
+    keys = [m.headers["Nats-Msg-Id"] for m in messages if m.headers]
+    assert len(keys) == len(messages)
+    assert len(set(keys)) == len(keys)
+    for message in messages[:50]:
+        posting = decode_posting(message.data)
+        assert posting.key == message.headers["Nats-Msg-Id"]  # type: ignore[index]
+        assert message.subject == f"erp.postings.{posting.plant}"
+    assert len(messages) == sum(run.report.postings.values())
+
+
+def test_dead_letters_keep_bytes_and_position(
+    run: JobResult, nats_server: EmbeddedNatsServer
+) -> None:
+    letters = asyncio.run(
+        _stream_messages(nats_server.url, DLQ_STREAM, "plantstream.dlq.>")
+    )
+    events = {
+        m.metadata.sequence.stream: m
+        for m in asyncio.run(
+            _stream_messages(nats_server.url, EVENTS_STREAM, "plant.events.>")
+        )
+    }
+    assert len(letters) == sum(run.report.dead_letters.values())
+    for message in letters:
+        letter = decode_dead_letter(message.data)
+        original = events[letter.stream_seq]
+        assert letter.data == original.data
+        assert letter.subject == original.subject
+        assert letter.detail
+    reasons = Counter(decode_dead_letter(m.data).reason for m in letters)
+    assert set(reasons) == {"malformed", "invalid"}
+
+
+def test_snapshot_tables_filled(
+    run: JobResult, generated: tuple[list, Expected]
+) -> None:
+    expected = generated[1]
+    with duckdb.connect(str(run.db), read_only=True) as db:
+        orders = dict(
+            db.execute("SELECT plant, count(*) FROM orders GROUP BY plant").fetchall()
+        )
+        dead = db.execute("SELECT count(*) FROM dead_letters").fetchone()
+        oee = db.execute("SELECT min(oee), max(oee), count(*) FROM oee").fetchone()
+        parked = db.execute(
+            "SELECT count(*) FROM parked_events WHERE status='parked'"
+        ).fetchone()
+    assert orders == dict(expected.orders)
+    assert dead == (expected.bad_total,)
+    assert oee is not None
+    assert 0 <= oee[0] <= oee[1] <= 1
+    assert oee[2] == SPEC.plants * SPEC.machines_per_plant
+    assert parked == (0,)
+
+
+def test_consumer_fully_acked(run: JobResult, nats_server: EmbeddedNatsServer) -> None:
+    async def info() -> tuple[int, int]:
+        nc = await nats.connect(nats_server.url)
+        try:
+            consumer = await nc.jetstream().consumer_info(
+                EVENTS_STREAM, "plantstream-ingest"
+            )
+            return consumer.num_pending, consumer.num_ack_pending
+        finally:
+            await nc.close()
+
+    assert asyncio.run(info()) == (0, 0)
+
+
+def test_rerun_adds_nothing(
+    run: JobResult, nats_server: EmbeddedNatsServer, tmp_path: Path
+) -> None:
+    """A second run on the same streams resumes from the checkpoint and posts nothing new."""
+    config = JobConfig(
+        db=tmp_path / "out.duckdb", partitions=3, nats_url=nats_server.url
+    )
+    again = asyncio.run(run_job(config, None))
+    assert again.report.counts["events_in"] == 0
+    with duckdb.connect(str(run.db), read_only=True) as db:
+        total = db.execute("SELECT count(*) FROM postings").fetchone()
+    assert total == (sum(run.report.postings.values()),)
+
+
+def test_quantities_exact(run: JobResult) -> None:
+    with duckdb.connect(str(run.db), read_only=True) as db:
+        kinds = db.execute(
+            "SELECT DISTINCT typeof(quantity) FROM postings WHERE quantity IS NOT NULL"
+        ).fetchall()
+        sample = db.execute(
+            "SELECT quantity FROM postings WHERE movement_type='261'"
+        ).fetchone()
+    assert kinds == [("DECIMAL(38,9)",)]
+    assert sample is not None
+    assert isinstance(sample[0], Decimal)

@@ -1,0 +1,457 @@
+"""The DuckDB snapshot writer and the material and stock views, on real files."""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+import pytest
+
+from contracts.snapshots import TABLES
+from pipeline.sink import (
+    DatabaseLockedError,
+    SchemaMismatchError,
+    SinkError,
+    SnapshotWriter,
+    open_for_reading,
+)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+T0 = dt.datetime(2024, 3, 4, 6, 0, tzinfo=dt.UTC)
+
+
+def table(name: str, rows: list[dict[str, Any]]) -> pa.Table:
+    """Build an Arrow table for snapshot table `name`, with nulls in absent columns."""
+    columns = TABLES[name].schema.names
+    return pa.Table.from_pylist(
+        [{column: row.get(column) for column in columns} for row in rows],
+        schema=TABLES[name].schema,
+    )
+
+
+def order(order_id: str, status: str = "released", **fields: Any) -> dict[str, Any]:
+    return {"plant": "P1", "order_id": order_id, "status": status, **fields}
+
+
+def fetch(path: Path, sql: str) -> list[tuple[Any, ...]]:
+    connection = open_for_reading(path)
+    try:
+        return connection.execute(sql).fetchall()
+    finally:
+        connection.close()
+
+
+def start_python(script: str, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", textwrap.dedent(script), *args],
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_writer_creates_typed_tables(tmp_path: Path) -> None:
+    path = tmp_path / "snapshots.duckdb"
+    SnapshotWriter(path).close()
+    types = dict(
+        fetch(
+            path,
+            "SELECT column_name, data_type FROM information_schema.columns "
+            "WHERE table_name = 'postings'",
+        )
+    )
+
+    assert types["quantity"] == "DECIMAL(38,9)"
+    assert types["occurred_at"] == "TIMESTAMP WITH TIME ZONE"
+    assert types["lineage"] == "VARCHAR[]"
+    assert types["posting_date"] == "DATE"
+
+
+def test_writer_creates_primary_keys(tmp_path: Path) -> None:
+    path = tmp_path / "snapshots.duckdb"
+    SnapshotWriter(path).close()
+    rows = fetch(
+        path,
+        "SELECT table_name, constraint_column_names FROM duckdb_constraints() "
+        "WHERE constraint_type = 'PRIMARY KEY'",
+    )
+    keys = {name: tuple(columns) for name, columns in rows}
+
+    assert keys == {name: spec.primary_key for name, spec in TABLES.items()}
+
+
+def test_writer_creates_views(tmp_path: Path) -> None:
+    path = tmp_path / "snapshots.duckdb"
+    SnapshotWriter(path).close()
+    views = {
+        row[0]
+        for row in fetch(
+            path, "SELECT view_name FROM duckdb_views() WHERE NOT internal"
+        )
+    }
+
+    for name in (
+        "oee",
+        "oee_by_plant",
+        "material_variance",
+        "stock",
+        "downtime_by_reason",
+    ):
+        assert name in views
+
+
+def test_upsert_replaces_row(tmp_path: Path) -> None:
+    path = tmp_path / "snapshots.duckdb"
+    with SnapshotWriter(path) as writer:
+        writer.write({"orders": table("orders", [order("O1"), order("O2")])})
+        writer.write({"orders": table("orders", [order("O1", "completed")])})
+    rows = fetch(path, "SELECT order_id, status FROM orders ORDER BY order_id")
+
+    assert rows == [("O1", "completed"), ("O2", "released")]
+
+
+def test_upsert_last_duplicate_wins(tmp_path: Path) -> None:
+    path = tmp_path / "snapshots.duckdb"
+    batch = table(
+        "orders", [order("O1"), order("O1", "in_progress"), order("O1", "on_hold")]
+    )
+    with SnapshotWriter(path) as writer:
+        writer.write({"orders": batch})
+
+    assert fetch(path, "SELECT status FROM orders") == [("on_hold",)]
+
+
+def test_write_accepts_batches(tmp_path: Path) -> None:
+    path = tmp_path / "snapshots.duckdb"
+    batches = table("orders", [order("O1"), order("O2"), order("O3")]).to_batches(
+        max_chunksize=1
+    )
+    with SnapshotWriter(path) as writer:
+        writer.write({"orders": batches})
+        writer.write({"orders": batches[0]})
+        writer.write({"orders": []})
+
+    assert fetch(path, "SELECT count(*) FROM orders") == [(3,)]
+
+
+def test_write_keeps_decimals_exact(tmp_path: Path) -> None:
+    path = tmp_path / "snapshots.duckdb"
+    quantity = Decimal("12345678901234567890.123456789")
+    with SnapshotWriter(path) as writer:
+        writer.write(
+            {"orders": table("orders", [order("O1", planned_quantity=quantity)])}
+        )
+
+    assert fetch(path, "SELECT planned_quantity FROM orders") == [(quantity,)]
+
+
+def test_schema_mismatch_names_columns(tmp_path: Path) -> None:
+    path = tmp_path / "snapshots.duckdb"
+    good = table("orders", [order("O1")])
+    bad = good.drop_columns(["uom"]).set_column(
+        good.schema.get_field_index("planned_quantity"),
+        "planned_quantity",
+        pa.array([1.5], pa.float64()),
+    )
+    bad = bad.append_column("colour", pa.array(["red"]))
+    with SnapshotWriter(path) as writer, pytest.raises(SchemaMismatchError) as caught:
+        writer.write({"orders": bad})
+    message = str(caught.value)
+
+    assert "'orders'" in message
+    assert "missing columns ['uom']" in message
+    assert "unexpected columns ['colour']" in message
+    assert "'planned_quantity' has type double, expected decimal128(38, 9)" in message
+
+
+def test_schema_mismatch_writes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "snapshots.duckdb"
+    bad = table("production", []).drop_columns(["cancelled"])
+    with SnapshotWriter(path) as writer, pytest.raises(SchemaMismatchError):
+        writer.write({"orders": table("orders", [order("O1")]), "production": bad})
+
+    assert fetch(path, "SELECT count(*) FROM orders") == [(0,)]
+
+
+def test_write_rejects_unknown_table(tmp_path: Path) -> None:
+    with SnapshotWriter(tmp_path / "snapshots.duckdb") as writer:
+        with pytest.raises(SinkError, match="unknown snapshot table 'ordrs'"):
+            writer.write({"ordrs": table("orders", [order("O1")])})
+
+
+def test_write_rejects_null_key(tmp_path: Path) -> None:
+    with SnapshotWriter(tmp_path / "snapshots.duckdb") as writer:
+        with pytest.raises(SinkError, match="null 'order_id'"):
+            writer.write({"orders": table("orders", [{"plant": "P1"}])})
+
+
+def test_write_after_close_raises(tmp_path: Path) -> None:
+    writer = SnapshotWriter(tmp_path / "snapshots.duckdb")
+    writer.close()
+    with pytest.raises(SinkError, match="closed"):
+        writer.write({"orders": table("orders", [order("O1")])})
+
+
+def test_writer_rejects_other_schema(tmp_path: Path) -> None:
+    path = tmp_path / "snapshots.duckdb"
+    connection = duckdb.connect(str(path))
+    connection.execute(
+        "CREATE TABLE orders (plant VARCHAR, order_id VARCHAR, "
+        "PRIMARY KEY (plant, order_id))"
+    )
+    connection.close()
+    with pytest.raises(SinkError, match="table 'orders'.*'status'"):
+        SnapshotWriter(path)
+
+
+def test_writer_rejects_foreign_file(tmp_path: Path) -> None:
+    path = tmp_path / "snapshots.duckdb"
+    path.write_bytes(b"not a database" * 1000)
+    with pytest.raises(SinkError, match=str(path)):
+        SnapshotWriter(path)
+
+
+def test_open_for_reading_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="absent.duckdb"):
+        open_for_reading(tmp_path / "absent.duckdb")
+
+
+def test_reader_process_between_writes(tmp_path: Path) -> None:
+    path = tmp_path / "snapshots.duckdb"
+    writer = SnapshotWriter(path)
+    writer.write({"orders": table("orders", [order("O0")])})
+    reader = start_python(
+        """
+        import sys
+        import time
+        from pipeline.sink import open_for_reading
+        for _ in range(20):
+            connection = open_for_reading(sys.argv[1], timeout_s=20)
+            count = connection.execute("SELECT count(*) FROM orders").fetchone()[0]
+            print(count, flush=True)
+            connection.close()
+            time.sleep(0.02)
+        """,
+        str(path),
+    )
+    for i in range(1, 21):
+        writer.write({"orders": table("orders", [order(f"O{i}")])})
+        time.sleep(0.02)
+    stdout, stderr = reader.communicate(timeout=60)
+    counts = [int(line) for line in stdout.split()]
+
+    assert reader.returncode == 0, stderr
+    assert len(counts) == 20
+    assert counts == sorted(counts)
+    assert all(1 <= count <= 21 for count in counts)
+    assert fetch(path, "SELECT count(*) FROM orders") == [(21,)]
+
+
+def test_writer_times_out_on_held_lock(tmp_path: Path) -> None:
+    path = tmp_path / "snapshots.duckdb"
+    writer = SnapshotWriter(path, lock_timeout_s=0.5)
+    reader = start_python(
+        f"""
+        import time
+        from pipeline.sink import open_for_reading
+        connection = open_for_reading({str(path)!r})
+        print("ready", flush=True)
+        time.sleep(60)
+        """
+    )
+    try:
+        assert reader.stdout is not None
+        assert reader.stdout.readline().strip() == "ready"
+        started = time.monotonic()
+        with pytest.raises(DatabaseLockedError, match=str(path)):
+            writer.write({"orders": table("orders", [order("O1")])})
+        waited = time.monotonic() - started
+    finally:
+        reader.kill()
+        reader.wait()
+
+    assert 0.5 <= waited < 5
+
+
+KILLED_WRITER = """
+import pyarrow as pa
+import pyarrow.compute as pc
+from contracts.snapshots import TABLES
+from pipeline.sink import SnapshotWriter
+
+schema = TABLES["orders"].schema
+rows = {batch_rows}
+columns = {{name: pa.nulls(rows, schema.field(name).type) for name in schema.names}}
+columns["plant"] = pa.array(["P1"] * rows)
+columns["status"] = pa.array(["released"] * rows)
+suffixes = pa.array([str(i) for i in range(rows)])
+writer = SnapshotWriter({path!r})
+for n in range(1, 1000):
+    columns["order_id"] = pc.binary_join_element_wise(f"O{{n}}-", suffixes, "")
+    batch = pa.Table.from_pydict(columns, schema=schema)
+    print("writing", n, flush=True)
+    writer.write({{"orders": batch}})
+"""
+
+
+def test_killed_writer_leaves_committed_state(tmp_path: Path) -> None:
+    path = tmp_path / "snapshots.duckdb"
+    batch_rows = 50_000
+    writer = start_python(KILLED_WRITER.format(path=str(path), batch_rows=batch_rows))
+    assert writer.stdout is not None
+    assert writer.stdout.readline().split() == ["writing", "1"]
+    # Once the second write starts, the first is committed. A write of 50,000 rows takes
+    # about 150 ms, so a kill 30 ms into it lands before its commit.
+    assert writer.stdout.readline().split() == ["writing", "2"]
+    time.sleep(0.03)
+    os.kill(writer.pid, signal.SIGKILL)
+    writer.wait()
+    SnapshotWriter(path).close()
+    count = fetch(path, "SELECT count(*) FROM orders")[0][0]
+
+    assert writer.returncode == -signal.SIGKILL
+    assert count in (batch_rows, 2 * batch_rows)
+    assert fetch(path, "SELECT count(DISTINCT order_id) FROM orders") == [(count,)]
+
+
+def test_reopen_replays_committed_wal(tmp_path: Path) -> None:
+    path = tmp_path / "snapshots.duckdb"
+    SnapshotWriter(path).close()
+    # A process killed after its commit but before its close leaves the rows in the WAL.
+    holder = start_python(
+        f"""
+        import time
+        import duckdb
+        connection = duckdb.connect({str(path)!r})
+        connection.execute(
+            "INSERT INTO orders (plant, order_id, status) "
+            "VALUES ('P1', 'O1', 'released')"
+        )
+        print("committed", flush=True)
+        time.sleep(60)
+        """
+    )
+    assert holder.stdout is not None
+    assert holder.stdout.readline().strip() == "committed"
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    wal_left = path.with_name(path.name + ".wal").exists()
+    SnapshotWriter(path).close()
+
+    assert wal_left
+    assert fetch(path, "SELECT order_id, status FROM orders") == [("O1", "released")]
+
+
+def test_material_variance_exact(tmp_path: Path) -> None:
+    path = tmp_path / "snapshots.duckdb"
+    orders = [
+        order(
+            "O1",
+            planned_quantity=Decimal(100),
+            good_quantity=Decimal(30),
+            scrap_quantity=Decimal(3),
+        ),
+        order("O2", planned_quantity=Decimal(3), good_quantity=Decimal(1)),
+        order("O3", planned_quantity=Decimal(10)),
+    ]
+    components = [
+        ("O1", "STEEL", "7", "2.5"),
+        ("O2", "PAINT", "1", "0.3"),
+        ("O3", "BOLT", "40", "4"),
+        ("O3", "GLUE", "0", "0.25"),
+    ]
+    with SnapshotWriter(path) as writer:
+        writer.write(
+            {
+                "orders": table("orders", orders),
+                "order_components": table(
+                    "order_components",
+                    [
+                        {
+                            "plant": "P1",
+                            "order_id": o,
+                            "material": m,
+                            "uom": "KG",
+                            "standard_quantity": Decimal(s),
+                            "actual_quantity": Decimal(a),
+                        }
+                        for o, m, s, a in components
+                    ],
+                ),
+            }
+        )
+    rows = fetch(
+        path,
+        "SELECT material, bom_quantity, standard_quantity, actual_quantity, variance, "
+        "variance_pct FROM material_variance ORDER BY order_id, material",
+    )
+    by_material = {row[0]: row[1:] for row in rows}
+
+    # 7 kg for 100 pieces, 33 produced: 2.31 kg standard.
+    assert by_material["STEEL"][1] == Decimal("2.310000000")
+    assert by_material["STEEL"][3] == Decimal("0.190000000")
+    assert by_material["STEEL"][4] == pytest.approx(0.19 / 2.31 * 100)
+    # 1 kg for 3 pieces, 1 produced: rounded to 9 places, never through a float.
+    assert by_material["PAINT"][1] == Decimal("0.333333333")
+    assert by_material["PAINT"][3] == Decimal("-0.033333333")
+    # No output yet: the standard is the whole BOM quantity.
+    assert by_material["BOLT"][1] == Decimal(40)
+    assert by_material["BOLT"][3] == Decimal(-36)
+    assert by_material["GLUE"][4] is None
+
+
+def test_material_variance_decimal_types(tmp_path: Path) -> None:
+    path = tmp_path / "snapshots.duckdb"
+    SnapshotWriter(path).close()
+    types = dict(
+        fetch(path, "SELECT column_name, column_type FROM (DESCRIBE material_variance)")
+    )
+
+    for column in ("bom_quantity", "standard_quantity", "actual_quantity", "variance"):
+        assert types[column] == "DECIMAL(38,9)", column
+
+
+def test_stock_signs_by_movement_type(tmp_path: Path) -> None:
+    path = tmp_path / "snapshots.duckdb"
+    movements = [
+        ("K1", "101", "FG", "10", "unrestricted"),
+        ("K2", "102", "FG", "1", "unrestricted"),
+        ("K3", "344", "FG", "4", "blocked"),
+        ("K4", "343", "FG", "1", "unrestricted"),
+        ("K5", "261", "RM", "3", "unrestricted"),
+        ("K6", "262", "RM", "1", "unrestricted"),
+    ]
+    postings = [
+        {
+            "key": k,
+            "posting_type": "goods_movement",
+            "plant": "P1",
+            "movement_type": t,
+            "material": m,
+            "quantity": Decimal(q),
+            "uom": "PC",
+            "stock_type": s,
+        }
+        for k, t, m, q, s in movements
+    ]
+    with SnapshotWriter(path) as writer:
+        writer.write({"postings": table("postings", postings)})
+    rows = fetch(path, "SELECT material, stock_type, quantity FROM stock")
+    stock = {
+        (material, stock_type): quantity for material, stock_type, quantity in rows
+    }
+
+    assert stock[("FG", "unrestricted")] == Decimal(6)
+    assert stock[("FG", "blocked")] == Decimal(3)
+    assert stock[("RM", "unrestricted")] == Decimal(-2)
