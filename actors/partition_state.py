@@ -66,6 +66,8 @@ class SourceMessage(msgspec.Struct, array_like=True):
     subject: str
     data: bytes
     primary: bool = True
+    index: int = -1
+    """Position in an edge batch message; -1 for a message that carries one event."""
 
 
 class OutgoingPosting(msgspec.Struct, array_like=True):
@@ -91,6 +93,7 @@ class Parked(msgspec.Struct, array_like=True):
     event_id: str
     waiting_for: str
     parked_at: float  # wall clock, seconds since the epoch
+    index: int = -1
 
 
 class Checkpoint(msgspec.Struct):
@@ -329,6 +332,7 @@ class PartitionState:
                 detail=detail,
                 subject=message.subject,
                 stream_seq=message.stream_seq,
+                batch_index=None if message.index < 0 else message.index,
                 data=message.data,
                 rejected_at=dt.datetime.now(dt.UTC),
                 event_id=event.event_id if event else None,
@@ -459,6 +463,7 @@ class PartitionState:
                 event.event_id,
                 waiting_for,
                 time.time(),
+                message.index,
             )
         )
         self._parked_row(event, message.stream_seq, waiting_for, "parked")
@@ -487,7 +492,9 @@ class PartitionState:
         for parked in sorted(waiting, key=lambda p: p.stream_seq):
             self.counts["unparked"] += 1
             event = decode_event(parked.data)
-            message = SourceMessage(parked.stream_seq, parked.subject, parked.data)
+            message = SourceMessage(
+                parked.stream_seq, parked.subject, parked.data, True, parked.index
+            )
             self._parked_row(event, parked.stream_seq, key, "applied")
             self._apply(event, message)
 
@@ -500,7 +507,9 @@ class PartitionState:
                     keep.append(parked)
                     continue
                 event = decode_event(parked.data)
-                message = SourceMessage(parked.stream_seq, parked.subject, parked.data)
+                message = SourceMessage(
+                    parked.stream_seq, parked.subject, parked.data, True, parked.index
+                )
                 self._parked_row(event, parked.stream_seq, key, "expired")
                 self._reject(
                     message,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -14,6 +15,9 @@ from contracts.codec import encode
 logger = logging.getLogger(__name__)
 
 __all__ = ["main"]
+
+OPERATION_MODULES: list[str] = []
+"""Modules that each register one or more subcommands through `add_parser(commands)`."""
 
 
 def _input_messages(args: argparse.Namespace) -> list[tuple[str, bytes]]:
@@ -81,6 +85,67 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from actors.settings import StateSettings
+    from cluster.job import JobConfig, run_job
+    from cluster.summary import format_summary
+    from pipeline.settings import PipelineSettings
+
+    if not args.nats_url:
+        raise SystemExit(
+            "plantstream run: --nats-url is required; the service consumes an existing "
+            "NATS server (plantstream demo starts an embedded one)"
+        )
+    config = JobConfig(
+        db=args.db,
+        partitions=args.partitions,
+        nats_url=args.nats_url,
+        ray_address=args.ray_address,
+        pipeline=PipelineSettings.from_env(),
+        state=StateSettings.from_env(),
+    )
+
+    async def serve() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        result = await run_job(
+            config, None, until_drained=args.until_drained, stop=stop
+        )
+        print(format_summary(result, args.db))
+        return 0
+
+    return asyncio.run(serve())
+
+
+def _cmd_publish(args: argparse.Namespace) -> int:
+    import asyncio
+
+    import nats
+
+    from pipeline.publish import publish_all
+    from pipeline.settings import PipelineSettings
+    from pipeline.streams import ensure_streams
+
+    async def publish() -> tuple[int, int]:
+        nc = await nats.connect(args.nats_url)
+        try:
+            js = nc.jetstream()
+            await ensure_streams(js, PipelineSettings.from_env())
+            messages = _iter_file_messages(args.paths)
+            return await publish_all(js, ((s, d, None) for s, d in messages))
+        finally:
+            await nc.close()
+
+    stored, _ = asyncio.run(publish())
+    print(f"published {stored} events to {args.nats_url}")
+    return 0
+
+
 def _cmd_schema(args: argparse.Namespace) -> int:
     from contracts.schema import event_schema, posting_schema
 
@@ -134,6 +199,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_job_options(demo)
     demo.set_defaults(handler=_cmd_demo)
+
+    run = commands.add_parser(
+        "run",
+        help="process the plant events stream of a NATS server as a service",
+        description="Consume PLANT_EVENTS from --nats-url until SIGINT or SIGTERM (or, "
+        "with --until-drained, until nothing is pending), resuming from the last "
+        "checkpoint. Streams and the consumer are created if missing.",
+    )
+    _add_job_options(run)
+    run.add_argument(
+        "--until-drained",
+        action="store_true",
+        help="exit once the stream has no pending messages",
+    )
+    run.set_defaults(handler=_cmd_run)
+
+    publish = commands.add_parser(
+        "publish",
+        help="publish data files as canonical events to a NATS server",
+    )
+    publish.add_argument("paths", type=Path, nargs="+", help="files or folders to read")
+    publish.add_argument("--nats-url", required=True, help="NATS server to publish to")
+    publish.set_defaults(handler=_cmd_publish)
 
     schema = commands.add_parser(
         "schema", help="print the JSON Schema of the contracts"

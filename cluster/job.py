@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,6 +46,8 @@ class JobConfig:
 @dataclass
 class JobResult:
     report: IngestReport
+    totals: Counter[str]
+    """Exact counts over the stream (see `Ingest.totals`)."""
     published: int
     partition_stats: list[dict[str, object]]
     db: Path
@@ -68,9 +71,17 @@ def connect_ray(address: str | None) -> None:
 
 
 async def run_job(
-    config: JobConfig, inputs: Iterable[tuple[str, bytes]] | None
+    config: JobConfig,
+    inputs: Iterable[tuple[str, bytes]] | None,
+    *,
+    until_drained: bool = True,
+    stop: asyncio.Event | None = None,
 ) -> JobResult:
-    """Publish `inputs` (if any), then process the plant events stream until drained."""
+    """Publish `inputs` (if any), then process the plant events stream.
+
+    With `until_drained` the job ends once the stream has nothing pending; without it, it
+    runs as a service until `stop` is set.
+    """
     server = None
     url = config.nats_url
     if url is None:
@@ -94,11 +105,12 @@ async def run_job(
             with SnapshotWriter(config.db) as writer:
                 ingest = Ingest(nc, actors, writer, config.pipeline)
                 await ingest.start()
-                report = await ingest.run(until_drained=True)
+                report = await ingest.run(until_drained=until_drained, stop=stop)
                 stats = await ingest.partition_stats()
+                totals = await ingest.totals()
             for actor in actors:
                 ray.kill(actor)
-            return JobResult(report, published, stats, config.db)
+            return JobResult(report, totals, published, stats, config.db)
         finally:
             await nc.close()
     finally:

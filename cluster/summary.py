@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from pathlib import Path
 
 from cluster.job import JobResult
@@ -20,16 +21,31 @@ MOVEMENT_NAMES = {
 }
 
 
+def _cell(value: object) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, Decimal):
+        # DECIMAL(38, 9) comes back as 816.000000000; show it as written, 816.
+        return format(value.normalize(), "f")
+    return str(value)
+
+
 def _table(headers: list[str], rows: list[tuple[object, ...]]) -> list[str]:
-    cells = [headers] + [["" if v is None else str(v) for v in row] for row in rows]
+    cells = [headers] + [[_cell(v) for v in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     return ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
 
 
 def format_summary(result: JobResult, db: Path, *, top: int = 5) -> str:
     """Render counts, postings by movement type, OEE per machine and the largest variances."""
-    counts = result.report.counts
+    counts = result.totals
     parked = sum(int(s.get("parked", 0)) for s in result.partition_stats)  # type: ignore[call-overload]
+    dead_letters = {
+        k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("dead_letter:")
+    }
+    postings = {
+        k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("posting:")
+    }
     lines = [
         "plantstream run summary",
         f"  messages published   {result.published}",
@@ -37,12 +53,13 @@ def format_summary(result: JobResult, db: Path, *, top: int = 5) -> str:
         f"  applied              {counts['applied']}",
         f"  duplicates dropped   {counts['duplicates']}",
         f"  parked (waiting)     {parked}",
-        f"  dead letters         {sum(result.report.dead_letters.values())}",
+        f"  dead letters         {sum(dead_letters.values())}",
     ]
-    for reason, number in sorted(result.report.dead_letters.items()):
+    if result.report.recoveries:
+        lines.append(f"  recoveries           {result.report.recoveries}")
+    for reason, number in sorted(dead_letters.items()):
         lines.append(f"    {reason:<20} {number}")
     lines.append("postings by movement type")
-    postings = result.report.postings
     lines += _table(
         ["type", "meaning", "count"],
         [(k, MOVEMENT_NAMES.get(k, k), postings[k]) for k in sorted(postings)],

@@ -33,6 +33,8 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     stream_seq: int
     data: bytes
     rejected_at: dt.datetime
+    batch_index: int | None = None
+    """Position of the event in an edge batch message; None for a single-event message."""
     event_id: str | None = None
     plant: str | None = None
     order: str | None = None

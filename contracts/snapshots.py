@@ -162,8 +162,58 @@ TABLES: dict[str, TableSpec] = {
         ("customer", pa.string()),
         ("occurred_at", TIMESTAMP),
     ),
+    # The event ledger: one row per message a partition decoded into an event, with
+    # what became of it (`status`: applied, parked, duplicate or dead_letter, with the
+    # dead letter `reason`) and the facts `plantstream reconcile` recomputes the postings
+    # from. `quantity` is in `uom`, the unit the postings use after any conversion;
+    # `material` of a production report is its order's output material. `refers_to` is
+    # the event a cancellation or reversal names. A hold and a failed inspection carry
+    # the hold they place (`hold_id`, `hold_scope`, `lot`, `material`), a release the
+    # hold it lifts. `utc_offset_s` is the offset the plant sent with `occurred_at`.
+    "events": _spec(
+        ("stream_seq", "batch_index"),
+        ("stream_seq", pa.int64()),
+        ("batch_index", pa.int32()),
+        ("event_id", pa.string()),
+        ("plant", pa.string()),
+        ("order_id", pa.string()),
+        ("event_type", pa.string()),
+        ("status", pa.string()),
+        ("reason", pa.string()),
+        ("occurred_at", TIMESTAMP),
+        ("utc_offset_s", pa.int32()),
+        ("material", pa.string()),
+        ("quantity", QUANTITY),
+        ("uom", pa.string()),
+        ("lot", pa.string()),
+        ("refers_to", pa.string()),
+        ("hold_id", pa.string()),
+        ("hold_scope", pa.string()),
+    ),
+    # Event time per plant as one partition sees it: the watermark (the latest
+    # occurred_at accepted, never ahead of the host clock) and how many events arrived
+    # behind it by more than the lateness tolerance.
+    "plant_clocks": _spec(
+        ("plant", "partition"),
+        ("plant", pa.string()),
+        ("partition", pa.int32()),
+        ("watermark", TIMESTAMP),
+        ("events", pa.int64()),
+        ("late_events", pa.int64()),
+        ("max_lateness_s", pa.decimal128(38, 6)),
+        ("future_rejected", pa.int64()),
+    ),
+    # Each plant's calendar for the plant-local views: its IANA time zone (null when
+    # none is configured, so the views use the offset each event carried) and shifts.
+    "plant_calendars": _spec(
+        ("plant",),
+        ("plant", pa.string()),
+        ("time_zone", pa.string()),
+        ("shift_start_min", pa.int32()),
+        ("shift_length_min", pa.int32()),
+    ),
     "dead_letters": _spec(
-        ("subject", "stream_seq", "reason"),
+        ("subject", "stream_seq", "batch_index", "reason"),
         ("reason", pa.string()),
         ("detail", pa.string()),
         ("subject", pa.string()),
@@ -172,6 +222,7 @@ TABLES: dict[str, TableSpec] = {
         ("plant", pa.string()),
         ("order_id", pa.string()),
         ("rejected_at", TIMESTAMP),
+        ("batch_index", pa.int32()),
         ("data", pa.binary()),
     ),
 }

@@ -26,6 +26,7 @@ dropped as duplicates.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import logging
 import time
 from collections import Counter
@@ -33,8 +34,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import msgspec
+import nats.errors
 import pyarrow as pa
 import ray
+import ray.exceptions
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
@@ -49,7 +52,8 @@ from contracts.codec import encode
 from contracts.dead_letters import DeadLetter, DeadLetterReason
 from contracts.keys import decode_key, routing_key
 from contracts.snapshots import TABLES
-from pipeline.publish import publish_all
+from pipeline.publish import PublishError, publish_all
+from pipeline.sink import SinkError
 from pipeline.settings import PipelineSettings
 from pipeline.streams import CHECKPOINT_BUCKET, consumer_config, ensure_streams
 from pipeline.subjects import EVENTS_STREAM, dlq_subject, validate_token
@@ -58,7 +62,27 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["CheckpointManifest", "Ingest", "IngestReport"]
 
+RECOVERABLE: tuple[type[BaseException], ...] = (
+    ray.exceptions.RayError,
+    nats.errors.Error,
+    PublishError,
+    SinkError,
+    ConnectionError,
+    asyncio.TimeoutError,
+)
+"""Failures the ingest survives by resuming from its last checkpoint."""
+
 MANIFEST = "manifest"
+
+EDGE_BATCH_SUFFIX = ".batch"
+"""Subjects plant.events.<plant>.batch carry edge batches: a JSON array of events."""
+
+_edge_batch_decoder = msgspec.json.Decoder(list[msgspec.Raw])
+
+RECOVERY_FIRST_DELAY_S = 0.5
+"""Wait before the second recovery attempt; it doubles up to RECOVERY_MAX_DELAY_S."""
+
+RECOVERY_MAX_DELAY_S = 10.0
 
 PLANT_WIDE_EVENTS = frozenset({"quality_hold_applied", "quality_hold_released"})
 """Event types that every partition applies when they name no order."""
@@ -73,11 +97,17 @@ class CheckpointManifest(msgspec.Struct):
     stream_seq: int
     partitions: int
     written_at: float
+    ingest_counts: dict[str, int] = {}
+    """Counts kept by the ingest itself (messages rejected before any partition)."""
 
 
 @dataclass
 class IngestReport:
-    """Counts over the run: events, duplicates, dead letters by reason, postings by type."""
+    """What this process did: events, duplicates, dead letters, postings, recoveries.
+
+    After a recovery the replayed events count again here; `Ingest.totals()` gives the
+    exact totals, from the checkpointed counts of every partition.
+    """
 
     counts: Counter[str] = field(default_factory=Counter)
     batches: int = 0
@@ -112,6 +142,8 @@ def _dead_letter_row(letter: DeadLetter) -> dict[str, object]:
         "plant": letter.plant,
         "order_id": letter.order,
         "rejected_at": letter.rejected_at,
+        # A key column cannot be null: -1 marks a message that carried one event.
+        "batch_index": -1 if letter.batch_index is None else letter.batch_index,
         "data": letter.data,
     }
 
@@ -140,6 +172,7 @@ class Ingest:
         self._unacked: list[Msg] = []
         self._max_seq = 0
         self._dead_rows: list[dict[str, object]] = []
+        self._ingest_counts: Counter[str] = Counter()
         self._last_checkpoint = time.monotonic()
 
     # -- start-up and recovery ---------------------------------------------------------
@@ -166,8 +199,10 @@ class Ingest:
         assert self._store is not None
         manifest = await self._read_manifest()
         if manifest is None:
+            self._ingest_counts = Counter()
             await asyncio.gather(*(actor.restore.remote(None) for actor in self.actors))
             return 0
+        self._ingest_counts = Counter(manifest.ingest_counts)
         if manifest.partitions != len(self.actors):
             # TODO: repartition a checkpoint by re-hashing its orders and machines.
             raise RuntimeError(
@@ -181,7 +216,7 @@ class Ingest:
         await asyncio.gather(
             *(
                 actor.restore.remote(blob.data)
-                for actor, blob in zip(self.actors, blobs)
+                for actor, blob in zip(self.actors, blobs, strict=True)
             )
         )
         logger.info("restored %d partitions from checkpoint at seq %d",
@@ -216,24 +251,67 @@ class Ingest:
     async def run(
         self, *, until_drained: bool = True, stop: asyncio.Event | None = None
     ) -> IngestReport:
-        """Process batches until the stream is drained (or `stop` is set)."""
+        """Process batches until the stream is drained (or `stop` is set).
+
+        A failure of an actor, of NATS or of the DuckDB file does not end the loop: the
+        ingest recovers from the last checkpoint and replays what it did not cover.
+        """
         assert self._subscription is not None, "call start() first"
         while stop is None or not stop.is_set():
             try:
-                messages = await self._subscription.fetch(
-                    self.settings.fetch_batch, timeout=self.settings.fetch_timeout_s
-                )
-            except NatsTimeoutError:
-                messages = []
-            if messages:
-                await self.process(messages)
-            if self._checkpoint_due(idle=not messages):
-                await self.checkpoint()
-            if not messages and until_drained and await self._drained():
+                drained = await self._step(until_drained)
+            except RECOVERABLE as error:
+                await self._recover(error)
+                continue
+            if drained:
                 break
-        if self._unacked or self._dead_rows:
-            await self.checkpoint()
         return self.report
+
+    async def _step(self, until_drained: bool) -> bool:
+        """Fetch and process one batch, checkpoint when due; return True once drained."""
+        assert self._subscription is not None
+        try:
+            messages = await self._subscription.fetch(
+                self.settings.fetch_batch, timeout=self.settings.fetch_timeout_s
+            )
+        except NatsTimeoutError:
+            messages = []
+        if messages:
+            await self.process(messages)
+        if self._checkpoint_due(idle=not messages):
+            await self.checkpoint()
+        if messages or not until_drained:
+            return False
+        return await self._drained()
+
+    async def _recover(self, error: BaseException) -> None:
+        """Drop everything since the last checkpoint and resume from it."""
+        self.report.recoveries += 1
+        logger.warning(
+            "recovering from %s: %s; replaying %d unacknowledged messages from the last "
+            "checkpoint",
+            type(error).__name__,
+            error,
+            len(self._unacked),
+        )
+        self._unacked = []
+        self._dead_rows = []
+        delay = RECOVERY_FIRST_DELAY_S
+        while True:
+            try:
+                resumed = await self.start()
+            except RECOVERABLE as retry_error:
+                logger.warning(
+                    "recovery attempt failed (%s: %s); retrying in %.1f s",
+                    type(retry_error).__name__,
+                    retry_error,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, RECOVERY_MAX_DELAY_S)
+                continue
+            logger.info("recovered: replaying from stream sequence %d", resumed + 1)
+            return
 
     def _checkpoint_due(self, *, idle: bool) -> bool:
         if not self._unacked and not self._dead_rows:
@@ -246,46 +324,83 @@ class Ingest:
         )
 
     async def _drained(self) -> bool:
+        if self._unacked or self._dead_rows:
+            return False
         info = await self.js.consumer_info(EVENTS_STREAM, self.settings.consumer)
-        return info.num_pending == 0 and not self._unacked
+        return info.num_pending == 0
+
+    def _route(
+        self,
+        groups: dict[int, list[SourceMessage]],
+        dead: list[DeadLetter],
+        seq: int,
+        subject: str,
+        data: bytes,
+        index: int,
+    ) -> None:
+        """Step 2 for one event: decode its key and add it to its partition's share."""
+        try:
+            key = decode_key(data)
+            validate_token(key.plant, "plant")
+        except msgspec.ValidationError as error:
+            dead.append(
+                _key_dead_letter(subject, data, seq, index, "invalid", str(error))
+            )
+            return
+        except msgspec.DecodeError as error:
+            dead.append(
+                _key_dead_letter(subject, data, seq, index, "malformed", str(error))
+            )
+            return
+        except ValueError as error:
+            dead.append(
+                _key_dead_letter(subject, data, seq, index, "invalid", str(error))
+            )
+            return
+        partitions = len(self.actors)
+        partition = partition_of(key.plant, routing_key(key), partitions)
+        groups.setdefault(partition, []).append(
+            SourceMessage(seq, subject, data, True, index)
+        )
+        if key.order is None and key.event_type in PLANT_WIDE_EVENTS:
+            # A lot or material hold blocks stock in orders of every partition.
+            for other in range(partitions):
+                if other != partition:
+                    groups.setdefault(other, []).append(
+                        SourceMessage(seq, subject, data, False, index)
+                    )
 
     async def process(self, messages: list[Msg]) -> None:
         """Steps 2 to 4 for one fetched batch."""
         groups: dict[int, list[SourceMessage]] = {}
-        partitions = len(self.actors)
         dead: list[DeadLetter] = []
         for message in messages:
             seq = message.metadata.sequence.stream
             self._max_seq = max(self._max_seq, seq)
-            try:
-                key = decode_key(message.data)
-                validate_token(key.plant, "plant")
-            except msgspec.ValidationError as error:
-                dead.append(_key_dead_letter(message, seq, "invalid", str(error)))
-                continue
-            except msgspec.DecodeError as error:
-                dead.append(_key_dead_letter(message, seq, "malformed", str(error)))
-                continue
-            except ValueError as error:
-                dead.append(_key_dead_letter(message, seq, "invalid", str(error)))
-                continue
-            partition = partition_of(key.plant, routing_key(key), partitions)
-            groups.setdefault(partition, []).append(
-                SourceMessage(seq, message.subject, message.data)
-            )
-            if key.order is None and key.event_type in PLANT_WIDE_EVENTS:
-                # A lot or material hold blocks stock in orders of every partition.
-                for other in range(partitions):
-                    if other != partition:
-                        groups.setdefault(other, []).append(
-                            SourceMessage(
-                                seq, message.subject, message.data, primary=False
-                            )
+            if message.subject.endswith(EDGE_BATCH_SUFFIX):
+                try:
+                    items = _edge_batch_decoder.decode(message.data)
+                except (msgspec.DecodeError, msgspec.ValidationError) as error:
+                    dead.append(
+                        _key_dead_letter(
+                            message.subject,
+                            message.data,
+                            seq,
+                            None,
+                            "malformed",
+                            f"an edge batch must be a JSON array of events: {error}",
                         )
+                    )
+                    continue
+                for index, item in enumerate(items):
+                    self._route(groups, dead, seq, message.subject, bytes(item), index)
+            else:
+                self._route(groups, dead, seq, message.subject, message.data, -1)
         self._unacked.extend(messages)
         for letter in dead:
-            self.report.counts["events_in"] += 1
-            self.report.counts[f"dead_letter:{letter.reason}"] += 1
+            for counts in (self.report.counts, self._ingest_counts):
+                counts["events_in"] += 1
+                counts[f"dead_letter:{letter.reason}"] += 1
 
         results: list[BatchResult] = await asyncio.gather(
             *(self.actors[p].apply.remote(batch) for p, batch in groups.items())
@@ -296,8 +411,7 @@ class Ingest:
             dead.extend(result.dead_letters)
             self.report.counts.update(result.counts)
         dead_messages = [
-            (dlq_subject(d.plant), encode(d), f"{d.subject}:{d.stream_seq}:{d.reason}")
-            for d in dead
+            (dlq_subject(d.plant), encode(d), _dead_letter_id(d)) for d in dead
         ]
         stored, repeated = await publish_all(self.js, postings + dead_messages)
         self.report.counts["postings_repeated"] += repeated
@@ -348,7 +462,9 @@ class Ingest:
         # 5c. Each partition's state, then the manifest: the commit point.
         for index, (state, _) in enumerate(results):
             await self._store.put(f"partition-{index}", state)
-        manifest = CheckpointManifest(covered_seq, len(self.actors), time.time())
+        manifest = CheckpointManifest(
+            covered_seq, len(self.actors), time.time(), dict(self._ingest_counts)
+        )
         await self._store.put(MANIFEST, msgspec.json.encode(manifest))
         # 6. Acknowledge; every message fetched so far is covered.
         for message in self._unacked:
@@ -364,20 +480,42 @@ class Ingest:
     async def partition_stats(self) -> list[dict[str, object]]:
         return await asyncio.gather(*(actor.stats.remote() for actor in self.actors))
 
+    async def totals(self) -> Counter[str]:
+        """Return exact counts over the whole stream, replays after a recovery included.
+
+        Partitions restore their counts with their state, and the ingest restores its own
+        from the manifest, so an event replayed after a crash is counted once.
+        """
+        totals = Counter(self._ingest_counts)
+        for stats in await self.partition_stats():
+            totals.update(stats["counts"])  # type: ignore[arg-type]
+        return totals
+
 
 def _key_dead_letter(
-    message: Msg, seq: int, reason: DeadLetterReason, detail: str
+    subject: str,
+    data: bytes,
+    seq: int,
+    index: int | None,
+    reason: DeadLetterReason,
+    detail: str,
 ) -> DeadLetter:
-    import datetime as dt
-
     return DeadLetter(
         reason=reason,
         detail=detail,
-        subject=message.subject,
+        subject=subject,
         stream_seq=seq,
-        data=message.data,
+        batch_index=None if index is None or index < 0 else index,
+        data=data,
         rejected_at=dt.datetime.now(dt.UTC),
     )
+
+
+def _dead_letter_id(letter: DeadLetter) -> str:
+    # One dead letter per message (and event of an edge batch) and reason, however often
+    # a replay rejects it again.
+    index = "" if letter.batch_index is None else f":{letter.batch_index}"
+    return f"{letter.subject}:{letter.stream_seq}{index}:{letter.reason}"
 
 
 def _last_per_key(table: str, rows: list[dict[str, object]]) -> list[dict[str, object]]:

@@ -69,6 +69,8 @@ def test_counts_match_truth(run: JobResult, generated: tuple[list, Expected]) ->
     assert counts["applied"] == expected.events
     assert counts["duplicates"] == expected.duplicates
     assert sum(run.report.dead_letters.values()) == expected.bad_total
+    assert run.totals["applied"] == expected.events
+    assert run.totals["duplicates"] == expected.duplicates
 
 
 def test_postings_match_truth(run: JobResult, generated: tuple[list, Expected]) -> None:
