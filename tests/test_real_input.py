@@ -17,7 +17,11 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 
 
 def _inputs(data_dir: Path) -> list[Path]:
-    return [data_dir / "ai4i2020.csv", data_dir / "secom_labels.data", data_dir / "b2mml"]
+    return [
+        data_dir / "ai4i2020.csv",
+        data_dir / "secom_labels.data",
+        data_dir / "b2mml",
+    ]
 
 
 def _run(paths: list[Path], db: Path) -> JobResult:

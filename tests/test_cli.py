@@ -1,0 +1,83 @@
+"""The plantstream command, run as a user runs it: a separate process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import duckdb
+
+from cluster.nats_server import EmbeddedNatsServer
+
+PLANTSTREAM = [sys.executable, "-m", "cluster.cli"]
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*PLANTSTREAM, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def test_demo_prints_summary(tmp_path: Path) -> None:
+    db = tmp_path / "demo.duckdb"
+    result = run_cli("demo", "--plants", "2", "--orders", "15", "--db", str(db))
+    assert result.returncode == 0, result.stderr[-2000:]
+    for heading in (
+        "events in",
+        "duplicates dropped",
+        "dead letters",
+        "postings by movement type",
+        "OEE per machine",
+        "largest material variances",
+    ):
+        assert heading in result.stdout
+    with duckdb.connect(str(db), read_only=True) as connection:
+        [(orders,)] = connection.execute("SELECT count(*) FROM orders").fetchall()
+    assert orders == 30
+
+
+def test_demo_missing_input(tmp_path: Path) -> None:
+    result = run_cli(
+        "demo", "--input", str(tmp_path / "nope.csv"), "--db", str(tmp_path / "x")
+    )
+    assert result.returncode != 0
+    assert "nope.csv does not exist" in result.stderr
+
+
+def test_schema_is_json() -> None:
+    result = run_cli("schema", "events")
+    assert result.returncode == 0
+    schema = json.loads(result.stdout)
+    assert "$defs" in schema
+
+
+def test_run_requires_nats_url(tmp_path: Path) -> None:
+    result = run_cli("run", "--db", str(tmp_path / "x.duckdb"))
+    assert result.returncode != 0
+    assert "--nats-url is required" in result.stderr
+
+
+def test_publish_then_run(
+    nats_server: EmbeddedNatsServer, tmp_path: Path, data_dir: Path
+) -> None:
+    published = run_cli(
+        "publish", "--nats-url", nats_server.url, str(data_dir / "secom_labels.data")
+    )
+    assert published.returncode == 0, published.stderr[-2000:]
+    assert "published 4701 events" in published.stdout
+    db = tmp_path / "run.duckdb"
+    result = run_cli(
+        "run", "--nats-url", nats_server.url, "--db", str(db), "--until-drained"
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    with duckdb.connect(str(db), read_only=True) as connection:
+        [(inspections,)] = connection.execute(
+            "SELECT count(*) FROM inspections"
+        ).fetchall()
+    assert inspections == 1567

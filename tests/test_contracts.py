@@ -1,0 +1,147 @@
+"""The wire contracts: decoding, validation, JSON Schema, keys and the public surface."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from decimal import Decimal
+
+import msgspec
+import nats
+import pytest
+
+import contracts
+from cluster.nats_server import EmbeddedNatsServer
+from contracts.codec import decode_event, encode
+from contracts.events import EVENT_TYPES, MaterialConsumed
+from contracts.keys import EventKey, decode_key, routing_key
+from contracts.postings import posting_key
+from contracts.schema import event_schema, posting_schema
+from pipeline.settings import PipelineSettings
+from pipeline.streams import ensure_streams, stream_configs
+from pipeline.subjects import event_subject
+
+CONSUMED = (
+    b'{"event_type":"material_consumed","event_id":"e1","plant":"P1","order":"O1",'
+    b'"occurred_at":"2026-03-01T07:15:00.1234567+05:30","source":"mes","material":"RM",'
+    b'"quantity":{"value":QTY,"uom":"KG"}}'
+)
+
+
+def consumed(quantity: bytes) -> bytes:
+    return CONSUMED.replace(b"QTY", quantity)
+
+
+def test_public_surface() -> None:
+    assert set(contracts.__all__) == {
+        "EVENT_TYPES",
+        "DeadLetter",
+        "EventKey",
+        "GoodsMovement",
+        "OrderConfirmation",
+        "PlantEvent",
+        "Posting",
+        "Quantity",
+        "decode_event",
+        "decode_key",
+        "decode_posting",
+        "encode",
+        "routing_key",
+    }
+
+
+def test_json_number_exact() -> None:
+    event = decode_event(consumed(b"9999999999.123456789"))
+    assert isinstance(event, MaterialConsumed)
+    assert event.quantity.value == Decimal("9999999999.123456789")
+
+
+def test_offset_kept_and_seven_digit_fraction() -> None:
+    event = decode_event(consumed(b'"1.5"'))
+    assert event.occurred_at.utcoffset() == dt.timedelta(hours=5, minutes=30)
+    assert event.occurred_at.astimezone(dt.UTC) == dt.datetime(
+        2026, 3, 1, 1, 45, 0, 123457, tzinfo=dt.UTC
+    )
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (consumed(b'"NaN"'), "finite"),
+        (consumed(b'"-1"'), "must not be negative"),
+        (consumed(b'"1.0000000001"'), "decimal places"),
+        (consumed(b'"1"').replace(b"+05:30", b""), "timezone"),
+        (
+            consumed(b'"1"').replace(b"material_consumed", b"coffee_brewed"),
+            "event_type",
+        ),
+        (consumed(b'"1"').replace(b'"material":"RM",', b""), "material"),
+    ],
+    ids=[
+        "nan",
+        "negative",
+        "too_precise",
+        "naive_time",
+        "unknown_type",
+        "missing_field",
+    ],
+)
+def test_invalid_event_rejected(data: bytes, message: str) -> None:
+    with pytest.raises(msgspec.ValidationError, match=message):
+        decode_event(data)
+
+
+def test_round_trip_keeps_decimals() -> None:
+    event = decode_event(consumed(b"12.500"))
+    assert b'"value":"12.500"' in encode(event)
+    assert decode_event(encode(event)) == event
+
+
+def test_key_decode_and_routing() -> None:
+    key = decode_key(consumed(b'"1"'))
+    assert key == EventKey("e1", "material_consumed", "P1", "O1")
+    assert routing_key(key) == "order:O1"
+    machine = EventKey("e2", "downtime_started", "P1", "O1", machine="M1")
+    assert routing_key(machine) == "machine:M1"
+
+
+def test_posting_key_deterministic() -> None:
+    first = posting_key("P1", "101", "e1")
+    assert first == posting_key("P1", "101", "e1")
+    assert first.startswith("P1-101-")
+    assert posting_key("P1", "101", "ab", "c") != posting_key("P1", "101", "a", "bc")
+
+
+def test_schemas_cover_catalog() -> None:
+    schema = event_schema()
+    defs = schema["$defs"]
+    tags = {
+        d["properties"]["event_type"]["enum"][0]
+        for d in defs.values()  # type: ignore[union-attr]
+        if "event_type" in d.get("properties", {})  # type: ignore[union-attr]
+    }
+    assert tags == set(EVENT_TYPES)
+    assert "GoodsMovement" in posting_schema()["$defs"]  # type: ignore[operator]
+
+
+def test_subject_rejects_bad_plant() -> None:
+    with pytest.raises(ValueError, match="subject token"):
+        event_subject("P1.x", "material_consumed")
+
+
+def test_streams_created_idempotently(nats_server: EmbeddedNatsServer) -> None:
+    async def create_twice() -> list[str]:
+        nc = await nats.connect(nats_server.url)
+        try:
+            js = nc.jetstream()
+            await ensure_streams(js, PipelineSettings())
+            await ensure_streams(js, PipelineSettings(postings_duplicate_window_s=60))
+            info = await js.stream_info("ERP_POSTINGS")
+            assert info.config.duplicate_window == 60
+            return sorted([s.config.name for s in await js.streams_info()])
+        finally:
+            await nc.close()
+
+    names = asyncio.run(create_twice())
+    expected = sorted(c.name for c in stream_configs(PipelineSettings()))
+    assert [n for n in names if not n.startswith("OBJ_")] == expected
