@@ -16,7 +16,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["main"]
 
-OPERATION_MODULES: list[str] = []
+OPERATION_MODULES: list[str] = ["cluster.site_commands"]
 """Modules that each register one or more subcommands through `add_parser(commands)`."""
 
 
@@ -228,6 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     schema.add_argument("kind", choices=["events", "postings"])
     schema.set_defaults(handler=_cmd_schema)
+    for module_name in OPERATION_MODULES:
+        importlib.import_module(module_name).add_parser(commands)
     return parser
 
 

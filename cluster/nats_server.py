@@ -51,8 +51,14 @@ class EmbeddedNatsServer:
     stop. Passing a folder lets a test kill the server and start it again on the same store.
     """
 
-    def __init__(self, store_dir: Path | None = None, port: int = -1) -> None:
+    def __init__(
+        self, store_dir: Path | None = None, port: int = -1, config: str | None = None
+    ) -> None:
+        """`config` is a whole nats-server configuration file's text, for leaf nodes and
+        JetStream domains; it must enable JetStream with `store_dir`. The address is always
+        127.0.0.1 and the port is `port`, whatever the config's `listen` says."""
         self._owns_store = store_dir is None
+        self._config = config
         self.store_dir = (
             Path(tempfile.mkdtemp(prefix="plantstream-js-"))
             if store_dir is None
@@ -71,13 +77,13 @@ class EmbeddedNatsServer:
     def start(self) -> EmbeddedNatsServer:
         binary = find_nats_server()
         self.store_dir.mkdir(parents=True, exist_ok=True)
-        command = [
-            binary,
-            "--addr", "127.0.0.1",
-            "--port", str(self.port),
-            "--jetstream",
-            "--store_dir", str(self.store_dir),
-        ]  # fmt: skip
+        command = [binary, "--addr", "127.0.0.1", "--port", str(self.port)]
+        if self._config is None:
+            command += ["--jetstream", "--store_dir", str(self.store_dir)]
+        else:
+            config_file = self.store_dir / "nats-server.conf"
+            config_file.write_text(self._config)
+            command += ["--config", str(config_file)]
         self._process = subprocess.Popen(
             command,
             stdout=subprocess.DEVNULL,

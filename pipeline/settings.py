@@ -49,6 +49,13 @@ class PipelineSettings:
     """How long plant events stay in their stream, which bounds how far back replay can go
     (PLANTSTREAM_EVENTS_MAX_AGE_S)."""
 
+    sites: str = ""
+    """Comma-separated plant ids that run as leaf-node sites (PLANTSTREAM_SITES). PLANT_EVENTS
+    sources each one's buffer stream SITE_<plant> from JetStream domain site-<plant>."""
+
+    def site_plants(self) -> list[str]:
+        return [plant.strip() for plant in self.sites.split(",") if plant.strip()]
+
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> PipelineSettings:
         """Build settings from PLANTSTREAM_* environment variables over the defaults."""

@@ -16,6 +16,7 @@ from nats.js.api import (
 from nats.js.errors import NotFoundError
 
 from pipeline.settings import PipelineSettings
+from pipeline.site_streams import site_sources
 from pipeline.subjects import (
     DLQ_PREFIX,
     DLQ_STREAM,
@@ -40,6 +41,7 @@ def stream_configs(settings: PipelineSettings) -> list[StreamConfig]:
             name=EVENTS_STREAM,
             description="Canonical plant events, one subject per plant and event type",
             subjects=[f"{EVENTS_PREFIX}.>"],
+            sources=site_sources(settings.site_plants()) or None,
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
             max_age=settings.events_max_age_s,

@@ -1,0 +1,569 @@
+"""Operator commands: `plantstream replay` and `plantstream dlq list|retry`.
+
+Replay rebuilds one plant's state from the plant events stream and republishes only the
+postings that ERP_POSTINGS does not hold yet, so it never doubles a posting, even after
+the stream's duplicate window has passed. The dead-letter commands list the messages in
+PLANTSTREAM_DLQ and send chosen ones back through the pipeline, recording each retry in
+the DLQ stream so that it is not repeated by accident.
+
+Both replay and the checkpoint readers here work on the JetStream objects that
+`pipeline.ingest` writes: the manifest and the partition states in the object store
+bucket `plantstream-checkpoints`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import logging
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+import nats
+import pyarrow as pa
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js import JetStreamContext
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+from nats.js.errors import NotFoundError
+
+from actors.partition import partition_of
+from actors.partition_state import PartitionState, SourceMessage
+from actors.settings import StateSettings
+from contracts.codec import decode_dead_letter
+from contracts.dead_letters import DeadLetter
+from contracts.keys import decode_key, routing_key
+from pipeline.ingest import (
+    EDGE_BATCH_SUFFIX,
+    MANIFEST,
+    PLANT_WIDE_EVENTS,
+    CheckpointManifest,
+)
+from pipeline.publish import publish_all
+from pipeline.settings import PipelineSettings
+from pipeline.sink import SnapshotWriter
+from pipeline.streams import CHECKPOINT_BUCKET
+from pipeline.subjects import (
+    DLQ_PREFIX,
+    DLQ_STREAM,
+    EVENTS_PREFIX,
+    EVENTS_STREAM,
+    POSTINGS_STREAM,
+    posting_subject,
+    validate_token,
+)
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DeadLetterEntry",
+    "OperationError",
+    "ReplayReport",
+    "RetryRecord",
+    "add_parser",
+    "checkpoint_totals",
+    "iter_stream",
+    "list_dead_letters",
+    "posting_keys",
+    "read_checkpoint",
+    "replay_plant",
+    "retry_dead_letters",
+]
+
+READ_BATCH = 1000
+READ_TIMEOUT_S = 2.0
+"""How long a stream read waits for the next batch before it counts the stream as read."""
+
+ACTIVE_SAMPLES = 3
+"""Consumer info samples, 0.6 s apart, that replay takes to see whether the ingest runs.
+A running ingest almost always has a fetch waiting, because one lasts 0.5 s by default."""
+
+RETRIED_SUFFIX = "retried"
+"""Retry records go to plantstream.dlq.<plant>.retried, beside the plant's dead letters."""
+
+_edge_batch_decoder = msgspec.json.Decoder(list[msgspec.Raw])
+
+
+class OperationError(Exception):
+    """An operator command cannot run; the message says why and what to do."""
+
+
+# -- reading streams and checkpoints ---------------------------------------------------
+
+
+async def iter_stream(
+    js: JetStreamContext,
+    stream: str,
+    subject: str,
+    *,
+    start_seq: int = 1,
+    through_seq: int | None = None,
+    headers_only: bool = False,
+) -> AsyncIterator[Msg]:
+    """Yield the messages of `stream` on `subject` from `start_seq`, in stream order.
+
+    An ephemeral consumer without acks reads them, so the ingest's durable consumer is not
+    touched. Reading stops at `through_seq`, or once nothing more is pending.
+    """
+    config = ConsumerConfig(
+        ack_policy=AckPolicy.NONE,
+        deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
+        opt_start_seq=max(start_seq, 1),
+        headers_only=headers_only or None,
+        inactive_threshold=60.0,
+    )
+    subscription = await js.pull_subscribe(subject, stream=stream, config=config)
+    try:
+        while True:
+            try:
+                messages = await subscription.fetch(READ_BATCH, timeout=READ_TIMEOUT_S)
+            except NatsTimeoutError:
+                return
+            for message in messages:
+                if through_seq is not None and (
+                    message.metadata.sequence.stream > through_seq
+                ):
+                    return
+                yield message
+            if messages[-1].metadata.num_pending == 0:
+                return
+    finally:
+        await subscription.unsubscribe()
+
+
+async def read_checkpoint(
+    js: JetStreamContext,
+) -> tuple[CheckpointManifest, list[bytes]] | None:
+    """Return the committed manifest and each partition's state, or None if there is none."""
+    try:
+        store = await js.object_store(CHECKPOINT_BUCKET)
+        manifest_object = await store.get(MANIFEST)
+    except NotFoundError:
+        return None
+    manifest = msgspec.json.decode(manifest_object.data or b"", type=CheckpointManifest)
+    blobs = [
+        (await store.get(f"partition-{index}")).data or b""
+        for index in range(manifest.partitions)
+    ]
+    return manifest, blobs
+
+
+def checkpoint_totals(
+    manifest: CheckpointManifest, blobs: Iterable[bytes]
+) -> Counter[str]:
+    """Return the counts `Ingest.totals()` would return for this checkpoint."""
+    totals: Counter[str] = Counter(manifest.ingest_counts)
+    for blob in blobs:
+        totals.update(PartitionState.restore(blob).counts)
+    return totals
+
+
+async def posting_keys(js: JetStreamContext, plant: str | None = None) -> list[str]:
+    """Return the Nats-Msg-Id of every posting in ERP_POSTINGS, in stream order."""
+    subject = posting_subject(plant) if plant else "erp.postings.>"
+    keys: list[str] = []
+    async for message in iter_stream(js, POSTINGS_STREAM, subject, headers_only=True):
+        keys.append((message.headers or {}).get("Nats-Msg-Id", ""))
+    return keys
+
+
+# -- replay ------------------------------------------------------------------------------
+
+
+@dataclass
+class ReplayReport:
+    """What a replay did. Postings are counted by idempotency key."""
+
+    plant: str
+    from_seq: int
+    through_seq: int
+    messages: int = 0
+    events_forgotten: int = 0
+    regenerated: int = 0
+    """Postings computed for messages at or after `from_seq`."""
+    already_posted: int = 0
+    """Of those, postings whose key ERP_POSTINGS already holds; they are not sent."""
+    new: int = 0
+    """Of those, postings ERP_POSTINGS did not hold; replay published them."""
+    before_start: int = 0
+    """Postings recomputed for messages before `from_seq`; never sent."""
+    before_start_missing: int = 0
+    """Of those, postings whose key ERP_POSTINGS does not hold."""
+    dead_letters: Counter[str] = field(default_factory=Counter)
+    parked: int = 0
+
+    def lines(self) -> list[str]:
+        rejected = ", ".join(f"{k}={v}" for k, v in sorted(self.dead_letters.items()))
+        return [
+            f"replayed plant {self.plant}: stream sequences 1 to {self.through_seq}, "
+            f"postings published from sequence {self.from_seq}",
+            f"  messages read               {self.messages}",
+            f"  event ids forgotten         {self.events_forgotten}",
+            f"  postings regenerated        {self.regenerated}",
+            f"    already in {POSTINGS_STREAM}  {self.already_posted}",
+            f"    new (published)           {self.new}",
+            f"  postings before the start   {self.before_start} "
+            f"({self.before_start_missing} not in {POSTINGS_STREAM}, not sent)",
+            f"  dead letters (not re-sent)  {sum(self.dead_letters.values())}"
+            + (f" ({rejected})" if rejected else ""),
+            f"  parked after replay         {self.parked}",
+        ]
+
+
+async def _ingest_active(js: JetStreamContext, settings: PipelineSettings) -> bool:
+    for sample in range(ACTIVE_SAMPLES):
+        try:
+            info = await js.consumer_info(EVENTS_STREAM, settings.consumer)
+        except NotFoundError:
+            return False
+        if info.num_waiting:
+            return True
+        if sample < ACTIVE_SAMPLES - 1:
+            await asyncio.sleep(0.6)
+    return False
+
+
+def _split_message(subject: str, data: bytes) -> list[tuple[int, bytes]]:
+    """Return the (batch index, event bytes) pairs of one stored message, as ingest does."""
+    if not subject.endswith(EDGE_BATCH_SUFFIX):
+        return [(-1, data)]
+    try:
+        items = _edge_batch_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return []  # the ingest dead-lettered the whole message
+    return [(index, bytes(item)) for index, item in enumerate(items)]
+
+
+def _route(
+    plant: str, seq: int, subject: str, data: bytes, partitions: int
+) -> tuple[str | None, dict[int, list[SourceMessage]]]:
+    """Route one message like step 2 of the ingest; return its event ids and shares.
+
+    NOTE: this mirrors `Ingest._route` and the edge batch split in `Ingest.process`; a
+    change there must be made here too.
+    """
+    raise NotImplementedError
+
+
+class _Router:
+    """Step 2 of the ingest for one plant's messages: split, decode keys, partition."""
+
+    def __init__(self, plant: str, partitions: int) -> None:
+        self.plant = plant
+        self.partitions = partitions
+        self.event_ids: set[str] = set()
+        self.groups: dict[int, list[SourceMessage]] = {}
+
+    def add(self, seq: int, subject: str, data: bytes) -> None:
+        # NOTE: this mirrors `Ingest._route` and the edge batch split in
+        # `Ingest.process`; a change to routing there must be made here too.
+        for index, event in _split_message(subject, data):
+            try:
+                key = decode_key(event)
+                validate_token(key.plant, "plant")
+            except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
+                continue  # dead-lettered by the ingest, never reached a partition
+            if key.plant != self.plant:
+                continue  # belongs to the state of the plant the event names
+            self.event_ids.add(key.event_id)
+            partition = partition_of(key.plant, routing_key(key), self.partitions)
+            self.groups.setdefault(partition, []).append(
+                SourceMessage(seq, subject, event, True, index)
+            )
+            if key.order is None and key.event_type in PLANT_WIDE_EVENTS:
+                for other in range(self.partitions):
+                    if other != partition:
+                        self.groups.setdefault(other, []).append(
+                            SourceMessage(seq, subject, event, False, index)
+                        )
+
+    def take(self) -> dict[int, list[SourceMessage]]:
+        groups, self.groups = self.groups, {}
+        return groups
+
+
+def _merge_snapshots(states: list[PartitionState]) -> dict[str, pa.Table]:
+    merged: dict[str, list[pa.Table]] = {}
+    for state in states:
+        for name, table in state.take_snapshot().items():
+            merged.setdefault(name, []).append(table)
+    return {name: pa.concat_tables(tables) for name, tables in merged.items()}
+
+
+async def replay_plant(
+    nc: NATS,
+    plant: str,
+    *,
+    from_seq: int | None = None,
+    from_time: dt.datetime | None = None,
+    partitions: int | None = None,
+    db: Path | None = None,
+    state_settings: StateSettings | None = None,
+    pipeline_settings: PipelineSettings | None = None,
+) -> ReplayReport:
+    """Rebuild `plant`'s state from the plant events stream and repost what is missing.
+
+    The plant's orders, machines, holds, parked events and event ids are dropped from
+    every partition of the last checkpoint. Then every message on the plant's subjects,
+    from stream sequence 1 to the checkpoint's sequence, goes through the partition logic
+    again, in stream order. State is always rebuilt from the beginning, because an order
+    released before the start point is needed for the events after it. Postings of
+    messages from `from_seq` (or the first message stored at or after `from_time`) whose
+    key ERP_POSTINGS does not hold are published; the others are only counted. Last, the
+    snapshot rows go to `db` (if given) and the rebuilt states replace the checkpoint.
+
+    The ingest must be stopped: it would overwrite the checkpoint with its own state.
+    """
+    validate_token(plant, "plant")
+    if (from_seq is None) == (from_time is None):
+        raise OperationError("give exactly one of from_seq and from_time")
+    if from_time is not None and from_time.tzinfo is None:
+        raise OperationError(
+            f"from_time {from_time.isoformat()} has no UTC offset; add one, such as "
+            "2026-01-05T06:00:00+00:00"
+        )
+    settings = pipeline_settings or PipelineSettings()
+    js = nc.jetstream()
+    if await _ingest_active(js, settings):
+        raise OperationError(
+            f"the ingest consumer {settings.consumer} has a fetch waiting, so "
+            "plantstream run is still consuming; stop it, replay, then start it again"
+        )
+    checkpoint = await read_checkpoint(js)
+    if checkpoint is None:
+        raise OperationError(
+            "no checkpoint in the object store bucket "
+            f"{CHECKPOINT_BUCKET}: nothing has been processed, so there is nothing to "
+            "replay; run plantstream run first"
+        )
+    manifest, blobs = checkpoint
+    if partitions is not None and partitions != manifest.partitions:
+        raise OperationError(
+            f"--partitions {partitions} differs from the checkpoint's "
+            f"{manifest.partitions} partitions; pass --partitions {manifest.partitions}"
+        )
+    info = await js.stream_info(EVENTS_STREAM)
+    if info.state.first_seq > 1:
+        raise OperationError(
+            f"{EVENTS_STREAM} starts at sequence {info.state.first_seq}: older messages "
+            "have aged out (events_max_age_s), so the plant's state cannot be rebuilt "
+            "from its beginning"
+        )
+
+    subject = f"{EVENTS_PREFIX}.{plant}.>"
+    stored: list[tuple[int, str, bytes, dt.datetime]] = []
+    async for message in iter_stream(
+        js, EVENTS_STREAM, subject, through_seq=manifest.stream_seq
+    ):
+        stored.append(
+            (
+                message.metadata.sequence.stream,
+                message.subject,
+                message.data,
+                message.metadata.timestamp,
+            )
+        )
+    if from_time is not None:
+        later = [seq for seq, _, _, stored_at in stored if stored_at >= from_time]
+        start = later[0] if later else manifest.stream_seq + 1
+    else:
+        assert from_seq is not None
+        start = max(from_seq, 1)
+    report = ReplayReport(plant, start, manifest.stream_seq, messages=len(stored))
+
+    states = [PartitionState.restore(blob, state_settings) for blob in blobs]
+    before = [state.counts.copy() for state in states]
+    routers = (
+        _Router(plant, manifest.partitions),
+        _Router(plant, manifest.partitions),
+    )
+    for seq, message_subject, data, _ in stored:
+        routers[seq >= start].add(seq, message_subject, data)
+    all_ids = routers[0].event_ids | routers[1].event_ids
+    report.events_forgotten = len(all_ids)
+    for state in states:
+        state.forget_plant(plant, all_ids)
+
+    existing = set(await posting_keys(js, plant))
+    to_publish: list[tuple[str, bytes, str]] = []
+    for phase, router in enumerate(routers):
+        for partition, batch in sorted(router.take().items()):
+            result = states[partition].apply_batch(batch)
+            for letter in result.dead_letters:
+                report.dead_letters[letter.reason] += 1
+            for posting in result.postings:
+                known = posting.key in existing
+                if phase == 0:
+                    report.before_start += 1
+                    report.before_start_missing += not known
+                    continue
+                report.regenerated += 1
+                if known:
+                    report.already_posted += 1
+                else:
+                    existing.add(posting.key)
+                    to_publish.append((posting.subject, posting.data, posting.key))
+    report.new = len(to_publish)
+    report.parked = sum(state.parked_count() for state in states)
+
+    # Postings first: a crash after this point leaves them published and the old
+    # checkpoint in place, and a second replay finds them by key and sends nothing.
+    if to_publish:
+        await publish_all(js, to_publish)
+    # The counts describe the stream as the ingest first processed it; replaying the
+    # same messages must not count them twice.
+    for state, counts in zip(states, before, strict=True):
+        state.counts = counts
+    if db is not None:
+        tables = _merge_snapshots(states)
+        with SnapshotWriter(db) as writer:
+            await asyncio.to_thread(writer.write, tables)
+    store = await js.object_store(CHECKPOINT_BUCKET)
+    for index, state in enumerate(states):
+        await store.put(f"partition-{index}", state.checkpoint())
+    rewritten = CheckpointManifest(
+        manifest.stream_seq,
+        manifest.partitions,
+        dt.datetime.now(dt.UTC).timestamp(),
+        manifest.ingest_counts,
+    )
+    await store.put(MANIFEST, msgspec.json.encode(rewritten))
+    logger.info(
+        "replayed plant %s through seq %d: regenerated=%d new=%d",
+        plant,
+        manifest.stream_seq,
+        report.regenerated,
+        report.new,
+    )
+    return report
+
+
+# -- dead letters ------------------------------------------------------------------------
+
+
+class RetryRecord(msgspec.Struct, kw_only=True):
+    """A dead letter sent back through the pipeline, kept in the DLQ stream."""
+
+    letter_id: str
+    dlq_seq: int
+    subject: str
+    stream_seq: int
+    batch_index: int | None
+    reason: str
+    republished_seq: int
+    retried_at: dt.datetime
+
+
+@dataclass
+class DeadLetterEntry:
+    dlq_seq: int
+    letter: DeadLetter
+    retried: RetryRecord | None = None
+
+    @property
+    def letter_id(self) -> str:
+        return letter_id(self.letter)
+
+
+def letter_id(letter: DeadLetter) -> str:
+    """Return the identity of a dead letter: its message, event position and reason.
+
+    A replay after a crash can publish the same dead letter again once the DLQ stream's
+    duplicate window has passed; entries with one identity are one dead letter.
+    """
+    index = "" if letter.batch_index is None else f":{letter.batch_index}"
+    return f"{letter.subject}:{letter.stream_seq}{index}:{letter.reason}"
+
+
+async def list_dead_letters(
+    js: JetStreamContext,
+    *,
+    plant: str | None = None,
+    reason: str | None = None,
+) -> list[DeadLetterEntry]:
+    """Return the dead letters in the DLQ stream, once per identity, oldest first."""
+    token = validate_token(plant, "plant") if plant else "*"
+    retried: dict[str, RetryRecord] = {}
+    async for message in iter_stream(
+        js, DLQ_STREAM, f"{DLQ_PREFIX}.{token}.{RETRIED_SUFFIX}"
+    ):
+        record = msgspec.json.decode(message.data, type=RetryRecord)
+        retried[record.letter_id] = record
+    entries: dict[str, DeadLetterEntry] = {}
+    async for message in iter_stream(js, DLQ_STREAM, f"{DLQ_PREFIX}.{token}"):
+        letter = decode_dead_letter(message.data)
+        if reason is not None and letter.reason != reason:
+            continue
+        key = letter_id(letter)
+        if key not in entries:
+            entries[key] = DeadLetterEntry(
+                message.metadata.sequence.stream, letter, retried.get(key)
+            )
+    return list(entries.values())
+
+
+def _retry_payload(letter: DeadLetter) -> bytes:
+    # An event rejected from an edge batch is stored alone; the batch subject expects a
+    # JSON array, so it goes back as an array of one.
+    if letter.batch_index is not None and letter.subject.endswith(EDGE_BATCH_SUFFIX):
+        return b"[" + letter.data + b"]"
+    return letter.data
+
+
+async def retry_dead_letters(
+    js: JetStreamContext, entries: Iterable[DeadLetterEntry]
+) -> list[RetryRecord]:
+    """Republish each entry's bytes to its original subject and record the retry.
+
+    Entries already retried are skipped. The republish carries a Nats-Msg-Id made of the
+    dead letter's identity, so two retries within the events stream's duplicate window
+    store one message.
+    """
+    records: list[RetryRecord] = []
+    for entry in entries:
+        if entry.retried is not None:
+            continue
+        letter = entry.letter
+        ack = await js.publish(
+            letter.subject,
+            _retry_payload(letter),
+            headers={"Nats-Msg-Id": f"retry:{entry.letter_id}"},
+        )
+        record = RetryRecord(
+            letter_id=entry.letter_id,
+            dlq_seq=entry.dlq_seq,
+            subject=letter.subject,
+            stream_seq=letter.stream_seq,
+            batch_index=letter.batch_index,
+            reason=letter.reason,
+            republished_seq=ack.seq,
+            retried_at=dt.datetime.now(dt.UTC),
+        )
+        plant_token = letter.plant if letter.plant else "_unknown"
+        marker_subject = f"{DLQ_PREFIX}.{plant_token}.{RETRIED_SUFFIX}"
+        if entry_subject := _entry_subject(entry):
+            marker_subject = f"{entry_subject}.{RETRIED_SUFFIX}"
+        await js.publish(
+            marker_subject,
+            msgspec.json.encode(record),
+            headers={"Nats-Msg-Id": f"retried:{entry.letter_id}"},
+        )
+        entry.retried = record
+        records.append(record)
+        logger.info(
+            "retried dead letter %s (dlq seq %d) as %s seq %d",
+            entry.letter_id,
+            entry.dlq_seq,
+            letter.subject,
+            ack.seq,
+        )
+    return records
+
+
+def _entry_subject(entry: DeadLetterEntry) -> str | None:
+    return getattr(entry, "subject", None)

@@ -1,0 +1,279 @@
+"""`plantstream reconcile`: prove that the postings agree with the deduplicated events.
+
+The check reads only the DuckDB snapshot file. It recomputes the stock every plant,
+material and stock type should have from the event ledger (`events`), with rules of its
+own that are simpler than the actors' (docs/semantics.md, "Reconciliation"), and
+compares the result with the `stock` view, which sums the postings. It also checks that
+every event has exactly one outcome: applied once, parked, or dead-lettered.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from pipeline.sink import SinkError, open_for_reading
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Difference", "add_parser", "reconcile"]
+
+# Stock each lot of order output and each consumption should have left, from the ledger.
+# A lot's net receipt (reports minus the ones cancelled) is blocked when a hold that
+# covers it is still active at the end, and unrestricted otherwise: every transfer moves
+# a lot's whole stock, so the order in which holds came and went does not matter.
+EXPECTED_STOCK = """
+WITH applied AS (
+    SELECT * FROM events WHERE status = 'applied'
+),
+cancelled AS (
+    SELECT DISTINCT plant, order_id, refers_to AS event_id
+    FROM applied WHERE event_type = 'production_cancelled'
+),
+reversed AS (
+    SELECT DISTINCT plant, order_id, refers_to AS event_id
+    FROM applied WHERE event_type = 'consumption_reversed'
+),
+receipts AS (
+    SELECT a.plant, a.order_id, a.lot, a.material, a.uom, a.quantity
+    FROM applied AS a
+    WHERE a.event_type = 'production_confirmed' AND a.quantity > 0
+        AND NOT EXISTS (
+            SELECT 1 FROM cancelled AS c
+            WHERE c.plant = a.plant AND c.order_id = a.order_id
+                AND c.event_id = a.event_id
+        )
+),
+holds AS (
+    SELECT plant, order_id, hold_id, hold_scope, lot, material
+    FROM applied
+    WHERE hold_id IS NOT NULL
+        AND event_type IN ('quality_hold_applied', 'inspection_recorded')
+),
+active_holds AS (
+    SELECT h.* FROM holds AS h
+    WHERE NOT EXISTS (
+        SELECT 1 FROM applied AS r
+        WHERE r.event_type = 'quality_hold_released' AND r.plant = h.plant
+            AND r.hold_id = h.hold_id AND r.order_id IS NOT DISTINCT FROM h.order_id
+    )
+),
+lots AS (
+    SELECT
+        r.*,
+        EXISTS (
+            SELECT 1 FROM active_holds AS h
+            WHERE h.plant = r.plant
+                AND (h.order_id IS NULL OR h.order_id = r.order_id)
+                AND CASE h.hold_scope
+                    WHEN 'lot' THEN h.lot = r.lot
+                    WHEN 'material' THEN h.material = r.material
+                    ELSE true
+                END
+        ) AS blocked
+    FROM receipts AS r
+),
+issues AS (
+    SELECT a.plant, a.material, a.uom, a.quantity
+    FROM applied AS a
+    WHERE a.event_type = 'material_consumed'
+        AND NOT EXISTS (
+            SELECT 1 FROM reversed AS v
+            WHERE v.plant = a.plant AND v.order_id = a.order_id
+                AND v.event_id = a.event_id
+        )
+),
+moves AS (
+    SELECT plant, material, CASE WHEN blocked THEN 'blocked' ELSE 'unrestricted' END
+        AS stock_type, uom, quantity
+    FROM lots
+    UNION ALL
+    SELECT plant, material, 'unrestricted', uom, -quantity FROM issues
+)
+SELECT plant, material, stock_type, uom, CAST(sum(quantity) AS DECIMAL(38, 9))
+FROM moves
+GROUP BY plant, material, stock_type, uom
+"""
+
+POSTED_STOCK = "SELECT plant, material, stock_type, uom, quantity FROM stock"
+
+# Each check returns rows that are differences; an empty result passes.
+OUTCOME_CHECKS: dict[str, str] = {
+    "applied more than once": """
+        SELECT plant, event_id, count(*) FROM events WHERE status = 'applied'
+        GROUP BY plant, event_id HAVING count(*) > 1
+    """,
+    "unknown status": """
+        SELECT plant, event_id, status FROM events
+        WHERE status NOT IN ('applied', 'parked', 'duplicate', 'dead_letter')
+    """,
+    "duplicate of nothing": """
+        SELECT d.plant, d.event_id, d.stream_seq FROM events AS d
+        WHERE d.status = 'duplicate' AND NOT EXISTS (
+            SELECT 1 FROM events AS e
+            WHERE e.plant = d.plant AND e.event_id = d.event_id
+                AND e.status IN ('applied', 'parked')
+        )
+    """,
+    "dead letter missing": """
+        SELECT e.plant, e.event_id, e.stream_seq, e.reason FROM events AS e
+        WHERE e.status = 'dead_letter' AND NOT EXISTS (
+            SELECT 1 FROM dead_letters AS d
+            WHERE d.stream_seq = e.stream_seq AND d.reason = e.reason
+                AND coalesce(d.batch_index, -1) = e.batch_index
+        )
+    """,
+    "parked but not reported": """
+        SELECT e.plant, e.event_id, e.stream_seq FROM events AS e
+        WHERE e.status = 'parked' AND NOT EXISTS (
+            SELECT 1 FROM parked_events AS p
+            WHERE p.event_id = e.event_id AND p.status = 'parked'
+        )
+    """,
+    "reported parked but not parked": """
+        SELECT p.plant, p.event_id, p.stream_seq FROM parked_events AS p
+        WHERE p.status = 'parked' AND NOT EXISTS (
+            SELECT 1 FROM events AS e
+            WHERE e.plant = p.plant AND e.event_id = p.event_id
+                AND e.status = 'parked'
+        )
+    """,
+    "posting without applied event": """
+        SELECT p.plant, p.key, p.lineage[1] FROM postings AS p
+        WHERE NOT EXISTS (
+            SELECT 1 FROM events AS e
+            WHERE e.plant = p.plant AND e.event_id = p.lineage[1]
+                AND e.status = 'applied'
+        )
+    """,
+    "order output differs": """
+        WITH applied AS (SELECT * FROM events WHERE status = 'applied'),
+        good AS (
+            SELECT a.plant, a.order_id, sum(a.quantity) AS quantity
+            FROM applied AS a
+            WHERE a.event_type = 'production_confirmed'
+                AND NOT EXISTS (
+                    SELECT 1 FROM applied AS c
+                    WHERE c.event_type = 'production_cancelled'
+                        AND c.plant = a.plant AND c.order_id = a.order_id
+                        AND c.refers_to = a.event_id
+                )
+            GROUP BY a.plant, a.order_id
+        )
+        SELECT o.plant, o.order_id, o.good_quantity, coalesce(g.quantity, 0)
+        FROM orders AS o
+        LEFT JOIN good AS g USING (plant, order_id)
+        WHERE o.good_quantity <> coalesce(g.quantity, 0)
+    """,
+}
+
+
+@dataclass(frozen=True)
+class Difference:
+    """One disagreement: the check that found it and the row that shows it."""
+
+    check: str
+    detail: str
+
+
+def _stock_differences(connection: duckdb.DuckDBPyConnection) -> list[Difference]:
+    expected = {
+        tuple(row[:4]): row[4] for row in connection.execute(EXPECTED_STOCK).fetchall()
+    }
+    posted = {
+        tuple(row[:4]): row[4] for row in connection.execute(POSTED_STOCK).fetchall()
+    }
+    differences = []
+    for key in sorted(expected.keys() | posted.keys()):
+        want = expected.get(key) or 0
+        have = posted.get(key) or 0
+        if want != have:
+            plant, material, stock_type, uom = key
+            differences.append(
+                Difference(
+                    "stock",
+                    f"plant {plant} material {material} {stock_type}: postings "
+                    f"{have} {uom}, events imply {want} {uom}",
+                )
+            )
+    return differences
+
+
+def reconcile(connection: duckdb.DuckDBPyConnection) -> list[Difference]:
+    """Run every check on an open snapshot file and return the differences found."""
+    differences = _stock_differences(connection)
+    for check, sql in OUTCOME_CHECKS.items():
+        for row in connection.execute(sql).fetchall():
+            differences.append(Difference(check, ", ".join(map(_text, row))))
+    return differences
+
+
+def _text(value: Any) -> str:
+    return "null" if value is None else str(value)
+
+
+def _summary(connection: duckdb.DuckDBPyConnection) -> str:
+    rows = connection.execute(
+        "SELECT status, count(*) FROM events GROUP BY status ORDER BY status"
+    ).fetchall()
+    return ", ".join(f"{status} {count}" for status, count in rows) or "no events"
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        connection = open_for_reading(args.db)
+    except (FileNotFoundError, SinkError) as error:
+        print(f"plantstream reconcile: {error}")
+        return 2
+    try:
+        differences = reconcile(connection)
+        summary = _summary(connection)
+    except duckdb.CatalogException as error:
+        print(
+            f"plantstream reconcile: {args.db} lacks a table or view the check needs "
+            f"({error}); it was written by an older plantstream, so run the job again "
+            "into a new file"
+        )
+        return 2
+    finally:
+        connection.close()
+    print(f"events: {summary}")
+    for difference in differences[: args.max_differences]:
+        print(f"DIFFERENCE {difference.check}: {difference.detail}")
+    if len(differences) > args.max_differences:
+        print(f"... and {len(differences) - args.max_differences} more")
+    if differences:
+        print(f"reconcile: {len(differences)} differences")
+        return 1
+    print("reconcile: postings agree with the events")
+    return 0
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Register the `reconcile` subcommand on the CLI's subparsers."""
+    parser = commands.add_parser(
+        "reconcile",
+        help="check that the postings in a snapshot file agree with its events",
+        description="Recompute stock per plant, material and stock type from the event "
+        "ledger, compare it with the posted stock, and check that every event was "
+        "applied once, parked or dead-lettered. Prints each difference; exits 1 if "
+        "there is any, 2 if the file cannot be read.",
+    )
+    parser.add_argument(
+        "--db",
+        type=Path,
+        default=Path("out/plantstream.duckdb"),
+        help="DuckDB snapshot file to check (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-differences",
+        type=int,
+        default=50,
+        help="differences to print before summarising the rest (default: %(default)s)",
+    )
+    parser.set_defaults(handler=_run)

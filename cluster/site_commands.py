@@ -1,0 +1,99 @@
+"""The `hub-config`, `site-config` and `site-init` commands for multi-site deployments."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+
+import nats
+
+from cluster.sites import hub_server_config, site_server_config
+from pipeline.site_streams import (
+    SITE_BUFFER_MAX_AGE_S,
+    ensure_site_stream,
+    site_stream_name,
+)
+
+__all__ = ["add_parser"]
+
+
+def _hub_config(args: argparse.Namespace) -> int:
+    print(
+        hub_server_config(
+            store_dir=args.store_dir, listen=args.listen, leaf_listen=args.leaf_listen
+        ),
+        end="",
+    )
+    return 0
+
+
+def _site_config(args: argparse.Namespace) -> int:
+    print(
+        site_server_config(
+            args.plant,
+            store_dir=args.store_dir,
+            listen=args.listen,
+            hub_leaf_url=args.hub_leaf_url,
+        ),
+        end="",
+    )
+    return 0
+
+
+def _site_init(args: argparse.Namespace) -> int:
+    async def create() -> None:
+        nc = await nats.connect(args.nats_url)
+        try:
+            await ensure_site_stream(nc.jetstream(), args.plant, args.max_age_s)
+        finally:
+            await nc.close()
+
+    asyncio.run(create())
+    print(f"stream {site_stream_name(args.plant)} is ready on {args.nats_url}")
+    return 0
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    hub = commands.add_parser(
+        "hub-config",
+        help="print the nats-server config of the hub that plant sites connect to",
+    )
+    hub.add_argument("--store-dir", required=True, help="JetStream store folder")
+    hub.add_argument(
+        "--listen", default="0.0.0.0:4222", help="client address (default: %(default)s)"
+    )
+    hub.add_argument(
+        "--leaf-listen",
+        default="0.0.0.0:7422",
+        help="address plant sites connect to as leaf nodes (default: %(default)s)",
+    )
+    hub.set_defaults(handler=_hub_config)
+
+    site = commands.add_parser(
+        "site-config",
+        help="print the nats-server config of a plant site's leaf node",
+    )
+    site.add_argument("--plant", required=True, help="plant id of the site")
+    site.add_argument(
+        "--store-dir", required=True, help="JetStream store folder at the site"
+    )
+    site.add_argument("--hub-leaf-url", required=True, help="the hub's leaf node URL")
+    site.add_argument(
+        "--listen", default="0.0.0.0:4222", help="client address (default: %(default)s)"
+    )
+    site.set_defaults(handler=_site_config)
+
+    init = commands.add_parser(
+        "site-init",
+        help="create a site's buffer stream SITE_<plant> on the site's nats-server",
+    )
+    init.add_argument("--plant", required=True, help="plant id of the site")
+    init.add_argument("--nats-url", required=True, help="the site's nats-server")
+    init.add_argument(
+        "--max-age-s",
+        type=float,
+        default=SITE_BUFFER_MAX_AGE_S,
+        help="seconds the site keeps events, the longest outage it rides out "
+        "(default: %(default)s)",
+    )
+    init.set_defaults(handler=_site_init)
