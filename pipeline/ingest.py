@@ -26,6 +26,7 @@ dropped as duplicates.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import logging
 import time
@@ -53,8 +54,8 @@ from contracts.dead_letters import DeadLetter, DeadLetterReason
 from contracts.keys import decode_key, routing_key
 from contracts.snapshots import TABLES
 from pipeline.publish import PublishError, publish_all
-from pipeline.sink import SinkError
 from pipeline.settings import PipelineSettings
+from pipeline.sink import SinkError
 from pipeline.streams import CHECKPOINT_BUCKET, consumer_config, ensure_streams
 from pipeline.subjects import EVENTS_STREAM, dlq_subject, validate_token
 
@@ -113,6 +114,8 @@ class IngestReport:
     batches: int = 0
     checkpoints: int = 0
     recoveries: int = 0
+    seconds: Counter[str] = field(default_factory=Counter)
+    """Wall time spent per step (fetch, route, apply, publish, snapshot, checkpoint, ack)."""
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -173,6 +176,7 @@ class Ingest:
         self._max_seq = 0
         self._dead_rows: list[dict[str, object]] = []
         self._ingest_counts: Counter[str] = Counter()
+        self._commit_task: asyncio.Task[None] | None = None
         self._last_checkpoint = time.monotonic()
 
     # -- start-up and recovery ---------------------------------------------------------
@@ -265,17 +269,26 @@ class Ingest:
                 continue
             if drained:
                 break
+        try:
+            await self._finish_commit()
+        except RECOVERABLE as error:
+            # The next start resumes from the previous checkpoint; nothing is lost.
+            logger.warning(
+                "last checkpoint failed on stop: %s: %s", type(error).__name__, error
+            )
         return self.report
 
     async def _step(self, until_drained: bool) -> bool:
         """Fetch and process one batch, checkpoint when due; return True once drained."""
         assert self._subscription is not None
+        started = time.perf_counter()
         try:
             messages = await self._subscription.fetch(
                 self.settings.fetch_batch, timeout=self.settings.fetch_timeout_s
             )
         except NatsTimeoutError:
             messages = []
+        self.report.seconds["fetch"] += time.perf_counter() - started
         if messages:
             await self.process(messages)
         if self._checkpoint_due(idle=not messages):
@@ -296,6 +309,11 @@ class Ingest:
         )
         self._unacked = []
         self._dead_rows = []
+        if self._commit_task is not None:
+            self._commit_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, *RECOVERABLE):
+                await self._commit_task
+            self._commit_task = None
         delay = RECOVERY_FIRST_DELAY_S
         while True:
             try:
@@ -326,6 +344,7 @@ class Ingest:
     async def _drained(self) -> bool:
         if self._unacked or self._dead_rows:
             return False
+        await self._finish_commit()
         info = await self.js.consumer_info(EVENTS_STREAM, self.settings.consumer)
         return info.num_pending == 0
 
@@ -372,6 +391,7 @@ class Ingest:
 
     async def process(self, messages: list[Msg]) -> None:
         """Steps 2 to 4 for one fetched batch."""
+        clock = time.perf_counter()
         groups: dict[int, list[SourceMessage]] = {}
         dead: list[DeadLetter] = []
         for message in messages:
@@ -402,9 +422,11 @@ class Ingest:
                 counts["events_in"] += 1
                 counts[f"dead_letter:{letter.reason}"] += 1
 
+        clock = self._lap("route", clock)
         results: list[BatchResult] = await asyncio.gather(
             *(self.actors[p].apply.remote(batch) for p, batch in groups.items())
         )
+        clock = self._lap("apply", clock)
         postings = []
         for result in results:
             postings.extend((p.subject, p.data, p.key) for p in result.postings)
@@ -414,11 +436,17 @@ class Ingest:
             (dlq_subject(d.plant), encode(d), _dead_letter_id(d)) for d in dead
         ]
         stored, repeated = await publish_all(self.js, postings + dead_messages)
+        self._lap("publish", clock)
         self.report.counts["postings_repeated"] += repeated
         self._dead_rows.extend(_dead_letter_row(d) for d in dead)
         for letter in dead:
             self._log_dead_letter(letter)
         self.report.batches += 1
+
+    def _lap(self, step: str, since: float) -> float:
+        now = time.perf_counter()
+        self.report.seconds[step] += now - since
+        return now
 
     def _log_dead_letter(self, letter: DeadLetter) -> None:
         # The first few of each reason at WARNING, then every thousandth, so a flood of
@@ -440,25 +468,59 @@ class Ingest:
             letter.detail[:300],
         )
 
-    async def checkpoint(self) -> None:
-        """Steps 5 and 6: make the state durable, then acknowledge what it covers."""
-        assert self._store is not None
+    async def checkpoint(self, *, wait: bool = False) -> None:
+        """Steps 5 and 6: make the state durable, then acknowledge what it covers.
+
+        Step 5a runs at once, between two batches, so each partition's state matches the
+        messages fetched so far. The slow rest (DuckDB, object store, acks) runs in the
+        background while the next batches are processed; the next checkpoint waits for it,
+        so commits stay in order. `wait` waits for this one too.
+        """
+        await self._finish_commit()
         covered_seq = self._max_seq
+        covered = self._unacked
+        dead_rows = self._dead_rows
+        self._unacked = []
+        self._dead_rows = []
+        clock = time.perf_counter()
         # 5a. Collect every partition's state and changed rows, all partitions at once.
         results = await asyncio.gather(
             *(actor.checkpoint.remote() for actor in self.actors)
         )
+        self._lap("collect", clock)
+        self._last_checkpoint = time.monotonic()
+        self._commit_task = asyncio.create_task(
+            self._commit(results, covered_seq, covered, dead_rows)
+        )
+        if wait:
+            await self._finish_commit()
+
+    async def _finish_commit(self) -> None:
+        """Wait for the checkpoint in flight; its failure is raised here, to recover."""
+        task, self._commit_task = self._commit_task, None
+        if task is not None:
+            await task
+
+    async def _commit(
+        self,
+        results: list[tuple[bytes, dict[str, pa.Table]]],
+        covered_seq: int,
+        covered: list[Msg],
+        dead_rows: list[dict[str, object]],
+    ) -> None:
+        assert self._store is not None
+        clock = time.perf_counter()
         # 5b. Snapshot rows to DuckDB; upserts, so a repeat after a crash is harmless.
         if self.writer is not None:
             tables = _merge_tables([tables for _, tables in results])
-            if self._dead_rows:
+            if dead_rows:
                 tables["dead_letters"] = pa.Table.from_pylist(
-                    _last_per_key("dead_letters", self._dead_rows),
+                    _last_per_key("dead_letters", dead_rows),
                     schema=TABLES["dead_letters"].schema,
                 )
             if tables:
                 await asyncio.to_thread(self.writer.write, tables)  # type: ignore[attr-defined]
-        self._dead_rows = []
+        clock = self._lap("snapshot", clock)
         # 5c. Each partition's state, then the manifest: the commit point.
         for index, (state, _) in enumerate(results):
             await self._store.put(f"partition-{index}", state)
@@ -466,15 +528,17 @@ class Ingest:
             covered_seq, len(self.actors), time.time(), dict(self._ingest_counts)
         )
         await self._store.put(MANIFEST, msgspec.json.encode(manifest))
-        # 6. Acknowledge; every message fetched so far is covered.
-        for message in self._unacked:
-            await message.ack()
-        await self.nc.flush()
+        clock = self._lap("commit", clock)
+        # 6. Acknowledge. The consumer acknowledges all: acking the message delivered
+        # last acknowledges every message delivered before it, which this checkpoint
+        # covers, and none delivered after it.
+        if covered:
+            await covered[-1].ack()
+            await self.nc.flush()
+        self._lap("ack", clock)
         logger.debug(
-            "checkpoint at seq %d acked %d messages", covered_seq, len(self._unacked)
+            "checkpoint at seq %d acked %d messages", covered_seq, len(covered)
         )
-        self._unacked = []
-        self._last_checkpoint = time.monotonic()
         self.report.checkpoints += 1
 
     async def partition_stats(self) -> list[dict[str, object]]:

@@ -88,7 +88,9 @@ async def ensure_streams(js: JetStreamContext, settings: PipelineSettings) -> No
 def consumer_config(settings: PipelineSettings) -> ConsumerConfig:
     return ConsumerConfig(
         durable_name=settings.consumer,
-        ack_policy=AckPolicy.EXPLICIT,
+        # Acks come only at checkpoints, for everything delivered so far, so acking the
+        # last message delivered is enough.
+        ack_policy=AckPolicy.ALL,
         ack_wait=settings.ack_wait_s,
         # Messages stay pending until a checkpoint covers them, so the server must let
         # more than one checkpoint's worth of messages be outstanding.
