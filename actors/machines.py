@@ -4,10 +4,16 @@ A machine's state changes close the previous interval and open the next. Down ti
 open and close intervals of their own (state "down", or "maintenance" when planned), which
 may overlap the state intervals and each other; the `oee` view takes the union of down time,
 so overlaps are never counted twice.
+
+A state change that arrives after a later one is inserted into the machine's recent
+history: the interval it falls into ends at its time, and it lasts until the next one
+starts, as if it had arrived in order. Each machine keeps `history_limit` closed
+intervals for this; a state change older than all of them is rejected.
 """
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 
 import msgspec
@@ -30,6 +36,9 @@ class MachineTrack(msgspec.Struct):
     machine: str
     current: OpenInterval | None = None
     downtimes: dict[str, OpenInterval] = {}
+    history: list[OpenInterval] = []
+    """Closed state intervals before `current`, oldest first."""
+    history_trimmed: bool = False
 
 
 def interval_row(
@@ -53,31 +62,61 @@ class DowntimeNotStarted(Exception):
         self.downtime_id = downtime_id
 
 
-def apply_machine_event(
-    track: MachineTrack, event: ev.PlantEvent
+def _insert_late(
+    track: MachineTrack, interval: OpenInterval, event_id: str
 ) -> list[dict[str, object]]:
-    """Apply a machine event and return the `machine_states` rows it opened or closed."""
+    """Insert a state interval that starts before the current one into the history."""
+    history = track.history
+    at = interval.started_at
+    if not history or at < history[0].started_at:
+        if track.history_trimmed:
+            raise ValueError(
+                f"state change {event_id} at {at.isoformat()} is older than the "
+                f"{len(history)} state intervals machine {track.machine} keeps (the "
+                f"oldest starts {history[0].started_at.isoformat()}); raise "
+                "PLANTSTREAM_MACHINE_HISTORY or replay the machine's events in time "
+                "order"
+            )
+        following = history[0] if history else track.current
+        assert following is not None
+        history.insert(0, interval)
+        return [interval_row(track, interval, following.started_at)]
+    position = bisect.bisect_right(history, at, key=lambda i: i.started_at)
+    previous = history[position - 1]
+    following = history[position] if position < len(history) else track.current
+    assert following is not None
+    history.insert(position, interval)
+    return [
+        interval_row(track, previous, at),
+        interval_row(track, interval, following.started_at),
+    ]
+
+
+def apply_machine_event(
+    track: MachineTrack, event: ev.PlantEvent, history_limit: int = 256
+) -> list[dict[str, object]]:
+    """Apply a machine event; return the `machine_states` rows it opened or changed."""
     rows: list[dict[str, object]] = []
     match event:
         case ev.MachineStateChanged():
-            if track.current is not None:
-                if event.occurred_at < track.current.started_at:
-                    # TODO: insert a late state change into the interval history instead
-                    # of rejecting it; today it needs a replay in time order.
-                    raise ValueError(
-                        f"state change {event.event_id} at {event.occurred_at.isoformat()} "
-                        f"is older than the current state of machine {track.machine}, "
-                        f"which started {track.current.started_at.isoformat()}"
-                    )
-                rows.append(interval_row(track, track.current, event.occurred_at))
-            track.current = OpenInterval(
+            interval = OpenInterval(
                 event.state,
                 event.planned,
                 event.reason,
                 event.occurred_at,
                 event.event_id,
             )
-            rows.append(interval_row(track, track.current, None))
+            current = track.current
+            if current is not None and event.occurred_at < current.started_at:
+                return _insert_late(track, interval, event.event_id)
+            if current is not None:
+                rows.append(interval_row(track, current, event.occurred_at))
+                track.history.append(current)
+                if len(track.history) > history_limit:
+                    del track.history[: len(track.history) - history_limit]
+                    track.history_trimmed = True
+            track.current = interval
+            rows.append(interval_row(track, interval, None))
         case ev.DowntimeStarted():
             interval = OpenInterval(
                 "maintenance" if event.planned else "down",

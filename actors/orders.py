@@ -9,7 +9,7 @@ quality hold blocks exactly the stock it covers.
 from __future__ import annotations
 
 import datetime as dt
-from decimal import Decimal
+from decimal import ROUND_HALF_EVEN, Decimal, localcontext
 
 import msgspec
 
@@ -28,16 +28,62 @@ from contracts.postings import (
 )
 
 __all__ = [
+    "UNIT_FACTORS",
     "HoldState",
+    "NegativeStock",
     "OrderState",
     "Receipt",
     "apply_hold",
     "apply_order_event",
+    "convert_quantity",
     "release_hold",
     "release_order",
 ]
 
 ZERO = Decimal(0)
+
+QUANTUM = Decimal("1e-9")
+"""A converted quantity is rounded once, half to even, to the 9 decimal places of the
+postings and snapshot tables."""
+
+UNIT_FACTORS: dict[str, tuple[str, Decimal]] = {
+    "MG": ("mass", Decimal("0.000001")),
+    "G": ("mass", Decimal("0.001")),
+    "KG": ("mass", Decimal(1)),
+    "T": ("mass", Decimal(1000)),
+    "LB": ("mass", Decimal("0.45359237")),
+    "ML": ("volume", Decimal("0.001")),
+    "L": ("volume", Decimal(1)),
+    "M3": ("volume", Decimal(1000)),
+    "MM": ("length", Decimal("0.001")),
+    "CM": ("length", Decimal("0.01")),
+    "M": ("length", Decimal(1)),
+    "KM": ("length", Decimal(1000)),
+}
+"""Units that convert into each other: dimension and size in the dimension's base unit
+(KG, L, M). Every factor is exact, the pound by its 1959 definition."""
+
+
+def convert_quantity(quantity: ev.Quantity, uom: str, label: str) -> Decimal:
+    """Convert `quantity` to `uom`, rounded once to 9 places, or raise ValueError.
+
+    The product of value and factors is computed with 60 significant digits, so the only
+    rounding is the final one, half to even. `label` names the event in the error.
+    """
+    if quantity.uom == uom:
+        return quantity.value
+    source = UNIT_FACTORS.get(quantity.uom)
+    target = UNIT_FACTORS.get(uom)
+    if source is None or target is None or source[0] != target[0]:
+        raise ValueError(
+            f"{label} is in {quantity.uom} but must be posted in {uom}, and plantstream "
+            f"has no conversion between them (convertible units: "
+            f"{', '.join(sorted(UNIT_FACTORS))}); report it in {uom}"
+        )
+    with localcontext() as context:
+        context.prec = 60
+        exact = quantity.value * source[1] / target[1]
+    return exact.quantize(QUANTUM, rounding=ROUND_HALF_EVEN)
 
 
 class ComponentState(msgspec.Struct):
@@ -117,6 +163,10 @@ class OrderState(msgspec.Struct):
     last_event_at: dt.datetime | None = None
     completed_at: dt.datetime | None = None
     events_applied: int = 0
+    event_ids: dict[str, int] = {}
+    """Payload hash of every event applied to the order, by event id. It outlives the
+    partition's bounded id memory, so a duplicate of an order event replayed much later
+    is still recognised."""
 
     def covered_by_hold(self, lot: str) -> bool:
         return any(
@@ -128,13 +178,19 @@ class OrderState(msgspec.Struct):
 
 
 class Outcome(msgspec.Struct):
-    """What one applied event produced: postings and append-only snapshot rows."""
+    """The postings and append-only snapshot rows of one applied event, and the facts
+    the event ledger records for it (material, quantity, uom, lot, hold)."""
 
     postings: list[Posting] = []
     rows: dict[str, list[dict[str, object]]] = {}
+    facts: dict[str, object] = {}
 
     def add_row(self, table: str, row: dict[str, object]) -> None:
         self.rows.setdefault(table, []).append(row)
+
+
+class NegativeStock(Exception):
+    """The movement would take more stock of the order's output than it holds."""
 
 
 class Unmatched(Exception):
@@ -206,8 +262,10 @@ def _movement(
     batch: str | None,
     storage_location: str | None,
     reverses: str | None = None,
+    reverses_event: str | None = None,
     reason: str | None = None,
 ) -> GoodsMovement:
+    # Lineage lists event ids: the event itself, then the event a reversal takes back.
     return GoodsMovement(
         key=key,
         plant=order.plant,
@@ -224,7 +282,9 @@ def _movement(
         document_date=_local_date(event.occurred_at),
         occurred_at=event.occurred_at,
         reference=event.event_id,
-        lineage=[event.event_id] if reverses is None else [event.event_id, reverses],
+        lineage=[event.event_id]
+        if reverses_event is None
+        else [event.event_id, reverses_event],
         reverses=reverses,
     )
 
@@ -245,20 +305,10 @@ def _touch(order: OrderState, event: ev.Event) -> None:
 
 def _confirmed(order: OrderState, event: ev.ProductionConfirmed, out: Outcome) -> None:
     lot = event.lot or ""
-    good = event.good.value
-    scrap = event.scrap.value if event.scrap else ZERO
-    rework = event.rework.value if event.rework else ZERO
-    for name, quantity in (("scrap", event.scrap), ("rework", event.rework)):
-        if quantity is not None and quantity.uom != event.good.uom:
-            raise ValueError(
-                f"{name} of {event.event_id} is in {quantity.uom} but good quantity is in "
-                f"{event.good.uom}; report all three in one unit"
-            )
-    if event.good.uom != order.uom:
-        raise ValueError(
-            f"production of {event.event_id} is in {event.good.uom} but order "
-            f"{order.order_id} is planned in {order.uom}; report in the order's unit"
-        )
+    label = f"production {event.event_id} of order {order.order_id}"
+    good = convert_quantity(event.good, order.uom, label)
+    scrap = convert_quantity(event.scrap, order.uom, label) if event.scrap else ZERO
+    rework = convert_quantity(event.rework, order.uom, label) if event.rework else ZERO
     operation = order.operations.get(event.operation or "")
     if operation is None and len(order.operations) == 1:
         operation = next(iter(order.operations.values()))
@@ -326,6 +376,12 @@ def _confirmed(order: OrderState, event: ev.ProductionConfirmed, out: Outcome) -
         order.status = "completed"
         order.completed_at = event.occurred_at
     out.add_row("production", _production_row(order, event.event_id, receipt))
+    out.facts = {
+        "material": order.material,
+        "quantity": good,
+        "uom": order.uom,
+        "lot": lot,
+    }
 
 
 def _production_row(
@@ -355,12 +411,24 @@ def _cancelled(order: OrderState, event: ev.ProductionCancelled, out: Outcome) -
             f"production {event.cancels_event_id} to cancel is not applied to order "
             f"{order.order_id}",
         )
+    out.facts = {"refers_to": event.cancels_event_id}
     if receipt.cancelled_by is not None:
         # The same fact, cancelled again under another event id: post nothing twice.
         return
-    receipt.cancelled_by = event.event_id
     if receipt.receipt_key is not None:
         stock = order.stock.setdefault(receipt.lot, LotStock())
+        # NOTE: only a 102 removes received output today, and each receipt is reversed
+        # at most once, so this guard holds unless the state was changed by hand.
+        if stock.unrestricted + stock.blocked < receipt.good:
+            raise NegativeStock(
+                f"cancelling {event.cancels_event_id} would take {receipt.good} "
+                f"{receipt.uom} of {order.material} out of lot "
+                f"{receipt.lot or '(none)'} "
+                f"of order {order.order_id}, which holds "
+                f"{stock.unrestricted + stock.blocked}"
+            )
+    receipt.cancelled_by = event.event_id
+    if receipt.receipt_key is not None:
         from_blocked = stock.unrestricted < receipt.good
         if from_blocked:
             stock.blocked -= receipt.good
@@ -379,6 +447,7 @@ def _cancelled(order: OrderState, event: ev.ProductionCancelled, out: Outcome) -
                 batch=receipt.lot,
                 storage_location=order.storage_location,
                 reverses=receipt.receipt_key,
+                reverses_event=event.cancels_event_id,
             )
         )
     out.postings.append(
@@ -412,12 +481,11 @@ def _consumed(order: OrderState, event: ev.MaterialConsumed, out: Outcome) -> No
         component = order.components[event.material] = ComponentState(
             event.quantity.uom
         )
-    if component.uom != event.quantity.uom:
-        raise ValueError(
-            f"consumption {event.event_id} of {event.material} is in "
-            f"{event.quantity.uom} but the order's BOM uses {component.uom}; "
-            "report it in the BOM unit"
-        )
+    quantity = convert_quantity(
+        event.quantity,
+        component.uom,
+        f"consumption {event.event_id} of {event.material} (BOM unit {component.uom})",
+    )
     key = posting_key(order.plant, GOODS_ISSUE, event.event_id)
     out.postings.append(
         _movement(
@@ -426,22 +494,23 @@ def _consumed(order: OrderState, event: ev.MaterialConsumed, out: Outcome) -> No
             GOODS_ISSUE,
             key,
             material=event.material,
-            quantity=event.quantity.value,
-            uom=event.quantity.uom,
+            quantity=quantity,
+            uom=component.uom,
             stock_type="unrestricted",
             batch=event.lot,
             storage_location=event.storage_location,
         )
     )
-    component.actual += event.quantity.value
+    component.actual += quantity
     order.consumptions[event.event_id] = Consumption(
         key,
         event.material,
-        event.quantity.value,
-        event.quantity.uom,
+        quantity,
+        component.uom,
         event.lot,
         event.storage_location,
     )
+    out.facts = {"material": event.material, "quantity": quantity, "uom": component.uom}
 
 
 def _reversed(order: OrderState, event: ev.ConsumptionReversed, out: Outcome) -> None:
@@ -452,6 +521,7 @@ def _reversed(order: OrderState, event: ev.ConsumptionReversed, out: Outcome) ->
             f"consumption {event.reverses_event_id} to reverse is not applied to order "
             f"{order.order_id}",
         )
+    out.facts = {"refers_to": event.reverses_event_id}
     if consumption.reversed_by is not None:
         return
     consumption.reversed_by = event.event_id
@@ -468,6 +538,7 @@ def _reversed(order: OrderState, event: ev.ConsumptionReversed, out: Outcome) ->
             batch=consumption.lot,
             storage_location=consumption.storage_location,
             reverses=consumption.key,
+            reverses_event=event.reverses_event_id,
         )
     )
     order.components[consumption.material].actual -= consumption.quantity
@@ -486,6 +557,7 @@ def apply_hold(
     `record` adds the hold's row; a plant-wide hold records one row for the plant instead.
     """
     order.holds[hold.hold_id] = hold
+    out.facts = hold_facts(hold)
     for lot, stock in sorted(order.stock.items()):
         if stock.unrestricted > 0 and _hold_covers(hold, lot, order.material):
             out.postings.append(
@@ -510,6 +582,16 @@ def apply_hold(
     _refresh_status(order)
     if record:
         out.add_row("holds", _hold_row(order, hold, released_at=None))
+
+
+def hold_facts(hold: HoldState) -> dict[str, object]:
+    """Return the ledger facts of a hold: its id, scope, lot and material."""
+    return {
+        "hold_id": hold.hold_id,
+        "hold_scope": hold.scope,
+        "lot": hold.lot,
+        "material": hold.material,
+    }
 
 
 def release_hold(
@@ -556,6 +638,7 @@ def release_hold(
 
 
 def _released(order: OrderState, event: ev.QualityHoldReleased, out: Outcome) -> None:
+    out.facts = {"hold_id": event.hold_id}
     if release_hold(order, event, out) is None:
         raise Unmatched(
             f"hold:{event.hold_id}",
@@ -658,4 +741,7 @@ def apply_order_event(order: OrderState, event: ev.PlantEvent) -> Outcome:
                 f"event type {event.__struct_config__.tag} has no order logic"
             )
     _touch(order, event)
+    # A receipt into blocked stock, or a cancellation that empties it, changes whether
+    # the order is on hold, whatever order the hold and the receipt arrived in.
+    _refresh_status(order)
     return out

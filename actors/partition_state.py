@@ -8,7 +8,12 @@ For each message of a batch it:
    was seen with a different payload (a reused id is an anomaly, never a duplicate);
 3. parks it if a prerequisite is missing (its order's release, the event it cancels, the
    hold it releases), to apply it when the prerequisite arrives;
-4. applies it to the order or machine, collecting the ERP postings and snapshot rows.
+4. applies it to the order or machine, collecting the ERP postings and snapshot rows;
+5. records what became of it (applied, parked, duplicate or dead letter) in the event
+   ledger, which `plantstream reconcile` checks the postings against.
+
+docs/semantics.md states the rules for duplicates, order of arrival, late events, holds,
+reversals and units that these steps implement.
 
 The whole state round-trips through `checkpoint()` and `restore()` as MessagePack.
 """
@@ -20,6 +25,8 @@ import hashlib
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterable
+from decimal import Decimal
 from typing import Any
 
 import msgspec
@@ -28,11 +35,13 @@ import pyarrow as pa
 from actors.machines import DowntimeNotStarted, MachineTrack, apply_machine_event
 from actors.orders import (
     HoldState,
+    NegativeStock,
     OrderState,
     Outcome,
     Unmatched,
     apply_hold,
     apply_order_event,
+    hold_facts,
     release_hold,
     release_order,
 )
@@ -94,6 +103,17 @@ class Parked(msgspec.Struct, array_like=True):
     waiting_for: str
     parked_at: float  # wall clock, seconds since the epoch
     index: int = -1
+    primary: bool = True
+
+
+class PlantClock(msgspec.Struct):
+    """Event time of one plant as this partition has seen it."""
+
+    watermark: dt.datetime | None = None
+    events: int = 0
+    late_events: int = 0
+    max_lateness_us: int = 0
+    future_rejected: int = 0
 
 
 class Checkpoint(msgspec.Struct):
@@ -107,6 +127,7 @@ class Checkpoint(msgspec.Struct):
     parked: dict[str, list[Parked]]
     plant_holds: dict[str, HoldState]
     counts: dict[str, int]
+    clocks: dict[str, PlantClock] = {}
 
 
 def _key_or_none(data: bytes) -> EventKey | None:
@@ -178,7 +199,12 @@ class PartitionState:
         self.parked: dict[str, list[Parked]] = {}
         self.plant_holds: dict[str, HoldState] = {}
         self.counts: Counter[str] = Counter()
+        self.clocks: dict[str, PlantClock] = {}
         self._dirty_orders: set[str] = set()
+        self._dirty_clocks: set[str] = set()
+        self._calendars_written: set[str] = set()
+        self._facts: dict[str, object] = {}
+        self._ledger_rows: list[tuple[object, ...]] = []
         self._rows: dict[str, list[dict[str, object]]] = {}
         self._last_expiry_scan = time.time()
         # Per batch, reset by apply_batch.
@@ -220,8 +246,13 @@ class PartitionState:
             self._reject(message, "malformed", str(error), _key_or_none(message.data))
             return
 
+        now = dt.datetime.now(dt.UTC)
+        clock = self._clock(event.plant)
         max_ahead = dt.timedelta(seconds=self.settings.max_future_s)
-        if event.occurred_at - dt.datetime.now(dt.UTC) > max_ahead:
+        if event.occurred_at - now > max_ahead:
+            # Rejected before the watermark moves, so a fast clock never makes the
+            # plant's correct events look late.
+            clock.future_rejected += 1
             self._reject(
                 message,
                 "future_time",
@@ -234,9 +265,14 @@ class PartitionState:
 
         payload_hash = _payload_hash(event)
         known = self.seen.get(event.event_id)
+        if known is None and event.order is not None:
+            order = self.orders.get(f"{event.plant}\x1f{event.order}")
+            if order is not None:
+                known = order.event_ids.get(event.event_id)
         if known is not None:
             if known == payload_hash:
                 self.counts["duplicates"] += 1
+                self._ledger(event, message, "duplicate")
             else:
                 self._reject(
                     message,
@@ -247,7 +283,69 @@ class PartitionState:
                 )
             return
         self._remember(event.event_id, payload_hash)
-        self._apply(event, message)
+        self._observe_time(clock, event.occurred_at, now)
+        self._apply(event, message, payload_hash)
+
+    def _clock(self, plant: str) -> PlantClock:
+        clock = self.clocks.get(plant)
+        if clock is None:
+            clock = self.clocks[plant] = PlantClock()
+        if plant not in self._calendars_written:
+            self._calendars_written.add(plant)
+            self._rows.setdefault("plant_calendars", []).append(
+                {
+                    "plant": plant,
+                    "time_zone": self.settings.time_zones().get(plant),
+                    "shift_start_min": self.settings.shift_start_min(),
+                    "shift_length_min": self.settings.shift_hours * 60,
+                }
+            )
+        self._dirty_clocks.add(plant)
+        return clock
+
+    def _observe_time(
+        self, clock: PlantClock, occurred_at: dt.datetime, now: dt.datetime
+    ) -> None:
+        # The watermark never passes the host clock: an event allowed a little ahead
+        # (max_future_s) must not make the plant's next correct events count as late.
+        clock.events += 1
+        watermark = clock.watermark
+        if watermark is None or occurred_at > watermark:
+            clock.watermark = min(occurred_at, now)
+            return
+        lateness = watermark - occurred_at
+        if lateness.total_seconds() > self.settings.lateness_tolerance_s:
+            clock.late_events += 1
+        lateness_us = lateness // dt.timedelta(microseconds=1)
+        if lateness_us > clock.max_lateness_us:
+            clock.max_lateness_us = lateness_us
+
+    def _ledger(
+        self,
+        event: ev.PlantEvent,
+        message: SourceMessage,
+        status: str,
+        reason: str | None = None,
+        facts: dict[str, object] | None = None,
+    ) -> None:
+        # Ledger rows are tuples in the column order of the `events` table, turned into
+        # Arrow columns at the snapshot, because a dict per message costs more.
+        offset = event.occurred_at.utcoffset()
+        self._ledger_rows.append(
+            (
+                message.stream_seq,
+                message.index,
+                event.event_id,
+                event.plant,
+                event.order,
+                event.__struct_config__.tag,
+                status,
+                reason,
+                event.occurred_at,
+                int(offset.total_seconds()) if offset is not None else None,
+                *(_NO_FACTS if not facts else [facts.get(c) for c in FACT_COLUMNS]),
+            )
+        )
 
     def _accept_copy(self, message: SourceMessage) -> None:
         # The primary copy validates and reports; a copy only applies what is valid.
@@ -260,7 +358,36 @@ class PartitionState:
             return
         self._remember(event.event_id, payload_hash)
         if isinstance(event, ev.QualityHoldApplied | ev.QualityHoldReleased):
-            self._apply_plant_hold(event, record=False)
+            self._apply_copy(event, message)
+
+    def _apply_copy(
+        self,
+        event: ev.QualityHoldApplied | ev.QualityHoldReleased,
+        message: SourceMessage,
+    ) -> None:
+        # A release can reach this partition before its hold: the copy waits like the
+        # primary does, but silently, because the primary reports and expires it.
+        try:
+            satisfied = self._apply_plant_hold(event, record=False)
+        except _Park as park:
+            self.parked.setdefault(park.waiting_for, []).append(
+                Parked(
+                    message.stream_seq,
+                    message.subject,
+                    message.data,
+                    event.event_id,
+                    park.waiting_for,
+                    time.time(),
+                    message.index,
+                    primary=False,
+                )
+            )
+            return
+        except ValueError:
+            return  # the primary copy dead-letters it
+        if self.parked:
+            for key in satisfied:
+                self._unpark(key)
 
     def _apply_plant_hold(
         self, event: ev.QualityHoldApplied | ev.QualityHoldReleased, *, record: bool
@@ -326,6 +453,8 @@ class PartitionState:
         event: ev.PlantEvent | EventKey | None = None,
     ) -> None:
         self.counts[f"dead_letter:{reason}"] += 1
+        if isinstance(event, ev.Event):
+            self._ledger(event, message, "dead_letter", reason)
         self._dead.append(
             DeadLetter(
                 reason=reason,
@@ -343,16 +472,33 @@ class PartitionState:
 
     # -- applying ----------------------------------------------------------------------
 
-    def _apply(self, event: ev.PlantEvent, message: SourceMessage) -> None:
+    def _apply(
+        self,
+        event: ev.PlantEvent,
+        message: SourceMessage,
+        payload_hash: int | None = None,
+    ) -> None:
+        self._facts = {}
         try:
             satisfied = self._dispatch(event)
         except _Park as park:
             self._park(event, message, park.waiting_for)
+            self._ledger(event, message, "parked")
+            return
+        except NegativeStock as error:
+            self._reject(message, "negative_stock", str(error), event)
             return
         except ValueError as error:
             self._reject(message, "invalid", str(error), event)
             return
         self.counts["applied"] += 1
+        self._ledger(event, message, "applied", facts=self._facts)
+        if event.order is not None:
+            order = self.orders.get(f"{event.plant}\x1f{event.order}")
+            if order is not None:
+                if payload_hash is None:
+                    payload_hash = _payload_hash(event)
+                order.event_ids[event.event_id] = payload_hash
         if self.parked:
             for key in satisfied:
                 self._unpark(key)
@@ -367,7 +513,7 @@ class PartitionState:
                 track = MachineTrack(plant, event.machine)
                 self.machines[f"{plant}\x1f{event.machine}"] = track
             try:
-                rows = apply_machine_event(track, event)
+                rows = apply_machine_event(track, event, self.settings.machine_history)
             except DowntimeNotStarted as missing:
                 raise _Park(
                     f"downtime:{plant}:{event.machine}:{missing.downtime_id}"
@@ -391,11 +537,23 @@ class PartitionState:
                     "occurred_at": event.occurred_at,
                 }
             )
+            self._facts = {
+                "material": event.material,
+                "quantity": event.quantity.value,
+                "uom": event.quantity.uom,
+            }
             return satisfied
         if event.order is None and isinstance(
             event, ev.QualityHoldApplied | ev.QualityHoldReleased
         ):
-            return satisfied + self._apply_plant_hold(event, record=True)
+            satisfied += self._apply_plant_hold(event, record=True)
+            if isinstance(event, ev.QualityHoldApplied):
+                self._facts = hold_facts(
+                    self.plant_holds[f"{plant}\x1f{event.hold_id}"]
+                )
+            else:
+                self._facts = {"hold_id": event.hold_id}
+            return satisfied
         if event.order is None:
             raise ValueError(
                 f"{event.__struct_config__.tag} event {event.event_id} names no order; "
@@ -414,6 +572,11 @@ class PartitionState:
                     order.holds[hold.hold_id] = hold
             self.orders[order_key] = order
             self._dirty_orders.add(order_key)
+            self._facts = {
+                "material": event.material,
+                "quantity": event.quantity.value,
+                "uom": event.quantity.uom,
+            }
             satisfied.append(f"release:{plant}:{event.order}")
             return satisfied
         order = self.orders.get(order_key)
@@ -427,6 +590,7 @@ class PartitionState:
             raise _Park(f"{kind}:{plant}:{ident}") from None
         self._dirty_orders.add(order_key)
         self._collect(outcome)
+        self._facts = outcome.facts
         if isinstance(event, ev.QualityHoldApplied):
             satisfied.append(f"hold:{plant}:{event.hold_id}")
         return satisfied
@@ -489,12 +653,19 @@ class PartitionState:
         waiting = self.parked.pop(key, None)
         if not waiting:
             return
-        for parked in sorted(waiting, key=lambda p: p.stream_seq):
-            self.counts["unparked"] += 1
+        for parked in sorted(waiting, key=lambda p: (p.stream_seq, p.index)):
             event = decode_event(parked.data)
             message = SourceMessage(
-                parked.stream_seq, parked.subject, parked.data, True, parked.index
+                parked.stream_seq,
+                parked.subject,
+                parked.data,
+                parked.primary,
+                parked.index,
             )
+            if not parked.primary:
+                self._apply_copy(event, message)  # type: ignore[arg-type]
+                continue
+            self.counts["unparked"] += 1
             self._parked_row(event, parked.stream_seq, key, "applied")
             self._apply(event, message)
 
@@ -506,6 +677,8 @@ class PartitionState:
                 if parked.parked_at >= deadline:
                     keep.append(parked)
                     continue
+                if not parked.primary:
+                    continue  # its primary copy expires and reports it
                 event = decode_event(parked.data)
                 message = SourceMessage(
                     parked.stream_seq, parked.subject, parked.data, True, parked.index
@@ -527,6 +700,16 @@ class PartitionState:
         """Return the rows changed since the last snapshot, as Arrow tables."""
         rows = self._rows
         self._rows = {}
+        tables: dict[str, pa.Table] = {}
+        if self._ledger_rows:
+            tables["events"] = _ledger_table(self._ledger_rows)
+            self._ledger_rows = []
+        if self._dirty_clocks:
+            rows["plant_clocks"] = [
+                _clock_row(plant, self.partition, self.clocks[plant])
+                for plant in sorted(self._dirty_clocks)
+            ]
+            self._dirty_clocks = set()
         orders = [self.orders[key] for key in sorted(self._dirty_orders)]
         self._dirty_orders = set()
         if orders:
@@ -543,13 +726,12 @@ class PartitionState:
                 for order in orders
                 for material, component in order.components.items()
             ]
-        return {
-            table: pa.Table.from_pylist(
-                _last_per_key(table, table_rows), schema=TABLES[table].schema
-            )
-            for table, table_rows in rows.items()
-            if table_rows
-        }
+        for table, table_rows in rows.items():
+            if table_rows:
+                tables[table] = pa.Table.from_pylist(
+                    _last_per_key(table, table_rows), schema=TABLES[table].schema
+                )
+        return tables
 
     def checkpoint(self) -> bytes:
         """Serialise the state, with the last stream sequence it has applied."""
@@ -563,6 +745,7 @@ class PartitionState:
                 self.parked,
                 self.plant_holds,
                 dict(self.counts),
+                self.clocks,
             )
         )
 
@@ -579,6 +762,7 @@ class PartitionState:
         state.parked = saved.parked
         state.plant_holds = saved.plant_holds
         state.counts = Counter(saved.counts)
+        state.clocks = saved.clocks
         # Snapshot rows not yet written were lost with the old process; rewriting every
         # order brings the tables back in step with the restored state.
         state._dirty_orders = set(saved.orders)
@@ -598,6 +782,55 @@ class PartitionState:
             "counts": dict(self.counts),
         }
 
+    def forget_plant(self, plant: str, event_ids: Iterable[str]) -> int:
+        """Drop a plant's orders, machines, holds, parked events, clock and `event_ids`.
+
+        `plantstream replay` calls this before it applies the plant's events again, so
+        that they are applied instead of dropped as duplicates. Return the number of
+        orders, machines and plant-wide holds dropped.
+        """
+        prefix = f"{plant}\x1f"
+        dropped = 0
+        for entities in (self.orders, self.machines, self.plant_holds):
+            for key in [key for key in entities if key.startswith(prefix)]:
+                del entities[key]
+                dropped += 1
+        self._dirty_orders = {k for k in self._dirty_orders if not k.startswith(prefix)}
+        # Prerequisite keys name their plant second: "release:P1:4711".
+        for key in [key for key in self.parked if key.split(":", 2)[1:2] == [plant]]:
+            del self.parked[key]
+        self.clocks.pop(plant, None)
+        self._dirty_clocks.discard(plant)
+        for event_id in event_ids:
+            self.seen.pop(event_id, None)
+        return dropped
+
+
+FACT_COLUMNS = (
+    "material",
+    "quantity",
+    "uom",
+    "lot",
+    "refers_to",
+    "hold_id",
+    "hold_scope",
+)
+"""Ledger columns that come from what applying the event found (`Outcome.facts`)."""
+
+_NO_FACTS = (None,) * len(FACT_COLUMNS)
+
+
+def _ledger_table(rows: list[tuple[object, ...]]) -> pa.Table:
+    # A parked event is recorded again when it is applied or expires, with the same
+    # (stream_seq, batch_index) key; the sink must see only the last row of a key.
+    latest = list({(row[0], row[1]): row for row in rows}.values())
+    schema = TABLES["events"].schema
+    columns = list(zip(*latest, strict=True))
+    return pa.Table.from_arrays(
+        [pa.array(c, type=f.type) for c, f in zip(columns, schema, strict=True)],
+        schema=schema,
+    )
+
 
 class _Park(Exception):
     def __init__(self, waiting_for: str) -> None:
@@ -611,6 +844,18 @@ def _last_per_key(table: str, rows: list[dict[str, object]]) -> list[dict[str, o
     key_columns = TABLES[table].primary_key
     latest = {tuple(row.get(c) for c in key_columns): row for row in rows}
     return list(latest.values())
+
+
+def _clock_row(plant: str, partition: int, clock: PlantClock) -> dict[str, object]:
+    return {
+        "plant": plant,
+        "partition": partition,
+        "watermark": clock.watermark,
+        "events": clock.events,
+        "late_events": clock.late_events,
+        "max_lateness_s": Decimal(clock.max_lateness_us).scaleb(-6),
+        "future_rejected": clock.future_rejected,
+    }
 
 
 def _plant_hold_row(

@@ -2,26 +2,109 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import zoneinfo
 from dataclasses import dataclass
 
-__all__ = ["StateSettings"]
+__all__ = ["StateSettings", "parse_plant_timezones"]
+
+
+def parse_plant_timezones(raw: str) -> dict[str, str]:
+    """Parse "P01=Europe/Berlin,P02=America/Chicago" into a dict of IANA zone names.
+
+    Raises ValueError naming the entry that has no "=" or names an unknown zone.
+    """
+    zones: dict[str, str] = {}
+    for entry in raw.split(","):
+        entry = entry.strip()
+        if not entry:
+            continue
+        plant, sep, zone = entry.partition("=")
+        plant, zone = plant.strip(), zone.strip()
+        if not sep or not plant or not zone:
+            raise ValueError(
+                f"plant time zone entry {entry!r} is not PLANT=Area/City; write it as "
+                "e.g. P01=Europe/Berlin"
+            )
+        try:
+            zoneinfo.ZoneInfo(zone)
+        except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"time zone {zone!r} of plant {plant} is not an IANA time zone name; "
+                "use a name such as Europe/Berlin or America/Chicago"
+            ) from None
+        zones[plant] = zone
+    return zones
 
 
 @dataclass(frozen=True)
 class StateSettings:
-    """Limits of the per-partition state; each has the environment variable that sets it."""
+    """Per-partition state limits, each with the environment variable that sets it."""
 
     dedup_max_ids: int = 2_000_000
     """Event ids each partition remembers for deduplication (PLANTSTREAM_DEDUP_MAX_IDS).
-    The oldest ids are forgotten first; a duplicate older than that is applied again."""
+    The oldest ids are forgotten first. An order keeps the ids of the events applied to
+    it, so a duplicate of an order event is still recognised after that. Any other
+    duplicate of a forgotten id is applied again."""
 
     park_timeout_s: float = 24 * 3600.0
-    """How long an event waits for its prerequisite, such as its order's release, before it
-    becomes a dead letter (PLANTSTREAM_PARK_TIMEOUT_S). Measured on the wall clock."""
+    """How long an event waits for its prerequisite, such as its order's release,
+    before it becomes a dead letter (PLANTSTREAM_PARK_TIMEOUT_S). Wall-clock seconds,
+    checked every few seconds while batches arrive."""
 
     max_future_s: float = 300.0
     """How far an event's occurred_at may lie ahead of this host's clock before it is
     rejected as a fast plant clock (PLANTSTREAM_MAX_FUTURE_S)."""
+
+    lateness_tolerance_s: float = 300.0
+    """How far behind its plant's watermark an event may arrive before it counts as
+    late in `plant_clocks` (PLANTSTREAM_LATENESS_TOLERANCE_S). Late events are still
+    applied."""
+
+    machine_history: int = 256
+    """Closed state intervals each machine keeps, so that a state change arriving late
+    is inserted into its history (PLANTSTREAM_MACHINE_HISTORY). A state change older
+    than the oldest kept interval is dead-lettered."""
+
+    plant_timezones: str = ""
+    """IANA time zone per plant for the plant-local day and shift views, as
+    "P01=Europe/Berlin,P02=America/Chicago" (PLANTSTREAM_PLANT_TIMEZONES). A plant
+    without one is bucketed by the UTC offset its events carry."""
+
+    shift_start: str = "06:00"
+    """Plant-local start of the first shift of a day, HH:MM (PLANTSTREAM_SHIFT_START). A
+    shift belongs to the day on which it starts."""
+
+    shift_hours: int = 8
+    """Length of a shift in hours; it must divide 24 (PLANTSTREAM_SHIFT_HOURS)."""
+
+    def __post_init__(self) -> None:
+        parse_plant_timezones(self.plant_timezones)
+        self.shift_start_min()
+        if self.shift_hours < 1 or 24 % self.shift_hours:
+            raise ValueError(
+                f"shift_hours must divide 24 (1, 2, 3, 4, 6, 8, 12 or 24), got "
+                f"{self.shift_hours}"
+            )
+        if self.machine_history < 1:
+            raise ValueError(
+                f"machine_history must be at least 1, got {self.machine_history}"
+            )
+
+    def shift_start_min(self) -> int:
+        """Return the first shift's start in minutes after local midnight."""
+        try:
+            start = dt.time.fromisoformat(self.shift_start)
+        except ValueError:
+            raise ValueError(
+                f"shift_start {self.shift_start!r} is not a time of day; write it as "
+                "HH:MM, e.g. 06:00"
+            ) from None
+        return start.hour * 60 + start.minute
+
+    def time_zones(self) -> dict[str, str]:
+        """Return the configured IANA time zone per plant."""
+        return parse_plant_timezones(self.plant_timezones)
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> StateSettings:

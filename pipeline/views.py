@@ -23,6 +23,10 @@ falls into exactly one category, by this precedence when intervals overlap:
 Because the categories never overlap, overlapping down intervals count once. Down time
 covered by two reasons is attributed to the interval that started first (ties go to the
 reason that sorts first), which `downtime_by_reason` shows.
+
+A machine with production reports but no `machine_states` row at all has no known time
+model: its time columns, availability, performance and OEE are null, not 0, and
+`has_state_data` is false. Its quantities and quality still count.
 """
 
 from __future__ import annotations
@@ -168,7 +172,10 @@ WHERE ended_at IS NOT NULL
 # whenever all three are defined, and is 0 when planned busy time passed without output.
 OEE = """
 CREATE OR REPLACE VIEW oee AS
-WITH machine_time AS (
+WITH state_machines AS (
+    SELECT DISTINCT plant, machine FROM machine_states
+),
+machine_time AS (
     SELECT
         plant,
         machine,
@@ -192,7 +199,8 @@ reports AS (
         coalesce(scrap_quantity, 0) AS scrap,
         coalesce(good_quantity, 0) + coalesce(scrap_quantity, 0)
             + coalesce(rework_quantity, 0) AS produced,
-        ideal_cycle_time_s
+        ideal_cycle_time_s,
+        occurred_at
     FROM production
     WHERE NOT coalesce(cancelled, false) AND work_center IS NOT NULL
 ),
@@ -200,6 +208,8 @@ output AS (
     SELECT
         plant,
         machine,
+        min(occurred_at) AS first_report_at,
+        max(occurred_at) AS last_report_at,
         CAST(sum(produced) AS DECIMAL(38, 9)) AS produced_quantity,
         CAST(sum(good) AS DECIMAL(38, 9)) AS good_quantity,
         CAST(sum(scrap) AS DECIMAL(38, 9)) AS scrap_quantity,
@@ -213,22 +223,39 @@ output AS (
 ),
 totals AS (
     SELECT
-        t.plant,
-        t.machine,
-        t.window_start,
-        t.window_end,
-        CAST(t.window_s - t.planned_s AS DECIMAL(38, 6)) AS planned_busy_time_s,
-        CAST(t.running_s AS DECIMAL(38, 6)) AS actual_production_time_s,
-        CAST(t.unplanned_s AS DECIMAL(38, 6)) AS unplanned_down_time_s,
-        CAST(t.planned_s AS DECIMAL(38, 6)) AS planned_down_time_s,
-        CAST(t.idle_s AS DECIMAL(38, 6)) AS idle_time_s,
+        m.plant,
+        m.machine,
+        coalesce(t.window_start, o.first_report_at) AS window_start,
+        coalesce(t.window_end, o.last_report_at) AS window_end,
+        s.machine IS NOT NULL AS has_state_data,
+        CASE WHEN s.machine IS NOT NULL
+            THEN CAST(t.window_s - t.planned_s AS DECIMAL(38, 6))
+        END AS planned_busy_time_s,
+        CASE WHEN s.machine IS NOT NULL
+            THEN CAST(t.running_s AS DECIMAL(38, 6))
+        END AS actual_production_time_s,
+        CASE WHEN s.machine IS NOT NULL
+            THEN CAST(t.unplanned_s AS DECIMAL(38, 6))
+        END AS unplanned_down_time_s,
+        CASE WHEN s.machine IS NOT NULL
+            THEN CAST(t.planned_s AS DECIMAL(38, 6))
+        END AS planned_down_time_s,
+        CASE WHEN s.machine IS NOT NULL
+            THEN CAST(t.idle_s AS DECIMAL(38, 6))
+        END AS idle_time_s,
         coalesce(o.produced_quantity, 0) AS produced_quantity,
         coalesce(o.good_quantity, 0) AS good_quantity,
         coalesce(o.scrap_quantity, 0) AS scrap_quantity,
         coalesce(o.ideal_time_s, 0) AS ideal_time_s,
         coalesce(o.reports_without_ideal_time, 0) AS reports_without_ideal_time
-    FROM machine_time AS t
+    FROM (
+        SELECT plant, machine FROM machine_time
+        UNION
+        SELECT plant, machine FROM output
+    ) AS m
+    LEFT JOIN machine_time AS t USING (plant, machine)
     LEFT JOIN output AS o USING (plant, machine)
+    LEFT JOIN state_machines AS s USING (plant, machine)
 ),
 ratios AS (
     SELECT
@@ -260,17 +287,20 @@ SELECT
     scrap_quantity,
     ideal_time_s,
     availability,
-    least(raw_performance, 1.0) AS performance,
+    -- least() skips NULL arguments, so the cap must not turn a missing ratio into 1.
+    CASE WHEN raw_performance IS NOT NULL THEN least(raw_performance, 1.0) END
+        AS performance,
     quality,
     CASE
-        WHEN planned_busy_time_s <= 0 THEN NULL
+        WHEN planned_busy_time_s IS NULL OR planned_busy_time_s <= 0 THEN NULL
         WHEN produced_quantity <= 0 THEN 0.0
         ELSE CAST(least(ideal_time_s, actual_production_time_s) AS DOUBLE)
             / CAST(planned_busy_time_s AS DOUBLE) * quality
     END AS oee,
     ideal_time_s > actual_production_time_s AS performance_flag,
     raw_performance,
-    reports_without_ideal_time
+    reports_without_ideal_time,
+    has_state_data
 FROM ratios
 """
 
@@ -294,7 +324,8 @@ WITH sums AS (
         sum(good_quantity) AS good_quantity,
         sum(scrap_quantity) AS scrap_quantity,
         sum(ideal_time_s) AS ideal_time_s,
-        sum(least(ideal_time_s, actual_production_time_s)) AS capped_ideal_time_s,
+        sum(least(ideal_time_s, actual_production_time_s))
+            FILTER (WHERE has_state_data) AS capped_ideal_time_s,
         count(*) FILTER (WHERE performance_flag) AS flagged_machines
     FROM oee
     GROUP BY plant
@@ -333,7 +364,7 @@ SELECT
     performance,
     quality,
     CASE
-        WHEN planned_busy_time_s <= 0 THEN NULL
+        WHEN planned_busy_time_s IS NULL OR planned_busy_time_s <= 0 THEN NULL
         WHEN produced_quantity <= 0 THEN 0.0
         ELSE CAST(capped_ideal_time_s AS DOUBLE)
             / CAST(planned_busy_time_s AS DOUBLE) * quality
@@ -482,6 +513,107 @@ WHERE delta IS NOT NULL
 GROUP BY plant, material, stock_type, uom
 """
 
+# Production per plant-local day and shift. The local time uses the plant's IANA zone
+# from `plant_calendars` when one is configured, and otherwise the UTC offset the event
+# itself carried (`events.utc_offset_s`). A shift belongs to the day it starts on, so a
+# night shift from 22:00 to 06:00 counts on the day of its 22:00 start.
+PRODUCTION_LOCAL = """
+CREATE OR REPLACE VIEW production_local AS
+WITH offsets AS (
+    SELECT plant, event_id, any_value(utc_offset_s) AS utc_offset_s
+    FROM events
+    WHERE status = 'applied' AND event_type = 'production_confirmed'
+    GROUP BY plant, event_id
+),
+reports AS (
+    SELECT
+        p.*,
+        c.time_zone,
+        coalesce(c.shift_start_min, 360) AS shift_start_min,
+        coalesce(c.shift_length_min, 480) AS shift_length_min,
+        CASE
+            WHEN c.time_zone IS NOT NULL THEN timezone(c.time_zone, p.occurred_at)
+            ELSE timezone('UTC', p.occurred_at)
+                + to_seconds(coalesce(o.utc_offset_s, 0))
+        END AS local_time
+    FROM production AS p
+    LEFT JOIN plant_calendars AS c USING (plant)
+    LEFT JOIN offsets AS o USING (plant, event_id)
+    WHERE NOT coalesce(p.cancelled, false)
+),
+shifted AS (
+    SELECT
+        *,
+        local_time - to_minutes(shift_start_min) AS since_first_shift
+    FROM reports
+)
+SELECT
+    event_id,
+    plant,
+    order_id,
+    work_center,
+    good_quantity,
+    scrap_quantity,
+    rework_quantity,
+    uom,
+    occurred_at,
+    time_zone,
+    local_time,
+    CAST(local_time AS DATE) AS local_date,
+    CAST(since_first_shift AS DATE) AS shift_date,
+    CAST(
+        (hour(since_first_shift) * 60 + minute(since_first_shift)) // shift_length_min
+        + 1 AS INTEGER
+    ) AS shift
+FROM shifted
+"""
+
+PRODUCTION_BY_SHIFT = """
+CREATE OR REPLACE VIEW production_by_shift AS
+SELECT
+    plant,
+    shift_date,
+    shift,
+    work_center,
+    uom,
+    CAST(sum(good_quantity) AS DECIMAL(38, 9)) AS good_quantity,
+    CAST(sum(scrap_quantity) AS DECIMAL(38, 9)) AS scrap_quantity,
+    CAST(sum(rework_quantity) AS DECIMAL(38, 9)) AS rework_quantity,
+    count(*) AS reports
+FROM production_local
+GROUP BY plant, shift_date, shift, work_center, uom
+"""
+
+PRODUCTION_BY_DAY = """
+CREATE OR REPLACE VIEW production_by_day AS
+SELECT
+    plant,
+    local_date,
+    uom,
+    CAST(sum(good_quantity) AS DECIMAL(38, 9)) AS good_quantity,
+    CAST(sum(scrap_quantity) AS DECIMAL(38, 9)) AS scrap_quantity,
+    CAST(sum(rework_quantity) AS DECIMAL(38, 9)) AS rework_quantity,
+    count(*) AS reports
+FROM production_local
+GROUP BY plant, local_date, uom
+"""
+
+# Every partition keeps its own clock per plant; the plant's watermark is the latest of
+# them, and its counters are their sums.
+PLANT_LATENESS = """
+CREATE OR REPLACE VIEW plant_lateness AS
+SELECT
+    plant,
+    max(watermark) AS watermark,
+    sum(events) AS events,
+    sum(late_events) AS late_events,
+    max(max_lateness_s) AS max_lateness_s,
+    sum(future_rejected) AS future_rejected,
+    count(*) AS partitions
+FROM plant_clocks
+GROUP BY plant
+"""
+
 MACROS: dict[str, str] = {
     "quantity_units": QUANTITY_UNITS,
     "product_units": PRODUCT_UNITS,
@@ -495,4 +627,8 @@ VIEWS: dict[str, str] = {
     "downtime_by_reason": DOWNTIME_BY_REASON,
     "material_variance": MATERIAL_VARIANCE,
     "stock": STOCK,
+    "production_local": PRODUCTION_LOCAL,
+    "production_by_shift": PRODUCTION_BY_SHIFT,
+    "production_by_day": PRODUCTION_BY_DAY,
+    "plant_lateness": PLANT_LATENESS,
 }

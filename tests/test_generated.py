@@ -22,6 +22,7 @@ from contracts.events import (
     ProductionConfirmed,
     QualityHoldApplied,
     QualityHoldReleased,
+    Quantity,
     WorkOrderReleased,
 )
 from contracts.postings import (
@@ -33,6 +34,7 @@ from contracts.postings import (
     TO_BLOCKED,
 )
 from pipeline.sources.generated import (
+    ANOMALY_REASONS,
     BAD_REASONS,
     Expected,
     GeneratedMessage,
@@ -54,8 +56,15 @@ def _valid(
     messages: list[GeneratedMessage],
 ) -> list[tuple[GeneratedMessage, PlantEvent]]:
     return [
-        (m, decode_event(m.data)) for m in messages if not m.kind.startswith("bad:")
+        (m, decode_event(m.data))
+        for m in messages
+        if not m.kind.startswith(("bad:", "anomaly:"))
     ]
+
+
+def _in_bom_unit(quantity: Quantity) -> Decimal:
+    # The generator reports some KG consumptions in G; 1 G is exactly 0.001 KG.
+    return quantity.value.scaleb(-3) if quantity.uom == "G" else quantity.value
 
 
 def _originals(messages: list[GeneratedMessage]) -> list[PlantEvent]:
@@ -277,7 +286,7 @@ def test_consumption_near_standard(stream: Stream) -> None:
                 standard[key] = component.quantity.value
         elif isinstance(event, MaterialConsumed):
             key = (event.plant, event.order or "", event.material)
-            actual[key] += event.quantity.value
+            actual[key] += _in_bom_unit(event.quantity)
     ratios = [actual[key] / standard[key] for key in standard]
     close = sum(Decimal("0.94") <= r <= Decimal("1.06") for r in ratios)
     assert close / len(ratios) > 0.9
@@ -335,6 +344,7 @@ def test_overlapping_downtimes_counted(stream: Stream) -> None:
 def _replay(messages: list[GeneratedMessage]) -> Expected:
     """Apply the posting rules of the module docstring to the messages in list order."""
     truth = Expected()
+    now = dt.datetime.now(dt.UTC)
     seen: set[str] = set()
     released: dict[tuple[str, str], str] = {}
     parked: dict[tuple[str, str], list[PlantEvent]] = defaultdict(list)
@@ -384,7 +394,7 @@ def _replay(messages: list[GeneratedMessage]) -> Expected:
             )
             unrestricted[order] -= cancelled.good.value
         elif isinstance(event, MaterialConsumed):
-            post(event.plant, event.material, GOODS_ISSUE, event.quantity.value)
+            post(event.plant, event.material, GOODS_ISSUE, _in_bom_unit(event.quantity))
         elif isinstance(event, ConsumptionReversed):
             reversed_ = applied[event.reverses_event_id]
             assert isinstance(reversed_, MaterialConsumed)
@@ -392,7 +402,7 @@ def _replay(messages: list[GeneratedMessage]) -> Expected:
                 event.plant,
                 reversed_.material,
                 GOODS_ISSUE_REVERSAL,
-                reversed_.quantity.value,
+                _in_bom_unit(reversed_.quantity),
             )
         elif isinstance(event, InspectionRecorded) and event.result == "fail":
             hold(order)
@@ -407,6 +417,8 @@ def _replay(messages: list[GeneratedMessage]) -> Expected:
             event = decode_event(message.data)
         except msgspec.DecodeError:
             continue
+        if event.occurred_at > now + dt.timedelta(minutes=5):
+            continue  # dead-lettered as future_time
         if event.event_id in seen:
             continue
         seen.add(event.event_id)
@@ -483,11 +495,29 @@ def test_zero_rates_no_faults() -> None:
         duplicate_rate=0,
         out_of_order_rate=0,
         bad_rate=0,
+        anomaly_rate=0,
+        gram_rate=0,
     )
     messages, expected = generate(spec)
     assert {m.kind for m in messages} == {"event"}
     assert expected.duplicates == 0
     assert expected.out_of_order_events == 0
+    assert expected.gram_quantities == 0
+
+
+def test_anomalies_every_kind(stream: Stream) -> None:
+    messages, expected = stream
+    kinds = Counter(m.kind for m in messages if m.kind.startswith("anomaly:"))
+    assert set(kinds) == {f"anomaly:{reason}" for reason in ANOMALY_REASONS}
+    for reason in ANOMALY_REASONS:
+        assert expected.anomalies[reason] == kinds[f"anomaly:{reason}"]
+
+
+def test_gram_quantities_present(stream: Stream) -> None:
+    messages, expected = stream
+    grams = [m for m in messages if m.kind == "event" and b'"uom":"G"' in m.data]
+    assert expected.gram_quantities > 0
+    assert len(grams) == expected.gram_quantities
 
 
 def test_large_spec_generates() -> None:

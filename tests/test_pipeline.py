@@ -68,7 +68,9 @@ def test_counts_match_truth(run: JobResult, generated: tuple[list, Expected]) ->
     assert counts["events_in"] == expected.messages
     assert counts["applied"] == expected.events
     assert counts["duplicates"] == expected.duplicates
-    assert sum(run.report.dead_letters.values()) == expected.bad_total
+    assert sum(run.report.dead_letters.values()) == (
+        expected.bad_total + expected.anomaly_total
+    )
     assert run.totals["applied"] == expected.events
     assert run.totals["duplicates"] == expected.duplicates
 
@@ -119,7 +121,7 @@ def test_dead_letters_keep_bytes_and_position(
         assert letter.subject == original.subject
         assert letter.detail
     reasons = Counter(decode_dead_letter(m.data).reason for m in letters)
-    assert set(reasons) == {"malformed", "invalid"}
+    assert set(reasons) == {"malformed", "invalid", "reused_id", "future_time"}
 
 
 def test_snapshot_tables_filled(
@@ -136,7 +138,7 @@ def test_snapshot_tables_filled(
             "SELECT count(*) FROM parked_events WHERE status='parked'"
         ).fetchone()
     assert orders == dict(expected.orders)
-    assert dead == (expected.bad_total,)
+    assert dead == (expected.bad_total + expected.anomaly_total,)
     assert oee is not None
     assert 0 <= oee[0] <= oee[1] <= 1
     assert oee[2] == SPEC.plants * SPEC.machines_per_plant

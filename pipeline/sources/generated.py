@@ -34,11 +34,18 @@ Faults
   appears once a stream has about 6 / `bad_rate` valid messages.
 - Some `material_consumed` quantities are JSON numbers (`"value":12.345`) instead of
   strings. They must still decode to the exact Decimal.
+- Some `material_consumed` quantities of components kept in KG are reported in G, as a
+  scale at the line would; the pipeline converts them back to the BOM unit exactly.
+- Anomalies: valid messages that must still be dead-lettered, in turn the kinds in
+  `ANOMALY_REASONS`. A "reused_id" message repeats the event id of the message just
+  before it with another payload (another `source`), as a gateway that restarts its id
+  counter would. A "future_time" message is a copy with an id of its own whose
+  occurred_at lies decades ahead, as from a plant clock gone wrong.
 
 What the pipeline should produce (`Expected.movements`)
 --------------------------------------------------------
-Duplicates are dropped by event id and bad messages are dead-lettered. Out-of-order
-messages wait for their release and are applied right after it. Then:
+Duplicates are dropped by event id, and bad messages and anomalies are dead-lettered.
+Out-of-order messages wait for their release and are applied right after it. Then:
 
 - 101: a goods receipt of `good` of the order's material per `production_confirmed` with
   good > 0. It goes to blocked stock while a hold on the order or its lot is active, and
@@ -107,6 +114,7 @@ from contracts.postings import (
 from pipeline.subjects import event_subject
 
 __all__ = [
+    "ANOMALY_REASONS",
     "BAD_REASONS",
     "Expected",
     "GeneratedMessage",
@@ -124,6 +132,10 @@ BAD_REASONS: tuple[str, ...] = (
     "negative_quantity",
 )
 """Kinds of bad message. A bad message's `kind` is "bad:" followed by one of these."""
+
+ANOMALY_REASONS: tuple[str, ...] = ("reused_id", "future_time")
+"""Kinds of anomaly: valid JSON events the pipeline must dead-letter with this reason.
+An anomaly's `kind` is "anomaly:" followed by one of these."""
 
 UNKNOWN_EVENT_TYPE = "tool_wear_measured"
 
@@ -191,6 +203,10 @@ class StreamSpec:
     """Share of orders with consumption or production sent before the release."""
     bad_rate: float = 0.005
     """Bad messages added per valid message."""
+    anomaly_rate: float = 0.002
+    """Anomalies (reused ids, far-future timestamps) added per valid message."""
+    gram_rate: float = 0.1
+    """Share of KG consumptions reported in G."""
     hold_rate: float = 0.05
     """Share of orders that get a quality hold; 85% of those holds are released."""
     reversal_rate: float = 0.01
@@ -209,6 +225,8 @@ class StreamSpec:
             "duplicate_rate",
             "out_of_order_rate",
             "bad_rate",
+            "anomaly_rate",
+            "gram_rate",
             "hold_rate",
             "reversal_rate",
         ):
@@ -228,7 +246,8 @@ class GeneratedMessage(NamedTuple):
     subject: str
     data: bytes
     kind: str
-    """"event", "duplicate", or "bad:<reason>" with a reason from `BAD_REASONS`."""
+    """"event", "duplicate", "bad:<reason>" with a reason from `BAD_REASONS`, or
+    "anomaly:<reason>" with a reason from `ANOMALY_REASONS`."""
 
 
 @dataclass
@@ -249,6 +268,8 @@ class Expected:
     out_of_order_orders: int = 0
     out_of_order_events: int = 0
     json_number_quantities: int = 0
+    gram_quantities: int = 0
+    anomalies: Counter[str] = field(default_factory=Counter)
     orders: Counter[str] = field(default_factory=Counter)
     """Released orders per plant."""
     events_by_type: Counter[str] = field(default_factory=Counter)
@@ -270,6 +291,10 @@ class Expected:
     @property
     def bad_total(self) -> int:
         return sum(self.bad.values())
+
+    @property
+    def anomaly_total(self) -> int:
+        return sum(self.anomalies.values())
 
     def net_receipts(self, plant: str, material: str) -> Decimal:
         """Return the goods receipts (101) minus their reversals (102)."""
@@ -364,6 +389,8 @@ class _StreamBuilder:
         # Starting half way gives a short stream its first bad message early.
         self.bad_credit = 0.5
         self.next_bad = 0
+        self.anomaly_credit = 0.5
+        self.next_anomaly = 0
         self.subjects: dict[tuple[str, str], str] = {}
         self.plants = [self._plant(index) for index in range(spec.plants)]
 
@@ -449,6 +476,27 @@ class _StreamBuilder:
                 expected.messages += 1
                 expected.bad[bad.kind.removeprefix("bad:")] += 1
                 yield bad
+        self.anomaly_credit += self.spec.anomaly_rate
+        if self.anomaly_credit >= 1.0:
+            self.anomaly_credit -= 1.0
+            anomaly = self._anomaly(subject, data)
+            expected.messages += 1
+            expected.anomalies[anomaly.kind.removeprefix("anomaly:")] += 1
+            yield anomaly
+
+    def _anomaly(self, subject: str, data: bytes) -> GeneratedMessage:
+        """Build the next kind of anomaly from the valid message just yielded."""
+        reason = ANOMALY_REASONS[self.next_anomaly % len(ANOMALY_REASONS)]
+        self.next_anomaly += 1
+        body = _generic_decoder.decode(data)
+        if reason == "reused_id":
+            body["source"] = f"{body['source']}-restarted"
+        else:
+            plant = next(p for p in self.plants if p.id == body["plant"])
+            plant.bad += 1
+            body["event_id"] = f"{plant.id}-F{plant.bad:07d}"
+            body["occurred_at"] = "2099" + body["occurred_at"][4:]
+        return GeneratedMessage(subject, encode(body), f"anomaly:{reason}")
 
     def _bad(self, subject: str, data: bytes) -> GeneratedMessage | None:
         """Build the next kind of bad message from a valid one, or None if it cannot."""
@@ -515,6 +563,14 @@ class _StreamBuilder:
             event = record.event
             event_type = event.__struct_config__.tag
             data = encode(event)
+            if (
+                isinstance(event, MaterialConsumed)
+                and event.quantity.uom == "KG"
+                and rng.random() < spec.gram_rate
+            ):
+                grams = Quantity(event.quantity.value.scaleb(3), "G")
+                data = encode(msgspec.structs.replace(event, quantity=grams))
+                self.expected.gram_quantities += 1
             if event_type == "material_consumed" and rng.random() < 0.15:
                 data = _NUMBER_VALUE.sub(rb'"value":\1', data, count=1)
                 self.expected.json_number_quantities += 1

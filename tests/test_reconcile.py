@@ -1,0 +1,81 @@
+"""`plantstream reconcile` on a generated run, and on tampered copies."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+
+import duckdb
+import pytest
+from test_semantics_support import run_on_own_server
+
+from cluster import reconcile
+from pipeline.sources.generated import StreamSpec, generate
+
+
+def _cli(db: Path) -> int:
+    parser = argparse.ArgumentParser()
+    reconcile.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["reconcile", "--db", str(db)])
+    return int(args.handler(args))
+
+
+@pytest.fixture(scope="module")
+def db(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    messages, _ = generate(StreamSpec(plants=2, orders_per_plant=40, seed=5))
+    inputs = [(m.subject, m.data) for m in messages]
+    path, _ = run_on_own_server(tmp_path_factory.mktemp("reconcile"), inputs)
+    return path
+
+
+def _tampered(db: Path, tmp_path: Path, sql: str) -> Path:
+    copy = tmp_path / "tampered.duckdb"
+    shutil.copy(db, copy)
+    with duckdb.connect(str(copy)) as connection:
+        connection.execute(sql)
+    return copy
+
+
+def test_generated_run_agrees(db: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert _cli(db) == 0
+    out = capsys.readouterr().out
+    assert "postings agree with the events" in out
+    assert "dead_letter" in out
+
+
+def test_missing_posting_reported(
+    db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tampered = _tampered(
+        db,
+        tmp_path,
+        "DELETE FROM postings WHERE key = "
+        "(SELECT min(key) FROM postings WHERE movement_type = '101')",
+    )
+    assert _cli(tampered) == 1
+    out = capsys.readouterr().out
+    assert "DIFFERENCE stock" in out
+
+
+def test_double_apply_reported(
+    db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tampered = _tampered(
+        db,
+        tmp_path,
+        "INSERT INTO events SELECT * REPLACE (stream_seq + 1000000 AS stream_seq) "
+        "FROM events WHERE status = 'applied' "
+        "AND event_type = 'material_consumed' LIMIT 1",
+    )
+    assert _cli(tampered) == 1
+    out = capsys.readouterr().out
+    assert "DIFFERENCE applied more than once" in out
+    assert "DIFFERENCE stock" in out
+
+
+def test_missing_file_exit_code(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _cli(tmp_path / "absent.duckdb") == 2
+    assert "not found" in capsys.readouterr().out
