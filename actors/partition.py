@@ -29,9 +29,9 @@ def partition_of(plant: str, routing_key: str, partitions: int) -> int:
 class PartitionActor:
     """One partition's state in a Ray actor.
 
-    `num_cpus=0` lets more partitions than cores share a machine; each actor is still one
-    process. Ray restarts a dead actor (max_restarts=-1) empty; the ingest then restores it
-    from its last checkpoint before sending more work.
+    `num_cpus=0` lets more partitions than cores share a machine; each actor is still
+    one process. Ray restarts a dead actor (max_restarts=-1) empty; the ingest then
+    restores it from its last checkpoint before sending more work.
     """
 
     def __init__(self, partition: int, settings: StateSettings | None = None) -> None:
@@ -43,7 +43,7 @@ class PartitionActor:
         return self._state.apply_batch(messages)
 
     def restore(self, checkpoint: bytes | None) -> int:
-        """Replace the state with a checkpoint (or an empty state); return its last seq."""
+        """Replace the state with a checkpoint, or an empty one; return its last seq."""
         if checkpoint is None:
             self._state = PartitionState(self._state.partition, self._settings)
         else:
@@ -51,7 +51,7 @@ class PartitionActor:
         return self._state.last_seq
 
     def checkpoint(self) -> tuple[bytes, dict[str, pa.Table]]:
-        """Return the serialised state and the snapshot rows changed since the last call."""
+        """Return the serialised state and the rows changed since the last call."""
         return self._state.checkpoint(), self._state.take_snapshot()
 
     def stats(self) -> dict[str, object]:

@@ -16,7 +16,11 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["main"]
 
-OPERATION_MODULES: list[str] = ["cluster.site_commands"]
+OPERATION_MODULES: list[str] = [
+    "cluster.site_commands",
+    "cluster.operations",
+    "cluster.reconcile",
+]
 """Modules that each register one or more subcommands through `add_parser(commands)`."""
 
 
@@ -61,15 +65,15 @@ def _add_job_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--ray-address",
-        help='Ray cluster to join ("auto" or host:port) instead of starting Ray locally',
+        help='Ray cluster to join ("auto" or host:port) instead of a local Ray',
     )
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    from actors.settings import StateSettings
     from cluster.job import JobConfig, run_job_sync
     from cluster.summary import format_summary
     from pipeline.settings import PipelineSettings
-    from actors.settings import StateSettings
 
     inputs = _input_messages(args)
     config = JobConfig(
@@ -158,8 +162,8 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="plantstream",
-        description="Plant events from NATS JetStream through Ray actors to ERP postings "
-        "and DuckDB.",
+        description="Plant events from NATS JetStream through Ray actors to ERP "
+        "postings and DuckDB.",
     )
     parser.add_argument(
         "--log-level", default="INFO", help="logging level (default: %(default)s)"
@@ -169,9 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo",
         help="run the main job on an embedded nats-server and local Ray",
-        description="Publish the input, process until the streams are drained, write the "
-        "DuckDB file and print a summary. With no --input, a generated multi-plant stream "
-        "with duplicates, out-of-order and bad messages is used.",
+        description="Publish the input, process until the streams are drained, write "
+        "the DuckDB file and print a summary. With no --input, a generated multi-plant "
+        "stream with duplicates, out-of-order and bad messages is used.",
     )
     demo.add_argument(
         "--input",

@@ -28,7 +28,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
 
 
 def fields_from_env(cls: type, environ: Mapping[str, str]) -> dict[str, Any]:
-    """Return the fields of dataclass `cls` that `environ` sets, converted to their types.
+    """Return the fields of dataclass `cls` that `environ` sets, converted to their
+    types.
 
     A field `fetch_batch` is read from PLANTSTREAM_FETCH_BATCH.
     """

@@ -79,8 +79,8 @@ async def run_job(
 ) -> JobResult:
     """Publish `inputs` (if any), then process the plant events stream.
 
-    With `until_drained` the job ends once the stream has nothing pending; without it, it
-    runs as a service until `stop` is set.
+    With `until_drained` the job ends once the stream has nothing pending; without it,
+    it runs as a service until `stop` is set.
     """
     server = None
     url = config.nats_url

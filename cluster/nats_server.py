@@ -27,11 +27,12 @@ _READY = re.compile(r"Server is ready")
 _LISTEN = re.compile(r"Listening for client connections on [\w.:\[\]]*:(\d+)")
 
 STARTUP_TIMEOUT_S = 20.0
-"""How long to wait for "Server is ready"; a cold start with JetStream takes well under 1 s."""
+"""How long to wait for "Server is ready"; a cold start with JetStream takes well under
+1 s."""
 
 
 def find_nats_server() -> str:
-    """Return the path of the nats-server binary, from the virtual environment or PATH."""
+    """Return the path of the nats-server binary, from the venv or from PATH."""
     beside_python = Path(sys.executable).with_name("nats-server")
     if beside_python.is_file():
         return str(beside_python)
@@ -47,16 +48,17 @@ def find_nats_server() -> str:
 class EmbeddedNatsServer:
     """Run nats-server with JetStream on 127.0.0.1 and a random free port.
 
-    `store_dir` keeps the JetStream data; by default a temporary folder that is removed on
-    stop. Passing a folder lets a test kill the server and start it again on the same store.
+    `store_dir` keeps the JetStream data; by default a temporary folder that is removed
+    on stop. Passing a folder lets a test kill the server and start it again on the same
+    store.
     """
 
     def __init__(
         self, store_dir: Path | None = None, port: int = -1, config: str | None = None
     ) -> None:
         """`config` is a whole nats-server configuration file's text, for leaf nodes and
-        JetStream domains; it must enable JetStream with `store_dir`. The address is always
-        127.0.0.1 and the port is `port`, whatever the config's `listen` says."""
+        JetStream domains; it must enable JetStream with `store_dir`. The address is
+        always 127.0.0.1 and the port is `port`, whatever the config's `listen` says."""
         self._owns_store = store_dir is None
         self._config = config
         self.store_dir = (

@@ -1,4 +1,4 @@
-"""The `hub-config`, `site-config` and `site-init` commands for multi-site deployments."""
+"""Commands that set up a hub and plant sites: hub-config, site-config, site-init."""
 
 from __future__ import annotations
 

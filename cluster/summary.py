@@ -1,4 +1,4 @@
-"""The summary `plantstream demo` prints after a run, from the report and the DuckDB file."""
+"""The summary that `plantstream demo` prints, from the run and the DuckDB file."""
 
 from __future__ import annotations
 
@@ -33,11 +33,14 @@ def _cell(value: object) -> str:
 def _table(headers: list[str], rows: list[tuple[object, ...]]) -> list[str]:
     cells = [headers] + [[_cell(v) for v in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    return ["  " + "  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    return [
+        "  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True))
+        for row in cells
+    ]
 
 
 def format_summary(result: JobResult, db: Path, *, top: int = 5) -> str:
-    """Render counts, postings by movement type, OEE per machine and the largest variances."""
+    """Render counts, postings by type, OEE per machine and the largest variances."""
     counts = result.totals
     parked = sum(int(s.get("parked", 0)) for s in result.partition_stats)  # type: ignore[call-overload]
     dead_letters = {
@@ -71,9 +74,10 @@ def format_summary(result: JobResult, db: Path, *, top: int = 5) -> str:
             "FROM oee ORDER BY plant, machine"
         ).fetchall()
         variances = connection.execute(
-            "SELECT plant, order_id, material, standard_quantity, actual_quantity, variance, "
-            "uom FROM material_variance WHERE variance IS NOT NULL "
-            f"ORDER BY abs(variance_pct) DESC NULLS LAST, abs(variance) DESC LIMIT {top:d}"
+            "SELECT plant, order_id, material, standard_quantity, actual_quantity, "
+            "variance, uom FROM material_variance WHERE variance IS NOT NULL "
+            "ORDER BY abs(variance_pct) DESC NULLS LAST, abs(variance) DESC LIMIT ?",
+            [top],
         ).fetchall()
     lines.append("OEE per machine")
     lines += _table(

@@ -1,4 +1,4 @@
-"""The wire format: plant events in, ERP postings and dead letters out, snapshot tables."""
+"""The wire format: plant events, ERP postings, dead letters and snapshot tables."""
 
 from contracts.codec import decode_event, decode_posting, encode
 from contracts.dead_letters import DeadLetter

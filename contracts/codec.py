@@ -22,7 +22,7 @@ _encoder = msgspec.json.Encoder(decimal_format="string")
 
 
 def decode_event(data: bytes) -> PlantEvent:
-    """Decode and validate one plant event; raises msgspec.ValidationError or DecodeError."""
+    """Decode and validate one event; raise msgspec.ValidationError or DecodeError."""
     return _event_decoder.decode(data)
 
 

@@ -14,7 +14,7 @@ DeadLetterReason = Literal[
     "invalid",  # valid JSON that breaks the event contract (type, field, value)
     "reused_id",  # an event id seen before with a different payload
     "future_time",  # occurred_at further ahead of the plant's clock than allowed
-    "parked_expired",  # waited for a prerequisite (its order release) longer than allowed
+    "parked_expired",  # waited for a prerequisite (its order release) too long
     "unmatched",  # refers to an event or hold that does not exist
     "negative_stock",  # the movement would drive stock of a material below zero
 ]
@@ -24,7 +24,8 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     """A rejected message with everything needed to fix and retry it.
 
     `data` is the original message body, byte for byte (base64 in JSON). `stream_seq` is
-    its sequence in the plant events stream, so `plantstream dlq retry` can find it again.
+    its sequence in the plant events stream, so `plantstream dlq retry` can find it
+    again.
     """
 
     reason: DeadLetterReason
@@ -34,7 +35,7 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     data: bytes
     rejected_at: dt.datetime
     batch_index: int | None = None
-    """Position of the event in an edge batch message; None for a single-event message."""
+    """Position of the event in an edge batch; None for a single-event message."""
     event_id: str | None = None
     plant: str | None = None
     order: str | None = None

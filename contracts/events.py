@@ -1,8 +1,9 @@
 """Canonical plant events: what MES, quality, maintenance and warehouse systems publish.
 
-Every event is a msgspec Struct in the tagged union `PlantEvent`, tagged by `event_type`.
-Quantities are `Quantity` (a Decimal with its unit of measure) and every timestamp must carry
-a UTC offset, so a naive timestamp fails to decode instead of being guessed.
+Every event is a msgspec Struct in the tagged union `PlantEvent`, tagged by
+`event_type`. Quantities are `Quantity` (a Decimal with its unit of measure) and every
+timestamp must carry a UTC offset, so a naive timestamp fails to decode instead of being
+guessed.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ QUANTITY_SCALE = 9
 """Decimal places a quantity may have; snapshot tables store DECIMAL(38, 9)."""
 
 AwareDatetime = Annotated[dt.datetime, msgspec.Meta(tz=True)]
-"""A timestamp that must carry a UTC offset ("Z" or "+02:00"); naive ones fail to decode."""
+"""A timestamp that must carry a UTC offset ("Z" or "+02:00"); naive ones fail to
+decode."""
 
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 
@@ -91,7 +93,8 @@ class Event(
     """Fields every plant event carries.
 
     `order` is the production order the event belongs to, where it belongs to one;
-    events without an order (machine states, shipments) are keyed by machine or delivery.
+    events without an order (machine states, shipments) are keyed by machine or
+    delivery.
     """
 
     event_id: NonEmpty
@@ -107,7 +110,7 @@ class Event(
 
 
 class Component(msgspec.Struct, frozen=True, kw_only=True):
-    """A bill-of-material line: the standard quantity of a component for the whole order."""
+    """A bill-of-material line: a component's standard quantity for the whole order."""
 
     material: NonEmpty
     quantity: Quantity
@@ -149,7 +152,7 @@ class OperationCompleted(Event, tag="operation_completed"):
 
 
 class ProductionConfirmed(Event, tag="production_confirmed"):
-    """Output reported against an order: good, scrap and rework quantities of one unit."""
+    """Output reported against an order: good, scrap and rework, in one unit."""
 
     good: Quantity
     scrap: Quantity | None = None
@@ -181,7 +184,7 @@ class ConsumptionReversed(Event, tag="consumption_reversed"):
 
 
 class InspectionRecorded(Event, tag="inspection_recorded"):
-    """A quality inspection result. A failed one places a hold on its lot, or its order."""
+    """A quality inspection result; a failed one holds its lot, or else its order."""
 
     result: Literal["pass", "fail"]
     lot: str | None = None

@@ -24,7 +24,7 @@ _key_decoder = msgspec.json.Decoder(EventKey)
 
 
 def decode_key(data: bytes) -> EventKey:
-    """Decode the key fields of one JSON event; raises msgspec.DecodeError when invalid."""
+    """Decode the key fields of one JSON event; raise msgspec.DecodeError if invalid."""
     return _key_decoder.decode(data)
 
 
@@ -32,8 +32,8 @@ def routing_key(key: EventKey) -> str:
     """Return the entity whose state the event changes, within its plant.
 
     Machine events go to their machine, even when they name the order that was running,
-    because a machine's intervals must be built in one place. Other events of a production
-    order go to that order, shipments without an order to their delivery.
+    because a machine's intervals must be built in one place. Other events of a
+    production order go to that order, shipments without an order to their delivery.
     """
     if key.machine:
         return f"machine:{key.machine}"

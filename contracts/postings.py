@@ -1,12 +1,13 @@
 """ERP postings: the goods movements and order confirmations plantstream publishes.
 
 Movement types follow SAP's numbering, which most ERP posting consumers already map:
-101/102 goods receipt for an order and its reversal, 261/262 goods issue to an order and its
-reversal, 344 transfer from unrestricted to blocked stock and 343 back.
+101/102 goods receipt for an order and its reversal, 261/262 goods issue to an order and
+its reversal, 344 transfer from unrestricted to blocked stock and 343 back.
 
-Every posting carries `key`, a deterministic idempotency key built from the source event ids,
-so a posting recomputed after a crash or a replay has the same key as the first time. The
-postings stream deduplicates on it (it is the Nats-Msg-Id), and consumers can rely on it.
+Every posting carries `key`, a deterministic idempotency key built from the source event
+ids, so a posting recomputed after a crash or a replay has the same key as the first
+time. The postings stream deduplicates on it (it is the Nats-Msg-Id), and consumers can
+rely on it.
 """
 
 from __future__ import annotations
@@ -45,9 +46,9 @@ StockType = Literal["unrestricted", "quality", "blocked"]
 def posting_key(plant: str, kind: str, *parts: str) -> str:
     """Build a deterministic idempotency key from the facts that make a posting unique.
 
-    The key is readable up to the hash, so an ERP team can see plant and kind at a glance:
-    `P1-101-3f2a...`. The hash covers all parts, separated so that ("a", "bc") and
-    ("ab", "c") differ.
+    The key is readable up to the hash, so an ERP team can see plant and kind at a
+    glance: `P1-101-3f2a...`. The hash covers all parts, separated so that ("a", "bc")
+    and ("ab", "c") differ.
     """
     digest = hashlib.blake2b(
         "\x1f".join((plant, kind, *parts)).encode(), digest_size=12
@@ -58,8 +59,8 @@ def posting_key(plant: str, kind: str, *parts: str) -> str:
 class GoodsMovement(msgspec.Struct, frozen=True, kw_only=True, tag="goods_movement"):
     """One goods movement item with the header fields an ERP needs to post it.
 
-    `quantity` is always positive: the movement type gives the direction. `reverses` is the
-    key of the posting that a reversal (102, 262, and 343 after a 344) takes back.
+    `quantity` is always positive: the movement type gives the direction. `reverses` is
+    the key of the posting that a reversal (102, 262, and 343 after a 344) takes back.
     """
 
     key: str

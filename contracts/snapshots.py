@@ -1,8 +1,8 @@
 """Arrow schemas of the DuckDB snapshot tables, shared by the actors and the sink.
 
 Partition actors build record batches in these schemas; the sink creates the tables from
-them and upserts by `primary_key`, so a row written twice (after a recovery, or because its
-order changed again) is replaced, never doubled. Quantities are DECIMAL(38, 9) and
+them and upserts by `primary_key`, so a row written twice (after a recovery, or because
+its order changed again) is replaced, never doubled. Quantities are DECIMAL(38, 9) and
 timestamps are TIMESTAMP WITH TIME ZONE in UTC.
 """
 
@@ -162,9 +162,9 @@ TABLES: dict[str, TableSpec] = {
         ("customer", pa.string()),
         ("occurred_at", TIMESTAMP),
     ),
-    # The event ledger: one row per message a partition decoded into an event, with
-    # what became of it (`status`: applied, parked, duplicate or dead_letter, with the
-    # dead letter `reason`) and the facts `plantstream reconcile` recomputes the postings
+    # The event ledger: one row per message a partition decoded into an event, with what
+    # became of it (`status`: applied, parked, duplicate or dead_letter, with the dead
+    # letter `reason`) and the facts `plantstream reconcile` recomputes the postings
     # from. `quantity` is in `uom`, the unit the postings use after any conversion;
     # `material` of a production report is its order's output material. `refers_to` is
     # the event a cancellation or reversal names. A hold and a failed inspection carry

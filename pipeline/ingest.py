@@ -3,20 +3,21 @@
 How an event becomes state, a posting and an acknowledgement:
 
 1. Fetch a batch from the durable pull consumer on PLANT_EVENTS.
-2. Decode only the key fields of each message (msgspec, `contracts.keys`). A message that
-   has no valid key becomes a dead letter here; the rest are grouped by partition, a stable
-   hash of (plant, order or machine).
-3. Send each partition its share of the batch in one Ray call; all partitions run at once.
-4. Publish the postings they return to ERP_POSTINGS with the idempotency key as Nats-Msg-Id,
-   and the dead letters to PLANTSTREAM_DLQ, and wait for JetStream's acks.
+2. Decode only the key fields of each message (msgspec, `contracts.keys`). A message
+   that has no valid key becomes a dead letter here; the rest are grouped by partition,
+   a stable hash of (plant, order or machine).
+3. Send each partition its share of the batch in one Ray call; all partitions run at
+   once.
+4. Publish the postings they return to ERP_POSTINGS with the idempotency key as
+   Nats-Msg-Id, and the dead letters to PLANTSTREAM_DLQ, and wait for JetStream's acks.
 5. At a checkpoint (every `checkpoint_interval_s`, or `max_unacked` messages): collect
-   every partition's state and changed snapshot rows, write the rows to DuckDB, store each
-   state in the checkpoint object store, then store the manifest with the last stream
-   sequence it covers. The manifest is the commit point.
+   every partition's state and changed snapshot rows, write the rows to DuckDB, store
+   each state in the checkpoint object store, then store the manifest with the last
+   stream sequence it covers. The manifest is the commit point.
 6. Acknowledge every source message up to that sequence.
 
-A crash between any two steps loses nothing: nothing is acknowledged before the state that
-it changed is in a checkpoint, and on start-up the consumer is re-created from the
+A crash between any two steps loses nothing: nothing is acknowledged before the state
+that it changed is in a checkpoint, and on start-up the consumer is re-created from the
 manifest's sequence, so every later message is applied again to the checkpointed state.
 Repeats are harmless: postings carry deterministic keys, which the postings stream
 deduplicates, snapshot rows are upserts, and events already in a partition's state are
@@ -89,11 +90,11 @@ PLANT_WIDE_EVENTS = frozenset({"quality_hold_applied", "quality_hold_released"})
 """Event types that every partition applies when they name no order."""
 
 DEAD_LETTER_LOG_FIRST = 5
-"""Dead letters per reason logged at WARNING before the log thins out to every 1000th."""
+"""Dead letters per reason logged at WARNING; after that, every 1000th."""
 
 
 class CheckpointManifest(msgspec.Struct):
-    """The commit record of a checkpoint: every message up to `stream_seq` is covered."""
+    """The commit record of a checkpoint, which covers every message to `stream_seq`."""
 
     stream_seq: int
     partitions: int
@@ -115,7 +116,7 @@ class IngestReport:
     checkpoints: int = 0
     recoveries: int = 0
     seconds: Counter[str] = field(default_factory=Counter)
-    """Wall time spent per step (fetch, route, apply, publish, snapshot, checkpoint, ack)."""
+    """Wall time in seconds per step: fetch, route, apply, publish, snapshot, ack."""
     started: float = field(default_factory=time.monotonic)
 
     @property
@@ -211,8 +212,8 @@ class Ingest:
             # TODO: repartition a checkpoint by re-hashing its orders and machines.
             raise RuntimeError(
                 f"the checkpoint has {manifest.partitions} partitions but this run has "
-                f"{len(self.actors)}; start with --partitions {manifest.partitions}, or "
-                "delete the checkpoint bucket and replay from sequence 1"
+                f"{len(self.actors)}; start with --partitions {manifest.partitions} "
+                "or delete the checkpoint bucket and replay from sequence 1"
             )
         blobs = await asyncio.gather(
             *(self._store.get(f"partition-{i}") for i in range(len(self.actors)))
@@ -250,7 +251,7 @@ class Ingest:
             durable=self.settings.consumer, stream=EVENTS_STREAM
         )
 
-    # -- the loop ------------------------------------------------------------------------
+    # -- the loop ---------------------------------------------------------------------
 
     async def run(
         self, *, until_drained: bool = True, stop: asyncio.Event | None = None
@@ -279,7 +280,7 @@ class Ingest:
         return self.report
 
     async def _step(self, until_drained: bool) -> bool:
-        """Fetch and process one batch, checkpoint when due; return True once drained."""
+        """Fetch and process one batch and checkpoint when due; True once drained."""
         assert self._subscription is not None
         started = time.perf_counter()
         try:
@@ -301,8 +302,8 @@ class Ingest:
         """Drop everything since the last checkpoint and resume from it."""
         self.report.recoveries += 1
         logger.warning(
-            "recovering from %s: %s; replaying %d unacknowledged messages from the last "
-            "checkpoint",
+            "recovering from %s: %s; replaying %d unacknowledged messages from the "
+            "last checkpoint",
             type(error).__name__,
             error,
             len(self._unacked),
@@ -473,8 +474,8 @@ class Ingest:
 
         Step 5a runs at once, between two batches, so each partition's state matches the
         messages fetched so far. The slow rest (DuckDB, object store, acks) runs in the
-        background while the next batches are processed; the next checkpoint waits for it,
-        so commits stay in order. `wait` waits for this one too.
+        background while the next batches are processed; the next checkpoint waits for
+        it, so commits stay in order. `wait` waits for this one too.
         """
         await self._finish_commit()
         covered_seq = self._max_seq
@@ -547,8 +548,8 @@ class Ingest:
     async def totals(self) -> Counter[str]:
         """Return exact counts over the whole stream, replays after a recovery included.
 
-        Partitions restore their counts with their state, and the ingest restores its own
-        from the manifest, so an event replayed after a crash is counted once.
+        Partitions restore their counts with their state, and the ingest restores its
+        own from the manifest, so an event replayed after a crash is counted once.
         """
         totals = Counter(self._ingest_counts)
         for stats in await self.partition_stats():

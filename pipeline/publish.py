@@ -21,7 +21,7 @@ ACK_TIMEOUT_S = 10.0
 
 
 class PublishError(Exception):
-    """JetStream did not store a message; nothing after it in the batch is assumed stored."""
+    """JetStream did not store a message, or did not confirm it in time."""
 
     def __init__(self, subject: str, cause: BaseException) -> None:
         super().__init__(f"publishing to {subject} failed: {cause!r}")
@@ -34,8 +34,8 @@ async def publish_all(
 ) -> tuple[int, int]:
     """Publish (subject, payload, message id) triples and wait until all are stored.
 
-    A message id, when given, becomes the Nats-Msg-Id header, so JetStream drops a repeat
-    within the stream's duplicate window. Return (stored, dropped as duplicates).
+    A message id, when given, becomes the Nats-Msg-Id header, so JetStream drops a
+    repeat within the stream's duplicate window. Return (stored, dropped as duplicates).
     """
     stored = duplicates = 0
     window: list[tuple[str, asyncio.Future[PubAck]]] = []

@@ -9,48 +9,55 @@ __all__ = ["PipelineSettings"]
 
 @dataclass(frozen=True)
 class PipelineSettings:
-    """Stream and consumer settings; each has the environment variable that overrides it.
+    """Stream and consumer settings; each has the environment variable that overrides
+    it.
 
     Times are in seconds.
     """
 
     consumer: str = "plantstream-ingest"
-    """Durable name of the pull consumer on the plant events stream (PLANTSTREAM_CONSUMER)."""
+    """Durable name of the pull consumer on PLANT_EVENTS (PLANTSTREAM_CONSUMER)."""
 
     fetch_batch: int = 2000
-    """Messages per fetch (PLANTSTREAM_FETCH_BATCH). Larger batches amortise the Ray calls."""
+    """Messages per fetch (PLANTSTREAM_FETCH_BATCH); larger ones amortise Ray calls."""
 
     fetch_timeout_s: float = 0.5
     """How long one fetch waits for messages (PLANTSTREAM_FETCH_TIMEOUT_S)."""
 
     checkpoint_interval_s: float = 2.0
     """Time between checkpoints (PLANTSTREAM_CHECKPOINT_INTERVAL_S). Source messages are
-    acknowledged only at a checkpoint, so this bounds how much a crash makes us replay."""
+    acknowledged only at a checkpoint, so this bounds how much a crash makes us
+    replay."""
 
     max_unacked: int = 100_000
     """Messages processed but not yet covered by a checkpoint before one is forced
     (PLANTSTREAM_MAX_UNACKED). The consumer's max_ack_pending is set above it."""
 
     ack_wait_s: float = 120.0
-    """JetStream redelivers a message not acknowledged within this time (PLANTSTREAM_ACK_WAIT_S).
-    It must exceed the checkpoint interval plus the slowest checkpoint, or messages would be
-    redelivered while still in flight."""
+    """JetStream redelivers a message not acknowledged within this time
+    (PLANTSTREAM_ACK_WAIT_S).
+    It must exceed the checkpoint interval plus the slowest checkpoint, or messages
+    would be redelivered while still in flight."""
 
     postings_duplicate_window_s: float = 24 * 3600.0
-    """How long the postings stream remembers a posting key to drop a republished posting
-    (PLANTSTREAM_POSTINGS_DUPLICATE_WINDOW_S). Consumers must still use the key beyond it."""
+    """How long the postings stream remembers a posting key to drop a republished
+    posting
+    (PLANTSTREAM_POSTINGS_DUPLICATE_WINDOW_S). Consumers must still use the key beyond
+    it."""
 
     events_duplicate_window_s: float = 120.0
     """Duplicate window of the plant events stream for publishers that set Nats-Msg-Id
-    (PLANTSTREAM_EVENTS_DUPLICATE_WINDOW_S). Deduplication by event id in the actors does not
-    depend on it."""
+    (PLANTSTREAM_EVENTS_DUPLICATE_WINDOW_S). Deduplication by event id in the actors
+    does not depend on it."""
 
     events_max_age_s: float = 30 * 24 * 3600.0
-    """How long plant events stay in their stream, which bounds how far back replay can go
+    """How long plant events stay in their stream, which bounds how far back replay can
+    go
     (PLANTSTREAM_EVENTS_MAX_AGE_S)."""
 
     sites: str = ""
-    """Comma-separated plant ids that run as leaf-node sites (PLANTSTREAM_SITES). PLANT_EVENTS
+    """Comma-separated plant ids that run as leaf-node sites (PLANTSTREAM_SITES).
+    PLANT_EVENTS
     sources each one's buffer stream SITE_<plant> from JetStream domain site-<plant>."""
 
     def site_plants(self) -> list[str]:

@@ -1,8 +1,8 @@
 """The buffer streams of plant sites and the sources that copy them into PLANT_EVENTS.
 
 A site's nats-server keeps the plant's events in `SITE_<plant>`, in JetStream domain
-`site-<plant>`. The hub's PLANT_EVENTS sources each site stream through that domain's API,
-so a backlog stored during an outage arrives in order once the link is back.
+`site-<plant>`. The hub's PLANT_EVENTS sources each site stream through that domain's
+API, so a backlog stored during an outage arrives in order once the link is back.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 SITE_BUFFER_MAX_AGE_S = 7 * 24 * 3600.0
-"""How long a site keeps events by default; an outage longer than this loses the oldest."""
+"""Default retention of a site's events; a longer outage loses the oldest."""
 
 
 def site_domain(plant: str) -> str:
@@ -51,7 +51,7 @@ def site_stream_config(
     """Return the site's buffer stream: every event of the plant, kept `max_age_s`."""
     return StreamConfig(
         name=site_stream_name(plant),
-        description=f"Events of plant {plant}, buffered at the site until the hub sources them",
+        description=f"Events of plant {plant}, kept until the hub sources them",
         subjects=[f"{EVENTS_PREFIX}.{plant}.>"],
         retention=RetentionPolicy.LIMITS,
         storage=StorageType.FILE,

@@ -50,7 +50,7 @@ def stream_configs(settings: PipelineSettings) -> list[StreamConfig]:
         ),
         StreamConfig(
             name=POSTINGS_STREAM,
-            description="ERP postings per plant; Nats-Msg-Id is the posting's idempotency key",
+            description="ERP postings per plant; Nats-Msg-Id is the idempotency key",
             subjects=[f"{POSTINGS_PREFIX}.>"],
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
@@ -58,7 +58,7 @@ def stream_configs(settings: PipelineSettings) -> list[StreamConfig]:
         ),
         StreamConfig(
             name=DLQ_STREAM,
-            description="Messages plantstream could not apply, with the reason and the bytes",
+            description="Messages plantstream could not apply, with reason and bytes",
             subjects=[f"{DLQ_PREFIX}.>"],
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
@@ -68,7 +68,7 @@ def stream_configs(settings: PipelineSettings) -> list[StreamConfig]:
 
 
 async def ensure_streams(js: JetStreamContext, settings: PipelineSettings) -> None:
-    """Create the streams, or update them to `settings`, so start-up can run any time."""
+    """Create the streams, or update them to `settings`, so start-up is repeatable."""
     for config in stream_configs(settings):
         try:
             await js.stream_info(config.name)

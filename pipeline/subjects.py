@@ -33,7 +33,7 @@ _TOKEN = re.compile(r"[A-Za-z0-9_\-]+")
 
 
 def validate_token(value: str, what: str) -> str:
-    """Return `value` if it can be one subject token, else raise ValueError naming it."""
+    """Return `value` if it can be a subject token; otherwise raise ValueError."""
     if not _TOKEN.fullmatch(value):
         raise ValueError(
             f"{what} {value!r} cannot be a NATS subject token: use letters, digits, "
