@@ -219,7 +219,21 @@ class PartitionState:
         self._dead = []
         before = self.counts.copy()
         for message in messages:
-            self._accept(message)
+            try:
+                self._accept(message)
+            except Exception as error:
+                # One message must not stop the partition: a bug it triggers becomes a
+                # dead letter with the traceback logged, and the batch goes on.
+                logger.exception(
+                    "applying seq %d on %s failed", message.stream_seq, message.subject
+                )
+                self._reject(
+                    message,
+                    "internal_error",
+                    f"{type(error).__name__}: {error}; this is a plantstream bug, "
+                    "please report it with this dead letter",
+                    _key_or_none(message.data),
+                )
             self.last_seq = max(self.last_seq, message.stream_seq)
         now = time.time()
         if self.parked and now - self._last_expiry_scan >= EXPIRY_SCAN_INTERVAL_S:

@@ -31,7 +31,7 @@ import contextlib
 import datetime as dt
 import logging
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -44,7 +44,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy
+from nats.js.api import ConsumerConfig, DeliverPolicy, PubAck
 from nats.js.errors import NotFoundError
 from nats.js.object_store import ObjectStore
 
@@ -54,7 +54,7 @@ from contracts.codec import encode
 from contracts.dead_letters import DeadLetter, DeadLetterReason
 from contracts.keys import decode_key, routing_key
 from contracts.snapshots import TABLES
-from pipeline.publish import PublishError, publish_all
+from pipeline.publish import PublishError
 from pipeline.settings import PipelineSettings
 from pipeline.sink import SinkError
 from pipeline.streams import CHECKPOINT_BUCKET, consumer_config, ensure_streams
@@ -81,16 +81,39 @@ EDGE_BATCH_SUFFIX = ".batch"
 
 _edge_batch_decoder = msgspec.json.Decoder(list[msgspec.Raw])
 
+MAX_BATCHES_IN_FLIGHT = 2
+"""Batches sent to the actors but not yet collected; two keep actors and driver busy."""
+
+PUBLISH_STALL_S = 10.0
+"""How long a posting may wait for JetStream's ack, or for room among the publishes
+in flight, before the ingest treats NATS as failed and recovers."""
+
+_batch_encoder = msgspec.msgpack.Encoder()
+_result_decoder = msgspec.msgpack.Decoder(BatchResult)
+
 RECOVERY_FIRST_DELAY_S = 0.5
 """Wait before the second recovery attempt; it doubles up to RECOVERY_MAX_DELAY_S."""
 
 RECOVERY_MAX_DELAY_S = 10.0
+
+MAX_RECOVERIES_WITHOUT_PROGRESS = 8
+"""Recoveries in a row with no checkpoint committed before the ingest gives up; with the
+backoff above that is about 45 s of retrying, longer than a nats-server restart."""
 
 PLANT_WIDE_EVENTS = frozenset({"quality_hold_applied", "quality_hold_released"})
 """Event types that every partition applies when they name no order."""
 
 DEAD_LETTER_LOG_FIRST = 5
 """Dead letters per reason logged at WARNING; after that, every 1000th."""
+
+
+@dataclass
+class _InFlight:
+    """A batch whose shares are with the actors."""
+
+    messages: list[Msg]
+    dead: list[DeadLetter]
+    results: asyncio.Future[list[bytes]]
 
 
 class CheckpointManifest(msgspec.Struct):
@@ -178,6 +201,10 @@ class Ingest:
         self._dead_rows: list[dict[str, object]] = []
         self._ingest_counts: Counter[str] = Counter()
         self._commit_task: asyncio.Task[None] | None = None
+        self._recoveries_without_progress = 0
+        self._fetch_task: asyncio.Task[list[Msg]] | None = None
+        self._in_flight: deque[_InFlight] = deque()
+        self._publishes: list[tuple[str, asyncio.Future[PubAck]]] = []
         self._last_checkpoint = time.monotonic()
 
     # -- start-up and recovery ---------------------------------------------------------
@@ -270,7 +297,9 @@ class Ingest:
                 continue
             if drained:
                 break
+        self._stop_fetching()
         try:
+            await self._complete_in_flight(0)
             await self._finish_commit()
         except RECOVERABLE as error:
             # The next start resumes from the previous checkpoint; nothing is lost.
@@ -280,27 +309,72 @@ class Ingest:
         return self.report
 
     async def _step(self, until_drained: bool) -> bool:
-        """Fetch and process one batch and checkpoint when due; True once drained."""
-        assert self._subscription is not None
-        started = time.perf_counter()
-        try:
-            messages = await self._subscription.fetch(
-                self.settings.fetch_batch, timeout=self.settings.fetch_timeout_s
-            )
-        except NatsTimeoutError:
-            messages = []
-        self.report.seconds["fetch"] += time.perf_counter() - started
+        """Take one fetched batch through the pipeline; return True once drained.
+
+        The stages overlap: the next fetch runs while this batch is routed, and the
+        actors apply a batch while the driver routes the next one. A checkpoint first
+        waits for every batch in flight, so the state it takes matches the messages it
+        acknowledges.
+        """
+        messages = await self._next_fetch()
         if messages:
             await self.process(messages)
+        else:
+            await self._complete_in_flight(0)
         if self._checkpoint_due(idle=not messages):
             await self.checkpoint()
         if messages or not until_drained:
             return False
         return await self._drained()
 
+    async def _next_fetch(self) -> list[Msg]:
+        """Return the batch fetched in the background, and start fetching the next."""
+        task = self._fetch_task or asyncio.create_task(self._fetch())
+        self._fetch_task = None
+        started = time.perf_counter()
+        messages = await task
+        self.report.seconds["fetch"] += time.perf_counter() - started
+        if messages:
+            self._fetch_task = asyncio.create_task(self._fetch())
+        return messages
+
+    async def _fetch(self) -> list[Msg]:
+        assert self._subscription is not None
+        try:
+            return await self._subscription.fetch(
+                self.settings.fetch_batch, timeout=self.settings.fetch_timeout_s
+            )
+        except NatsTimeoutError:
+            return []
+
+    def _stop_fetching(self) -> None:
+        # A batch fetched but never processed is not acknowledged; the next start
+        # re-creates the consumer at the checkpoint, which delivers it again.
+        if self._fetch_task is not None:
+            self._fetch_task.cancel()
+            self._fetch_task = None
+
     async def _recover(self, error: BaseException) -> None:
-        """Drop everything since the last checkpoint and resume from it."""
+        """Drop everything since the last checkpoint and resume from it.
+
+        A failure that comes back after every recovery is not transient: after
+        `MAX_RECOVERIES_WITHOUT_PROGRESS` recoveries with no checkpoint committed in
+        between, the error is raised instead of looping forever.
+        """
         self.report.recoveries += 1
+        self._recoveries_without_progress += 1
+        if self._recoveries_without_progress > MAX_RECOVERIES_WITHOUT_PROGRESS:
+            raise RuntimeError(
+                f"the ingest failed {self._recoveries_without_progress} times in a row "
+                "without committing a checkpoint; the last error is attached. Fix its "
+                "cause and start again: processing resumes from the last checkpoint"
+            ) from error
+        await asyncio.sleep(
+            min(
+                RECOVERY_FIRST_DELAY_S * 2 ** (self._recoveries_without_progress - 1),
+                RECOVERY_MAX_DELAY_S,
+            )
+        )
         logger.warning(
             "recovering from %s: %s; replaying %d unacknowledged messages from the "
             "last checkpoint",
@@ -308,6 +382,11 @@ class Ingest:
             error,
             len(self._unacked),
         )
+        self._stop_fetching()
+        for flight in self._in_flight:
+            flight.results.cancel()
+        self._in_flight.clear()
+        self._publishes = []
         self._unacked = []
         self._dead_rows = []
         if self._commit_task is not None:
@@ -343,7 +422,7 @@ class Ingest:
         )
 
     async def _drained(self) -> bool:
-        if self._unacked or self._dead_rows:
+        if self._unacked or self._dead_rows or self._in_flight:
             return False
         await self._finish_commit()
         info = await self.js.consumer_info(EVENTS_STREAM, self.settings.consumer)
@@ -391,7 +470,16 @@ class Ingest:
                     )
 
     async def process(self, messages: list[Msg]) -> None:
-        """Steps 2 to 4 for one fetched batch."""
+        """Steps 2 to 4 for one fetched batch.
+
+        Step 3 is started here and finished for older batches, keeping at most
+        `MAX_BATCHES_IN_FLIGHT` with the actors; each actor runs its calls in order.
+        """
+        self._in_flight.append(self._dispatch(messages))
+        await self._complete_in_flight(MAX_BATCHES_IN_FLIGHT)
+
+    def _dispatch(self, messages: list[Msg]) -> _InFlight:
+        """Step 2, and the start of step 3: route the batch and send each share."""
         clock = time.perf_counter()
         groups: dict[int, list[SourceMessage]] = {}
         dead: list[DeadLetter] = []
@@ -417,32 +505,66 @@ class Ingest:
                     self._route(groups, dead, seq, message.subject, bytes(item), index)
             else:
                 self._route(groups, dead, seq, message.subject, message.data, -1)
-        self._unacked.extend(messages)
+        # One msgpack blob per actor: far cheaper for Ray than pickling each message.
+        refs = [
+            self.actors[p].apply_packed.remote(_batch_encoder.encode(batch))
+            for p, batch in groups.items()
+        ]
+        self._lap("route", clock)
+        return _InFlight(messages, dead, asyncio.gather(*refs))
+
+    async def _complete_in_flight(self, keep: int) -> None:
+        """Finish the oldest batches in flight until at most `keep` remain."""
+        while len(self._in_flight) > keep:
+            await self._complete(self._in_flight.popleft())
+
+    async def _complete(self, flight: _InFlight) -> None:
+        """The end of step 3 and step 4: collect the actors' output and publish it."""
+        clock = time.perf_counter()
+        packed: list[bytes] = await flight.results
+        clock = self._lap("apply", clock)
+        dead = flight.dead
         for letter in dead:
             for counts in (self.report.counts, self._ingest_counts):
                 counts["events_in"] += 1
                 counts[f"dead_letter:{letter.reason}"] += 1
-
-        clock = self._lap("route", clock)
-        results: list[BatchResult] = await asyncio.gather(
-            *(self.actors[p].apply.remote(batch) for p, batch in groups.items())
-        )
-        clock = self._lap("apply", clock)
-        postings = []
-        for result in results:
-            postings.extend((p.subject, p.data, p.key) for p in result.postings)
+        outgoing: list[tuple[str, bytes, str | None]] = []
+        for data in packed:
+            result = _result_decoder.decode(data)
+            outgoing.extend((p.subject, p.data, p.key) for p in result.postings)
             dead.extend(result.dead_letters)
             self.report.counts.update(result.counts)
-        dead_messages = [
+        outgoing.extend(
             (dlq_subject(d.plant), encode(d), _dead_letter_id(d)) for d in dead
-        ]
-        stored, repeated = await publish_all(self.js, postings + dead_messages)
+        )
+        # Step 4 is started here; the checkpoint that covers this batch waits for the
+        # acks before it commits.
+        for subject, payload, message_id in outgoing:
+            headers = {"Nats-Msg-Id": message_id} if message_id else None
+            future = await self.js.publish_async(
+                subject, payload, wait_stall=PUBLISH_STALL_S, headers=headers
+            )
+            self._publishes.append((subject, future))
         self._lap("publish", clock)
-        self.report.counts["postings_repeated"] += repeated
+        self._unacked.extend(flight.messages)
         self._dead_rows.extend(_dead_letter_row(d) for d in dead)
         for letter in dead:
             self._log_dead_letter(letter)
         self.report.batches += 1
+
+    async def _settle(
+        self, publishes: list[tuple[str, asyncio.Future[PubAck]]]
+    ) -> None:
+        """Wait until JetStream stored every posting and dead letter of a checkpoint."""
+        for subject, future in publishes:
+            try:
+                ack = await asyncio.wait_for(future, PUBLISH_STALL_S)
+            except asyncio.CancelledError:
+                raise
+            except Exception as error:  # a timeout or an API error from the server
+                raise PublishError(subject, error) from error
+            if ack.duplicate:
+                self.report.counts["postings_repeated"] += 1
 
     def _lap(self, step: str, since: float) -> float:
         now = time.perf_counter()
@@ -477,12 +599,15 @@ class Ingest:
         background while the next batches are processed; the next checkpoint waits for
         it, so commits stay in order. `wait` waits for this one too.
         """
+        await self._complete_in_flight(0)
         await self._finish_commit()
         covered_seq = self._max_seq
         covered = self._unacked
         dead_rows = self._dead_rows
+        publishes = self._publishes
         self._unacked = []
         self._dead_rows = []
+        self._publishes = []
         clock = time.perf_counter()
         # 5a. Collect every partition's state and changed rows, all partitions at once.
         results = await asyncio.gather(
@@ -491,7 +616,7 @@ class Ingest:
         self._lap("collect", clock)
         self._last_checkpoint = time.monotonic()
         self._commit_task = asyncio.create_task(
-            self._commit(results, covered_seq, covered, dead_rows)
+            self._commit(results, covered_seq, covered, dead_rows, publishes)
         )
         if wait:
             await self._finish_commit()
@@ -508,9 +633,13 @@ class Ingest:
         covered_seq: int,
         covered: list[Msg],
         dead_rows: list[dict[str, object]],
+        publishes: list[tuple[str, asyncio.Future[PubAck]]],
     ) -> None:
         assert self._store is not None
         clock = time.perf_counter()
+        # 4, finished: every posting and dead letter of the covered batches is stored.
+        await self._settle(publishes)
+        clock = self._lap("publish", clock)
         # 5b. Snapshot rows to DuckDB; upserts, so a repeat after a crash is harmless.
         if self.writer is not None:
             tables = _merge_tables([tables for _, tables in results])
@@ -541,6 +670,7 @@ class Ingest:
             "checkpoint at seq %d acked %d messages", covered_seq, len(covered)
         )
         self.report.checkpoints += 1
+        self._recoveries_without_progress = 0
 
     async def partition_stats(self) -> list[dict[str, object]]:
         return await asyncio.gather(*(actor.stats.remote() for actor in self.actors))

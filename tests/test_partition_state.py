@@ -325,3 +325,17 @@ def test_plant_wide_hold_copy_not_counted() -> None:
     result = state.apply_batch([copy])
     assert result.counts.get("events_in") is None
     assert "P1\x1fLH" in state.plant_holds
+
+
+def test_unexpected_error_dead_lettered(monkeypatch: pytest.MonkeyPatch) -> None:
+    state = PartitionState(0)
+
+    def broken(*args: object) -> None:
+        raise KeyError("boom")
+
+    monkeypatch.setattr("actors.partition_state.apply_order_event", broken)
+    result = state.apply_batch(messages(release(), consume("c1", "1"), consume("c2", "1")))
+    reasons = [d.reason for d in result.dead_letters]
+    assert reasons == ["internal_error", "internal_error"]
+    assert "KeyError" in result.dead_letters[0].detail
+    assert result.dead_letters[1].event_id == "c2"
