@@ -54,6 +54,7 @@ from pipeline.subjects import (
     EVENTS_PREFIX,
     EVENTS_STREAM,
     POSTINGS_STREAM,
+    dlq_subject,
     posting_subject,
     validate_token,
 )
@@ -77,23 +78,24 @@ __all__ = [
 
 READ_BATCH = 1000
 READ_TIMEOUT_S = 2.0
-"""How long a stream read waits for the next batch before it counts the stream as read."""
+"""Seconds a stream read waits for more messages before it treats the stream as read."""
 
 ACTIVE_SAMPLES = 3
 """Consumer info samples, 0.6 s apart, that replay takes to see whether the ingest runs.
-A running ingest almost always has a fetch waiting, because one lasts 0.5 s by default."""
+
+A running ingest almost always has a fetch waiting, since one lasts 0.5 s by default."""
 
 RETRIED_SUFFIX = "retried"
-"""Retry records go to plantstream.dlq.<plant>.retried, beside the plant's dead letters."""
+"""Retry records go to plantstream.dlq.<plant>.retried, beside the dead letters."""
 
 _edge_batch_decoder = msgspec.json.Decoder(list[msgspec.Raw])
 
 
 class OperationError(Exception):
-    """An operator command cannot run; the message says why and what to do."""
+    """An operator command cannot run. The message gives the cause and the next step."""
 
 
-# -- reading streams and checkpoints ---------------------------------------------------
+# -- reading streams and checkpoints -------------------------------------------------
 
 
 async def iter_stream(
@@ -107,8 +109,8 @@ async def iter_stream(
 ) -> AsyncIterator[Msg]:
     """Yield the messages of `stream` on `subject` from `start_seq`, in stream order.
 
-    An ephemeral consumer without acks reads them, so the ingest's durable consumer is not
-    touched. Reading stops at `through_seq`, or once nothing more is pending.
+    An ephemeral consumer without acks reads them, so the ingest's durable consumer is
+    not touched. Reading stops at `through_seq`, or once nothing more is pending.
     """
     config = ConsumerConfig(
         ack_policy=AckPolicy.NONE,
@@ -139,7 +141,7 @@ async def iter_stream(
 async def read_checkpoint(
     js: JetStreamContext,
 ) -> tuple[CheckpointManifest, list[bytes]] | None:
-    """Return the committed manifest and each partition's state, or None if there is none."""
+    """Return the committed manifest and partition states, or None if none exists."""
     try:
         store = await js.object_store(CHECKPOINT_BUCKET)
         manifest_object = await store.get(MANIFEST)
@@ -172,12 +174,12 @@ async def posting_keys(js: JetStreamContext, plant: str | None = None) -> list[s
     return keys
 
 
-# -- replay ------------------------------------------------------------------------------
+# -- replay --------------------------------------------------------------------------
 
 
 @dataclass
 class ReplayReport:
-    """What a replay did. Postings are counted by idempotency key."""
+    """Counts of one replay. Postings are counted by idempotency key."""
 
     plant: str
     from_seq: int
@@ -229,7 +231,7 @@ async def _ingest_active(js: JetStreamContext, settings: PipelineSettings) -> bo
 
 
 def _split_message(subject: str, data: bytes) -> list[tuple[int, bytes]]:
-    """Return the (batch index, event bytes) pairs of one stored message, as ingest does."""
+    """Return the (batch index, event bytes) pairs of a message, as ingest does."""
     if not subject.endswith(EDGE_BATCH_SUFFIX):
         return [(-1, data)]
     try:
@@ -237,17 +239,6 @@ def _split_message(subject: str, data: bytes) -> list[tuple[int, bytes]]:
     except (msgspec.DecodeError, msgspec.ValidationError):
         return []  # the ingest dead-lettered the whole message
     return [(index, bytes(item)) for index, item in enumerate(items)]
-
-
-def _route(
-    plant: str, seq: int, subject: str, data: bytes, partitions: int
-) -> tuple[str | None, dict[int, list[SourceMessage]]]:
-    """Route one message like step 2 of the ingest; return its event ids and shares.
-
-    NOTE: this mirrors `Ingest._route` and the edge batch split in `Ingest.process`; a
-    change there must be made here too.
-    """
-    raise NotImplementedError
 
 
 class _Router:
@@ -309,15 +300,17 @@ async def replay_plant(
     """Rebuild `plant`'s state from the plant events stream and repost what is missing.
 
     The plant's orders, machines, holds, parked events and event ids are dropped from
-    every partition of the last checkpoint. Then every message on the plant's subjects,
-    from stream sequence 1 to the checkpoint's sequence, goes through the partition logic
-    again, in stream order. State is always rebuilt from the beginning, because an order
-    released before the start point is needed for the events after it. Postings of
-    messages from `from_seq` (or the first message stored at or after `from_time`) whose
-    key ERP_POSTINGS does not hold are published; the others are only counted. Last, the
-    snapshot rows go to `db` (if given) and the rebuilt states replace the checkpoint.
+    every partition of the last checkpoint. Then every message on the plant's
+    subjects, from stream sequence 1 to the checkpoint's sequence, goes through the
+    partition logic again, in stream order. State is always rebuilt from the
+    beginning, because the events after the start point need the orders released
+    before it. Postings of messages from `from_seq` (or from the first message stored at
+    or after `from_time`) are published if ERP_POSTINGS has no posting with their key.
+    The others are only counted. Last, the snapshot rows go to `db` (if given) and the
+    rebuilt states replace the checkpoint.
 
-    The ingest must be stopped: it would overwrite the checkpoint with its own state.
+    The ingest must be stopped, because it would overwrite the checkpoint with its own
+    state.
     """
     validate_token(plant, "plant")
     if (from_seq is None) == (from_time is None):
@@ -337,7 +330,7 @@ async def replay_plant(
     checkpoint = await read_checkpoint(js)
     if checkpoint is None:
         raise OperationError(
-            "no checkpoint in the object store bucket "
+            "no checkpoint found in the object store bucket "
             f"{CHECKPOINT_BUCKET}: nothing has been processed, so there is nothing to "
             "replay; run plantstream run first"
         )
@@ -350,9 +343,9 @@ async def replay_plant(
     info = await js.stream_info(EVENTS_STREAM)
     if info.state.first_seq > 1:
         raise OperationError(
-            f"{EVENTS_STREAM} starts at sequence {info.state.first_seq}: older messages "
-            "have aged out (events_max_age_s), so the plant's state cannot be rebuilt "
-            "from its beginning"
+            f"{EVENTS_STREAM} starts at sequence {info.state.first_seq}: older "
+            "messages have aged out (events_max_age_s), so the plant's state "
+            "cannot be rebuilt from its beginning"
         )
 
     subject = f"{EVENTS_PREFIX}.{plant}.>"
@@ -443,7 +436,7 @@ async def replay_plant(
     return report
 
 
-# -- dead letters ------------------------------------------------------------------------
+# -- dead letters --------------------------------------------------------------------
 
 
 class RetryRecord(msgspec.Struct, kw_only=True):
@@ -474,7 +467,7 @@ def letter_id(letter: DeadLetter) -> str:
     """Return the identity of a dead letter: its message, event position and reason.
 
     A replay after a crash can publish the same dead letter again once the DLQ stream's
-    duplicate window has passed; entries with one identity are one dead letter.
+    duplicate window has passed. Entries with one identity are one dead letter.
     """
     index = "" if letter.batch_index is None else f":{letter.batch_index}"
     return f"{letter.subject}:{letter.stream_seq}{index}:{letter.reason}"
@@ -486,18 +479,26 @@ async def list_dead_letters(
     plant: str | None = None,
     reason: str | None = None,
 ) -> list[DeadLetterEntry]:
-    """Return the dead letters in the DLQ stream, once per identity, oldest first."""
-    token = validate_token(plant, "plant") if plant else "*"
+    """Return the dead letters in the DLQ stream, once per identity, oldest first.
+
+    `plant` matches the plant a dead letter names, or else the plant token of its
+    original subject, because a message too broken to name its plant is filed under
+    plantstream.dlq._unknown.
+    """
+    if plant is not None:
+        validate_token(plant, "plant")
     retried: dict[str, RetryRecord] = {}
     async for message in iter_stream(
-        js, DLQ_STREAM, f"{DLQ_PREFIX}.{token}.{RETRIED_SUFFIX}"
+        js, DLQ_STREAM, f"{DLQ_PREFIX}.*.{RETRIED_SUFFIX}"
     ):
         record = msgspec.json.decode(message.data, type=RetryRecord)
         retried[record.letter_id] = record
     entries: dict[str, DeadLetterEntry] = {}
-    async for message in iter_stream(js, DLQ_STREAM, f"{DLQ_PREFIX}.{token}"):
+    async for message in iter_stream(js, DLQ_STREAM, f"{DLQ_PREFIX}.*"):
         letter = decode_dead_letter(message.data)
         if reason is not None and letter.reason != reason:
+            continue
+        if plant is not None and _letter_plant(letter) != plant:
             continue
         key = letter_id(letter)
         if key not in entries:
@@ -507,9 +508,18 @@ async def list_dead_letters(
     return list(entries.values())
 
 
+def _letter_plant(letter: DeadLetter) -> str | None:
+    if letter.plant is not None:
+        return letter.plant
+    prefix = f"{EVENTS_PREFIX}."
+    if letter.subject.startswith(prefix):
+        return letter.subject[len(prefix) :].split(".", 1)[0]
+    return None
+
+
 def _retry_payload(letter: DeadLetter) -> bytes:
-    # An event rejected from an edge batch is stored alone; the batch subject expects a
-    # JSON array, so it goes back as an array of one.
+    # An event rejected from an edge batch is stored alone. The batch subject expects a
+    # JSON array, so the event goes back as an array of one.
     if letter.batch_index is not None and letter.subject.endswith(EDGE_BATCH_SUFFIX):
         return b"[" + letter.data + b"]"
     return letter.data
@@ -544,12 +554,8 @@ async def retry_dead_letters(
             republished_seq=ack.seq,
             retried_at=dt.datetime.now(dt.UTC),
         )
-        plant_token = letter.plant if letter.plant else "_unknown"
-        marker_subject = f"{DLQ_PREFIX}.{plant_token}.{RETRIED_SUFFIX}"
-        if entry_subject := _entry_subject(entry):
-            marker_subject = f"{entry_subject}.{RETRIED_SUFFIX}"
         await js.publish(
-            marker_subject,
+            f"{dlq_subject(letter.plant)}.{RETRIED_SUFFIX}",
             msgspec.json.encode(record),
             headers={"Nats-Msg-Id": f"retried:{entry.letter_id}"},
         )
@@ -565,5 +571,196 @@ async def retry_dead_letters(
     return records
 
 
-def _entry_subject(entry: DeadLetterEntry) -> str | None:
-    return getattr(entry, "subject", None)
+# -- the command line ----------------------------------------------------------------
+
+
+def _parse_time(value: str) -> dt.datetime:
+    try:
+        parsed = dt.datetime.fromisoformat(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(
+            f"invalid ISO 8601 time {value!r}: {error}"
+        ) from error
+    if parsed.tzinfo is None:
+        raise argparse.ArgumentTypeError(
+            f"time {value!r} has no UTC offset; add one, such as {value}+00:00"
+        )
+    return parsed
+
+
+async def _connect(url: str) -> NATS:
+    return await nats.connect(url, max_reconnect_attempts=3, reconnect_time_wait=0.5)
+
+
+def _cmd_replay(args: argparse.Namespace) -> int:
+    async def replay() -> ReplayReport:
+        nc = await _connect(args.nats_url)
+        try:
+            return await replay_plant(
+                nc,
+                args.plant,
+                from_seq=args.from_seq,
+                from_time=args.from_time,
+                partitions=args.partitions,
+                db=args.db,
+                state_settings=StateSettings.from_env(),
+                pipeline_settings=PipelineSettings.from_env(),
+            )
+        finally:
+            await nc.close()
+
+    try:
+        report = asyncio.run(replay())
+    except OperationError as error:
+        raise SystemExit(f"plantstream replay: {error}") from error
+    print("\n".join(report.lines()))
+    return 0
+
+
+def _format_entries(entries: list[DeadLetterEntry]) -> list[str]:
+    headers = ("dlq_seq", "reason", "subject", "stream_seq", "batch_index", "event_id")
+    rows = [
+        (
+            str(entry.dlq_seq),
+            entry.letter.reason,
+            entry.letter.subject,
+            str(entry.letter.stream_seq),
+            "" if entry.letter.batch_index is None else str(entry.letter.batch_index),
+            entry.letter.event_id or "",
+        )
+        for entry in entries
+    ]
+    widths = [max(len(row[i]) for row in [headers, *rows]) for i in range(len(headers))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
+    for entry, row in zip(entries, rows, strict=True):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+        status = (
+            f"retried as seq {entry.retried.republished_seq}; "
+            if entry.retried is not None
+            else ""
+        )
+        lines.append(f"    {status}{entry.letter.detail[:200]}")
+    return lines
+
+
+def _cmd_dlq_list(args: argparse.Namespace) -> int:
+    async def read() -> list[DeadLetterEntry]:
+        nc = await _connect(args.nats_url)
+        try:
+            return await list_dead_letters(
+                nc.jetstream(), plant=args.plant, reason=args.reason
+            )
+        finally:
+            await nc.close()
+
+    entries = asyncio.run(read())
+    shown = entries[: args.limit] if args.limit else entries
+    if not shown:
+        print("no dead letters match")
+        return 0
+    print("\n".join(_format_entries(shown)))
+    if len(shown) < len(entries):
+        print(f"showing {len(shown)} of {len(entries)}; raise --limit to see more")
+    return 0
+
+
+def _cmd_dlq_retry(args: argparse.Namespace) -> int:
+    async def retry() -> tuple[list[DeadLetterEntry], list[RetryRecord]]:
+        nc = await _connect(args.nats_url)
+        try:
+            js = nc.jetstream()
+            entries = await list_dead_letters(js, plant=args.plant, reason=args.reason)
+            if args.seq:
+                wanted = set(args.seq)
+                entries = [e for e in entries if e.letter.stream_seq in wanted]
+            return entries, await retry_dead_letters(js, entries)
+        finally:
+            await nc.close()
+
+    entries, records = asyncio.run(retry())
+    skipped = len(entries) - len(records)
+    for record in records:
+        print(
+            f"retried {record.letter_id} (dlq seq {record.dlq_seq}) as "
+            f"{record.subject} seq {record.republished_seq}"
+        )
+    print(
+        f"retried {len(records)} dead letters; skipped {skipped} retried before"
+        if entries
+        else "no dead letters match"
+    )
+    return 0
+
+
+def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    """Register the replay and dlq subcommands on the `plantstream` parser."""
+    replay = commands.add_parser(
+        "replay",
+        help="rebuild one plant's state from the stream and repost missing postings",
+        description="Stop plantstream run first. Drops the plant's state from the last "
+        "checkpoint, applies the plant's events again from stream sequence 1 to the "
+        "checkpoint's sequence, and publishes the postings of events from the start "
+        "point whose idempotency key ERP_POSTINGS does not hold yet. For an unchanged "
+        "input it publishes nothing. The rebuilt state replaces the checkpoint.",
+    )
+    replay.add_argument("--nats-url", required=True, help="NATS server of the pipeline")
+    replay.add_argument("--plant", required=True, help="plant id to replay")
+    start = replay.add_mutually_exclusive_group(required=True)
+    start.add_argument(
+        "--from-seq",
+        type=int,
+        help="PLANT_EVENTS stream sequence from which postings are published",
+    )
+    start.add_argument(
+        "--from-time",
+        type=_parse_time,
+        help="ISO 8601 time with a UTC offset; postings are published from the first "
+        "message the stream stored at or after it",
+    )
+    replay.add_argument(
+        "--db", type=Path, help="DuckDB file to upsert the rebuilt snapshot rows into"
+    )
+    replay.add_argument(
+        "--partitions",
+        type=int,
+        help="partition count of the checkpoint (default: the checkpoint's own)",
+    )
+    replay.set_defaults(handler=_cmd_replay)
+
+    dlq = commands.add_parser(
+        "dlq", help="list dead letters or send them back through the pipeline"
+    )
+    actions = dlq.add_subparsers(dest="dlq_command", required=True)
+    listing = actions.add_parser(
+        "list",
+        help="show dead letters with reason, subject, sequence and detail",
+        description="Lists each dead letter once, oldest first. Retried ones say so.",
+    )
+    listing.add_argument("--nats-url", required=True, help="NATS server to read from")
+    listing.add_argument("--plant", help="only dead letters of this plant")
+    listing.add_argument("--reason", help="only dead letters with this reason")
+    listing.add_argument(
+        "--limit", type=int, default=50, help="rows to show, 0 for all (default: 50)"
+    )
+    listing.set_defaults(handler=_cmd_dlq_list)
+
+    retry = actions.add_parser(
+        "retry",
+        help="republish dead letters to their original subject after fixing the cause",
+        description="Sends each chosen dead letter's original bytes to its original "
+        "subject, where the running ingest processes them again, and records the retry "
+        "in PLANTSTREAM_DLQ. A dead letter retried before is skipped. An event "
+        "rejected from an edge batch goes back as a batch of one.",
+    )
+    retry.add_argument("--nats-url", required=True, help="NATS server to use")
+    chosen = retry.add_mutually_exclusive_group(required=True)
+    chosen.add_argument(
+        "--seq",
+        type=int,
+        nargs="+",
+        help="PLANT_EVENTS stream sequences of the rejected messages",
+    )
+    chosen.add_argument("--reason", help="every dead letter with this reason")
+    chosen.add_argument("--all", action="store_true", help="every dead letter")
+    retry.add_argument("--plant", help="only dead letters of this plant")
+    retry.set_defaults(handler=_cmd_dlq_retry)
