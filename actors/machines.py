@@ -1,9 +1,9 @@
 """Machine time by state: intervals built from state changes and down time events.
 
-A machine's state changes close the previous interval and open the next. Down time events
-open and close intervals of their own (state "down", or "maintenance" when planned), which
-may overlap the state intervals and each other; the `oee` view takes the union of down time,
-so overlaps are never counted twice.
+A machine's state changes close the previous interval and open the next. Down time
+events open and close intervals of their own (state "down", or "maintenance" when
+planned), which may overlap the state intervals and each other; the `oee` view takes the
+union of down time, so overlaps are never counted twice.
 
 A state change that arrives after a later one is inserted into the machine's recent
 history: the interval it falls into ends at its time, and it lasts until the next one

@@ -1,9 +1,9 @@
 """Per-order state and the ERP postings each order event causes.
 
-`OrderBook.apply` is called by the partition state with an event whose order is known. It
-updates the order and returns the postings and snapshot rows the event produced. Stock is
-tracked per lot (batch) of the order's output, in unrestricted and blocked stock, so that a
-quality hold blocks exactly the stock it covers.
+`OrderBook.apply` is called by the partition state with an event whose order is known.
+It updates the order and returns the postings and snapshot rows the event produced.
+Stock is tracked per lot (batch) of the order's output, in unrestricted and blocked
+stock, so that a quality hold blocks exactly the stock it covers.
 """
 
 from __future__ import annotations
@@ -43,8 +43,7 @@ __all__ = [
 ZERO = Decimal(0)
 
 QUANTUM = Decimal("1e-9")
-"""A converted quantity is rounded once, half to even, to the 9 decimal places of the
-postings and snapshot tables."""
+"""A converted quantity is rounded once, half to even, to the tables' 9 places."""
 
 UNIT_FACTORS: dict[str, tuple[str, Decimal]] = {
     "MG": ("mass", Decimal("0.000001")),
@@ -76,8 +75,8 @@ def convert_quantity(quantity: ev.Quantity, uom: str, label: str) -> Decimal:
     target = UNIT_FACTORS.get(uom)
     if source is None or target is None or source[0] != target[0]:
         raise ValueError(
-            f"{label} is in {quantity.uom} but must be posted in {uom}, and plantstream "
-            f"has no conversion between them (convertible units: "
+            f"{label} is in {quantity.uom} but must be posted in {uom}, and "
+            f"plantstream has no conversion between them (convertible units: "
             f"{', '.join(sorted(UNIT_FACTORS))}); report it in {uom}"
         )
     with localcontext() as context:
@@ -554,7 +553,8 @@ def apply_hold(
 ) -> None:
     """Place `hold` on the order and move the unrestricted stock it covers to blocked.
 
-    `record` adds the hold's row; a plant-wide hold records one row for the plant instead.
+    `record` adds the hold's row; a plant-wide hold records one row for the plant
+    instead.
     """
     order.holds[hold.hold_id] = hold
     out.facts = hold_facts(hold)
@@ -704,7 +704,7 @@ def _inspected(order: OrderState, event: ev.InspectionRecorded, out: Outcome) ->
 
 
 def apply_order_event(order: OrderState, event: ev.PlantEvent) -> Outcome:
-    """Apply one event of a released order; raise Unmatched or ValueError to reject it."""
+    """Apply one event of a released order; raise Unmatched or ValueError to reject."""
     out = Outcome()
     match event:
         case ev.ProductionConfirmed():

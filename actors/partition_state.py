@@ -1,11 +1,11 @@
 """The state one partition actor owns: its share of orders, machines and event ids.
 
-`PartitionState` is plain Python so that it runs the same inside a Ray actor and in a test.
-For each message of a batch it:
+`PartitionState` is plain Python so that it runs the same inside a Ray actor and in a
+test. For each message of a batch it:
 
 1. decodes and validates the whole event (a failure becomes a dead letter);
-2. drops it if its event id was seen with the same payload, and dead-letters it if the id
-   was seen with a different payload (a reused id is an anomaly, never a duplicate);
+2. drops it if its event id was seen with the same payload, and dead-letters it if the
+   id was seen with a different payload (a reused id is an anomaly, never a duplicate);
 3. parks it if a prerequisite is missing (its order's release, the event it cancels, the
    hold it releases), to apply it when the prerequisite arrives;
 4. applies it to the order or machine, collecting the ERP postings and snapshot rows;
@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import logging
+import sys
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -61,14 +62,14 @@ __all__ = ["BatchResult", "PartitionState", "SourceMessage"]
 _MACHINE_EVENTS = (ev.MachineStateChanged, ev.DowntimeStarted, ev.DowntimeEnded)
 
 EXPIRY_SCAN_INTERVAL_S = 5.0
-"""How often parked events are checked for expiry; scanning every batch would cost more."""
+"""Seconds between expiry scans of parked events; every batch would cost more."""
 
 
 class SourceMessage(msgspec.Struct, array_like=True):
     """One message of the plant events stream, as the ingest hands it to a partition.
 
-    A plant-wide hold is sent to every partition; only the copy with `primary` set counts
-    in the statistics and reports dead letters, so the totals stay per message.
+    A plant-wide hold is sent to every partition; only the copy with `primary` set
+    counts in the statistics and reports dead letters, so the totals stay per message.
     """
 
     stream_seq: int
@@ -142,7 +143,8 @@ def _key_or_none(data: bytes) -> EventKey | None:
 def _payload_hash(event: ev.PlantEvent) -> int:
     # Hash the re-encoded event, not the raw bytes, so the same event sent with other
     # white space or key order is still a duplicate. blake2b is stable across processes,
-    # unlike hash(), which matters because the hashes outlive the process in checkpoints.
+    # unlike hash(), which matters because the hashes outlive the process in
+    # checkpoints.
     return int.from_bytes(hashlib.blake2b(encode(event), digest_size=8).digest(), "big")
 
 
@@ -193,6 +195,10 @@ class PartitionState:
         self.partition = partition
         self.settings = settings or StateSettings()
         self.last_seq = 0
+        # The last (stream sequence, edge batch index) taken; anything at or before it
+        # is a redelivery. Checkpoints fall between whole messages, so a restored state
+        # has taken every event of its last message.
+        self._position: tuple[int, int] = (0, -1)
         self.seen: dict[str, int] = {}
         self.orders: dict[str, OrderState] = {}
         self.machines: dict[str, MachineTrack] = {}
@@ -235,6 +241,7 @@ class PartitionState:
                     _key_or_none(message.data),
                 )
             self.last_seq = max(self.last_seq, message.stream_seq)
+            self._position = max(self._position, (message.stream_seq, message.index))
         now = time.time()
         if self.parked and now - self._last_expiry_scan >= EXPIRY_SCAN_INTERVAL_S:
             self._expire_parked(now)
@@ -271,8 +278,8 @@ class PartitionState:
                 message,
                 "future_time",
                 f"occurred_at {event.occurred_at.isoformat()} is more than "
-                f"{self.settings.max_future_s:g} s ahead of this host's clock; check the "
-                f"clock of plant {event.plant}'s source {event.source}",
+                f"{self.settings.max_future_s:g} s ahead of this host's clock; check "
+                f"the clock of plant {event.plant}'s source {event.source}",
                 event,
             )
             return
@@ -284,7 +291,11 @@ class PartitionState:
             if order is not None:
                 known = order.event_ids.get(event.event_id)
         if known is not None:
-            if known == payload_hash:
+            if (message.stream_seq, message.index) <= self._position:
+                # JetStream delivered a message this partition already took (a stalled
+                # ack, a server restart); the ledger row of the first delivery stands.
+                self.counts["redelivered"] += 1
+            elif known == payload_hash:
                 self.counts["duplicates"] += 1
                 self._ledger(event, message, "duplicate")
             else:
@@ -415,8 +426,8 @@ class PartitionState:
         if isinstance(event, ev.QualityHoldApplied):
             if event.scope == "order":
                 raise ValueError(
-                    f"hold {event.hold_id} has scope order but names no order; give its "
-                    "order, or use scope lot or material for a plant-wide hold"
+                    f"hold {event.hold_id} has scope order but names no order; give "
+                    "its order, or use scope lot or material for a plant-wide hold"
                 )
             hold = HoldState(
                 hold_id=event.hold_id,
@@ -577,8 +588,8 @@ class PartitionState:
         if isinstance(event, ev.WorkOrderReleased):
             if order_key in self.orders:
                 raise ValueError(
-                    f"order {event.order} of plant {plant} is already released; a changed "
-                    "release needs a new order number"
+                    f"order {event.order} of plant {plant} is already released; a "
+                    "changed release needs a new order number"
                 )
             order = release_order(event)
             for hold_key, hold in self.plant_holds.items():
@@ -627,7 +638,7 @@ class PartitionState:
         for table, rows in outcome.rows.items():
             self._rows.setdefault(table, []).extend(rows)
 
-    # -- parking -------------------------------------------------------------------------
+    # -- parking ----------------------------------------------------------------------
 
     def _park(
         self, event: ev.PlantEvent, message: SourceMessage, waiting_for: str
@@ -698,6 +709,8 @@ class PartitionState:
                     parked.stream_seq, parked.subject, parked.data, True, parked.index
                 )
                 self._parked_row(event, parked.stream_seq, key, "expired")
+                # Forget the id, so that the dead letter applies when it is retried.
+                self.seen.pop(parked.event_id, None)
                 self._reject(
                     message,
                     "parked_expired",
@@ -708,7 +721,7 @@ class PartitionState:
             if keep:
                 self.parked[key] = keep
 
-    # -- snapshots and checkpoints -------------------------------------------------------
+    # -- snapshots and checkpoints ----------------------------------------------------
 
     def take_snapshot(self) -> dict[str, pa.Table]:
         """Return the rows changed since the last snapshot, as Arrow tables."""
@@ -770,6 +783,7 @@ class PartitionState:
         saved = msgspec.msgpack.decode(data, type=Checkpoint)
         state = cls(saved.partition, settings)
         state.last_seq = saved.last_seq
+        state._position = (saved.last_seq, sys.maxsize)
         state.seen = saved.seen
         state.orders = saved.orders
         state.machines = saved.machines
@@ -853,8 +867,9 @@ class _Park(Exception):
 
 
 def _last_per_key(table: str, rows: list[dict[str, object]]) -> list[dict[str, object]]:
-    # A row can change twice between snapshots (a parked event applied, a hold released);
-    # the sink upserts by primary key and must not see one key twice in one statement.
+    # A row can change twice between snapshots (a parked event applied, a hold
+    # released); the sink upserts by primary key and must not see one key twice in one
+    # statement.
     key_columns = TABLES[table].primary_key
     latest = {tuple(row.get(c) for c in key_columns): row for row in rows}
     return list(latest.values())

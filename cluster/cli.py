@@ -112,6 +112,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         state=StateSettings.from_env(),
     )
 
+    # Ray installs its own SIGTERM handler when it starts; start it first so that the
+    # handlers below replace it and a stop ends with a final checkpoint and a summary.
+    from cluster.job import connect_ray
+
+    connect_ray(args.ray_address)
+
     async def serve() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -243,7 +249,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    return int(args.handler(args))
+    try:
+        return int(args.handler(args))
+    except (FileNotFoundError, ConnectionError) as error:
+        print(f"plantstream: {error}", file=sys.stderr)
+        return 2
+    except ValueError as error:
+        # Input files that cannot be read raise ValueError with the path, the line and
+        # the value; a traceback would only hide that message.
+        logger.debug("command failed", exc_info=True)
+        print(f"plantstream: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import nats
+import nats.aio.client
+import nats.errors
 import ray
 
 from actors.partition import PartitionActor
@@ -34,7 +36,7 @@ from pipeline.streams import ensure_streams
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["JobConfig", "JobResult", "connect_ray", "run_job"]
+__all__ = ["JobConfig", "JobResult", "connect_nats", "connect_ray", "run_job"]
 
 
 @dataclass
@@ -76,6 +78,35 @@ def connect_ray(address: str | None) -> None:
     logger.info("ray connected: %s", ray.cluster_resources())
 
 
+NATS_CONNECT_TIMEOUT_S = 15.0
+"""How long start-up waits for the first connection to NATS before it gives up. Once
+connected, the client reconnects without limit."""
+
+
+async def _log_nats_error(error: Exception) -> None:
+    # nats-py's default prints a traceback for every failed reconnect attempt.
+    logger.warning("NATS connection: %s: %s", type(error).__name__, error)
+
+
+async def connect_nats(url: str) -> nats.aio.client.Client:
+    """Connect to NATS, failing with a clear error if the server cannot be reached."""
+    try:
+        return await asyncio.wait_for(
+            nats.connect(
+                url,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.5,
+                error_cb=_log_nats_error,
+            ),
+            NATS_CONNECT_TIMEOUT_S,
+        )
+    except (TimeoutError, OSError, nats.errors.Error) as error:
+        raise ConnectionError(
+            f"could not connect to NATS at {url} within {NATS_CONNECT_TIMEOUT_S:g} s "
+            f"({type(error).__name__}); check the URL and that nats-server is running"
+        ) from error
+
+
 async def run_job(
     config: JobConfig,
     inputs: Iterable[tuple[str, bytes]] | None,
@@ -95,7 +126,7 @@ async def run_job(
         url = server.url
     try:
         connect_ray(config.ray_address)
-        nc = await nats.connect(url, max_reconnect_attempts=-1, reconnect_time_wait=0.5)
+        nc = await connect_nats(url)
         try:
             js = nc.jetstream(publish_async_max_pending=4000)
             published = 0

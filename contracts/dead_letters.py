@@ -35,6 +35,9 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     stream_seq: int
     data: bytes
     rejected_at: dt.datetime
+    data_omitted: bool = False
+    """True when the body was too large to copy here; it stays in PLANT_EVENTS at
+    `stream_seq`, from where `plantstream dlq retry` reads it."""
     batch_index: int | None = None
     """Position of the event in an edge batch; None for a single-event message."""
     event_id: str | None = None

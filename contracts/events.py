@@ -48,6 +48,15 @@ decode."""
 
 NonEmpty = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
 
+Text = Annotated[str, msgspec.Meta(max_length=256)]
+"""An optional text or id field, bounded so that a posting stays far below 1 MiB."""
+
+MAX_LINES = 1000
+"""Bill-of-material lines and routing operations one release may carry."""
+
+QUANTITY_INTEGER_DIGITS = 29
+"""Digits a quantity may have before the point: DECIMAL(38, 9) leaves 29."""
+
 
 class Quantity(msgspec.Struct, frozen=True):
     """A non-negative, finite decimal amount in a unit of measure such as "KG" or "EA".
@@ -66,6 +75,12 @@ class Quantity(msgspec.Struct, frozen=True):
             raise ValueError(
                 f"quantity {self.value} has more than {QUANTITY_SCALE} decimal places, "
                 "which the postings and snapshot tables cannot store exactly"
+            )
+        if self.value.adjusted() >= QUANTITY_INTEGER_DIGITS:
+            raise ValueError(
+                f"quantity {self.value} has more than {QUANTITY_INTEGER_DIGITS} digits "
+                "before the decimal point, which the postings and snapshot tables "
+                "cannot store"
             )
         if self.value < 0:
             raise ValueError(
@@ -114,8 +129,8 @@ class Component(msgspec.Struct, frozen=True, kw_only=True):
 
     material: NonEmpty
     quantity: Quantity
-    operation: str | None = None
-    storage_location: str | None = None
+    operation: Text | None = None
+    storage_location: Text | None = None
 
 
 class OperationSpec(msgspec.Struct, frozen=True, kw_only=True):
@@ -126,10 +141,18 @@ class OperationSpec(msgspec.Struct, frozen=True, kw_only=True):
     ideal_cycle_time_s: Decimal
 
     def __post_init__(self) -> None:
-        if not self.ideal_cycle_time_s.is_finite() or self.ideal_cycle_time_s <= 0:
+        cycle_time = self.ideal_cycle_time_s
+        if (
+            not cycle_time.is_finite()
+            or cycle_time <= 0
+            or cycle_time.adjusted() >= QUANTITY_INTEGER_DIGITS
+            or cycle_time.as_tuple().exponent < -QUANTITY_SCALE  # type: ignore[operator]
+        ):
             raise ValueError(
                 f"ideal_cycle_time_s of operation {self.operation} must be a positive "
-                f"number of seconds, got {self.ideal_cycle_time_s}"
+                f"number of seconds with at most {QUANTITY_SCALE} decimal places and "
+                f"{QUANTITY_INTEGER_DIGITS} digits before the point, got "
+                f"{self.ideal_cycle_time_s}"
             )
 
 
@@ -138,9 +161,9 @@ class WorkOrderReleased(Event, tag="work_order_released"):
 
     material: NonEmpty
     quantity: Quantity
-    components: list[Component] = []
-    operations: list[OperationSpec] = []
-    storage_location: str | None = None
+    components: Annotated[list[Component], msgspec.Meta(max_length=MAX_LINES)] = []
+    operations: Annotated[list[OperationSpec], msgspec.Meta(max_length=MAX_LINES)] = []
+    storage_location: Text | None = None
 
 
 class OperationStarted(Event, tag="operation_started"):
@@ -157,8 +180,8 @@ class ProductionConfirmed(Event, tag="production_confirmed"):
     good: Quantity
     scrap: Quantity | None = None
     rework: Quantity | None = None
-    operation: str | None = None
-    lot: str | None = None
+    operation: Text | None = None
+    lot: Text | None = None
     final: bool = False
     started_at: AwareDatetime | None = None
 
@@ -172,9 +195,9 @@ class ProductionCancelled(Event, tag="production_cancelled"):
 class MaterialConsumed(Event, tag="material_consumed"):
     material: NonEmpty
     quantity: Quantity
-    lot: str | None = None
-    storage_location: str | None = None
-    operation: str | None = None
+    lot: Text | None = None
+    storage_location: Text | None = None
+    operation: Text | None = None
 
 
 class ConsumptionReversed(Event, tag="consumption_reversed"):
@@ -187,9 +210,9 @@ class InspectionRecorded(Event, tag="inspection_recorded"):
     """A quality inspection result; a failed one holds its lot, or else its order."""
 
     result: Literal["pass", "fail"]
-    lot: str | None = None
-    material: str | None = None
-    characteristic: str | None = None
+    lot: Text | None = None
+    material: Text | None = None
+    characteristic: Text | None = None
 
 
 class QualityHoldApplied(Event, tag="quality_hold_applied"):
@@ -197,9 +220,9 @@ class QualityHoldApplied(Event, tag="quality_hold_applied"):
 
     hold_id: NonEmpty
     scope: Literal["order", "lot", "material"] = "order"
-    lot: str | None = None
-    material: str | None = None
-    reason: str | None = None
+    lot: Text | None = None
+    material: Text | None = None
+    reason: Text | None = None
 
 
 class QualityHoldReleased(Event, tag="quality_hold_released"):
@@ -214,14 +237,14 @@ class MachineStateChanged(Event, tag="machine_state_changed"):
 
     machine: NonEmpty
     state: MachineState
-    reason: str | None = None
+    reason: Text | None = None
     planned: bool = False
 
 
 class DowntimeStarted(Event, tag="downtime_started"):
     machine: NonEmpty
     downtime_id: NonEmpty
-    reason: str | None = None
+    reason: Text | None = None
     planned: bool = False
 
 
@@ -236,7 +259,7 @@ class ShipmentConfirmed(Event, tag="shipment_confirmed"):
     delivery: NonEmpty
     material: NonEmpty
     quantity: Quantity
-    customer: str | None = None
+    customer: Text | None = None
 
 
 PlantEvent = (

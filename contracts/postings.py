@@ -56,7 +56,13 @@ def posting_key(plant: str, kind: str, *parts: str) -> str:
     return f"{plant}-{kind}-{digest}"
 
 
-class GoodsMovement(msgspec.Struct, frozen=True, kw_only=True, tag="goods_movement"):
+class GoodsMovement(
+    msgspec.Struct,
+    frozen=True,
+    kw_only=True,
+    tag_field="posting_type",
+    tag="goods_movement",
+):
     """One goods movement item with the header fields an ERP needs to post it.
 
     `quantity` is always positive: the movement type gives the direction. `reverses` is
@@ -85,7 +91,11 @@ class GoodsMovement(msgspec.Struct, frozen=True, kw_only=True, tag="goods_moveme
 
 
 class OrderConfirmation(
-    msgspec.Struct, frozen=True, kw_only=True, tag="order_confirmation"
+    msgspec.Struct,
+    frozen=True,
+    kw_only=True,
+    tag_field="posting_type",
+    tag="order_confirmation",
 ):
     """A production order confirmation: yield, scrap and rework of one report."""
 

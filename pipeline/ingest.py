@@ -103,6 +103,9 @@ backoff above that is about 45 s of retrying, longer than a nats-server restart.
 PLANT_WIDE_EVENTS = frozenset({"quality_hold_applied", "quality_hold_released"})
 """Event types that every partition applies when they name no order."""
 
+DEAD_LETTER_HEADROOM = 4096
+"""Bytes kept free below max_payload for a dead letter's headers."""
+
 DEAD_LETTER_LOG_FIRST = 5
 """Dead letters per reason logged at WARNING; after that, every 1000th."""
 
@@ -202,6 +205,7 @@ class Ingest:
         self._ingest_counts: Counter[str] = Counter()
         self._commit_task: asyncio.Task[None] | None = None
         self._recoveries_without_progress = 0
+        self._dead_logged: Counter[str] = Counter()
         self._fetch_task: asyncio.Task[list[Msg]] | None = None
         self._in_flight: deque[_InFlight] = deque()
         self._publishes: list[tuple[str, asyncio.Future[PubAck]]] = []
@@ -535,7 +539,8 @@ class Ingest:
             dead.extend(result.dead_letters)
             self.report.counts.update(result.counts)
         outgoing.extend(
-            (dlq_subject(d.plant), encode(d), _dead_letter_id(d)) for d in dead
+            (dlq_subject(d.plant), self._encode_dead_letter(d), _dead_letter_id(d))
+            for d in dead
         )
         # Step 4 is started here; the checkpoint that covers this batch waits for the
         # acks before it commits.
@@ -551,6 +556,17 @@ class Ingest:
         for letter in dead:
             self._log_dead_letter(letter)
         self.report.batches += 1
+
+    def _encode_dead_letter(self, letter: DeadLetter) -> bytes:
+        """Encode a dead letter, leaving out a body too large for one NATS message.
+
+        Base64 makes the copy a third larger than the original, so a message near the
+        server's max_payload cannot be copied; PLANT_EVENTS still holds it.
+        """
+        data = encode(letter)
+        if len(data) <= self.nc.max_payload - DEAD_LETTER_HEADROOM:
+            return data
+        return encode(msgspec.structs.replace(letter, data=b"", data_omitted=True))
 
     async def _settle(
         self, publishes: list[tuple[str, asyncio.Future[PubAck]]]
@@ -574,7 +590,8 @@ class Ingest:
     def _log_dead_letter(self, letter: DeadLetter) -> None:
         # The first few of each reason at WARNING, then every thousandth, so a flood of
         # one bad gateway does not drown the log; all of them are in the DLQ stream.
-        seen = self.report.counts[f"dead_letter:{letter.reason}"]
+        self._dead_logged[letter.reason] += 1
+        seen = self._dead_logged[letter.reason]
         level = (
             logging.WARNING
             if seen <= DEAD_LETTER_LOG_FIRST or seen % 1000 == 0
@@ -602,6 +619,8 @@ class Ingest:
         await self._complete_in_flight(0)
         await self._finish_commit()
         covered_seq = self._max_seq
+        # Taken now, with the state: batches routed after this point are not covered.
+        ingest_counts = dict(self._ingest_counts)
         covered = self._unacked
         dead_rows = self._dead_rows
         publishes = self._publishes
@@ -616,7 +635,9 @@ class Ingest:
         self._lap("collect", clock)
         self._last_checkpoint = time.monotonic()
         self._commit_task = asyncio.create_task(
-            self._commit(results, covered_seq, covered, dead_rows, publishes)
+            self._commit(
+                results, covered_seq, covered, dead_rows, publishes, ingest_counts
+            )
         )
         if wait:
             await self._finish_commit()
@@ -634,6 +655,7 @@ class Ingest:
         covered: list[Msg],
         dead_rows: list[dict[str, object]],
         publishes: list[tuple[str, asyncio.Future[PubAck]]],
+        ingest_counts: dict[str, int],
     ) -> None:
         assert self._store is not None
         clock = time.perf_counter()
@@ -655,7 +677,7 @@ class Ingest:
         for index, (state, _) in enumerate(results):
             await self._store.put(f"partition-{index}", state)
         manifest = CheckpointManifest(
-            covered_seq, len(self.actors), time.time(), dict(self._ingest_counts)
+            covered_seq, len(self.actors), time.time(), ingest_counts
         )
         await self._store.put(MANIFEST, msgspec.json.encode(manifest))
         clock = self._lap("commit", clock)

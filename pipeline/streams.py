@@ -62,7 +62,9 @@ def stream_configs(settings: PipelineSettings) -> list[StreamConfig]:
             subjects=[f"{DLQ_PREFIX}.>"],
             retention=RetentionPolicy.LIMITS,
             storage=StorageType.FILE,
-            duplicate_window=settings.events_duplicate_window_s,
+            # A replay after a crash rejects the same messages again; their ids repeat,
+            # so a window as long as the postings' keeps one dead letter per message.
+            duplicate_window=settings.postings_duplicate_window_s,
         ),
     ]
 

@@ -19,22 +19,23 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 def data_dir() -> Path:
     """Folder with the public data files: AI4I 2020, SECOM labels and B2MML examples.
 
-    Set PLANTSTREAM_DATA to its path; by default it is `shared/data` beside the checkout.
+    Set PLANTSTREAM_DATA to its path; by default it is `shared/data` beside the
+    checkout.
     """
     path = Path(
         os.environ.get("PLANTSTREAM_DATA", REPO_ROOT.parent / "shared" / "data")
     )
     if not (path / "ai4i2020.csv").is_file():
         pytest.fail(
-            f"data folder {path} has no ai4i2020.csv; set PLANTSTREAM_DATA to the folder "
-            "holding the AI4I 2020, SECOM and B2MML files (see README, Real input)"
+            f"data folder {path} has no ai4i2020.csv; set PLANTSTREAM_DATA to the "
+            "folder holding the AI4I 2020, SECOM and B2MML files (README, Real input)"
         )
     return path
 
 
 @pytest.fixture
 def nats_server(tmp_path: Path) -> Iterator[EmbeddedNatsServer]:
-    """A real nats-server with JetStream on a free loopback port and a temporary store."""
+    """A real nats-server with JetStream on a free loopback port and a temp store."""
     server = EmbeddedNatsServer(store_dir=tmp_path / "jetstream").start()
     try:
         yield server

@@ -1,4 +1,4 @@
-"""The wire contracts: decoding, validation, JSON Schema, keys and the public surface."""
+"""The wire contracts: decoding, validation, JSON Schema, keys, public names."""
 
 from __future__ import annotations
 

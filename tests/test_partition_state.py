@@ -246,9 +246,24 @@ def test_checkpoint_round_trip() -> None:
     )
     restored = PartitionState.restore(state.checkpoint())
     assert restored.checkpoint() == state.checkpoint()
-    again = restored.apply_batch(messages(consume("c1", "2")))
+    resent = SourceMessage(
+        10, "plant.events.P1.material_consumed", encode(consume("c1", "2"))
+    )
+    again = restored.apply_batch([resent])
     assert again.counts["duplicates"] == 1
     assert again.postings == []
+
+
+def test_redelivery_not_a_duplicate() -> None:
+    """A message delivered again keeps the ledger row of its first delivery."""
+    state = PartitionState(0)
+    batch = messages(release(), consume("c1", "2"))
+    state.apply_batch(batch)
+    again = state.apply_batch(batch[1:])
+    assert again.counts == {"events_in": 1, "redelivered": 1}
+    ledger = state.take_snapshot()["events"].to_pylist()
+    statuses = {(row["stream_seq"], row["status"]) for row in ledger}
+    assert statuses == {(1, "applied"), (2, "applied")}
 
 
 def test_snapshot_rows_match_schema() -> None:
@@ -334,7 +349,9 @@ def test_unexpected_error_dead_lettered(monkeypatch: pytest.MonkeyPatch) -> None
         raise KeyError("boom")
 
     monkeypatch.setattr("actors.partition_state.apply_order_event", broken)
-    result = state.apply_batch(messages(release(), consume("c1", "1"), consume("c2", "1")))
+    result = state.apply_batch(
+        messages(release(), consume("c1", "1"), consume("c2", "1"))
+    )
     reasons = [d.reason for d in result.dead_letters]
     assert reasons == ["internal_error", "internal_error"]
     assert "KeyError" in result.dead_letters[0].detail

@@ -167,7 +167,7 @@ def test_consumer_fully_acked(run: JobResult, nats_server: EmbeddedNatsServer) -
 def test_rerun_adds_nothing(
     run: JobResult, nats_server: EmbeddedNatsServer, tmp_path: Path
 ) -> None:
-    """A second run on the same streams resumes from the checkpoint and posts nothing new."""
+    """A second run resumes from the checkpoint and posts nothing new."""
     config = JobConfig(
         db=tmp_path / "out.duckdb", partitions=3, nats_url=nats_server.url
     )

@@ -1,4 +1,4 @@
-"""Edge batches and recovery: a killed actor or nats-server loses and doubles nothing."""
+"""Edge batches, and recovery that loses and doubles nothing after a kill."""
 
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ def stream() -> tuple[list[tuple[str, bytes]], Expected]:
 def _edge_batches(
     messages: list[tuple[str, bytes]], size: int
 ) -> list[tuple[str, bytes]]:
-    """Pack consecutive valid events of one plant into JSON arrays, as an edge buffer does."""
+    """Pack consecutive events of one plant into JSON arrays, as an edge buffer does."""
     batches: list[tuple[str, bytes]] = []
     pending: dict[str, list[bytes]] = {}
     for subject, data in messages:

@@ -16,10 +16,10 @@ ZONES = "P1=Europe/Berlin,P2=America/Chicago"
 
 def _report(event_id: str, plant: str, order: str, occurred_at: str) -> Message:
     body = (
-        '{"event_type":"production_confirmed","event_id":"%s","plant":"%s",'
-        '"occurred_at":"%s","source":"mes","order":"%s",'
-        '"good":{"value":"1","uom":"EA"},"operation":"10"}'
-    ) % (event_id, plant, occurred_at, order)
+        f'{{"event_type":"production_confirmed","event_id":"{event_id}",'
+        f'"plant":"{plant}","occurred_at":"{occurred_at}","source":"mes",'
+        f'"order":"{order}","good":{{"value":"1","uom":"EA"}},"operation":"10"}}'
+    )
     return event_subject(plant, "production_confirmed"), body.encode()
 
 

@@ -1,4 +1,4 @@
-"""A plant site as a leaf node: events buffered while the hub is down reach the pipeline."""
+"""A plant site as a leaf node: events stored while the hub is down get through."""
 
 from __future__ import annotations
 
@@ -91,7 +91,8 @@ def test_backlog_from_offline_site(tmp_path: Path) -> None:
             nc = await nats.connect(hub.url)
             try:
                 # Sources created before the leaf connection is up start only on
-                # JetStream's retry schedule (about 40 s seen here), so wait for the link.
+                # JetStream's retry schedule (about 40 s seen here), so wait for the
+                # link.
                 site_api = nc.jetstream(domain=site_domain(plant))
                 for _ in range(100):
                     try:

@@ -1152,8 +1152,7 @@ class _OrderWriter:
         return end + 1_000
 
     def _breakdown(self, machine: str, at: int) -> int:
-        """Plan an unplanned stop during an operation; return its length (the union of
-        overlapping records)."""
+        """Plan an unplanned stop in an operation; return its length (overlaps once)."""
         rng = self.rng
         reason = rng.choice(_BREAKDOWNS)
         length = rng.randint(5 * _MINUTE, 45 * _MINUTE)

@@ -1,0 +1,84 @@
+"""The ceiling: a bare pull consumer that only fetches, decodes and acks.
+
+It reads the same stream as the pipeline with the same fetch size and decodes every
+event with the same msgspec decoder, but keeps no state, publishes nothing and acks each
+message right away. No pipeline that decodes each event in Python can beat it on this
+broker and client.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import msgspec
+from nats.aio.client import Client as NATS
+from nats.errors import TimeoutError as NatsTimeoutError
+from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
+
+from contracts.codec import decode_event
+from pipeline.subjects import EVENTS_PREFIX, EVENTS_STREAM
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CEILING_CONSUMER", "run_ceiling"]
+
+CEILING_CONSUMER = "bench-ceiling"
+FETCH_TIMEOUT_S = 1.0
+
+_array_decoder = msgspec.json.Decoder(list[msgspec.Raw])
+
+
+async def run_ceiling(
+    nc: NATS, messages: int, fetch_batch: int, *, edge_batches: bool
+) -> tuple[int, float]:
+    """Consume `messages` messages from the first; return (events decoded, seconds).
+
+    Events that fail to decode are counted too, as the pipeline counts dead letters.
+    """
+    js = nc.jetstream()
+    config = ConsumerConfig(
+        durable_name=CEILING_CONSUMER,
+        ack_policy=AckPolicy.EXPLICIT,
+        deliver_policy=DeliverPolicy.ALL,
+        filter_subject=f"{EVENTS_PREFIX}.>",
+        max_ack_pending=fetch_batch * 4,
+        ack_wait=120.0,
+    )
+    await js.add_consumer(EVENTS_STREAM, config)
+    subscription = await js.pull_subscribe_bind(
+        durable=CEILING_CONSUMER, stream=EVENTS_STREAM
+    )
+    received = events = 0
+    started = time.perf_counter()
+    try:
+        while received < messages:
+            try:
+                batch = await subscription.fetch(fetch_batch, timeout=FETCH_TIMEOUT_S)
+            except NatsTimeoutError as error:
+                raise RuntimeError(
+                    f"the ceiling consumer stalled after {received} of {messages} "
+                    "messages; check that the stream holds the published workload"
+                ) from error
+            for message in batch:
+                if edge_batches:
+                    for item in _array_decoder.decode(message.data):
+                        events += _decode(item)
+                else:
+                    events += _decode(message.data)
+                await message.ack()
+            received += len(batch)
+        await nc.flush()
+        elapsed = time.perf_counter() - started
+    finally:
+        await subscription.unsubscribe()
+        await js.delete_consumer(EVENTS_STREAM, CEILING_CONSUMER)
+    return events, elapsed
+
+
+def _decode(data: bytes | msgspec.Raw) -> int:
+    try:
+        decode_event(data)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        pass
+    return 1

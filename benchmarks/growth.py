@@ -1,0 +1,81 @@
+"""Growth: partition state throughput and memory with many open orders or many plants.
+
+Both run PartitionState in this process, so that the figure shows how the state itself
+scales without the broker and the actors around it. The end-to-end pipeline at
+different plant counts is measured by the suite with `pipeline_run`.
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import time
+import tracemalloc
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from actors.partition_state import PartitionState
+from benchmarks.in_memory import apply_in_batches, source_messages
+from benchmarks.memory import open_order_messages
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["GrowthRun", "measure_with_open_orders"]
+
+
+@dataclass(frozen=True)
+class GrowthRun:
+    events: int
+    seconds: float
+    traced_bytes: int
+    """Python memory of the state after the run, from tracemalloc."""
+    checkpoint_bytes: int
+    checkpoint_seconds: float
+    """Serialising the whole state, as the ingest does at every checkpoint."""
+
+    @property
+    def rate(self) -> float:
+        return self.events / self.seconds
+
+
+def measure_with_open_orders(
+    open_orders: int, messages: Sequence[tuple[str, bytes]], *, traced: bool
+) -> GrowthRun:
+    """Preload `open_orders` open orders, then time applying `messages`.
+
+    With `traced`, tracemalloc runs during the whole measurement and reports the
+    state's size; it slows Python allocations, so the suite times an untraced run and
+    takes the memory from a separate traced one.
+    """
+    # The open orders take plant P99, which the generated stream never uses, and
+    # stream sequences after the workload's.
+    preload = open_order_messages(open_orders, plant="P99", first_seq=len(messages) + 1)
+    workload = source_messages(messages)
+    if traced:
+        gc.collect()
+        tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0] if traced else 0
+        state = PartitionState(0)
+        apply_in_batches(state, preload)
+        state.take_snapshot()
+        started = time.perf_counter()
+        apply_in_batches(state, workload)
+        elapsed = time.perf_counter() - started
+        state.take_snapshot()
+        del preload, workload
+        gc.collect()
+        traced_bytes = tracemalloc.get_traced_memory()[0] - before if traced else 0
+    finally:
+        if traced:
+            tracemalloc.stop()
+    started = time.perf_counter()
+    checkpoint = state.checkpoint()
+    checkpoint_seconds = time.perf_counter() - started
+    return GrowthRun(
+        events=len(messages),
+        seconds=elapsed,
+        traced_bytes=traced_bytes,
+        checkpoint_bytes=len(checkpoint),
+        checkpoint_seconds=checkpoint_seconds,
+    )

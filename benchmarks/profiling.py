@@ -1,0 +1,87 @@
+"""Where the time goes: the driver's phases and hot spots, and PartitionState's.
+
+The driver (the ingest loop in this process) is profiled with `StackSampler`, because a
+tracing profiler changes its batching; the ingest times its own steps
+(`IngestReport.seconds`). PartitionState runs
+without I/O, so cProfile describes it faithfully apart from the overhead it adds to
+every call; its shares are of the profiled time.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import logging
+import pstats
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from actors.partition_state import PartitionState
+from benchmarks.broker import Broker
+from benchmarks.in_memory import apply_in_batches, source_messages
+from benchmarks.pipeline_run import PipelineRun, run_pipeline
+from benchmarks.sampler import Hotspot, StackSampler, short_path
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DriverProfile", "FunctionShare", "profile_driver", "profile_state"]
+
+
+@dataclass(frozen=True)
+class FunctionShare:
+    function: str
+    calls: int
+    own_share: float
+    cumulative_share: float
+
+
+@dataclass(frozen=True)
+class DriverProfile:
+    run: PipelineRun
+    phases: dict[str, float]
+    """Wall-clock seconds per phase of the ingest loop."""
+    hotspots: list[Hotspot]
+    samples: int
+
+
+def profile_state(
+    messages: Sequence[tuple[str, bytes]], top: int = 12
+) -> list[FunctionShare]:
+    """Profile PartitionState.apply_batch over `messages` with cProfile."""
+    prepared = source_messages(messages)
+    state = PartitionState(0)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    apply_in_batches(state, prepared)
+    profiler.disable()
+    stats = pstats.Stats(profiler)
+    raw: dict[Any, Any] = stats.stats  # type: ignore[attr-defined]
+    total = stats.total_tt  # type: ignore[attr-defined]
+    rows = sorted(raw.items(), key=lambda item: item[1][2], reverse=True)[:top]
+    return [
+        FunctionShare(
+            function=_label(key),
+            calls=value[1],
+            own_share=value[2] / total,
+            cumulative_share=value[3] / total,
+        )
+        for key, value in rows
+    ]
+
+
+def _label(key: tuple[str, int, str]) -> str:
+    path, line, name = key
+    if path == "~":
+        return name
+    return f"{short_path(path)}:{line}({name})"
+
+
+async def profile_driver(broker: Broker, partitions: int) -> DriverProfile:
+    """Run the pipeline once more with the sampler on; the ingest times its own steps.
+
+    The steps overlap (the next fetch runs while a batch is routed, checkpoints commit
+    in the background), so their times add up to more than the run's wall time.
+    """
+    with StackSampler() as sampler:
+        run = await run_pipeline(broker, partitions)
+    return DriverProfile(run, dict(run.phases), sampler.top(12), sampler.samples)

@@ -1,0 +1,344 @@
+"""Run every benchmark and write the report: `python -m benchmarks.suite --output FILE`.
+
+Everything runs on this machine: a nats-server the suite starts on loopback for each
+wire mode, and a local Ray instance. The full mode repeats each figure 3 times and takes
+about 15 minutes on 2 cores. `--quick` runs each once on small inputs in about a minute,
+so it only checks that every benchmark works.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import logging
+import os
+import pickle
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import pipeline.ingest
+from benchmarks import growth, memory
+from benchmarks.broker import Broker
+from benchmarks.ceiling import run_ceiling
+from benchmarks.in_memory import partition_state_rate
+from benchmarks.latency import run_latency
+from benchmarks.machine import machine_info, software_versions
+from benchmarks.naive import run_naive
+from benchmarks.peer_bytewax import bytewax_available, bytewax_rate, bytewax_version
+from benchmarks.pipeline_run import BENCH_SETTINGS, run_pipeline
+from benchmarks.profiling import profile_driver, profile_state
+from benchmarks.report import write_report
+from benchmarks.results import GrowthRow, Results, Sizes
+from benchmarks.stats import summarize
+from benchmarks.workload import (
+    EDGE_BATCH_EVENTS,
+    build_workload,
+    edge_batches,
+    publish_messages,
+    spec_for,
+)
+from cluster.job import connect_ray
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FULL", "QUICK", "main", "run_suite"]
+
+FULL = Sizes(
+    mode="full",
+    repeats=3,
+    events=150_000,
+    partitions=(1, 2, 4, 8),
+    naive_events=3_000,
+    latency_seconds=10.0,
+    latency_repeats=3,
+    id_count=1_000_000,
+    order_count=50_000,
+    soak_events=600_000,
+    soak_interval_s=1.0,
+    growth_events=30_000,
+    open_orders=(1_000, 10_000, 100_000),
+    plants=(3, 30, 300),
+)
+
+QUICK = Sizes(
+    mode="quick",
+    repeats=1,
+    events=5_000,
+    partitions=(1, 2, 4, 8),
+    naive_events=200,
+    latency_seconds=1.5,
+    latency_repeats=1,
+    id_count=50_000,
+    order_count=2_000,
+    soak_events=5_000,
+    soak_interval_s=0.2,
+    growth_events=2_000,
+    open_orders=(100, 1_000, 10_000),
+    plants=(3, 30, 300),
+)
+
+LATENCY_SHARES = (0.25, 0.50, 0.80)
+"""Publish rates for the latency runs, as shares of the best end-to-end throughput."""
+
+
+def edge_batches_supported() -> bool:
+    """Return whether the ingest reads edge batches (plant.events.<plant>.batch)."""
+    return hasattr(pipeline.ingest, "EDGE_BATCH_SUFFIX")
+
+
+async def _throughput(results: Results, sizes: Sizes) -> None:
+    workload = build_workload(spec_for(sizes.events))
+    results.workload = {
+        "messages": workload.events,
+        "plants": workload.spec.plants,
+        "orders": workload.spec.plants * workload.spec.orders_per_plant,
+    }
+    logger.info("one event per message: %d messages", workload.events)
+    async with Broker() as broker:
+        assert broker.nc is not None
+        await publish_messages(broker.js, workload.messages)
+        ceiling = []
+        for _ in range(sizes.repeats):
+            events, seconds = await run_ceiling(
+                broker.nc,
+                workload.events,
+                BENCH_SETTINGS.fetch_batch,
+                edge_batches=False,
+            )
+            ceiling.append(events / seconds)
+        results.ceiling = summarize(ceiling)
+        for partitions in sizes.partitions:
+            rates = []
+            for _ in range(sizes.repeats):
+                run = await run_pipeline(broker, partitions)
+                results.pipeline_runs.append(run)
+                rates.append(run.rate)
+            results.pipeline[partitions] = summarize(rates)
+        naive = []
+        for _ in range(sizes.repeats):
+            events, seconds = await run_naive(
+                broker, sizes.naive_events, results.naive_partitions
+            )
+            naive.append(events / seconds)
+        results.naive = summarize(naive)
+        results.driver_profile = await profile_driver(broker, 2)
+
+    results.state_profile = profile_state(workload.messages)
+    state, peer = [], []
+    for _ in range(sizes.repeats):
+        events, seconds, results.state_postings = partition_state_rate(
+            workload.messages
+        )
+        state.append(events / seconds)
+        if bytewax_available():
+            events, seconds, results.bytewax_postings = bytewax_rate(workload.messages)
+            peer.append(events / seconds)
+    results.state_rate = summarize(state)
+    results.bytewax_version = bytewax_version()
+    results.bytewax = summarize(peer) if peer else None
+
+    await _edge(results, sizes, workload.messages)
+
+
+async def _edge(
+    results: Results, sizes: Sizes, messages: list[tuple[str, bytes]]
+) -> None:
+    batches = edge_batches(messages, EDGE_BATCH_EVENTS)
+    events = sum(count for _, _, count in batches)
+    results.workload["edge_messages"] = len(batches)
+    results.workload["edge_events"] = events
+    results.edge_supported = edge_batches_supported()
+    async with Broker() as broker:
+        assert broker.nc is not None
+        await publish_messages(broker.js, ((s, d) for s, d, _ in batches))
+        ceiling = []
+        for _ in range(sizes.repeats):
+            decoded, seconds = await run_ceiling(
+                broker.nc, len(batches), BENCH_SETTINGS.fetch_batch, edge_batches=True
+            )
+            ceiling.append(decoded / seconds)
+        results.edge_ceiling = summarize(ceiling)
+        if not results.edge_supported:
+            results.edge_note = (
+                "not yet supported: pipeline.ingest has no edge-batch handling "
+                "(EDGE_BATCH_SUFFIX), so only the ceiling was measured"
+            )
+            return
+        for partitions in sizes.partitions:
+            rates = []
+            for _ in range(sizes.repeats):
+                run = await run_pipeline(broker, partitions)
+                rates.append(run.rate)
+            results.edge_pipeline[partitions] = summarize(rates)
+
+
+async def _latency(results: Results, sizes: Sizes) -> None:
+    best = max(results.pipeline, key=lambda p: results.pipeline[p].median)
+    results.latency_partitions = best
+    results.latency_max_rate = results.pipeline[best].median
+    for share in LATENCY_SHARES:
+        rate = share * results.latency_max_rate
+        runs = []
+        for _ in range(sizes.latency_repeats):
+            runs.append(await run_latency(rate, sizes.latency_seconds, best))
+        results.latency[share] = runs
+
+
+async def _memory(results: Results, sizes: Sizes) -> None:
+    per_id, per_order, with_id = [], [], []
+    for repeat in range(sizes.repeats):
+        per_id.append(memory.bytes_per_event_id(sizes.id_count))
+        sites = results.order_sites if repeat == 0 else None
+        order, order_with_id = memory.bytes_per_open_order(sizes.order_count, sites)
+        per_order.append(order)
+        with_id.append(order_with_id)
+    results.per_id = summarize(per_id)
+    results.per_order = summarize(per_order)
+    results.per_order_with_id = summarize(with_id)
+
+    workload = build_workload(spec_for(sizes.soak_events, plants=30, seed=23))
+    results.workload["soak_messages"] = workload.events
+    trace = memory.RssTrace()
+    async with Broker() as broker:
+        await publish_messages(broker.js, workload.messages)
+        del workload
+        results.soak = await run_pipeline(
+            broker, 2, during=memory.sample_rss(trace, sizes.soak_interval_s)
+        )
+    results.soak_trace = trace
+    results.soak_driver_pid = os.getpid()
+
+
+async def _growth(results: Results, sizes: Sizes) -> None:
+    workload = build_workload(spec_for(sizes.growth_events))
+    for open_orders in sizes.open_orders:
+        runs = [
+            growth.measure_with_open_orders(
+                open_orders, workload.messages, traced=False
+            )
+            for _ in range(sizes.repeats)
+        ]
+        traced = growth.measure_with_open_orders(
+            open_orders, workload.messages, traced=True
+        )
+        results.growth_orders.append(
+            GrowthRow(
+                label=f"{open_orders:,} open orders",
+                rate=summarize([run.rate for run in runs]),
+                memory_bytes=traced.traced_bytes,
+                checkpoint_bytes=runs[0].checkpoint_bytes,
+                checkpoint_seconds=summarize([r.checkpoint_seconds for r in runs]),
+            )
+        )
+    for plants in sizes.plants:
+        plant_workload = build_workload(spec_for(sizes.growth_events, plants=plants))
+        runs = [
+            growth.measure_with_open_orders(0, plant_workload.messages, traced=False)
+            for _ in range(sizes.repeats)
+        ]
+        traced = growth.measure_with_open_orders(
+            0, plant_workload.messages, traced=True
+        )
+        pipeline_rates = []
+        async with Broker() as broker:
+            await publish_messages(broker.js, plant_workload.messages)
+            for _ in range(sizes.repeats):
+                pipeline_rates.append((await run_pipeline(broker, 2)).rate)
+        results.growth_plants.append(
+            GrowthRow(
+                label=f"{plants} plants ({plant_workload.events:,} messages)",
+                rate=summarize([run.rate for run in runs]),
+                memory_bytes=traced.traced_bytes,
+                checkpoint_bytes=runs[0].checkpoint_bytes,
+                checkpoint_seconds=summarize([r.checkpoint_seconds for r in runs]),
+                pipeline_rate=summarize(pipeline_rates),
+            )
+        )
+
+
+async def run_suite(sizes: Sizes, command: str) -> Results:
+    results = Results(
+        sizes=sizes,
+        command=command,
+        started_at=dt.datetime.now(dt.UTC),
+        machine=machine_info(),
+        versions=software_versions(),
+        load_before=os.getloadavg(),
+    )
+    started = time.monotonic()
+    connect_ray(None)
+    for name, step in (
+        ("throughput", _throughput),
+        ("latency", _latency),
+        ("memory", _memory),
+        ("growth", _growth),
+    ):
+        logger.info("benchmark step %s started", name)
+        step_started = time.monotonic()
+        await step(results, sizes)
+        logger.info(
+            "benchmark step %s done in %.1f s", name, time.monotonic() - step_started
+        )
+    results.duration_s = time.monotonic() - started
+    results.load_after = os.getloadavg()
+    return results
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.suite",
+        description="Measure plantstream's throughput, latency, memory and growth on "
+        "this machine and write a Markdown report.",
+    )
+    parser.add_argument(
+        "--output", type=Path, required=True, help="Markdown file to write"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="one repeat of each benchmark on small inputs (about a minute)",
+    )
+    parser.add_argument(
+        "--save-results",
+        type=Path,
+        help="also store the raw results (pickle), to render the report again later",
+    )
+    parser.add_argument(
+        "--render-from",
+        type=Path,
+        help="write the report from results stored by --save-results; measure nothing",
+    )
+    parser.add_argument(
+        "--log-level", default="INFO", help="logging level (default: %(default)s)"
+    )
+    args = parser.parse_args(argv)
+
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    # The generated stream's bad messages are dead letters by design; their warnings
+    # would bury the benchmark's own log.
+    logging.getLogger("pipeline.ingest").setLevel(logging.ERROR)
+
+    if args.render_from is not None:
+        # Only files this suite wrote are meant here; pickle runs code from the file.
+        results = pickle.loads(args.render_from.read_bytes())  # noqa: S301
+        write_report(results, args.output)
+        return 0
+
+    sizes = QUICK if args.quick else FULL
+    command = " ".join(["python -m benchmarks.suite", *(argv or sys.argv[1:])])
+    results = asyncio.run(run_suite(sizes, command))
+    if args.save_results is not None:
+        args.save_results.write_bytes(pickle.dumps(results))
+    write_report(results, args.output)
+    logger.info("wrote %s in %.0f s", args.output, results.duration_s)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,207 @@
+"""The benchmark suite in quick mode: every section is written and the numbers are sane.
+
+No test asserts a speed: the figures depend on the machine and on what else runs on it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import msgspec
+import pytest
+
+from benchmarks.report import SECTIONS
+from benchmarks.stats import percentile, summarize
+from benchmarks.workload import build_workload, edge_batches, spec_for
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+QUICK_TIMEOUT_S = 300
+
+_NUMBER = r"([\d,]+(?:\.\d+)?)"
+
+
+def _number(text: str) -> float:
+    return float(text.replace(",", ""))
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> str:
+    output = tmp_path_factory.mktemp("bench") / "quick.md"
+    # A child process, because the suite starts its own Ray and nats-server and its
+    # stack sampler uses SIGALRM, which pytest-timeout also uses.
+    completed = subprocess.run(
+        [sys.executable, "-m", "benchmarks.suite", "--quick", "--output", str(output)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=QUICK_TIMEOUT_S,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    return output.read_text(encoding="utf-8")
+
+
+def _rows(report: str, section: str) -> list[list[str]]:
+    body = report.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
+    rows = []
+    for line in body.splitlines():
+        if line.startswith("| ") and not line.startswith("|---"):
+            rows.append([cell.strip() for cell in line.strip("|").split("|")])
+    return rows[1:]  # without the header
+
+
+def test_report_every_section(report: str) -> None:
+    for section in SECTIONS:
+        assert f"\n## {section}\n" in report, section
+
+
+def test_report_sections_in_order(report: str) -> None:
+    positions = [report.index(f"\n## {section}\n") for section in SECTIONS]
+    assert positions == sorted(positions)
+
+
+def test_report_machine_and_versions(report: str) -> None:
+    for name in ("CPU", "cores", "RAM", "OS"):
+        assert f"| {name} |" in report, name
+    for package in ("python", "ray", "nats-py", "nats-server", "msgspec", "pyarrow"):
+        assert f"| {package} |" in report, package
+    assert "| duckdb |" in report
+
+
+def test_report_names_command(report: str) -> None:
+    assert "python -m benchmarks.suite --quick" in report
+
+
+def test_throughput_figures_positive(report: str) -> None:
+    rows = _rows(report, "Throughput: one event per message")
+    consumers = [row[0] for row in rows]
+    assert consumers[0].startswith("ceiling")
+    for partitions in (1, 2, 4, 8):
+        assert f"pipeline, {partitions} partition actor(s)" in consumers
+    for row in rows:
+        median = re.match(_NUMBER, row[1])
+        assert median is not None, row
+        assert _number(median.group(1)) > 0, row
+
+
+def test_pipeline_stores_same_postings(report: str) -> None:
+    match = re.search(
+        r"Postings stored in ERP_POSTINGS per pipeline run: ([\d,]+)\n", report
+    )
+    assert match is not None
+    assert _number(match.group(1)) > 0
+
+
+def test_edge_batches_figure_or_note(report: str) -> None:
+    rows = _rows(report, "Throughput: edge batches")
+    pipeline = [row for row in rows if row[0].startswith("pipeline")]
+    assert pipeline
+    for row in pipeline:
+        assert re.match(_NUMBER, row[1]) or "not yet supported" in row[1], row
+
+
+def test_targets_have_verdicts(report: str) -> None:
+    rows = _rows(report, "Targets")
+    assert len(rows) >= 7
+    for row in rows:
+        assert row[2] in {"met", "**not met**", "not measured"}, row
+
+
+def test_naive_slower_than_pipeline_figure(report: str) -> None:
+    match = re.search(rf"Throughput: {_NUMBER} \(", report)
+    assert match is not None
+    assert _number(match.group(1)) > 0
+
+
+def test_peer_parity_or_skip(report: str) -> None:
+    section = report.split("## Peer: Bytewax\n", 1)[1].split("\n## ", 1)[0]
+    if importlib.util.find_spec("bytewax") is None:
+        assert "skipped, because bytewax is not installed" in section
+    else:
+        assert "Both emitted" in section
+
+
+def test_latency_percentiles_ordered(report: str) -> None:
+    rows = _rows(report, "Latency")
+    assert [row[0] for row in rows] == ["25%", "50%", "80%"]
+    for row in rows:
+        p50, p95, p99 = (_number(re.match(_NUMBER, cell).group(1)) for cell in row[3:6])  # type: ignore[union-attr]
+        assert 0 < p50 <= p95, row
+        assert p95 <= p99, row
+
+
+def test_memory_per_item_positive(report: str) -> None:
+    order = re.search(rf"per open order: {_NUMBER} ", report)
+    event_id = re.search(rf"per remembered event id: {_NUMBER} ", report)
+    assert order is not None
+    assert event_id is not None
+    assert _number(order.group(1)) > 0
+    assert _number(event_id.group(1)) > 0
+
+
+def test_memory_rss_table(report: str) -> None:
+    rows = _rows(report, "Memory")
+    names = [row[0] for row in rows]
+    assert "actor 0" in names
+    assert "driver" in names
+
+
+def test_growth_rows(report: str) -> None:
+    rows = _rows(report, "Growth")
+    labels = [row[0] for row in rows]
+    assert sum("open orders" in label for label in labels) == 3
+    assert sum("plants" in label for label in labels) == 3
+
+
+def test_profile_names_functions(report: str) -> None:
+    section = report.split("## Profile\n", 1)[1]
+    assert "| fetch |" in section
+    assert "apply_batch" in section
+
+
+def test_percentile_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 0.50) == 50.0
+    assert percentile(values, 0.99) == 99.0
+    assert percentile(values, 1.0) == 100.0
+    assert percentile([7.0], 0.99) == 7.0
+
+
+def test_summarize_spread() -> None:
+    figure = summarize([3.0, 1.0, 2.0])
+    assert figure.median == 2.0
+    assert (figure.low, figure.high) == (1.0, 3.0)
+    assert figure.format() == "2 (1–3, n=3)"
+
+
+def test_summarize_empty_rejected() -> None:
+    with pytest.raises(ValueError, match="at least one sample"):
+        summarize([])
+
+
+def test_edge_batches_one_plant_each() -> None:
+    messages = build_workload(spec_for(2_000, plants=3)).messages
+    batches = edge_batches(messages, size=50)
+    for subject, body, count in batches:
+        events = msgspec.json.decode(body)
+        plants = {event.get("plant") for event in events if isinstance(event, dict)}
+        assert subject.endswith(".batch"), subject
+        assert len(events) == count
+        assert count <= 50
+        assert len(plants - {None}) <= 1, plants
+
+
+def test_edge_batches_keep_valid_json() -> None:
+    messages = build_workload(spec_for(2_000, plants=3)).messages
+    batches = edge_batches(messages, size=50)
+    well_formed = 0
+    for _, data in messages:
+        try:
+            msgspec.json.decode(data)
+        except msgspec.DecodeError:
+            continue
+        well_formed += 1
+    assert sum(count for _, _, count in batches) == well_formed

@@ -1,0 +1,316 @@
+"""Replay and the dead-letter commands against a real nats-server, Ray and DuckDB."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections import Counter
+from decimal import Decimal
+from pathlib import Path
+
+import duckdb
+import nats
+import pytest
+
+from actors.settings import StateSettings
+from cluster.cli import main
+from cluster.job import JobConfig, JobResult, run_job
+from cluster.nats_server import EmbeddedNatsServer
+from cluster.operations import (
+    OperationError,
+    ReplayReport,
+    list_dead_letters,
+    posting_keys,
+    read_checkpoint,
+    replay_plant,
+    retry_dead_letters,
+)
+from contracts.codec import encode
+from contracts.events import MaterialConsumed, Quantity, WorkOrderReleased
+from pipeline.settings import PipelineSettings
+from pipeline.sources.generated import Expected, StreamSpec, generate
+from pipeline.subjects import event_subject
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+SPEC = StreamSpec(plants=2, orders_per_plant=40, seed=3)
+SETTINGS = PipelineSettings(fetch_batch=500, checkpoint_interval_s=0.3)
+
+
+def _run(
+    server: EmbeddedNatsServer,
+    db: Path,
+    messages: list[tuple[str, bytes]] | None,
+    state: StateSettings | None = None,
+) -> JobResult:
+    config = JobConfig(
+        db=db,
+        nats_url=server.url,
+        pipeline=SETTINGS,
+        state=state or StateSettings(),
+    )
+    return asyncio.run(run_job(config, messages))
+
+
+async def _replay(url: str, **options: object) -> ReplayReport:
+    nc = await nats.connect(url)
+    try:
+        return await replay_plant(nc, "P01", **options)  # type: ignore[arg-type]
+    finally:
+        await nc.close()
+
+
+async def _keys(url: str) -> list[str]:
+    nc = await nats.connect(url)
+    try:
+        return await posting_keys(nc.jetstream())
+    finally:
+        await nc.close()
+
+
+def _movements(db: Path) -> dict[tuple[str, str, str], object]:
+    with duckdb.connect(str(db), read_only=True) as connection:
+        rows = connection.execute(
+            "SELECT plant, material, movement_type, sum(quantity) FROM postings "
+            "WHERE posting_type = 'goods_movement' GROUP BY ALL"
+        ).fetchall()
+    return {(plant, material, kind): total for plant, material, kind, total in rows}
+
+
+@pytest.fixture(scope="module")
+def stream() -> tuple[list[tuple[str, bytes]], Expected]:
+    messages, expected = generate(SPEC)
+    return [(m.subject, m.data) for m in messages], expected
+
+
+@pytest.fixture
+def processed(
+    nats_server: EmbeddedNatsServer,
+    tmp_path: Path,
+    stream: tuple[list[tuple[str, bytes]], Expected],
+) -> Path:
+    db = tmp_path / "db.duckdb"
+    _run(nats_server, db, stream[0])
+    return db
+
+
+def test_replay_whole_plant_posts_nothing_new(
+    nats_server: EmbeddedNatsServer, processed: Path
+) -> None:
+    keys_before = asyncio.run(_keys(nats_server.url))
+    report = asyncio.run(_replay(nats_server.url, from_seq=1, db=processed))
+    keys_after = asyncio.run(_keys(nats_server.url))
+    assert report.regenerated > 0
+    assert report.new == 0
+    assert report.already_posted == report.regenerated
+    assert report.before_start == 0
+    assert keys_after == keys_before
+
+
+def test_replay_regenerates_every_plant_posting(
+    nats_server: EmbeddedNatsServer, processed: Path
+) -> None:
+    keys = asyncio.run(_keys(nats_server.url))
+    report = asyncio.run(_replay(nats_server.url, from_seq=1))
+    assert report.regenerated == sum(1 for key in keys if key.startswith("P01-"))
+
+
+def test_replay_keeps_state_and_totals(
+    nats_server: EmbeddedNatsServer,
+    processed: Path,
+    tmp_path: Path,
+    stream: tuple[list[tuple[str, bytes]], Expected],
+) -> None:
+    asyncio.run(_replay(nats_server.url, from_seq=1, db=processed))
+    # A second run finds nothing pending and reports the replayed checkpoint's totals.
+    result = _run(nats_server, processed, None)
+    assert result.totals["applied"] == stream[1].events
+    assert _movements(processed) == stream[1].movements
+
+
+def test_replay_from_later_seq_counts_before_start(
+    nats_server: EmbeddedNatsServer, processed: Path
+) -> None:
+    report = asyncio.run(_replay(nats_server.url, from_seq=2000))
+    assert report.before_start > 0
+    assert report.before_start_missing == 0
+    assert report.new == 0
+
+
+def test_replay_from_future_time_publishes_nothing(
+    nats_server: EmbeddedNatsServer, processed: Path
+) -> None:
+    later = dt.datetime.now(dt.UTC) + dt.timedelta(hours=1)
+    report = asyncio.run(_replay(nats_server.url, from_time=later))
+    assert report.regenerated == 0
+    assert report.before_start > 0
+
+
+def test_replay_cli_prints_counts(
+    nats_server: EmbeddedNatsServer,
+    processed: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code = main(
+        ["replay", "--nats-url", nats_server.url, "--plant", "P01", "--from-seq", "1"]
+    )
+    output = capsys.readouterr().out
+    assert code == 0
+    assert "new (published)           0" in output
+
+
+def test_replay_without_checkpoint_rejected(nats_server: EmbeddedNatsServer) -> None:
+    with pytest.raises(OperationError, match="no checkpoint"):
+        asyncio.run(_replay(nats_server.url, from_seq=1))
+
+
+def test_replay_wrong_partitions_rejected(
+    nats_server: EmbeddedNatsServer, processed: Path
+) -> None:
+    with pytest.raises(OperationError, match="--partitions 2"):
+        asyncio.run(_replay(nats_server.url, from_seq=1, partitions=3))
+
+
+def test_replay_naive_time_rejected(
+    nats_server: EmbeddedNatsServer, processed: Path
+) -> None:
+    with pytest.raises(OperationError, match="no UTC offset"):
+        asyncio.run(_replay(nats_server.url, from_time=dt.datetime(2026, 1, 1)))
+
+
+def test_replay_leaves_checkpoint_sequence(
+    nats_server: EmbeddedNatsServer, processed: Path
+) -> None:
+    async def manifest_seq() -> int:
+        nc = await nats.connect(nats_server.url)
+        try:
+            checkpoint = await read_checkpoint(nc.jetstream())
+        finally:
+            await nc.close()
+        assert checkpoint is not None
+        return checkpoint[0].stream_seq
+
+    before = asyncio.run(manifest_seq())
+    asyncio.run(_replay(nats_server.url, from_seq=1))
+    assert asyncio.run(manifest_seq()) == before
+
+
+# -- dead letters ----------------------------------------------------------------------
+
+_RELEASED_AT = dt.datetime(2026, 1, 5, 6, 0, tzinfo=dt.UTC)
+
+
+def _fixable_stream() -> list[tuple[str, bytes]]:
+    """Return an order and a consumption stamped a year ahead, as a fast clock does."""
+    release = WorkOrderReleased(
+        event_id="r-1",
+        plant="P01",
+        occurred_at=_RELEASED_AT,
+        source="mes",
+        order="4711",
+        material="FG-1",
+        quantity=Quantity(value=Decimal(10), uom="EA"),
+    )
+    consumption = MaterialConsumed(
+        event_id="c-1",
+        plant="P01",
+        occurred_at=dt.datetime.now(dt.UTC) + dt.timedelta(days=365),
+        source="mes",
+        order="4711",
+        material="RM-1",
+        quantity=Quantity(value=Decimal(3), uom="KG"),
+    )
+    return [
+        (event_subject("P01", "work_order_released"), encode(release)),
+        (event_subject("P01", "material_consumed"), encode(consumption)),
+    ]
+
+
+def _dead_letter_ids(url: str, **filters: str) -> list[str]:
+    async def read() -> list[str]:
+        nc = await nats.connect(url)
+        try:
+            entries = await list_dead_letters(nc.jetstream(), **filters)  # type: ignore[arg-type]
+        finally:
+            await nc.close()
+        return [entry.letter_id for entry in entries]
+
+    return asyncio.run(read())
+
+
+def test_dlq_list_one_entry_per_letter(
+    nats_server: EmbeddedNatsServer,
+    processed: Path,
+) -> None:
+    ids = _dead_letter_ids(nats_server.url)
+    with duckdb.connect(str(processed), read_only=True) as connection:
+        stored = connection.execute("SELECT count(*) FROM dead_letters").fetchone()
+    assert len(ids) == len(set(ids))
+    assert (len(ids),) == stored
+
+
+def test_dlq_list_filters_reason_and_plant(
+    nats_server: EmbeddedNatsServer, processed: Path
+) -> None:
+    ids = _dead_letter_ids(nats_server.url, reason="malformed", plant="P02")
+    assert ids
+    assert all(":malformed" in letter for letter in ids)
+    assert all(letter.startswith("plant.events.P02.") for letter in ids)
+
+
+def test_dlq_retry_applies_fixed_letter(
+    nats_server: EmbeddedNatsServer, tmp_path: Path
+) -> None:
+    db = tmp_path / "db.duckdb"
+    first = _run(nats_server, db, _fixable_stream())
+    assert first.totals["dead_letter:future_time"] == 1
+
+    code = main(
+        ["dlq", "retry", "--nats-url", nats_server.url, "--reason", "future_time"]
+    )
+    assert code == 0
+    # The cause is fixed: this host now accepts timestamps far ahead of its clock.
+    fixed = StateSettings(max_future_s=10 * 365 * 86400.0)
+    second = _run(nats_server, db, None, fixed)
+    assert second.totals["applied"] == first.totals["applied"] + 1
+    with duckdb.connect(str(db), read_only=True) as connection:
+        issues = connection.execute(
+            "SELECT count(*) FROM postings WHERE movement_type = '261'"
+        ).fetchone()
+    assert issues == (1,)
+
+
+def test_dlq_retry_not_repeated(
+    nats_server: EmbeddedNatsServer, tmp_path: Path
+) -> None:
+    _run(nats_server, tmp_path / "db.duckdb", _fixable_stream())
+
+    async def retry_twice() -> tuple[int, int, Counter[bool]]:
+        nc = await nats.connect(nats_server.url)
+        try:
+            js = nc.jetstream()
+            first = await retry_dead_letters(js, await list_dead_letters(js))
+            second = await retry_dead_letters(js, await list_dead_letters(js))
+            marked = Counter(e.retried is not None for e in await list_dead_letters(js))
+        finally:
+            await nc.close()
+        return len(first), len(second), marked
+
+    first, second, marked = asyncio.run(retry_twice())
+    assert first == 1
+    assert second == 0
+    assert marked == Counter({True: 1})
+
+
+def test_dlq_list_cli_prints_letters(
+    nats_server: EmbeddedNatsServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _run(nats_server, tmp_path / "db.duckdb", _fixable_stream())
+    capsys.readouterr()
+    code = main(["dlq", "list", "--nats-url", nats_server.url, "--plant", "P01"])
+    output = capsys.readouterr().out
+    assert code == 0
+    assert "future_time" in output
+    assert "c-1" in output
