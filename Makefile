@@ -23,7 +23,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[dev,bench]'
-	$(BIN)/python -m benchmarks.suite --output BENCHMARKS.md
+	$(BIN)/python -m benchmarks.suite --output BENCHMARKS.md --save-results out/bench-results.pickle
 
 bench-quick: $(STAMP)
 	$(BIN)/python -m benchmarks.suite --quick --output /tmp/plantstream-bench-quick.md
