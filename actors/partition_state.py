@@ -88,7 +88,7 @@ class OutgoingPosting(msgspec.Struct, array_like=True):
 
 
 class BatchResult(msgspec.Struct):
-    """What applying one batch produced, for the ingest to publish."""
+    """Postings, dead letters and counts of one batch, for the ingest to publish."""
 
     postings: list[OutgoingPosting]
     dead_letters: list[DeadLetter]
@@ -293,7 +293,7 @@ class PartitionState:
         if known is not None:
             if (message.stream_seq, message.index) <= self._position:
                 # JetStream delivered a message this partition already took (a stalled
-                # ack, a server restart); the ledger row of the first delivery stands.
+                # ack, a server restart); the ledger row of the first delivery is kept.
                 self.counts["redelivered"] += 1
             elif known == payload_hash:
                 self.counts["duplicates"] += 1

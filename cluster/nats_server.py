@@ -58,7 +58,7 @@ class EmbeddedNatsServer:
     ) -> None:
         """`config` is a whole nats-server configuration file's text, for leaf nodes and
         JetStream domains; it must enable JetStream with `store_dir`. The address is
-        always 127.0.0.1 and the port is `port`, whatever the config's `listen` says."""
+        always 127.0.0.1 and the port is `port`, whatever `listen` the config sets."""
         self._owns_store = store_dir is None
         self._config = config
         self.store_dir = (

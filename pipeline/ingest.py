@@ -131,7 +131,7 @@ class CheckpointManifest(msgspec.Struct):
 
 @dataclass
 class IngestReport:
-    """What this process did: events, duplicates, dead letters, postings, recoveries.
+    """Counts of this process: events, duplicates, dead letters, postings, recoveries.
 
     After a recovery the replayed events count again here; `Ingest.totals()` gives the
     exact totals, from the checkpointed counts of every partition.
@@ -388,6 +388,8 @@ class Ingest:
         )
         self._stop_fetching()
         for flight in self._in_flight:
+            # Mark a failure as seen, so asyncio does not log it again at exit.
+            flight.results.add_done_callback(_consume_failure)
             flight.results.cancel()
         self._in_flight.clear()
         self._publishes = []
@@ -523,7 +525,7 @@ class Ingest:
             await self._complete(self._in_flight.popleft())
 
     async def _complete(self, flight: _InFlight) -> None:
-        """The end of step 3 and step 4: collect the actors' output and publish it."""
+        """Finish step 3 and start step 4: collect the actors' output, publish it."""
         clock = time.perf_counter()
         packed: list[bytes] = await flight.results
         clock = self._lap("apply", clock)
@@ -561,7 +563,7 @@ class Ingest:
         """Encode a dead letter, leaving out a body too large for one NATS message.
 
         Base64 makes the copy a third larger than the original, so a message near the
-        server's max_payload cannot be copied; PLANT_EVENTS still holds it.
+        server's max_payload cannot be copied; PLANT_EVENTS keeps it.
         """
         data = encode(letter)
         if len(data) <= self.nc.max_payload - DEAD_LETTER_HEADROOM:
@@ -726,6 +728,11 @@ def _key_dead_letter(
         data=data,
         rejected_at=dt.datetime.now(dt.UTC),
     )
+
+
+def _consume_failure(future: asyncio.Future[list[bytes]]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 def _dead_letter_id(letter: DeadLetter) -> str:
