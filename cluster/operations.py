@@ -517,12 +517,30 @@ def _letter_plant(letter: DeadLetter) -> str | None:
     return None
 
 
-def _retry_payload(letter: DeadLetter) -> bytes:
+async def _original_bytes(js: JetStreamContext, letter: DeadLetter) -> bytes:
+    """Return the rejected bytes, from PLANT_EVENTS if the letter left them out."""
+    if not letter.data_omitted:
+        return letter.data
+    stored = await js.get_msg(EVENTS_STREAM, letter.stream_seq)
+    if stored.data is None:
+        raise ValueError(
+            f"PLANT_EVENTS no longer has sequence {letter.stream_seq}, whose body "
+            "the dead letter left out; it cannot be retried"
+        )
+    if letter.batch_index is None:
+        return stored.data
+    return bytes(
+        msgspec.json.decode(stored.data, type=list[msgspec.Raw])[letter.batch_index]
+    )
+
+
+async def _retry_payload(js: JetStreamContext, letter: DeadLetter) -> bytes:
+    data = await _original_bytes(js, letter)
     # An event rejected from an edge batch is stored alone. The batch subject expects a
     # JSON array, so the event goes back as an array of one.
     if letter.batch_index is not None and letter.subject.endswith(EDGE_BATCH_SUFFIX):
-        return b"[" + letter.data + b"]"
-    return letter.data
+        return b"[" + data + b"]"
+    return data
 
 
 async def retry_dead_letters(
@@ -541,7 +559,7 @@ async def retry_dead_letters(
         letter = entry.letter
         ack = await js.publish(
             letter.subject,
-            _retry_payload(letter),
+            await _retry_payload(js, letter),
             headers={"Nats-Msg-Id": f"retry:{entry.letter_id}"},
         )
         record = RetryRecord(
