@@ -135,14 +135,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_publish(args: argparse.Namespace) -> int:
     import asyncio
 
-    import nats
-
+    from cluster.job import connect_nats
     from pipeline.publish import publish_all
     from pipeline.settings import PipelineSettings
     from pipeline.streams import ensure_streams
 
     async def publish() -> tuple[int, int]:
-        nc = await nats.connect(args.nats_url)
+        nc = await connect_nats(args.nats_url)
         try:
             js = nc.jetstream()
             await ensure_streams(js, PipelineSettings.from_env())

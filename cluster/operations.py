@@ -17,13 +17,13 @@ import argparse
 import asyncio
 import datetime as dt
 import logging
+import typing
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
-import nats
 import pyarrow as pa
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -36,7 +36,7 @@ from actors.partition import partition_of
 from actors.partition_state import PartitionState, SourceMessage
 from actors.settings import StateSettings
 from contracts.codec import decode_dead_letter
-from contracts.dead_letters import DeadLetter
+from contracts.dead_letters import DeadLetter, DeadLetterReason
 from contracts.keys import decode_key, routing_key
 from pipeline.ingest import (
     EDGE_BATCH_SUFFIX,
@@ -607,7 +607,9 @@ def _parse_time(value: str) -> dt.datetime:
 
 
 async def _connect(url: str) -> NATS:
-    return await nats.connect(url, max_reconnect_attempts=3, reconnect_time_wait=0.5)
+    from cluster.job import connect_nats
+
+    return await connect_nats(url)
 
 
 def _cmd_replay(args: argparse.Namespace) -> int:
@@ -691,6 +693,13 @@ def _cmd_dlq_retry(args: argparse.Namespace) -> int:
             if args.seq:
                 wanted = set(args.seq)
                 entries = [e for e in entries if e.letter.stream_seq in wanted]
+                missing = wanted - {e.letter.stream_seq for e in entries}
+                if missing:
+                    raise ValueError(
+                        "no dead letter for PLANT_EVENTS sequence "
+                        f"{', '.join(map(str, sorted(missing)))}; "
+                        "plantstream dlq list shows the sequences"
+                    )
             return entries, await retry_dead_letters(js, entries)
         finally:
             await nc.close()
@@ -708,6 +717,9 @@ def _cmd_dlq_retry(args: argparse.Namespace) -> int:
         else "no dead letters match"
     )
     return 0
+
+
+REASONS = list(typing.get_args(DeadLetterReason))
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -756,7 +768,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     listing.add_argument("--nats-url", required=True, help="NATS server to read from")
     listing.add_argument("--plant", help="only dead letters of this plant")
-    listing.add_argument("--reason", help="only dead letters with this reason")
+    listing.add_argument(
+        "--reason", choices=REASONS, help="only dead letters with this reason"
+    )
     listing.add_argument(
         "--limit", type=int, default=50, help="rows to show, 0 for all (default: 50)"
     )
@@ -778,7 +792,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
         nargs="+",
         help="PLANT_EVENTS stream sequences of the rejected messages",
     )
-    chosen.add_argument("--reason", help="every dead letter with this reason")
+    chosen.add_argument(
+        "--reason", choices=REASONS, help="every dead letter with this reason"
+    )
     chosen.add_argument("--all", action="store_true", help="every dead letter")
     retry.add_argument("--plant", help="only dead letters of this plant")
     retry.set_defaults(handler=_cmd_dlq_retry)

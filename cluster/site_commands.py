@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 
-import nats
-
+from cluster.job import connect_nats
 from cluster.sites import hub_server_config, site_server_config
 from pipeline.site_streams import (
     SITE_BUFFER_MAX_AGE_S,
@@ -42,7 +41,7 @@ def _site_config(args: argparse.Namespace) -> int:
 
 def _site_init(args: argparse.Namespace) -> int:
     async def create() -> None:
-        nc = await nats.connect(args.nats_url)
+        nc = await connect_nats(args.nats_url)
         try:
             await ensure_site_stream(nc.jetstream(), args.plant, args.max_age_s)
         finally:

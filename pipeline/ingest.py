@@ -447,6 +447,7 @@ class Ingest:
         try:
             key = decode_key(data)
             validate_token(key.plant, "plant")
+            _check_subject_plant(subject, key.plant)
         except msgspec.ValidationError as error:
             dead.append(
                 _key_dead_letter(subject, data, seq, index, "invalid", str(error))
@@ -728,6 +729,17 @@ def _key_dead_letter(
         data=data,
         rejected_at=dt.datetime.now(dt.UTC),
     )
+
+
+def _check_subject_plant(subject: str, plant: str) -> None:
+    # Replay and site sourcing select a plant by subject, so an event filed under
+    # another plant's subject would be missed by them: reject it here.
+    tokens = subject.split(".")
+    if len(tokens) >= 3 and tokens[2] != plant:
+        raise ValueError(
+            f"the event names plant {plant} but was published on {subject}, a subject "
+            f"of plant {tokens[2]}; publish it on plant.events.{plant}.<event_type>"
+        )
 
 
 def _consume_failure(future: asyncio.Future[list[bytes]]) -> None:

@@ -221,3 +221,20 @@ def test_dead_letter_names_batch_position(
     assert letter.event_id == "s2"
     assert letter.data == naive
     assert letter.stream_seq == 1
+
+
+def test_plant_must_match_subject(
+    nats_server: EmbeddedNatsServer, tmp_path: Path
+) -> None:
+    event = b'{"event_type":"shipment_confirmed","event_id":"s1","plant":"P2",'
+    event += b'"occurred_at":"2026-01-01T00:00:00Z","source":"wms","delivery":"D1",'
+    event += b'"material":"FG","quantity":{"value":"1","uom":"EA"}}'
+    _, totals = asyncio.run(
+        _run(
+            nats_server,
+            tmp_path / "db.duckdb",
+            [("plant.events.P1.shipment_confirmed", event)],
+        )
+    )
+    assert totals["dead_letter:invalid"] == 1
+    assert totals.get("applied", 0) == 0
