@@ -35,6 +35,7 @@ __all__ = [
     "Receipt",
     "apply_hold",
     "apply_order_event",
+    "hold_from_event",
     "convert_quantity",
     "release_hold",
     "release_order",
@@ -703,6 +704,19 @@ def _inspected(order: OrderState, event: ev.InspectionRecorded, out: Outcome) ->
         apply_hold(order, event, hold, out)
 
 
+def hold_from_event(event: ev.QualityHoldApplied) -> HoldState:
+    """Return the state of the hold that `event` applies."""
+    return HoldState(
+        hold_id=event.hold_id,
+        scope=event.scope,
+        lot=event.lot,
+        material=event.material,
+        reason=event.reason,
+        applied_at=event.occurred_at,
+        applied_by=event.event_id,
+    )
+
+
 def apply_order_event(order: OrderState, event: ev.PlantEvent) -> Outcome:
     """Apply one event of a released order; raise Unmatched or ValueError to reject."""
     out = Outcome()
@@ -718,16 +732,7 @@ def apply_order_event(order: OrderState, event: ev.PlantEvent) -> Outcome:
         case ev.InspectionRecorded():
             _inspected(order, event, out)
         case ev.QualityHoldApplied():
-            hold = HoldState(
-                hold_id=event.hold_id,
-                scope=event.scope,
-                lot=event.lot,
-                material=event.material,
-                reason=event.reason,
-                applied_at=event.occurred_at,
-                applied_by=event.event_id,
-            )
-            apply_hold(order, event, hold, out)
+            apply_hold(order, event, hold_from_event(event), out)
         case ev.QualityHoldReleased():
             _released(order, event, out)
         case ev.OperationStarted():

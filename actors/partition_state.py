@@ -43,6 +43,7 @@ from actors.orders import (
     apply_hold,
     apply_order_event,
     hold_facts,
+    hold_from_event,
     release_hold,
     release_order,
 )
@@ -52,7 +53,7 @@ from contracts.codec import decode_event, encode
 from contracts.dead_letters import DeadLetter, DeadLetterReason
 from contracts.keys import EventKey, decode_key
 from contracts.postings import GoodsMovement, Posting
-from contracts.snapshots import TABLES
+from contracts.snapshots import TABLES, table_from_rows
 from pipeline.subjects import posting_subject
 
 logger = logging.getLogger(__name__)
@@ -429,15 +430,7 @@ class PartitionState:
                     f"hold {event.hold_id} has scope order but names no order; give "
                     "its order, or use scope lot or material for a plant-wide hold"
                 )
-            hold = HoldState(
-                hold_id=event.hold_id,
-                scope=event.scope,
-                lot=event.lot,
-                material=event.material,
-                reason=event.reason,
-                applied_at=event.occurred_at,
-                applied_by=event.event_id,
-            )
+            hold = hold_from_event(event)
             self.plant_holds[f"{event.plant}\x1f{event.hold_id}"] = hold
             for key, order in self.orders.items():
                 if order.plant == event.plant:
@@ -755,9 +748,7 @@ class PartitionState:
             ]
         for table, table_rows in rows.items():
             if table_rows:
-                tables[table] = pa.Table.from_pylist(
-                    _last_per_key(table, table_rows), schema=TABLES[table].schema
-                )
+                tables[table] = table_from_rows(table, table_rows)
         return tables
 
     def checkpoint(self) -> bytes:
@@ -864,15 +855,6 @@ class _Park(Exception):
     def __init__(self, waiting_for: str) -> None:
         super().__init__(waiting_for)
         self.waiting_for = waiting_for
-
-
-def _last_per_key(table: str, rows: list[dict[str, object]]) -> list[dict[str, object]]:
-    # A row can change twice between snapshots (a parked event applied, a hold
-    # released); the sink upserts by primary key and must not see one key twice in one
-    # statement.
-    key_columns = TABLES[table].primary_key
-    latest = {tuple(row.get(c) for c in key_columns): row for row in rows}
-    return list(latest.values())
 
 
 def _clock_row(plant: str, partition: int, clock: PlantClock) -> dict[str, object]:

@@ -112,8 +112,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         state=StateSettings.from_env(),
     )
 
-    # Ray installs its own SIGTERM handler when it starts; start it first so that the
-    # handlers below replace it and a stop ends with a final checkpoint and a summary.
+    # Ray installs its own SIGTERM handler when it starts. Starting Ray first lets the
+    # handlers below replace it, so a stop ends with a final checkpoint and a summary.
     from cluster.job import connect_ray
 
     connect_ray(args.ray_address)

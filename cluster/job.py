@@ -22,13 +22,7 @@ import ray
 from actors.partition import PartitionActor
 from actors.settings import StateSettings
 from cluster.nats_server import EmbeddedNatsServer
-from pipeline.ingest import (
-    RECOVERABLE,
-    RECOVERY_FIRST_DELAY_S,
-    RECOVERY_MAX_DELAY_S,
-    Ingest,
-    IngestReport,
-)
+from pipeline.ingest import Ingest, IngestReport
 from pipeline.publish import publish_all
 from pipeline.settings import PipelineSettings
 from pipeline.sink import SnapshotWriter
@@ -141,7 +135,7 @@ async def run_job(
             config.db.parent.mkdir(parents=True, exist_ok=True)
             with SnapshotWriter(config.db) as writer:
                 ingest = Ingest(nc, actors, writer, config.pipeline)
-                await _start_ingest(ingest)
+                await ingest.start_with_retry()
                 report = await ingest.run(until_drained=until_drained, stop=stop)
                 stats = await ingest.partition_stats()
                 totals = await ingest.totals()
@@ -153,28 +147,6 @@ async def run_job(
     finally:
         if server is not None:
             server.stop()
-
-
-async def _start_ingest(ingest: Ingest) -> None:
-    """Start the ingest, retrying as a recovery does while NATS or an actor is down.
-
-    Without this, a nats-server restart during start-up ends the service.
-    """
-    delay = RECOVERY_FIRST_DELAY_S
-    while True:
-        try:
-            await ingest.start()
-        except RECOVERABLE as error:
-            logger.warning(
-                "ingest start failed (%s: %s); retrying in %.1f s",
-                type(error).__name__,
-                error,
-                delay,
-            )
-            await asyncio.sleep(delay)
-            delay = min(delay * 2, RECOVERY_MAX_DELAY_S)
-            continue
-        return
 
 
 def run_job_sync(

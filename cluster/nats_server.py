@@ -114,7 +114,7 @@ class EmbeddedNatsServer:
                 port = int(match.group(1))
             if _READY.search(line) and port is not None:
                 self.port = port
-                # Keep draining stderr so the server never blocks on a full pipe.
+                # Keep draining stderr so that the server does not block on a full pipe.
                 threading.Thread(target=self._drain, daemon=True).start()
                 return
         self.stop()

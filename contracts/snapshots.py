@@ -12,7 +12,7 @@ from typing import NamedTuple
 
 import pyarrow as pa
 
-__all__ = ["QUANTITY", "TABLES", "TIMESTAMP", "TableSpec"]
+__all__ = ["QUANTITY", "TABLES", "TIMESTAMP", "TableSpec", "table_from_rows"]
 
 QUANTITY = pa.decimal128(38, 9)
 TIMESTAMP = pa.timestamp("us", tz="UTC")
@@ -226,3 +226,16 @@ TABLES: dict[str, TableSpec] = {
         ("data", pa.binary()),
     ),
 }
+
+
+def table_from_rows(name: str, rows: list[dict[str, object]]) -> pa.Table:
+    """Build table `name` from row dicts, keeping only the last row of each key.
+
+    A row can change twice between two writes (a parked event applied, a hold released).
+    The sink upserts by primary key, and DuckDB rejects one key twice in one statement.
+    """
+    spec = TABLES[name]
+    latest = {
+        tuple(row.get(column) for column in spec.primary_key): row for row in rows
+    }
+    return pa.Table.from_pylist(list(latest.values()), schema=spec.schema)

@@ -53,7 +53,7 @@ from actors.partition_state import BatchResult, SourceMessage
 from contracts.codec import encode
 from contracts.dead_letters import DeadLetter, DeadLetterReason
 from contracts.keys import decode_key, routing_key
-from contracts.snapshots import TABLES
+from contracts.snapshots import table_from_rows
 from pipeline.publish import PublishError
 from pipeline.settings import PipelineSettings
 from pipeline.sink import SinkError
@@ -306,7 +306,7 @@ class Ingest:
             await self._complete_in_flight(0)
             await self._finish_commit()
         except RECOVERABLE as error:
-            # The next start resumes from the previous checkpoint; nothing is lost.
+            # The next start resumes from the previous checkpoint and replays them.
             logger.warning(
                 "last checkpoint failed on stop: %s: %s", type(error).__name__, error
             )
@@ -400,22 +400,24 @@ class Ingest:
             with contextlib.suppress(asyncio.CancelledError, *RECOVERABLE):
                 await self._commit_task
             self._commit_task = None
+        resumed = await self.start_with_retry()
+        logger.info("recovered: replaying from stream sequence %d", resumed + 1)
+
+    async def start_with_retry(self) -> int:
+        """Run `start`, retrying with backoff while NATS or an actor is unavailable."""
         delay = RECOVERY_FIRST_DELAY_S
         while True:
             try:
-                resumed = await self.start()
-            except RECOVERABLE as retry_error:
+                return await self.start()
+            except RECOVERABLE as error:
                 logger.warning(
-                    "recovery attempt failed (%s: %s); retrying in %.1f s",
-                    type(retry_error).__name__,
-                    retry_error,
+                    "ingest start failed (%s: %s); retrying in %.1f s",
+                    type(error).__name__,
+                    error,
                     delay,
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RECOVERY_MAX_DELAY_S)
-                continue
-            logger.info("recovered: replaying from stream sequence %d", resumed + 1)
-            return
 
     def _checkpoint_due(self, *, idle: bool) -> bool:
         if not self._unacked and not self._dead_rows:
@@ -669,10 +671,7 @@ class Ingest:
         if self.writer is not None:
             tables = _merge_tables([tables for _, tables in results])
             if dead_rows:
-                tables["dead_letters"] = pa.Table.from_pylist(
-                    _last_per_key("dead_letters", dead_rows),
-                    schema=TABLES["dead_letters"].schema,
-                )
+                tables["dead_letters"] = table_from_rows("dead_letters", dead_rows)
             if tables:
                 await asyncio.to_thread(self.writer.write, tables)  # type: ignore[attr-defined]
         clock = self._lap("snapshot", clock)
@@ -752,11 +751,6 @@ def _dead_letter_id(letter: DeadLetter) -> str:
     # a replay rejects it again.
     index = "" if letter.batch_index is None else f":{letter.batch_index}"
     return f"{letter.subject}:{letter.stream_seq}{index}:{letter.reason}"
-
-
-def _last_per_key(table: str, rows: list[dict[str, object]]) -> list[dict[str, object]]:
-    key_columns = TABLES[table].primary_key
-    return list({tuple(row.get(c) for c in key_columns): row for row in rows}.values())
 
 
 def _merge_tables(parts: list[dict[str, pa.Table]]) -> dict[str, pa.Table]:

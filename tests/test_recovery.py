@@ -167,7 +167,7 @@ async def _kill_nats(ingest: Ingest, server: EmbeddedNatsServer) -> None:
 
 @pytest.mark.parametrize(
     ("fault", "must_recover"),
-    # The NATS client reconnects by itself; the ingest recovers only if a publish or an
+    # The NATS client reconnects by itself. The ingest recovers only if a publish or an
     # ack fails during the outage, so a recovery is not required there.
     [(_kill_actor, True), (_kill_nats, False)],
     ids=["actor", "nats_server"],
