@@ -1,9 +1,9 @@
 """The ceiling: a bare pull consumer that only fetches, decodes and acks.
 
-It reads the same stream as the pipeline with the same fetch size and decodes every
-event with the same msgspec decoder, but keeps no state, publishes nothing and acks each
-message right away. No pipeline that decodes each event in Python can beat it on this
-broker and client.
+It reads the same stream as the pipeline with the same fetch size and the same pull
+requests (`pipeline.fetch.PullFetcher`), decodes every event with the same msgspec
+decoder, but keeps no state, publishes nothing and acks each message right away. No
+pipeline that decodes each event in Python can beat it on this broker and client.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import time
 
 import msgspec
 from nats.aio.client import Client as NATS
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
 from contracts.codec import decode_event
+from pipeline.fetch import PullFetcher
 from pipeline.subjects import EVENTS_PREFIX, EVENTS_STREAM
 
 logger = logging.getLogger(__name__)
@@ -46,20 +46,18 @@ async def run_ceiling(
         ack_wait=120.0,
     )
     await js.add_consumer(EVENTS_STREAM, config)
-    subscription = await js.pull_subscribe_bind(
-        durable=CEILING_CONSUMER, stream=EVENTS_STREAM
-    )
+    fetcher = PullFetcher(nc, EVENTS_STREAM, CEILING_CONSUMER)
+    await fetcher.start()
     received = events = 0
     started = time.perf_counter()
     try:
         while received < messages:
-            try:
-                batch = await subscription.fetch(fetch_batch, timeout=FETCH_TIMEOUT_S)
-            except NatsTimeoutError as error:
+            batch = await fetcher.fetch(fetch_batch, FETCH_TIMEOUT_S)
+            if not batch:
                 raise RuntimeError(
                     f"the ceiling consumer stalled after {received} of {messages} "
                     "messages; check that the stream holds the published workload"
-                ) from error
+                )
             for message in batch:
                 if edge_batches:
                     for item in _array_decoder.decode(message.data):
@@ -71,7 +69,7 @@ async def run_ceiling(
         await nc.flush()
         elapsed = time.perf_counter() - started
     finally:
-        await subscription.unsubscribe()
+        await fetcher.close()
         await js.delete_consumer(EVENTS_STREAM, CEILING_CONSUMER)
     return events, elapsed
 

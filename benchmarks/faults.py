@@ -304,9 +304,9 @@ class StreamRun:
     async def publish(self) -> int:
         nc = await nats.connect(self.server.url)
         try:
-            js = nc.jetstream(publish_async_max_pending=4000)
+            js = nc.jetstream()
             await ensure_streams(js, SETTINGS)
-            await publish_all(js, ((s, d, None) for s, d in self.messages))
+            await publish_all(nc, ((s, d, None) for s, d in self.messages))
             info = await js.stream_info(EVENTS_STREAM)
             return info.state.last_seq
         finally:

@@ -32,6 +32,7 @@ from benchmarks.stats import percentile
 from benchmarks.workload import build_workload, spec_for
 from contracts.keys import decode_key
 from pipeline.ingest import Ingest
+from pipeline.publish import Publisher
 from pipeline.sink import SnapshotWriter
 from pipeline.subjects import POSTINGS_PREFIX
 
@@ -124,7 +125,11 @@ async def _publish_and_watch(url: str, rate: float, events: int) -> dict[str, ob
     workload = build_workload(spec_for(events, seed=31), limit=events)
     ids = [_event_id(data) for _, data in workload.messages]
     nc = await nats.connect(url)
-    js = nc.jetstream(publish_async_max_pending=PUBLISH_MAX_PENDING)
+    js = nc.jetstream()
+    # The same publisher as the ingest: publish_async would take several times the
+    # CPU from the two cores the pipeline under test runs on.
+    publisher = Publisher(nc, window=PUBLISH_MAX_PENDING)
+    await publisher.start()
     published_at: dict[str, float] = {}
     landed_at: dict[str, float] = {}
 
@@ -141,7 +146,6 @@ async def _publish_and_watch(url: str, rate: float, events: int) -> dict[str, ob
         ordered_consumer=True,
         deliver_policy=DeliverPolicy.NEW,
     )
-    pending: list[asyncio.Future[object]] = []
     started = time.monotonic()
     sent = 0
     while sent < len(workload.messages):
@@ -151,13 +155,10 @@ async def _publish_and_watch(url: str, rate: float, events: int) -> dict[str, ob
             event_id = ids[sent]
             if event_id is not None and event_id not in published_at:
                 published_at[event_id] = time.monotonic()
-            pending.append(await js.publish_async(subject, data))
+            await publisher.publish(subject, data, None)
             sent += 1
-        if len(pending) > 1000:
-            await asyncio.gather(*pending)
-            pending.clear()
         await asyncio.sleep(TICK_S)
-    await asyncio.gather(*pending)
+    await publisher.settle()
     publish_seconds = time.monotonic() - started
 
     # Wait until no new posting arrived for a second, or DRAIN_S at most.

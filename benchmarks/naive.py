@@ -74,7 +74,7 @@ async def run_naive(
                         (dlq_subject(d.plant), encode(d), None)
                         for d in result.dead_letters
                     ]
-                    await publish_all(js, outgoing)
+                    await publish_all(broker.nc, outgoing)
                     await message.ack()
                     done += 1
             snapshots = await asyncio.gather(

@@ -99,7 +99,7 @@ async def _throughput(results: Results, sizes: Sizes) -> None:
     logger.info("one event per message: %d messages", workload.events)
     async with Broker() as broker:
         assert broker.nc is not None
-        await publish_messages(broker.js, workload.messages)
+        await publish_messages(broker.nc, workload.messages)
         ceiling = []
         for _ in range(sizes.repeats):
             events, seconds = await run_ceiling(
@@ -153,7 +153,7 @@ async def _edge(
     results.edge_supported = edge_batches_supported()
     async with Broker() as broker:
         assert broker.nc is not None
-        await publish_messages(broker.js, ((s, d) for s, d, _ in batches))
+        await publish_messages(broker.nc, ((s, d) for s, d, _ in batches))
         ceiling = []
         for _ in range(sizes.repeats):
             decoded, seconds = await run_ceiling(
@@ -203,7 +203,7 @@ async def _memory(results: Results, sizes: Sizes) -> None:
     results.workload["soak_messages"] = workload.events
     trace = memory.RssTrace()
     async with Broker() as broker:
-        await publish_messages(broker.js, workload.messages)
+        await publish_messages(broker.nc, workload.messages)
         del workload
         results.soak = await run_pipeline(
             broker, 2, during=memory.sample_rss(trace, sizes.soak_interval_s)
@@ -244,7 +244,7 @@ async def _growth(results: Results, sizes: Sizes) -> None:
         )
         pipeline_rates = []
         async with Broker() as broker:
-            await publish_messages(broker.js, plant_workload.messages)
+            await publish_messages(broker.nc, plant_workload.messages)
             for _ in range(sizes.repeats):
                 pipeline_rates.append((await run_pipeline(broker, 2)).rate)
         results.growth_plants.append(

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import msgspec
-from nats.js import JetStreamContext
+from nats.aio.client import Client as NATS
 
 from contracts.keys import decode_key
 from pipeline.publish import publish_all
@@ -103,9 +103,7 @@ def _plant_of(subject: str, data: bytes) -> str:
         return subject.split(".")[2]
 
 
-async def publish_messages(
-    js: JetStreamContext, messages: Iterable[tuple[str, bytes]]
-) -> int:
+async def publish_messages(nc: NATS, messages: Iterable[tuple[str, bytes]]) -> int:
     """Publish to the plant events stream, waiting for every ack; return the count."""
-    stored, _ = await publish_all(js, ((s, d, None) for s, d in messages))
+    stored, _ = await publish_all(nc, ((s, d, None) for s, d in messages))
     return stored

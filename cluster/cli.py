@@ -146,7 +146,7 @@ def _cmd_publish(args: argparse.Namespace) -> int:
             js = nc.jetstream()
             await ensure_streams(js, PipelineSettings.from_env())
             messages = _iter_file_messages(args.paths)
-            return await publish_all(js, ((s, d, None) for s, d in messages))
+            return await publish_all(nc, ((s, d, None) for s, d in messages))
         finally:
             await nc.close()
 

@@ -122,11 +122,11 @@ async def run_job(
         connect_ray(config.ray_address)
         nc = await connect_nats(url)
         try:
-            js = nc.jetstream(publish_async_max_pending=4000)
+            js = nc.jetstream()
             published = 0
             if inputs is not None:
                 await ensure_streams(js, config.pipeline)
-                published, _ = await publish_all(js, ((s, d, None) for s, d in inputs))
+                published, _ = await publish_all(nc, ((s, d, None) for s, d in inputs))
                 logger.info("published %d input messages", published)
             actors = [
                 PartitionActor.remote(index, config.state)  # type: ignore[attr-defined]

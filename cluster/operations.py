@@ -27,7 +27,6 @@ import msgspec
 import pyarrow as pa
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
@@ -78,7 +77,11 @@ __all__ = [
 
 READ_BATCH = 1000
 READ_TIMEOUT_S = 2.0
-"""Seconds a stream read waits for more messages before it treats the stream as read."""
+"""Seconds a stream read waits for more messages before it asks the server whether any
+are left."""
+
+MAX_READ_TIMEOUTS = 5
+"""Timed-out fetches in a row, with messages still pending, before a read fails."""
 
 ACTIVE_SAMPLES = 3
 """Consumer info samples, 0.6 s apart, that replay takes to see whether the ingest runs.
@@ -120,12 +123,26 @@ async def iter_stream(
         inactive_threshold=60.0,
     )
     subscription = await js.pull_subscribe(subject, stream=stream, config=config)
+    timeouts = 0
     try:
         while True:
             try:
                 messages = await subscription.fetch(READ_BATCH, timeout=READ_TIMEOUT_S)
-            except NatsTimeoutError:
-                return
+            except TimeoutError:  # nats-py raises its own subclass or asyncio's
+                # A slow server can let a fetch time out with messages still there,
+                # so only an empty consumer ends the reading.
+                info = await subscription.consumer_info()
+                if info.num_pending == 0:
+                    return
+                timeouts += 1
+                if timeouts >= MAX_READ_TIMEOUTS:
+                    raise RuntimeError(
+                        f"reading {stream} timed out {timeouts} times in a row with "
+                        f"{info.num_pending} messages still pending; check the load "
+                        "and the health of nats-server, then run the command again"
+                    ) from None
+                continue
+            timeouts = 0
             for message in messages:
                 if through_seq is not None and (
                     message.metadata.sequence.stream > through_seq
@@ -407,7 +424,7 @@ async def replay_plant(
     # Postings first: a crash after this point leaves them published and the old
     # checkpoint in place, and a second replay finds them by key and sends nothing.
     if to_publish:
-        await publish_all(js, to_publish)
+        await publish_all(nc, to_publish)
     # The counts describe the stream as the ingest first processed it; replaying the
     # same messages must not count them twice.
     for state, counts in zip(states, before, strict=True):

@@ -42,9 +42,8 @@ import ray
 import ray.exceptions
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
-from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-from nats.js.api import ConsumerConfig, DeliverPolicy, PubAck
+from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 from nats.js.object_store import ObjectStore
 
@@ -54,7 +53,8 @@ from contracts.codec import encode
 from contracts.dead_letters import DeadLetter, DeadLetterReason
 from contracts.keys import decode_key, routing_key
 from contracts.snapshots import table_from_rows
-from pipeline.publish import PublishError
+from pipeline.fetch import PullFetcher
+from pipeline.publish import Publisher, PublishError
 from pipeline.settings import PipelineSettings
 from pipeline.sink import SinkError
 from pipeline.streams import CHECKPOINT_BUCKET, consumer_config, ensure_streams
@@ -87,6 +87,10 @@ MAX_BATCHES_IN_FLIGHT = 2
 PUBLISH_STALL_S = 10.0
 """How long a posting may wait for JetStream's ack, or for room among the publishes
 in flight, before the ingest treats NATS as failed and recovers."""
+
+PUBLISH_WINDOW = 16_384
+"""Postings and dead letters in flight before the next publish waits for acks. Larger
+than one fetch's postings, so a checkpoint is the only point that waits for acks."""
 
 _batch_encoder = msgspec.msgpack.Encoder()
 _result_decoder = msgspec.msgpack.Decoder(BatchResult)
@@ -198,7 +202,7 @@ class Ingest:
         self.settings = settings or PipelineSettings()
         self.report = IngestReport()
         self._store: ObjectStore | None = None
-        self._subscription: JetStreamContext.PullSubscription | None = None
+        self._fetcher: PullFetcher | None = None
         self._unacked: list[Msg] = []
         self._max_seq = 0
         self._dead_rows: list[dict[str, object]] = []
@@ -208,7 +212,9 @@ class Ingest:
         self._dead_logged: Counter[str] = Counter()
         self._fetch_task: asyncio.Task[list[Msg]] | None = None
         self._in_flight: deque[_InFlight] = deque()
-        self._publishes: list[tuple[str, asyncio.Future[PubAck]]] = []
+        self._publisher = Publisher(
+            nc, window=PUBLISH_WINDOW, ack_timeout_s=PUBLISH_STALL_S
+        )
         self._last_checkpoint = time.monotonic()
 
     # -- start-up and recovery ---------------------------------------------------------
@@ -219,6 +225,7 @@ class Ingest:
         Return the stream sequence of the checkpoint restored from (0 for none).
         """
         await ensure_streams(self.js, self.settings)
+        await self._publisher.start()
         self._store = await self.js.object_store(CHECKPOINT_BUCKET)
         resumed = await self._restore_partitions()
         await self._recreate_consumer(resumed + 1)
@@ -278,9 +285,11 @@ class Ingest:
         config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
         config.opt_start_seq = max(start_seq, 1)
         await self.js.add_consumer(EVENTS_STREAM, config)
-        self._subscription = await self.js.pull_subscribe_bind(
-            durable=self.settings.consumer, stream=EVENTS_STREAM
-        )
+        if self._fetcher is not None:
+            # What the old consumer delivered is delivered again by the new one.
+            await self._fetcher.close()
+        self._fetcher = PullFetcher(self.nc, EVENTS_STREAM, self.settings.consumer)
+        await self._fetcher.start()
 
     # -- the loop ---------------------------------------------------------------------
 
@@ -292,7 +301,7 @@ class Ingest:
         A failure of an actor, of NATS or of the DuckDB file does not end the loop: the
         ingest recovers from the last checkpoint and replays what it did not cover.
         """
-        assert self._subscription is not None, "call start() first"
+        assert self._fetcher is not None, "call start() first"
         while stop is None or not stop.is_set():
             try:
                 drained = await self._step(until_drained)
@@ -343,13 +352,10 @@ class Ingest:
         return messages
 
     async def _fetch(self) -> list[Msg]:
-        assert self._subscription is not None
-        try:
-            return await self._subscription.fetch(
-                self.settings.fetch_batch, timeout=self.settings.fetch_timeout_s
-            )
-        except NatsTimeoutError:
-            return []
+        assert self._fetcher is not None
+        return await self._fetcher.fetch(
+            self.settings.fetch_batch, self.settings.fetch_timeout_s
+        )
 
     def _stop_fetching(self) -> None:
         # A batch fetched but never processed is not acknowledged; the next start
@@ -392,7 +398,7 @@ class Ingest:
             flight.results.add_done_callback(_consume_failure)
             flight.results.cancel()
         self._in_flight.clear()
-        self._publishes = []
+        self._publisher.reset()
         self._unacked = []
         self._dead_rows = []
         if self._commit_task is not None:
@@ -549,12 +555,9 @@ class Ingest:
         )
         # Step 4 is started here; the checkpoint that covers this batch waits for the
         # acks before it commits.
+        publish = self._publisher.publish
         for subject, payload, message_id in outgoing:
-            headers = {"Nats-Msg-Id": message_id} if message_id else None
-            future = await self.js.publish_async(
-                subject, payload, wait_stall=PUBLISH_STALL_S, headers=headers
-            )
-            self._publishes.append((subject, future))
+            await publish(subject, payload, message_id)
         self._lap("publish", clock)
         self._unacked.extend(flight.messages)
         self._dead_rows.extend(_dead_letter_row(d) for d in dead)
@@ -572,20 +575,6 @@ class Ingest:
         if len(data) <= self.nc.max_payload - DEAD_LETTER_HEADROOM:
             return data
         return encode(msgspec.structs.replace(letter, data=b"", data_omitted=True))
-
-    async def _settle(
-        self, publishes: list[tuple[str, asyncio.Future[PubAck]]]
-    ) -> None:
-        """Wait until JetStream stored every posting and dead letter of a checkpoint."""
-        for subject, future in publishes:
-            try:
-                ack = await asyncio.wait_for(future, PUBLISH_STALL_S)
-            except asyncio.CancelledError:
-                raise
-            except Exception as error:  # a timeout or an API error from the server
-                raise PublishError(subject, error) from error
-            if ack.duplicate:
-                self.report.counts["postings_repeated"] += 1
 
     def _lap(self, step: str, since: float) -> float:
         now = time.perf_counter()
@@ -628,10 +617,9 @@ class Ingest:
         ingest_counts = dict(self._ingest_counts)
         covered = self._unacked
         dead_rows = self._dead_rows
-        publishes = self._publishes
+        published = self._publisher.last
         self._unacked = []
         self._dead_rows = []
-        self._publishes = []
         clock = time.perf_counter()
         # 5a. Collect every partition's state and changed rows, all partitions at once.
         results = await asyncio.gather(
@@ -641,7 +629,7 @@ class Ingest:
         self._last_checkpoint = time.monotonic()
         self._commit_task = asyncio.create_task(
             self._commit(
-                results, covered_seq, covered, dead_rows, publishes, ingest_counts
+                results, covered_seq, covered, dead_rows, published, ingest_counts
             )
         )
         if wait:
@@ -659,13 +647,14 @@ class Ingest:
         covered_seq: int,
         covered: list[Msg],
         dead_rows: list[dict[str, object]],
-        publishes: list[tuple[str, asyncio.Future[PubAck]]],
+        published: int,
         ingest_counts: dict[str, int],
     ) -> None:
         assert self._store is not None
         clock = time.perf_counter()
         # 4, finished: every posting and dead letter of the covered batches is stored.
-        await self._settle(publishes)
+        await self._publisher.settle(published)
+        self.report.counts["postings_repeated"] = self._publisher.duplicates
         clock = self._lap("publish", clock)
         # 5b. Snapshot rows to DuckDB; upserts, so a repeat after a crash is harmless.
         if self.writer is not None:

@@ -46,7 +46,7 @@ async def _run(
     try:
         js = nc.jetstream()
         await ensure_streams(js, SETTINGS)
-        await publish_all(js, ((s, d, None) for s, d in messages))
+        await publish_all(nc, ((s, d, None) for s, d in messages))
         with SnapshotWriter(db) as writer:
             ingest = Ingest(nc, actors, writer, SETTINGS)
             await ingest.start()

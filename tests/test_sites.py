@@ -76,7 +76,7 @@ def test_backlog_from_offline_site(tmp_path: Path) -> None:
                 js = nc.jetstream()
                 await ensure_site_stream(js, plant)
                 stored, _ = await publish_all(
-                    js, ((m.subject, m.data, None) for m in messages)
+                    nc, ((m.subject, m.data, None) for m in messages)
                 )
                 return stored
             finally:
