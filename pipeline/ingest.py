@@ -53,7 +53,7 @@ from contracts.codec import encode
 from contracts.dead_letters import DeadLetter, DeadLetterReason
 from contracts.keys import decode_key, routing_key
 from contracts.snapshots import table_from_rows
-from pipeline.fetch import PullFetcher
+from pipeline.fetch import PullFetcher, stream_sequence
 from pipeline.publish import Publisher, PublishError
 from pipeline.settings import PipelineSettings
 from pipeline.sink import SinkError
@@ -106,6 +106,9 @@ backoff above that is about 45 s of retrying, longer than a nats-server restart.
 
 PLANT_WIDE_EVENTS = frozenset({"quality_hold_applied", "quality_hold_released"})
 """Event types that every partition applies when they name no order."""
+
+SUBJECT_CACHE_SIZE = 65_536
+"""Subjects whose plant check is remembered; the cache starts over when full."""
 
 DEAD_LETTER_HEADROOM = 4096
 """Bytes kept free below max_payload for a dead letter's headers."""
@@ -203,6 +206,9 @@ class Ingest:
         self.report = IngestReport()
         self._store: ObjectStore | None = None
         self._fetcher: PullFetcher | None = None
+        self._subject_plants: dict[str, str] = {}
+        """Plant each subject was checked for, so that each event of a busy subject
+        skips the token and subject checks."""
         self._unacked: list[Msg] = []
         self._max_seq = 0
         self._dead_rows: list[dict[str, object]] = []
@@ -454,8 +460,12 @@ class Ingest:
         """Step 2 for one event: decode its key and add it to its partition's share."""
         try:
             key = decode_key(data)
-            validate_token(key.plant, "plant")
-            _check_subject_plant(subject, key.plant)
+            if self._subject_plants.get(subject) != key.plant:
+                validate_token(key.plant, "plant")
+                _check_subject_plant(subject, key.plant)
+                if len(self._subject_plants) >= SUBJECT_CACHE_SIZE:
+                    self._subject_plants.clear()
+                self._subject_plants[subject] = key.plant
         except msgspec.ValidationError as error:
             dead.append(
                 _key_dead_letter(subject, data, seq, index, "invalid", str(error))
@@ -499,7 +509,7 @@ class Ingest:
         groups: dict[int, list[SourceMessage]] = {}
         dead: list[DeadLetter] = []
         for message in messages:
-            seq = message.metadata.sequence.stream
+            seq = stream_sequence(message)
             self._max_seq = max(self._max_seq, seq)
             if message.subject.endswith(EDGE_BATCH_SUFFIX):
                 try:

@@ -7,12 +7,14 @@ import time
 from collections.abc import Awaitable, Callable
 
 import nats
+import nats.errors
 import pytest
 from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
 
 from cluster.nats_server import EmbeddedNatsServer
-from pipeline.fetch import FetchError, PullFetcher
+from pipeline.fetch import FetchError, PullFetcher, stream_sequence
 from pipeline.publish import Publisher, PublishError, publish_all
 
 STREAM = "IO_TEST"
@@ -56,6 +58,31 @@ def test_fetch_returns_every_message_in_order(nats_server: EmbeddedNatsServer) -
         assert received == [b"%d" % i for i in range(250)]
 
     _run(nats_server, body)
+
+
+def test_stream_sequence_matches_metadata(nats_server: EmbeddedNatsServer) -> None:
+    async def body(nc: NATS) -> None:
+        await _fill(nc, 5)
+        fetcher = PullFetcher(nc, STREAM, CONSUMER)
+        batch = await fetcher.fetch(5, 0.5)
+        await fetcher.close()
+        ours = [stream_sequence(m) for m in batch]
+        theirs = [m.metadata.sequence.stream for m in batch]
+        assert ours == theirs
+
+    _run(nats_server, body)
+
+
+def test_stream_sequence_of_domain_reply() -> None:
+    reply = "$JS.ACK.hub.ACCHASH.PLANT_EVENTS.ingest.1.4711.17.1733300000000000000.3.x"
+    msg = Msg(_client=None, subject="s", reply=reply)  # type: ignore[arg-type]
+    assert stream_sequence(msg) == 4711
+
+
+def test_stream_sequence_rejects_plain_message() -> None:
+    msg = Msg(_client=None, subject="s", reply="_INBOX.abc")  # type: ignore[arg-type]
+    with pytest.raises(nats.errors.NotJSMessageError):
+        stream_sequence(msg)
 
 
 def test_fetch_respects_batch_size(nats_server: EmbeddedNatsServer) -> None:
