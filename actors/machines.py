@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import bisect
 import datetime as dt
+import sys
 
 import msgspec
 
@@ -23,15 +24,25 @@ from contracts import events as ev
 __all__ = ["MachineTrack", "apply_machine_event"]
 
 
-class OpenInterval(msgspec.Struct):
+# Neither struct can be part of a reference cycle, because an interval contains only
+# scalars and a track contains only intervals. gc=False drops the 16-byte GC header of
+# each of the up to `history_limit` intervals a machine keeps.
+
+
+class OpenInterval(msgspec.Struct, gc=False):
     state: str
     planned: bool
     reason: str | None
     started_at: dt.datetime
     source_event_id: str
 
+    def __post_init__(self) -> None:
+        # A decoded checkpoint makes a new string of each interval's state, and there
+        # are only five states. Reasons are free text, so they are not interned.
+        self.state = sys.intern(self.state)
 
-class MachineTrack(msgspec.Struct):
+
+class MachineTrack(msgspec.Struct, gc=False):
     plant: str
     machine: str
     current: OpenInterval | None = None

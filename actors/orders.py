@@ -9,6 +9,7 @@ stock, so that a quality hold blocks exactly the stock it covers.
 from __future__ import annotations
 
 import datetime as dt
+import sys
 from decimal import ROUND_HALF_EVEN, Decimal, localcontext
 
 import msgspec
@@ -86,25 +87,111 @@ def convert_quantity(quantity: ev.Quantity, uom: str, label: str) -> Decimal:
     return exact.quantize(QUANTUM, rounding=ROUND_HALF_EVEN)
 
 
-class ComponentState(msgspec.Struct):
+# -- values shared between orders ----------------------------------------------------
+#
+# Orders repeat the same plants, materials, units, work centres, operation numbers and
+# storage locations, and often the same quantities and cycle times. Each decoded copy
+# costs 50 to 65 bytes for a short str and 104 for a Decimal (CPython 3.11, x86-64), so
+# the order state keeps one shared object per distinct value instead.
+#
+# Strings go through sys.intern, but only master data, whose count is bounded. Lots and
+# ids are not interned, because CPython 3.12.1 never frees an interned string (CPython
+# issue gh-113993, fixed in later releases) and a lot per order would leak there.
+# CPython 3.11 and 3.13 free an interned string once nothing else refers to it.
+
+SHARED_DECIMALS_MAX = 4096
+"""Distinct Decimal values shared_decimal keeps. Past it, the table starts empty
+again. A full table takes about 0.8 MB (tracemalloc, CPython 3.11)."""
+
+SHARED_ROUTINGS_MAX = 1024
+"""Distinct routings shared_routing keeps. Past it, the table starts empty again. A full
+table of two-operation routings takes about 0.8 MB (tracemalloc, CPython 3.11)."""
+
+_shared_decimals: dict[str, Decimal] = {}
+
+
+def shared_decimal(value: Decimal) -> Decimal:
+    """Return a Decimal with the value and exponent of `value` that other orders share.
+
+    The key is the string form, not the Decimal, because 12.5 == 12.50 but a posting of
+    either carries its own digits, so the two must stay separate objects.
+    """
+    key = str(value)
+    shared = _shared_decimals.get(key)
+    if shared is None:
+        if len(_shared_decimals) >= SHARED_DECIMALS_MAX:
+            # Start over rather than drop the oldest key: finding the first key of a
+            # dict after many deletions from its front scans every deleted slot.
+            _shared_decimals.clear()
+        shared = _shared_decimals[key] = value
+    return shared
+
+
+def _intern_or_none(value: str | None) -> str | None:
+    return None if value is None else sys.intern(value)
+
+
+# The structs below contain only strings, Decimals, datetimes, ints and dicts of the
+# structs defined before them. So none can refer back to itself or to a struct that
+# contains it, and no instance can be part of a reference cycle. gc=False drops the
+# 16-byte GC header of each and keeps them out of the cyclic collector's passes.
+
+
+class ComponentState(msgspec.Struct, gc=False):
     uom: str
     standard: Decimal = ZERO
     actual: Decimal = ZERO
 
 
-class OperationState(msgspec.Struct):
+class OperationState(msgspec.Struct, frozen=True, gc=False):
+    """An operation of a routing. Frozen, because orders of one routing share it."""
+
     work_center: str
     ideal_cycle_time_s: Decimal
 
 
-class LotStock(msgspec.Struct):
+_Routing = dict[str, OperationState]
+
+_shared_routings: dict[tuple[tuple[str, str, str], ...], _Routing] = {}
+
+
+def shared_routing(operations: _Routing) -> _Routing:
+    """Return a routing equal to `operations` that other orders of that routing share.
+
+    The returned dict and its OperationStates are shared, so no caller may change them.
+    The order logic only reads an order's `operations`.
+    """
+    key = tuple(
+        (number, operation.work_center, str(operation.ideal_cycle_time_s))
+        for number, operation in operations.items()
+    )
+    shared = _shared_routings.get(key)
+    if shared is None:
+        if len(_shared_routings) >= SHARED_ROUTINGS_MAX:
+            _shared_routings.clear()  # as in shared_decimal
+        shared = _shared_routings[key] = {
+            sys.intern(number): OperationState(
+                sys.intern(operation.work_center),
+                shared_decimal(operation.ideal_cycle_time_s),
+            )
+            for number, operation in operations.items()
+        }
+    return shared
+
+
+class LotStock(msgspec.Struct, gc=False):
     """Received output of one lot that is still in stock, by stock type."""
 
     unrestricted: Decimal = ZERO
     blocked: Decimal = ZERO
 
+    def __post_init__(self) -> None:
+        # A new LotStock starts at the shared ZERO, so only a decoded one needs this.
+        self.unrestricted = shared_decimal(self.unrestricted)
+        self.blocked = shared_decimal(self.blocked)
 
-class Receipt(msgspec.Struct):
+
+class Receipt(msgspec.Struct, gc=False):
     """A goods receipt and its confirmation, kept so a cancellation can invert them."""
 
     receipt_key: str | None
@@ -120,8 +207,19 @@ class Receipt(msgspec.Struct):
     ideal_cycle_time_s: Decimal | None
     cancelled_by: str | None = None
 
+    def __post_init__(self) -> None:
+        # Runs when _confirmed builds a receipt and when a checkpoint is decoded.
+        self.good = shared_decimal(self.good)
+        self.scrap = shared_decimal(self.scrap)
+        self.rework = shared_decimal(self.rework)
+        self.uom = sys.intern(self.uom)
+        self.operation = _intern_or_none(self.operation)
+        self.work_center = _intern_or_none(self.work_center)
+        if self.ideal_cycle_time_s is not None:
+            self.ideal_cycle_time_s = shared_decimal(self.ideal_cycle_time_s)
 
-class Consumption(msgspec.Struct):
+
+class Consumption(msgspec.Struct, gc=False):
     key: str
     material: str
     quantity: Decimal
@@ -130,8 +228,14 @@ class Consumption(msgspec.Struct):
     storage_location: str | None
     reversed_by: str | None = None
 
+    def __post_init__(self) -> None:
+        self.material = sys.intern(self.material)
+        self.quantity = shared_decimal(self.quantity)
+        self.uom = sys.intern(self.uom)
+        self.storage_location = _intern_or_none(self.storage_location)
 
-class HoldState(msgspec.Struct):
+
+class HoldState(msgspec.Struct, gc=False):
     hold_id: str
     scope: str
     lot: str | None
@@ -140,8 +244,19 @@ class HoldState(msgspec.Struct):
     applied_at: dt.datetime
     applied_by: str
 
+    def __post_init__(self) -> None:
+        self.scope = sys.intern(self.scope)
+        self.material = _intern_or_none(self.material)
 
-class OrderState(msgspec.Struct):
+
+class OrderState(msgspec.Struct, gc=False):
+    """A released order.
+
+    Values that many orders repeat are shared with them (see __post_init__), and the
+    dicts that only activity fills are None until their first entry, because even an
+    empty dict costs 64 bytes.
+    """
+
     plant: str
     order_id: str
     material: str
@@ -152,29 +267,98 @@ class OrderState(msgspec.Struct):
     status: str = "released"
     components: dict[str, ComponentState] = {}
     operations: dict[str, OperationState] = {}
+    """The routing, shared with every order of the same routing (shared_routing)."""
     good: Decimal = ZERO
     scrap: Decimal = ZERO
     rework: Decimal = ZERO
-    stock: dict[str, LotStock] = {}
-    holds: dict[str, HoldState] = {}
-    receipts: dict[str, Receipt] = {}
-    consumptions: dict[str, Consumption] = {}
+    stock: dict[str, LotStock] | None = None
+    """Output still in stock by lot, or None before the first goods receipt."""
+    holds: dict[str, HoldState] | None = None
+    """Active holds by hold id, or None while no hold is active."""
+    receipts: dict[str, Receipt] | None = None
+    """Confirmations by event id, or None before the first one."""
+    consumptions: dict[str, Consumption] | None = None
+    """Goods issues by event id, or None before the first one."""
     first_activity_at: dt.datetime | None = None
     last_event_at: dt.datetime | None = None
     completed_at: dt.datetime | None = None
     events_applied: int = 0
-    event_ids: dict[str, int] = {}
-    """Payload hash of every event applied to the order, by event id. It outlives the
-    partition's bounded id memory, so a duplicate of an order event replayed much later
-    is still recognised."""
+    event_ids: dict[int, int] = {}
+    """Payload hash (30 bits) of every event applied to the order, by the event id's
+    64-bit stable_hash. It outlives the partition's bounded id memory, so a duplicate
+    of an order event replayed much later is still recognised."""
+
+    def __post_init__(self) -> None:
+        # msgspec calls this after release_order builds the state and after a
+        # checkpoint is decoded, so a restored order shares as much as a released one.
+        self.plant = sys.intern(self.plant)
+        self.material = sys.intern(self.material)
+        self.planned = shared_decimal(self.planned)
+        self.uom = sys.intern(self.uom)
+        self.storage_location = _intern_or_none(self.storage_location)
+        self.status = sys.intern(self.status)
+        for component in self.components.values():
+            component.uom = sys.intern(component.uom)
+            component.standard = shared_decimal(component.standard)
+            component.actual = shared_decimal(component.actual)
+        self.components = {
+            sys.intern(material): component
+            for material, component in self.components.items()
+        }
+        self.operations = shared_routing(self.operations)
+        self.good = shared_decimal(self.good)
+        self.scrap = shared_decimal(self.scrap)
+        self.rework = shared_decimal(self.rework)
+        # Checkpoints from before these dicts could be None contain {} for an empty one.
+        self.stock = self.stock or None
+        self.holds = self.holds or None
+        self.receipts = self.receipts or None
+        self.consumptions = self.consumptions or None
 
     def covered_by_hold(self, lot: str) -> bool:
+        if not self.holds:
+            return False
         return any(
             _hold_covers(hold, lot, self.material) for hold in self.holds.values()
         )
 
     def blocked_quantity(self) -> Decimal:
+        if not self.stock:
+            return ZERO
         return sum((stock.blocked for stock in self.stock.values()), ZERO)
+
+    def lot_stock(self, lot: str) -> LotStock:
+        """Return the stock of `lot`, adding an empty one if the lot has none yet."""
+        if self.stock is None:
+            self.stock = {}
+        stock = self.stock.get(lot)
+        if stock is None:
+            stock = self.stock[lot] = LotStock()
+        return stock
+
+    def stock_by_lot(self) -> list[tuple[str, LotStock]]:
+        """Return (lot, stock) pairs sorted by lot, so postings come in a stable
+        order."""
+        return sorted(self.stock.items()) if self.stock else []
+
+    def add_hold(self, hold: HoldState) -> None:
+        if self.holds is None:
+            self.holds = {}
+        self.holds[hold.hold_id] = hold
+
+    def pop_hold(self, hold_id: str) -> HoldState | None:
+        """Remove and return the active hold `hold_id`, or return None."""
+        if not self.holds:
+            return None
+        hold = self.holds.pop(hold_id, None)
+        if not self.holds:
+            self.holds = None
+        return hold
+
+    def has_order_hold(self) -> bool:
+        if not self.holds:
+            return False
+        return any(hold.scope == "order" for hold in self.holds.values())
 
 
 class Outcome(msgspec.Struct):
@@ -332,7 +516,7 @@ def _confirmed(order: OrderState, event: ev.ProductionConfirmed, out: Outcome) -
                 storage_location=order.storage_location,
             )
         )
-        stock = order.stock.setdefault(lot, LotStock())
+        stock = order.lot_stock(lot)
         if blocked:
             stock.blocked += good
         else:
@@ -371,6 +555,8 @@ def _confirmed(order: OrderState, event: ev.ProductionConfirmed, out: Outcome) -
         occurred_at=event.occurred_at,
         ideal_cycle_time_s=operation.ideal_cycle_time_s if operation else None,
     )
+    if order.receipts is None:
+        order.receipts = {}
     order.receipts[event.event_id] = receipt
     if event.final:
         order.status = "completed"
@@ -404,7 +590,7 @@ def _production_row(
 
 
 def _cancelled(order: OrderState, event: ev.ProductionCancelled, out: Outcome) -> None:
-    receipt = order.receipts.get(event.cancels_event_id)
+    receipt = order.receipts.get(event.cancels_event_id) if order.receipts else None
     if receipt is None:
         raise Unmatched(
             f"event:{event.cancels_event_id}",
@@ -416,7 +602,7 @@ def _cancelled(order: OrderState, event: ev.ProductionCancelled, out: Outcome) -
         # The same fact, cancelled again under another event id: post nothing twice.
         return
     if receipt.receipt_key is not None:
-        stock = order.stock.setdefault(receipt.lot, LotStock())
+        stock = order.lot_stock(receipt.lot)
         # NOTE: only a 102 removes received output today, and each receipt is reversed
         # at most once, so this guard holds unless the state was changed by hand.
         if stock.unrestricted + stock.blocked < receipt.good:
@@ -478,8 +664,8 @@ def _consumed(order: OrderState, event: ev.MaterialConsumed, out: Outcome) -> No
     component = order.components.get(event.material)
     if component is None:
         # Not on the BOM: still a real consumption, with a standard of zero.
-        component = order.components[event.material] = ComponentState(
-            event.quantity.uom
+        component = order.components[sys.intern(event.material)] = ComponentState(
+            sys.intern(event.quantity.uom)
         )
     quantity = convert_quantity(
         event.quantity,
@@ -502,6 +688,8 @@ def _consumed(order: OrderState, event: ev.MaterialConsumed, out: Outcome) -> No
         )
     )
     component.actual += quantity
+    if order.consumptions is None:
+        order.consumptions = {}
     order.consumptions[event.event_id] = Consumption(
         key,
         event.material,
@@ -514,7 +702,9 @@ def _consumed(order: OrderState, event: ev.MaterialConsumed, out: Outcome) -> No
 
 
 def _reversed(order: OrderState, event: ev.ConsumptionReversed, out: Outcome) -> None:
-    consumption = order.consumptions.get(event.reverses_event_id)
+    consumption = (
+        order.consumptions.get(event.reverses_event_id) if order.consumptions else None
+    )
     if consumption is None:
         raise Unmatched(
             f"event:{event.reverses_event_id}",
@@ -557,9 +747,9 @@ def apply_hold(
     `record` adds the hold's row; a plant-wide hold records one row for the plant
     instead.
     """
-    order.holds[hold.hold_id] = hold
+    order.add_hold(hold)
     out.facts = hold_facts(hold)
-    for lot, stock in sorted(order.stock.items()):
+    for lot, stock in order.stock_by_lot():
         if stock.unrestricted > 0 and _hold_covers(hold, lot, order.material):
             out.postings.append(
                 _movement(
@@ -603,10 +793,10 @@ def release_hold(
     record: bool = True,
 ) -> HoldState | None:
     """Lift a hold and move the stock no other hold covers back to unrestricted."""
-    hold = order.holds.pop(event.hold_id, None)
+    hold = order.pop_hold(event.hold_id)
     if hold is None:
         return None
-    for lot, stock in sorted(order.stock.items()):
+    for lot, stock in order.stock_by_lot():
         # Stock another active hold still covers stays blocked.
         if (
             stock.blocked > 0
@@ -650,10 +840,7 @@ def _released(order: OrderState, event: ev.QualityHoldReleased, out: Outcome) ->
 def _refresh_status(order: OrderState) -> None:
     # An order is on hold while an order-wide hold is active or any of its stock is
     # blocked; a lot or material hold that covers none of its stock leaves it alone.
-    held = (
-        any(h.scope == "order" for h in order.holds.values())
-        or order.blocked_quantity() > 0
-    )
+    held = order.has_order_hold() or order.blocked_quantity() > 0
     if held:
         order.status = "on_hold"
     elif order.status == "on_hold":

@@ -33,6 +33,7 @@ from typing import Any
 import msgspec
 import pyarrow as pa
 
+from actors.id_table import IdTable, IdTableData, stable_hash
 from actors.machines import DowntimeNotStarted, MachineTrack, apply_machine_event
 from actors.orders import (
     HoldState,
@@ -58,12 +59,19 @@ from pipeline.subjects import posting_subject
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BatchResult", "PartitionState", "SourceMessage"]
+__all__ = ["BatchResult", "CheckpointFormatError", "PartitionState", "SourceMessage"]
 
 _MACHINE_EVENTS = (ev.MachineStateChanged, ev.DowntimeStarted, ev.DowntimeEnded)
 
 EXPIRY_SCAN_INTERVAL_S = 5.0
-"""Seconds between expiry scans of parked events; every batch would cost more."""
+"""Seconds between scans for expired parked events and for completed orders to evict;
+every batch would cost more."""
+
+PAYLOAD_HASH_BITS = 30
+"""Bits of the payload hash kept per event id. 30 bits keep each hash in one 28-byte
+CPython int. Two different payloads under one reused id collide with odds of 1 in 2**30
+(about 1 in 10**9), and then the reuse is dropped as a duplicate instead of
+dead-lettered."""
 
 
 class SourceMessage(msgspec.Struct, array_like=True):
@@ -123,13 +131,14 @@ class Checkpoint(msgspec.Struct):
 
     partition: int
     last_seq: int
-    seen: dict[str, int]
+    seen: IdTableData
     orders: dict[str, OrderState]
     machines: dict[str, MachineTrack]
     parked: dict[str, list[Parked]]
     plant_holds: dict[str, HoldState]
     counts: dict[str, int]
     clocks: dict[str, PlantClock] = {}
+    closed_orders: dict[str, IdTableData] = {}
 
 
 def _key_or_none(data: bytes) -> EventKey | None:
@@ -146,7 +155,8 @@ def _payload_hash(event: ev.PlantEvent) -> int:
     # white space or key order is still a duplicate. blake2b is stable across processes,
     # unlike hash(), which matters because the hashes outlive the process in
     # checkpoints.
-    return int.from_bytes(hashlib.blake2b(encode(event), digest_size=8).digest(), "big")
+    digest = hashlib.blake2b(encode(event), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> (64 - PAYLOAD_HASH_BITS)
 
 
 def _posting_row(posting: Posting) -> dict[str, object]:
@@ -200,7 +210,15 @@ class PartitionState:
         # is a redelivery. Checkpoints fall between whole messages, so a restored state
         # has taken every event of its last message.
         self._position: tuple[int, int] = (0, -1)
-        self.seen: dict[str, int] = {}
+        # Event ids by their 64-bit stable_hash, with the payload hash as value. Two
+        # different ids share a 64-bit hash with odds of about n**2 / 2**65: about 1 in
+        # 10**7 for 2,000,000 remembered ids. Then the later id is taken for a duplicate
+        # or a reused id, so one event is dropped or dead-lettered.
+        self.seen = IdTable(self.settings.dedup_max_ids)
+        # Per plant, the orders evicted by evict_closed_orders: order key hash to the
+        # completion time in seconds since the epoch. Per plant so that forget_plant
+        # can drop them for a replay.
+        self.closed_orders: dict[str, IdTable] = {}
         self.orders: dict[str, OrderState] = {}
         self.machines: dict[str, MachineTrack] = {}
         self.parked: dict[str, list[Parked]] = {}
@@ -211,9 +229,11 @@ class PartitionState:
         self._dirty_clocks: set[str] = set()
         self._calendars_written: set[str] = set()
         self._facts: dict[str, object] = {}
+        self._posting_subjects: dict[str, str] = {}
         self._ledger_rows: list[tuple[object, ...]] = []
         self._rows: dict[str, list[dict[str, object]]] = {}
         self._last_expiry_scan = time.time()
+        self._max_ahead = dt.timedelta(seconds=self.settings.max_future_s)
         # Per batch, reset by apply_batch.
         self._postings: list[OutgoingPosting] = []
         self._dead: list[DeadLetter] = []
@@ -244,8 +264,10 @@ class PartitionState:
             self.last_seq = max(self.last_seq, message.stream_seq)
             self._position = max(self._position, (message.stream_seq, message.index))
         now = time.time()
-        if self.parked and now - self._last_expiry_scan >= EXPIRY_SCAN_INTERVAL_S:
-            self._expire_parked(now)
+        if now - self._last_expiry_scan >= EXPIRY_SCAN_INTERVAL_S:
+            if self.parked:
+                self._expire_parked(now)
+            self.evict_closed_orders()
             self._last_expiry_scan = now
         delta = {
             k: v - before.get(k, 0)
@@ -270,8 +292,7 @@ class PartitionState:
 
         now = dt.datetime.now(dt.UTC)
         clock = self._clock(event.plant)
-        max_ahead = dt.timedelta(seconds=self.settings.max_future_s)
-        if event.occurred_at - now > max_ahead:
+        if event.occurred_at - now > self._max_ahead:
             # Rejected before the watermark moves, so a fast clock never makes the
             # plant's correct events look late.
             clock.future_rejected += 1
@@ -286,11 +307,12 @@ class PartitionState:
             return
 
         payload_hash = _payload_hash(event)
-        known = self.seen.get(event.event_id)
+        id_hash = stable_hash(event.event_id)
+        known = self.seen.get(id_hash)
         if known is None and event.order is not None:
             order = self.orders.get(f"{event.plant}\x1f{event.order}")
             if order is not None:
-                known = order.event_ids.get(event.event_id)
+                known = order.event_ids.get(id_hash)
         if known is not None:
             if (message.stream_seq, message.index) <= self._position:
                 # JetStream delivered a message this partition already took (a stalled
@@ -304,15 +326,21 @@ class PartitionState:
                     message,
                     "reused_id",
                     f"event id {event.event_id} was seen before with payload hash "
-                    f"{known:016x}; this payload hashes to {payload_hash:016x}",
+                    f"{known:08x}; this payload hashes to {payload_hash:08x} (the top "
+                    f"{PAYLOAD_HASH_BITS} bits of blake2b); send a changed event "
+                    "under a new event id",
                     event,
                 )
             return
-        self._remember(event.event_id, payload_hash)
+        self._remember(id_hash, payload_hash)
         self._observe_time(clock, event.occurred_at, now)
-        self._apply(event, message, payload_hash)
+        self._apply(event, message, payload_hash, id_hash)
 
     def _clock(self, plant: str) -> PlantClock:
+        if plant in self._dirty_clocks:
+            # Only this method adds to _dirty_clocks, after it made the clock and wrote
+            # the calendar row, so nothing else is left to do for this plant.
+            return self.clocks[plant]
         clock = self.clocks.get(plant)
         if clock is None:
             clock = self.clocks[plant] = PlantClock()
@@ -379,10 +407,10 @@ class PartitionState:
             event = decode_event(message.data)
         except (msgspec.ValidationError, msgspec.DecodeError):
             return
-        payload_hash = _payload_hash(event)
-        if event.event_id in self.seen:
+        id_hash = stable_hash(event.event_id)
+        if id_hash in self.seen:
             return
-        self._remember(event.event_id, payload_hash)
+        self._remember(id_hash, _payload_hash(event))
         if isinstance(event, ev.QualityHoldApplied | ev.QualityHoldReleased):
             self._apply_copy(event, message)
 
@@ -455,12 +483,9 @@ class PartitionState:
         self._collect(outcome)
         return []
 
-    def _remember(self, event_id: str, payload_hash: int) -> None:
-        seen = self.seen
-        seen[event_id] = payload_hash
-        if len(seen) > self.settings.dedup_max_ids:
-            # Dicts keep insertion order, so the first key is the oldest id.
-            del seen[next(iter(seen))]
+    def _remember(self, id_hash: int, payload_hash: int) -> None:
+        # The table forgets its oldest id when it is full.
+        if self.seen.put(id_hash, payload_hash):
             self.counts["ids_forgotten"] += 1
 
     def _reject(
@@ -495,6 +520,7 @@ class PartitionState:
         event: ev.PlantEvent,
         message: SourceMessage,
         payload_hash: int | None = None,
+        id_hash: int | None = None,
     ) -> None:
         self._facts = {}
         try:
@@ -506,6 +532,9 @@ class PartitionState:
         except NegativeStock as error:
             self._reject(message, "negative_stock", str(error), event)
             return
+        except _OrderClosed as closed:
+            self._reject(message, "order_closed", self._closed_detail(closed), event)
+            return
         except ValueError as error:
             self._reject(message, "invalid", str(error), event)
             return
@@ -516,7 +545,9 @@ class PartitionState:
             if order is not None:
                 if payload_hash is None:
                     payload_hash = _payload_hash(event)
-                order.event_ids[event.event_id] = payload_hash
+                if id_hash is None:
+                    id_hash = stable_hash(event.event_id)
+                order.event_ids[id_hash] = payload_hash
         if self.parked:
             for key in satisfied:
                 self._unpark(key)
@@ -578,6 +609,10 @@ class PartitionState:
                 "this event type must carry the production order it belongs to"
             )
         order_key = f"{plant}\x1f{event.order}"
+        if order_key not in self.orders and plant in self.closed_orders:
+            completed = self.closed_orders[plant].get(stable_hash(order_key))
+            if completed is not None:
+                raise _OrderClosed(event.order, plant, completed)
         if isinstance(event, ev.WorkOrderReleased):
             if order_key in self.orders:
                 raise ValueError(
@@ -587,7 +622,7 @@ class PartitionState:
             order = release_order(event)
             for hold_key, hold in self.plant_holds.items():
                 if hold_key.startswith(f"{plant}\x1f"):
-                    order.holds[hold.hold_id] = hold
+                    order.add_hold(hold)
             self.orders[order_key] = order
             self._dirty_orders.add(order_key)
             self._facts = {
@@ -618,9 +653,13 @@ class PartitionState:
             movement = (
                 posting.movement_type if isinstance(posting, GoodsMovement) else "conf"
             )
+            subject = self._posting_subjects.get(posting.plant)
+            if subject is None:
+                subject = posting_subject(posting.plant)
+                self._posting_subjects[posting.plant] = subject
             self._postings.append(
                 OutgoingPosting(
-                    posting_subject(posting.plant),
+                    subject,
                     posting.key,
                     movement,
                     encode(posting),
@@ -703,7 +742,7 @@ class PartitionState:
                 )
                 self._parked_row(event, parked.stream_seq, key, "expired")
                 # Forget the id, so that the dead letter applies when it is retried.
-                self.seen.pop(parked.event_id, None)
+                self.seen.pop(stable_hash(parked.event_id))
                 self._reject(
                     message,
                     "parked_expired",
@@ -713,6 +752,59 @@ class PartitionState:
                 )
             if keep:
                 self.parked[key] = keep
+
+    # -- evicting completed orders ---------------------------------------------------
+
+    def evict_closed_orders(self) -> int:
+        """Drop completed orders that lie `closed_order_retention_s` of event time
+        behind their plant's watermark; return how many were dropped.
+
+        An order with blocked stock, an active hold, or a change not yet taken by
+        take_snapshot is kept. Each dropped order is remembered in `closed_orders`, so
+        that a later event for it becomes an `order_closed` dead letter.
+        """
+        retention = dt.timedelta(seconds=self.settings.closed_order_retention_s)
+        evicted = [
+            key
+            for key, order in self.orders.items()
+            if order.status == "completed"
+            and not order.holds
+            and key not in self._dirty_orders
+            and self._retention_passed(order, retention)
+            and not order.blocked_quantity()
+        ]
+        for key in evicted:
+            order = self.orders.pop(key)
+            completed_at = order.completed_at or order.last_event_at
+            assert completed_at is not None  # _retention_passed checked last_event_at
+            table = self.closed_orders.get(order.plant)
+            if table is None:
+                table = IdTable(self.settings.closed_order_max_keys)
+                self.closed_orders[order.plant] = table
+            # The table stores 32-bit unsigned seconds (1970 to 2106).
+            seconds = min(max(int(completed_at.timestamp()), 0), 0xFFFF_FFFF)
+            table.put(stable_hash(key), seconds)
+        if evicted:
+            self.counts["orders_evicted"] += len(evicted)
+            logger.debug("evicted %d completed orders", len(evicted))
+        return len(evicted)
+
+    def _retention_passed(self, order: OrderState, retention: dt.timedelta) -> bool:
+        clock = self.clocks.get(order.plant)
+        if clock is None or clock.watermark is None or order.last_event_at is None:
+            return False
+        return clock.watermark - order.last_event_at > retention
+
+    def _closed_detail(self, closed: _OrderClosed) -> str:
+        completed = dt.datetime.fromtimestamp(closed.completed_at, dt.UTC)
+        return (
+            f"order {closed.order} of plant {closed.plant} completed at "
+            f"{completed.isoformat()} and was evicted from memory "
+            f"{self.settings.closed_order_retention_s:g} s of event time after its "
+            "last event; its final state is in DuckDB. To apply late events to "
+            "completed orders, raise PLANTSTREAM_CLOSED_ORDER_RETENTION_S, replay the "
+            "plant, then retry this dead letter"
+        )
 
     # -- snapshots and checkpoints ----------------------------------------------------
 
@@ -757,13 +849,14 @@ class PartitionState:
             Checkpoint(
                 self.partition,
                 self.last_seq,
-                self.seen,
+                self.seen.to_data(),
                 self.orders,
                 self.machines,
                 self.parked,
                 self.plant_holds,
                 dict(self.counts),
                 self.clocks,
+                {plant: table.to_data() for plant, table in self.closed_orders.items()},
             )
         )
 
@@ -771,17 +864,29 @@ class PartitionState:
     def restore(
         cls, data: bytes, settings: StateSettings | None = None
     ) -> PartitionState:
-        saved = msgspec.msgpack.decode(data, type=Checkpoint)
+        try:
+            saved = msgspec.msgpack.decode(data, type=Checkpoint)
+        except (msgspec.DecodeError, msgspec.ValidationError) as error:
+            raise CheckpointFormatError(
+                f"the checkpoint cannot be read by this plantstream version ({error}); "
+                "it was written by another version. Delete the object store bucket "
+                "plantstream-checkpoints and start again, which replays the plant "
+                "events stream from sequence 1"
+            ) from error
         state = cls(saved.partition, settings)
         state.last_seq = saved.last_seq
         state._position = (saved.last_seq, sys.maxsize)
-        state.seen = saved.seen
+        state.seen = IdTable.from_data(saved.seen, state.settings.dedup_max_ids)
         state.orders = saved.orders
         state.machines = saved.machines
         state.parked = saved.parked
         state.plant_holds = saved.plant_holds
         state.counts = Counter(saved.counts)
         state.clocks = saved.clocks
+        state.closed_orders = {
+            plant: IdTable.from_data(table, state.settings.closed_order_max_keys)
+            for plant, table in saved.closed_orders.items()
+        }
         # Snapshot rows not yet written were lost with the old process; rewriting every
         # order brings the tables back in step with the restored state.
         state._dirty_orders = set(saved.orders)
@@ -796,13 +901,16 @@ class PartitionState:
             "orders": len(self.orders),
             "machines": len(self.machines),
             "remembered_ids": len(self.seen),
+            "closed_orders": sum(len(t) for t in self.closed_orders.values()),
+            "orders_evicted": self.counts["orders_evicted"],
             "parked": self.parked_count(),
             "last_seq": self.last_seq,
             "counts": dict(self.counts),
         }
 
     def forget_plant(self, plant: str, event_ids: Iterable[str]) -> int:
-        """Drop a plant's orders, machines, holds, parked events, clock and `event_ids`.
+        """Drop a plant's orders (live and evicted), machines, holds, parked events,
+        clock and `event_ids`.
 
         `plantstream replay` calls this before it applies the plant's events again, so
         that they are applied instead of dropped as duplicates. Return the number of
@@ -820,8 +928,9 @@ class PartitionState:
             del self.parked[key]
         self.clocks.pop(plant, None)
         self._dirty_clocks.discard(plant)
+        self.closed_orders.pop(plant, None)
         for event_id in event_ids:
-            self.seen.pop(event_id, None)
+            self.seen.pop(stable_hash(event_id))
         return dropped
 
 
@@ -851,10 +960,22 @@ def _ledger_table(rows: list[tuple[object, ...]]) -> pa.Table:
     )
 
 
+class CheckpointFormatError(ValueError):
+    """A checkpoint written by an incompatible version of the partition state."""
+
+
 class _Park(Exception):
     def __init__(self, waiting_for: str) -> None:
         super().__init__(waiting_for)
         self.waiting_for = waiting_for
+
+
+class _OrderClosed(Exception):
+    def __init__(self, order: str, plant: str, completed_at: int) -> None:
+        super().__init__(order)
+        self.order = order
+        self.plant = plant
+        self.completed_at = completed_at
 
 
 def _clock_row(plant: str, partition: int, clock: PlantClock) -> dict[str, object]:
@@ -901,6 +1022,6 @@ def _order_row(order: OrderState) -> dict[str, object]:
         "first_activity_at": order.first_activity_at,
         "last_event_at": order.last_event_at,
         "completed_at": order.completed_at,
-        "active_holds": len(order.holds),
+        "active_holds": len(order.holds or ()),
         "events_applied": order.events_applied,
     }

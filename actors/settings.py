@@ -44,8 +44,22 @@ class StateSettings:
     dedup_max_ids: int = 2_000_000
     """Event ids each partition remembers for deduplication (PLANTSTREAM_DEDUP_MAX_IDS).
     The oldest ids are forgotten first. An order keeps the ids of the events applied to
-    it, so a duplicate of an order event is still recognised after that. Any other
-    duplicate of a forgotten id is applied again."""
+    it, so a duplicate of an order event is still recognised after that, and one for an
+    evicted order becomes an `order_closed` dead letter (closed_order_retention_s). Any
+    other duplicate of a forgotten id is applied again. Each id costs about 25 bytes."""
+
+    closed_order_retention_s: float = 7 * 24 * 3600.0
+    """How long a completed order stays in memory after its last event
+    (PLANTSTREAM_CLOSED_ORDER_RETENTION_S). Event-time seconds behind its plant's
+    watermark, so a replay evicts the same orders. An order with blocked stock or an
+    active hold is kept. An evicted order stays in DuckDB, and a later event for it
+    becomes an `order_closed` dead letter."""
+
+    closed_order_max_keys: int = 1_000_000
+    """Evicted orders each partition remembers per plant, to dead-letter their later
+    events (PLANTSTREAM_CLOSED_ORDER_MAX_KEYS). The oldest are forgotten first, and a
+    later event for a forgotten order parks as if its release were missing. Each costs
+    about 25 bytes."""
 
     park_timeout_s: float = 24 * 3600.0
     """How long an event waits for its prerequisite, such as its order's release,
@@ -85,6 +99,17 @@ class StateSettings:
             raise ValueError(
                 f"shift_hours must divide 24 (1, 2, 3, 4, 6, 8, 12 or 24), got "
                 f"{self.shift_hours}"
+            )
+        for name in ("dedup_max_ids", "closed_order_max_keys"):
+            value = getattr(self, name)
+            if not 1 <= value < 2**32 - 1:
+                raise ValueError(
+                    f"{name} must be between 1 and {2**32 - 2}, got {value}"
+                )
+        if self.closed_order_retention_s < 0:
+            raise ValueError(
+                "closed_order_retention_s must be 0 or more seconds, got "
+                f"{self.closed_order_retention_s}"
             )
         if self.machine_history < 1:
             raise ValueError(

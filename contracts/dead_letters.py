@@ -17,6 +17,7 @@ DeadLetterReason = Literal[
     "parked_expired",  # waited for a prerequisite (its order release) too long
     "unmatched",  # refers to an event or hold that does not exist
     "negative_stock",  # the movement would drive stock of a material below zero
+    "order_closed",  # its order completed and was evicted from memory after retention
     "internal_error",  # applying it raised an unexpected error: a plantstream bug
 ]
 

@@ -48,7 +48,7 @@ from nats.js.errors import NotFoundError
 from nats.js.object_store import ObjectStore
 
 from actors.partition import partition_of
-from actors.partition_state import BatchResult, SourceMessage
+from actors.partition_state import BatchResult, CheckpointFormatError, SourceMessage
 from contracts.codec import encode
 from contracts.dead_letters import DeadLetter, DeadLetterReason
 from contracts.keys import decode_key, routing_key
@@ -262,12 +262,19 @@ class Ingest:
         blobs = await asyncio.gather(
             *(self._store.get(f"partition-{i}") for i in range(len(self.actors)))
         )
-        await asyncio.gather(
-            *(
-                actor.restore.remote(blob.data)
-                for actor, blob in zip(self.actors, blobs, strict=True)
+        try:
+            await asyncio.gather(
+                *(
+                    actor.restore.remote(blob.data)
+                    for actor, blob in zip(self.actors, blobs, strict=True)
+                )
             )
-        )
+        except ray.exceptions.RayTaskError as error:
+            # Retrying cannot help with a checkpoint of another format, so this one
+            # is not among the RECOVERABLE errors.
+            if isinstance(error.cause, CheckpointFormatError):
+                raise RuntimeError(str(error.cause)) from error
+            raise
         logger.info("restored %d partitions from checkpoint at seq %d",
                     len(self.actors), manifest.stream_seq)  # fmt: skip
         return manifest.stream_seq

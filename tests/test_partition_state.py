@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime as dt
+import random
+from collections import OrderedDict
 from collections.abc import Callable
 from decimal import Decimal
 
@@ -10,8 +12,10 @@ import msgspec
 import pytest
 import ray
 
+from actors.id_table import IdTable
 from actors.partition import PartitionActor
 from actors.partition_state import BatchResult, PartitionState, SourceMessage
+from actors.settings import StateSettings
 from contracts import events as ev
 from contracts.codec import decode_posting, encode
 from contracts.postings import GoodsMovement, OrderConfirmation
@@ -356,3 +360,199 @@ def test_unexpected_error_dead_lettered(monkeypatch: pytest.MonkeyPatch) -> None
     assert reasons == ["internal_error", "internal_error"]
     assert "KeyError" in result.dead_letters[0].detail
     assert result.dead_letters[1].event_id == "c2"
+
+
+# -- bounded memory: the id table and evicted orders ----------------------------------
+
+DAY_MIN = 24 * 60
+
+
+def shipment(event_id: str, quantity: str = "4") -> ev.ShipmentConfirmed:
+    return ev.ShipmentConfirmed(
+        event_id=event_id, plant="P1", occurred_at=at(1), source="wms",
+        delivery="D1", material="FG-1", quantity=qty(quantity),
+    )  # fmt: skip
+
+
+def completed_and_aged(state: PartitionState, order: str = "O1", days: int = 8) -> None:
+    """Complete `order`, then move the plant's watermark `days` later."""
+    state.apply_batch(
+        messages(
+            release(order),
+            confirm(f"{order}-p1", "5", order=order, final=True),
+            release(f"{order}-later", minutes=days * DAY_MIN),
+        )
+    )
+    state.take_snapshot()
+
+
+def test_id_table_matches_ordered_dict() -> None:
+    rng = random.Random(5)
+    for capacity in (1, 3, 17, 64):
+        table = IdTable(capacity)
+        expected: OrderedDict[int, int] = OrderedDict()
+        keys = [rng.getrandbits(64) or 1 for _ in range(3 * capacity)]
+        for _ in range(40 * capacity):
+            key = rng.choice(keys)
+            if rng.random() < 0.7:
+                value = rng.getrandbits(32)
+                expected[key] = value
+                table.put(key, value)
+            else:
+                assert table.pop(key) == expected.pop(key, None)
+            kept = dict(table.items())
+            for forgotten in [k for k in expected if k not in kept]:
+                del expected[forgotten]
+            assert list(kept.items()) == list(expected.items())
+            assert len(table) <= capacity
+        restored = IdTable.from_data(table.to_data(), capacity)
+        assert list(restored.items()) == list(table.items())
+
+
+def test_id_table_dedup_after_restore() -> None:
+    state = PartitionState(0)
+    state.apply_batch(messages(shipment("s1")))
+    restored = PartitionState.restore(state.checkpoint())
+    again = SourceMessage(
+        5, "plant.events.P1.shipment_confirmed", encode(shipment("s1"))
+    )
+    reused = SourceMessage(
+        6, "plant.events.P1.shipment_confirmed", encode(shipment("s1", "9"))
+    )
+    result = restored.apply_batch([again, reused])
+    assert result.counts["duplicates"] == 1
+    assert [d.reason for d in result.dead_letters] == ["reused_id"]
+    assert "event id s1 was seen before" in result.dead_letters[0].detail
+
+
+def test_id_table_bounded() -> None:
+    state = PartitionState(0, StateSettings(dedup_max_ids=3))
+    state.apply_batch(messages(*(shipment(f"s{n}") for n in range(5))))
+    assert len(state.seen) == 3
+    assert state.counts["ids_forgotten"] == 2
+    restored = PartitionState.restore(
+        state.checkpoint(), StateSettings(dedup_max_ids=2)
+    )
+    assert len(restored.seen) == 2
+
+
+def test_completed_order_evicted() -> None:
+    state = PartitionState(0)
+    completed_and_aged(state)
+    assert state.evict_closed_orders() == 1
+    assert "P1\x1fO1" not in state.orders
+    assert state.stats()["orders_evicted"] == 1
+    assert state.stats()["closed_orders"] == 1
+
+
+def test_evicted_order_event_dead_lettered() -> None:
+    state = PartitionState(0)
+    completed_and_aged(state)
+    state.evict_closed_orders()
+    restored = PartitionState.restore(state.checkpoint())
+    late = SourceMessage(
+        10, "plant.events.P1.production_confirmed", encode(confirm("O1-p2", "1"))
+    )
+    result = restored.apply_batch([late])
+    assert [d.reason for d in result.dead_letters] == ["order_closed"]
+    detail = result.dead_letters[0].detail
+    assert "order O1 of plant P1 completed at 2026-03-02T07:10:00+00:00" in detail
+    assert "PLANTSTREAM_CLOSED_ORDER_RETENTION_S" in detail
+    assert result.postings == []
+
+
+def test_evicted_order_release_dead_lettered() -> None:
+    state = PartitionState(0)
+    completed_and_aged(state)
+    state.evict_closed_orders()
+    again = msgspec.structs.replace(release(), event_id="O1-rel-2")
+    result = state.apply_batch([SourceMessage(10, "plant.events.P1.x", encode(again))])
+    assert [d.reason for d in result.dead_letters] == ["order_closed"]
+
+
+def test_evicted_order_id_still_duplicate() -> None:
+    state = PartitionState(0)
+    completed_and_aged(state)
+    state.evict_closed_orders()
+    resent = SourceMessage(
+        10,
+        "plant.events.P1.production_confirmed",
+        encode(confirm("O1-p1", "5", final=True)),
+    )
+    result = state.apply_batch([resent])
+    assert result.counts["duplicates"] == 1
+    assert result.dead_letters == []
+
+
+def test_order_within_retention_kept() -> None:
+    state = PartitionState(0)
+    completed_and_aged(state, days=6)
+    assert state.evict_closed_orders() == 0
+    assert "P1\x1fO1" in state.orders
+
+
+def test_open_order_kept() -> None:
+    state = PartitionState(0)
+    state.apply_batch(
+        messages(release(), confirm("p1", "5"), release("O2", minutes=30 * DAY_MIN))
+    )
+    state.take_snapshot()
+    assert state.evict_closed_orders() == 0
+
+
+def test_order_with_blocked_stock_kept() -> None:
+    state = PartitionState(0)
+    state.apply_batch(
+        messages(
+            release(),
+            confirm("p1", "5", final=True),
+            hold("h1", "H"),
+            release("O2", minutes=30 * DAY_MIN),
+        )
+    )
+    state.take_snapshot()
+    assert state.orders["P1\x1fO1"].blocked_quantity() == Decimal(5)
+    assert state.evict_closed_orders() == 0
+
+
+def test_order_with_unsaved_change_kept() -> None:
+    state = PartitionState(0)
+    state.apply_batch(
+        messages(
+            release(),
+            confirm("p1", "5", final=True),
+            release("O2", minutes=30 * DAY_MIN),
+        )
+    )
+    assert state.evict_closed_orders() == 0
+    state.take_snapshot()
+    assert state.evict_closed_orders() == 1
+
+
+def test_eviction_runs_on_scan() -> None:
+    state = PartitionState(0)
+    completed_and_aged(state)
+    state._last_expiry_scan = 0.0  # the next batch scans
+    result = state.apply_batch([])
+    assert result.counts == {"orders_evicted": 1}
+
+
+def test_closed_orders_bounded() -> None:
+    state = PartitionState(0, StateSettings(closed_order_max_keys=2))
+    for n in range(4):
+        completed_and_aged(state, order=f"O{n}", days=8 + n)
+        state.evict_closed_orders()
+    assert state.counts["orders_evicted"] == 4
+    assert len(state.closed_orders["P1"]) == 2
+    restored = PartitionState.restore(state.checkpoint())
+    assert len(restored.closed_orders["P1"]) == 2
+
+
+def test_forget_plant_drops_closed_orders() -> None:
+    state = PartitionState(0)
+    completed_and_aged(state)
+    state.evict_closed_orders()
+    state.forget_plant("P1", ["O1-rel", "O1-p1"])
+    result = state.apply_batch(messages(release(), confirm("O1-p1", "5", final=True)))
+    assert result.dead_letters == []
+    assert result.counts["applied"] == 2

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import duckdb
+import msgspec
 import nats
 import pytest
 import ray
@@ -17,12 +18,12 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from actors.partition import PartitionActor
 from cluster.nats_server import EmbeddedNatsServer
 from contracts.codec import decode_dead_letter
-from pipeline.ingest import Ingest, IngestReport
+from pipeline.ingest import MANIFEST, CheckpointManifest, Ingest, IngestReport
 from pipeline.publish import publish_all
 from pipeline.settings import PipelineSettings
 from pipeline.sink import SnapshotWriter
 from pipeline.sources.generated import Expected, StreamSpec, generate
-from pipeline.streams import ensure_streams
+from pipeline.streams import CHECKPOINT_BUCKET, ensure_streams
 from pipeline.subjects import POSTINGS_STREAM
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -238,3 +239,25 @@ def test_plant_must_match_subject(
     )
     assert totals["dead_letter:invalid"] == 1
     assert totals.get("applied", 0) == 0
+
+
+def test_unreadable_checkpoint_stops_start(nats_server: EmbeddedNatsServer) -> None:
+    async def start() -> None:
+        nc = await nats.connect(nats_server.url)
+        actors = [PartitionActor.remote(0)]  # type: ignore[attr-defined]
+        try:
+            js = nc.jetstream()
+            await ensure_streams(js, SETTINGS)
+            store = await js.object_store(CHECKPOINT_BUCKET)
+            manifest = CheckpointManifest(stream_seq=5, partitions=1, written_at=0.0)
+            await store.put("partition-0", b"\x93not a checkpoint")
+            await store.put(MANIFEST, msgspec.json.encode(manifest))
+            ingest = Ingest(nc, actors, None, SETTINGS)
+            await asyncio.wait_for(ingest.start_with_retry(), timeout=60)
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+            await nc.close()
+
+    with pytest.raises(RuntimeError, match="plantstream-checkpoints"):
+        asyncio.run(start())

@@ -138,3 +138,26 @@ def test_machine_state_before_history_rejected() -> None:
     assert [letter.reason for letter in result.dead_letters] == ["invalid"]
     assert "PLANTSTREAM_MACHINE_HISTORY" in result.dead_letters[0].detail
     assert at(0) < changes[0].occurred_at
+
+
+def test_closed_order_event_dead_lettered() -> None:
+    state = PartitionState(0, StateSettings(closed_order_retention_s=3600))
+    done = [
+        release("O1"),
+        confirm("O1-c1", "O1", "10", final=True),
+        # An hour and a minute after O1's last event, in the plant's event time.
+        release("O2", minutes=71),
+    ]
+    state.apply_batch([SourceMessage(n, *message(e)) for n, e in enumerate(done, 1)])
+    state.take_snapshot()
+    state._last_expiry_scan = 0.0  # the next batch scans for orders to evict
+    assert state.apply_batch([]).counts == {"orders_evicted": 1}
+    late = confirm("O1-c2", "O1", "2", minutes=72)
+    result = state.apply_batch([SourceMessage(4, *message(late))])
+    reasons = [letter.reason for letter in result.dead_letters]
+    assert reasons == ["order_closed"]
+    assert result.postings == []
+    ledger = state.take_snapshot()["events"].to_pylist()
+    assert [(row["status"], row["reason"]) for row in ledger] == [
+        ("dead_letter", "order_closed")
+    ]
