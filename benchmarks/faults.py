@@ -340,12 +340,18 @@ class StreamRun:
             self.result.recoveries_s.append(progressed - started)
 
     async def _fault_moments(
-        self, budget: int, inject: Callable[[], Awaitable[bool]]
+        self,
+        budget: int,
+        inject: Callable[[], Awaitable[bool]],
+        delay_s: tuple[float, float] = (0.2, 1.5),
     ) -> None:
-        """Inject up to `budget` faults at random moments while work is pending."""
+        """Inject up to `budget` faults at random moments while work is pending.
+
+        Each fault waits a random time within `delay_s` after the previous one.
+        """
         assert self.watch is not None
         for _ in range(budget):
-            await asyncio.sleep(self.rng.uniform(0.2, 1.5))
+            await asyncio.sleep(self.rng.uniform(*delay_s))
             if await self.watch.pending() < MIN_PENDING:
                 return
             if not await inject():
@@ -367,12 +373,11 @@ class StreamRun:
                 complete = ingest._complete
 
                 async def traced(flight: Any) -> None:
-                    # The actors hold this batch until its results are collected.
+                    # Collecting one batch means the next ones are with the actors, so
+                    # a kill soon after hits an actor in the middle of a batch. The
+                    # event stays set because collecting may finish without yielding.
                     in_batch.set()
-                    try:
-                        await complete(flight)
-                    finally:
-                        in_batch.clear()
+                    await complete(flight)
 
                 # Instance attribute: only this ingest is traced, to kill mid-batch.
                 ingest._complete = traced  # type: ignore[method-assign]
@@ -380,6 +385,7 @@ class StreamRun:
                 task = asyncio.create_task(ingest.run(until_drained=True))
 
                 async def kill_actor() -> bool:
+                    in_batch.clear()
                     batch = asyncio.create_task(in_batch.wait())
                     await asyncio.wait(
                         [batch, task],
@@ -387,7 +393,7 @@ class StreamRun:
                         return_when=asyncio.FIRST_COMPLETED,
                     )
                     batch.cancel()
-                    if not in_batch.is_set():
+                    if not in_batch.is_set() or task.done():
                         return False  # drained before another batch started
                     await asyncio.sleep(self.rng.uniform(0.0, 0.01))
                     baseline = await watch.seq() or 0
@@ -397,7 +403,9 @@ class StreamRun:
                     self._record(started, progressed)
                     return progressed is not None
 
-                await self._fault_moments(budget, kill_actor)
+                # The ingest runs in this process, started already, and drains a
+                # small stream in well under a second, so the faults come sooner.
+                await self._fault_moments(budget, kill_actor, (0.01, 0.25))
                 await asyncio.wait_for(task, STREAM_TIMEOUT_S)
         finally:
             for actor in actors:

@@ -15,16 +15,18 @@ import os
 import time
 import tracemalloc
 from dataclasses import dataclass, field
-from decimal import Decimal
 
+import msgspec
 import ray
 
-from actors.partition_state import PartitionState, SourceMessage
+from actors.id_table import stable_hash
+from actors.partition_state import PAYLOAD_HASH_BITS, PartitionState, SourceMessage
 from benchmarks.in_memory import apply_in_batches
 from benchmarks.pipeline_run import DuringRun
 from benchmarks.sampler import short_path
 from contracts import events as ev
 from contracts.codec import encode
+from pipeline.sources.generated import StreamSpec, iter_events
 from pipeline.subjects import event_subject
 
 logger = logging.getLogger(__name__)
@@ -47,40 +49,38 @@ def open_order_messages(
 ) -> list[SourceMessage]:
     """Return `count` order releases that nothing completes: one open order each.
 
-    Each order has 3 components and 2 operations, as a typical generated order does.
+    The releases are those of the generated plant stream, so each order has the BOM,
+    routing and quantities a generated order has: 2 to 5 components, 1 to 3
+    operations, and quantities and cycle times that differ from order to order. The
+    order number, event id and plant are renamed so that every release is unique, and
+    the release time is fixed, because a long generated stream runs past this host's
+    clock and its later releases would be rejected as future events.
     """
+    if count == 0:
+        return []
     subject = event_subject(plant, "work_order_released")
-    messages = []
-    for index in range(count):
-        event = ev.WorkOrderReleased(
+    spec = StreamSpec(plants=1, orders_per_plant=count, seed=17)
+    messages: list[SourceMessage] = []
+    for generated in iter_events(spec):
+        if generated.kind != "event" or not generated.subject.endswith(
+            ".work_order_released"
+        ):
+            continue
+        release = msgspec.json.decode(generated.data, type=ev.WorkOrderReleased)
+        index = len(messages)
+        event = msgspec.structs.replace(
+            release,
             event_id=f"{plant}-R{index:09d}",
             plant=plant,
-            occurred_at=_RELEASED_AT,
-            source="erp",
             order=f"{plant}-OPEN{index:08d}",
-            material="FG-1001",
-            quantity=ev.Quantity(Decimal("250"), "EA"),
-            components=[
-                ev.Component(
-                    material=f"RM-{2001 + k}",
-                    quantity=ev.Quantity(Decimal("12.5"), "KG"),
-                    operation="0010",
-                    storage_location="0001",
-                )
-                for k in range(3)
-            ],
-            operations=[
-                ev.OperationSpec(
-                    operation=f"00{10 * (k + 1)}",
-                    work_center=f"{plant}-CNC0{k + 1}",
-                    ideal_cycle_time_s=Decimal("4.5"),
-                )
-                for k in range(2)
-            ],
-            storage_location="0002",
+            occurred_at=_RELEASED_AT,
         )
         messages.append(SourceMessage(first_seq + index, subject, encode(event)))
-    return messages
+        if len(messages) == count:
+            return messages
+    raise RuntimeError(
+        f"the generated stream released {len(messages)} orders, fewer than {count}"
+    )
 
 
 def _traced_bytes() -> int:
@@ -91,17 +91,18 @@ def _traced_bytes() -> int:
 def bytes_per_event_id(count: int) -> float:
     """Return the bytes PartitionState keeps per remembered event id.
 
-    Ids look like the generated ones ("P01-E000000042") and hashes are 64-bit, as
-    `_payload_hash` makes them. The id string is counted: in the pipeline it is the
-    decoded event's own string, which the state keeps as the dict key.
+    Ids look like the generated ones ("P01-E000000042") and go through the code path
+    apply_batch uses for a new event: the id's 64-bit stable_hash as key and the 30-bit
+    payload hash as value. The id string itself is not kept. The table's default bound
+    (2,000,000) is above `count`, so nothing is forgotten during the measurement.
     """
     state = PartitionState(0)
     tracemalloc.start()
     try:
         before = _traced_bytes()
         for index in range(count):
-            # The exact code path apply_batch uses for every new event.
-            state._remember(f"P01-E{index:09d}", (index * 0x9E3779B97F4A7C15) >> 1)
+            payload_hash = (index * 0x9E3779B97F4A7C15) >> (64 - PAYLOAD_HASH_BITS)
+            state._remember(stable_hash(f"P01-E{index:09d}"), payload_hash & 0x3FFFFFFF)
         after = _traced_bytes()
     finally:
         tracemalloc.stop()

@@ -80,15 +80,16 @@ async def run_pipeline(
     settings: PipelineSettings = BENCH_SETTINGS,
     *,
     during: DuringRun | None = None,
+    state: StateSettings | None = None,
 ) -> PipelineRun:
     """Run the ingest over the whole stream with `partitions` fresh actors.
 
     `during`, when given, runs alongside the ingest (a memory sampler) and is cancelled
-    when the stream is drained.
+    when the stream is drained. `state` configures the actors (defaults when None).
     """
     assert broker.nc is not None
     await broker.reset_outputs(settings.consumer)
-    actors = start_actors(partitions)
+    actors = start_actors(partitions, state)
     helper: asyncio.Task[None] | None = None
     try:
         with tempfile.TemporaryDirectory(prefix="plantstream-bench-") as folder:

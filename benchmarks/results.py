@@ -5,6 +5,8 @@ from __future__ import annotations
 import datetime as dt
 from dataclasses import dataclass, field
 
+from actors.settings import StateSettings
+from benchmarks.cpu import CpuSplit
 from benchmarks.latency import LatencyRun
 from benchmarks.memory import AllocationSite, RssTrace
 from benchmarks.pipeline_run import PipelineRun
@@ -82,7 +84,13 @@ class Results:
     soak: PipelineRun | None = None
     soak_trace: RssTrace | None = None
     soak_driver_pid: int = 0
+    soak_settings: StateSettings | None = None
+    """Actor settings of the soak run; None in results saved before they were kept."""
     growth_orders: list[GrowthRow] = field(default_factory=list)
     growth_plants: list[GrowthRow] = field(default_factory=list)
     driver_profile: DriverProfile | None = None
+    cpu_split: CpuSplit | None = None
+    """CPU time per process over one run, one event per message."""
+    edge_cpu_split: CpuSplit | None = None
+    """The same with edge batches."""
     state_profile: list[FunctionShare] = field(default_factory=list)

@@ -1,0 +1,116 @@
+"""CPU time per process over one pipeline run: where the two cores go.
+
+The pipeline runs as several processes on the same cores: the driver (the ingest loop
+and the DuckDB writer thread), one process per partition actor, nats-server and Ray's
+own daemons. Reading each one's user and system time from /proc before and after a
+run gives the CPU each spends per event, and their sum bounds the rate the cores
+allow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass
+
+import ray
+
+from benchmarks.broker import Broker
+from benchmarks.pipeline_run import PipelineRun, run_pipeline
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["CpuShare", "CpuSplit", "measure_cpu_split", "process_cpu_seconds"]
+
+_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+MIN_SHARE = 0.01
+"""Processes with less than this share of the run's CPU time are left out."""
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """Return the user plus system CPU seconds `pid` has used, from /proc/<pid>/stat."""
+    with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+        # The command name in parentheses may contain spaces, so split after it.
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _TICKS_PER_S
+
+
+def _process_name(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm", encoding="utf-8") as comm:
+            return comm.read().strip()
+    except OSError:
+        return f"pid {pid}"
+
+
+def _all_cpu_seconds() -> dict[int, float]:
+    seconds: dict[int, float] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                seconds[int(entry)] = process_cpu_seconds(int(entry))
+            except (OSError, IndexError, ValueError):
+                continue  # the process ended while the list was read
+    return seconds
+
+
+@dataclass(frozen=True)
+class CpuShare:
+    process: str
+    cpu_seconds: float
+    us_per_event: float
+
+
+@dataclass(frozen=True)
+class CpuSplit:
+    run: PipelineRun
+    shares: list[CpuShare]
+
+    @property
+    def us_per_event(self) -> float:
+        return sum(share.us_per_event for share in self.shares)
+
+
+async def measure_cpu_split(broker: Broker, partitions: int) -> CpuSplit:
+    """Run the pipeline once and return the CPU time of each process per event."""
+    before: dict[int, float] = {}
+    after: dict[int, float] = {}
+    actor_pids: list[int] = []
+
+    async def watch(actors: list[ray.actor.ActorHandle]) -> None:
+        actor_pids.extend(
+            await asyncio.gather(*(actor.pid.remote() for actor in actors))
+        )
+        before.update(_all_cpu_seconds())
+        try:
+            await asyncio.Event().wait()
+        finally:
+            # Cancelled once the stream is drained, before the actors are killed.
+            after.update(_all_cpu_seconds())
+
+    run = await run_pipeline(broker, partitions, during=watch)
+    labels = {os.getpid(): "driver (ingest loop and DuckDB writer)"}
+    labels.update(
+        {pid: f"partition actor {index}" for index, pid in enumerate(actor_pids)}
+    )
+    server_pid = broker.server.pid
+    if server_pid is not None:
+        labels[server_pid] = "nats-server"
+    used = {pid: after[pid] - before[pid] for pid in after.keys() & before.keys()}
+    total = sum(used.values()) or 1.0
+    shares = [
+        CpuShare(
+            labels.get(pid, _process_name(pid)),
+            seconds,
+            seconds / run.events * 1e6,
+        )
+        for pid, seconds in sorted(used.items(), key=lambda item: -item[1])
+        if seconds / total >= MIN_SHARE
+    ]
+    logger.info(
+        "cpu split: %s",
+        ", ".join(f"{s.process} {s.us_per_event:.1f} us/event" for s in shares),
+    )
+    return CpuSplit(run, shares)
