@@ -32,6 +32,7 @@ from typing import Any
 
 import msgspec
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from actors.id_table import IdTable, IdTableData, stable_hash
 from actors.machines import DowntimeNotStarted, MachineTrack, apply_machine_event
@@ -62,6 +63,10 @@ logger = logging.getLogger(__name__)
 __all__ = ["BatchResult", "CheckpointFormatError", "PartitionState", "SourceMessage"]
 
 _MACHINE_EVENTS = (ev.MachineStateChanged, ev.DowntimeStarted, ev.DowntimeEnded)
+
+CHUNK_ROWS = 1000
+"""Ledger rows (about one per event) collected before they and the other snapshot rows
+are turned into Arrow tables."""
 
 EXPIRY_SCAN_INTERVAL_S = 5.0
 """Seconds between scans for expired parked events and for completed orders to evict;
@@ -231,6 +236,8 @@ class PartitionState:
         self._facts: dict[str, object] = {}
         self._posting_subjects: dict[str, str] = {}
         self._ledger_rows: list[tuple[object, ...]] = []
+        self._chunks: dict[str, list[pa.Table]] = {}
+        """Snapshot rows already turned into Arrow tables, in the order collected."""
         self._rows: dict[str, list[dict[str, object]]] = {}
         self._last_expiry_scan = time.time()
         self._max_ahead = dt.timedelta(seconds=self.settings.max_future_s)
@@ -274,6 +281,8 @@ class PartitionState:
             for k, v in self.counts.items()
             if v != before.get(k)
         }
+        if len(self._ledger_rows) >= CHUNK_ROWS:
+            self._build_chunks()
         return BatchResult(self._postings, self._dead, delta, self.last_seq)
 
     def _accept(self, message: SourceMessage) -> None:
@@ -808,14 +817,38 @@ class PartitionState:
 
     # -- snapshots and checkpoints ----------------------------------------------------
 
+    def _build_chunks(self) -> None:
+        """Turn the rows collected so far into Arrow tables, kept until the snapshot.
+
+        Called after each batch once enough rows wait, so that the snapshot at a
+        checkpoint only joins the chunks: building all rows of a checkpoint interval
+        at once stopped the partition for hundreds of milliseconds.
+        """
+        if self._ledger_rows:
+            self._chunks.setdefault("events", []).append(
+                _ledger_table(self._ledger_rows)
+            )
+            self._ledger_rows = []
+        for table, table_rows in self._rows.items():
+            if table_rows:
+                self._chunks.setdefault(table, []).append(
+                    table_from_rows(table, table_rows)
+                )
+        self._rows = {}
+
     def take_snapshot(self) -> dict[str, pa.Table]:
         """Return the rows changed since the last snapshot, as Arrow tables."""
-        rows = self._rows
-        self._rows = {}
+        self._build_chunks()
         tables: dict[str, pa.Table] = {}
-        if self._ledger_rows:
-            tables["events"] = _ledger_table(self._ledger_rows)
-            self._ledger_rows = []
+        for table, chunks in self._chunks.items():
+            if len(chunks) == 1:
+                tables[table] = chunks[0]
+            else:
+                tables[table] = _last_row_per_key(
+                    pa.concat_tables(chunks), TABLES[table].primary_key
+                )
+        self._chunks = {}
+        rows: dict[str, list[dict[str, object]]] = {}
         if self._dirty_clocks:
             rows["plant_clocks"] = [
                 _clock_row(plant, self.partition, self.clocks[plant])
@@ -946,6 +979,17 @@ FACT_COLUMNS = (
 """Ledger columns that come from what applying the event found (`Outcome.facts`)."""
 
 _NO_FACTS = (None,) * len(FACT_COLUMNS)
+
+
+def _last_row_per_key(table: pa.Table, key: tuple[str, ...]) -> pa.Table:
+    """Keep the last row of each key, in the order the kept rows had in `table`."""
+    numbered = table.append_column(
+        "__row", pa.array(range(table.num_rows), type=pa.int64())
+    )
+    last = numbered.group_by(list(key), use_threads=False).aggregate(
+        [("__row", "max")]
+    )["__row_max"]
+    return table.take(pc.take(last, pc.sort_indices(last)))
 
 
 def _ledger_table(rows: list[tuple[object, ...]]) -> pa.Table:

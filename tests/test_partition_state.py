@@ -556,3 +556,19 @@ def test_forget_plant_drops_closed_orders() -> None:
     result = state.apply_batch(messages(release(), confirm("O1-p1", "5", final=True)))
     assert result.dead_letters == []
     assert result.counts["applied"] == 2
+
+
+def test_snapshot_keeps_last_row_across_chunks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # One chunk per batch: the consumption's ledger row "parked" lands in the first
+    # chunk and its row "applied" in the second, with the same key.
+    monkeypatch.setattr("actors.partition_state.CHUNK_ROWS", 1)
+    state = PartitionState(0)
+    parked, released = messages(consume("c1", "5"), release())
+    state.apply_batch([parked])
+    state.apply_batch([released])
+    events = state.take_snapshot()["events"].to_pylist()
+    statuses = {(row["event_id"], row["status"]) for row in events}
+    assert statuses == {("c1", "applied"), ("O1-rel", "applied")}
+    assert len(events) == 2
