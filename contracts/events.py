@@ -54,8 +54,14 @@ Text = Annotated[str, msgspec.Meta(max_length=256)]
 MAX_LINES = 1000
 """Bill-of-material lines and routing operations one release may carry."""
 
-QUANTITY_INTEGER_DIGITS = 29
-"""Digits a quantity may have before the point: DECIMAL(38, 9) leaves 29."""
+QUANTITY_INTEGER_DIGITS = 15
+"""Digits a quantity may have before the point. DECIMAL(38, 9) leaves 29, and the
+margin keeps the sums an order builds up (all confirmations of an order, BOM lines of
+one material, a quantity converted from T to MG) inside those 29 digits."""
+
+EARLIEST_TIME = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+"""Event times before this are rejected: no plant system sends them on purpose, and
+times near year 1 cannot be converted to UTC or stored."""
 
 
 class Quantity(msgspec.Struct, frozen=True):
@@ -79,8 +85,8 @@ class Quantity(msgspec.Struct, frozen=True):
         if self.value.adjusted() >= QUANTITY_INTEGER_DIGITS:
             raise ValueError(
                 f"quantity {self.value} has more than {QUANTITY_INTEGER_DIGITS} digits "
-                "before the decimal point, which the postings and snapshot tables "
-                "cannot store"
+                "before the decimal point; larger quantities would let an order's "
+                "totals outgrow the DECIMAL(38, 9) columns of postings and snapshots"
             )
         if self.value < 0:
             raise ValueError(
@@ -95,6 +101,15 @@ def _require_utc_offset(value: dt.datetime, field: str) -> None:
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError(
             f"{field} must carry a UTC offset, got naive {value.isoformat()}"
+        )
+    try:
+        in_range = value.astimezone(dt.UTC) >= EARLIEST_TIME
+    except OverflowError:
+        in_range = False
+    if not in_range:
+        raise ValueError(
+            f"{field} {value.isoformat()} is before {EARLIEST_TIME.isoformat()}; "
+            "check the clock and the time format of the source system"
         )
 
 
@@ -184,6 +199,11 @@ class ProductionConfirmed(Event, tag="production_confirmed"):
     lot: Text | None = None
     final: bool = False
     started_at: AwareDatetime | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.started_at is not None:
+            _require_utc_offset(self.started_at, "started_at")
 
 
 class ProductionCancelled(Event, tag="production_cancelled"):

@@ -76,6 +76,17 @@ def test_offset_kept_and_seven_digit_fraction() -> None:
             "event_type",
         ),
         (consumed(b'"1"').replace(b'"material":"RM",', b""), "material"),
+        (consumed(b'"1000000000000000"'), "15 digits"),
+        (
+            consumed(b'"1"').replace(
+                b"2026-03-01T07:15:00.1234567+05:30", b"0001-01-01T00:00:00+14:00"
+            ),
+            "before 1970",
+        ),
+        (
+            consumed(b'"1"').replace(b"2026-03-01", b"1969-12-31"),
+            "before 1970",
+        ),
     ],
     ids=[
         "nan",
@@ -84,6 +95,9 @@ def test_offset_kept_and_seven_digit_fraction() -> None:
         "naive_time",
         "unknown_type",
         "missing_field",
+        "too_large",
+        "year_one",
+        "before_1970",
     ],
 )
 def test_invalid_event_rejected(data: bytes, message: str) -> None:
@@ -145,3 +159,19 @@ def test_streams_created_idempotently(nats_server: EmbeddedNatsServer) -> None:
     names = asyncio.run(create_twice())
     expected = sorted(c.name for c in stream_configs(PipelineSettings()))
     assert [n for n in names if not n.startswith("OBJ_")] == expected
+
+
+def test_largest_quantity_accepted() -> None:
+    event = decode_event(consumed(b'"999999999999999.999999999"'))
+    assert isinstance(event, MaterialConsumed)
+    assert event.quantity.value == Decimal("999999999999999.999999999")
+
+
+def test_early_started_at_rejected() -> None:
+    data = (
+        b'{"event_type":"production_confirmed","event_id":"p1","plant":"P1",'
+        b'"order":"O1","occurred_at":"2026-03-01T07:15:00Z","source":"mes",'
+        b'"good":{"value":"1","uom":"EA"},"started_at":"0001-01-01T00:00:00+14:00"}'
+    )
+    with pytest.raises(msgspec.ValidationError, match="started_at"):
+        decode_event(data)

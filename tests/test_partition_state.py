@@ -558,13 +558,11 @@ def test_forget_plant_drops_closed_orders() -> None:
     assert result.counts["applied"] == 2
 
 
-def test_snapshot_keeps_last_row_across_chunks(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_snapshot_keeps_last_row_across_chunks() -> None:
     # One chunk per batch: the consumption's ledger row "parked" lands in the first
     # chunk and its row "applied" in the second, with the same key.
-    monkeypatch.setattr("actors.partition_state.CHUNK_ROWS", 1)
     state = PartitionState(0)
+    state.chunk_rows = 1
     parked, released = messages(consume("c1", "5"), release())
     state.apply_batch([parked])
     state.apply_batch([released])
