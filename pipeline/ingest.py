@@ -567,7 +567,11 @@ class Ingest:
             dead.extend(result.dead_letters)
             self.report.counts.update(result.counts)
         outgoing.extend(
-            (dlq_subject(d.plant), self._encode_dead_letter(d), _dead_letter_id(d))
+            (
+                dlq_subject(d.plant or _subject_plant(d.subject)),
+                self._encode_dead_letter(d),
+                _dead_letter_id(d),
+            )
             for d in dead
         )
         # Step 4 is started here; the checkpoint that covers this batch waits for the
@@ -734,6 +738,13 @@ def _key_dead_letter(
         data=data,
         rejected_at=dt.datetime.now(dt.UTC),
     )
+
+
+def _subject_plant(subject: str) -> str | None:
+    # A message that names no valid plant is filed under the plant of its subject,
+    # plant.events.<plant>.<event_type>, so that the plant's DLQ subject has it.
+    tokens = subject.split(".")
+    return tokens[2] if len(tokens) >= 3 else None
 
 
 def _check_subject_plant(subject: str, plant: str) -> None:

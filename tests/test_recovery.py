@@ -261,3 +261,25 @@ def test_unreadable_checkpoint_stops_start(nats_server: EmbeddedNatsServer) -> N
 
     with pytest.raises(RuntimeError, match="plantstream-checkpoints"):
         asyncio.run(start())
+
+
+def test_keyless_dead_letter_filed_under_subject_plant(
+    nats_server: EmbeddedNatsServer, tmp_path: Path
+) -> None:
+    asyncio.run(
+        _run(
+            nats_server,
+            tmp_path / "db.duckdb",
+            [("plant.events.P7.material_consumed", b"{not json")],
+        )
+    )
+
+    async def subjects() -> list[str]:
+        nc = await nats.connect(nats_server.url)
+        try:
+            sub = await nc.jetstream().pull_subscribe("plantstream.dlq.>")
+            return [m.subject for m in await sub.fetch(10, timeout=5)]
+        finally:
+            await nc.close()
+
+    assert asyncio.run(subjects()) == ["plantstream.dlq.P7"]
