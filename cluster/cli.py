@@ -6,6 +6,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -46,7 +47,9 @@ def _iter_file_messages(paths: Sequence[Path]) -> Iterator[tuple[str, bytes]]:
             yield event_subject(event.plant, str(tag)), encode(event)
 
 
-def _add_job_options(parser: argparse.ArgumentParser) -> None:
+def _add_job_options(
+    parser: argparse.ArgumentParser, *, nats_url_required: bool = False
+) -> None:
     parser.add_argument(
         "--db",
         type=Path,
@@ -61,7 +64,13 @@ def _add_job_options(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--nats-url",
-        help="NATS server to use instead of starting an embedded one",
+        required=nats_url_required,
+        help=(
+            "NATS server whose PLANT_EVENTS stream to consume (plantstream demo "
+            "starts an embedded one)"
+            if nats_url_required
+            else "NATS server to use instead of starting an embedded one"
+        ),
     )
     parser.add_argument(
         "--ray-address",
@@ -98,11 +107,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from cluster.summary import format_summary
     from pipeline.settings import PipelineSettings
 
-    if not args.nats_url:
-        raise SystemExit(
-            "plantstream run: --nats-url is required; the service consumes an existing "
-            "NATS server (plantstream demo starts an embedded one)"
-        )
     config = JobConfig(
         db=args.db,
         partitions=args.partitions,
@@ -216,7 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
         "with --until-drained, until nothing is pending), resuming from the last "
         "checkpoint. Streams and the consumer are created if missing.",
     )
-    _add_job_options(run)
+    _add_job_options(run, nats_url_required=True)
     run.add_argument(
         "--until-drained",
         action="store_true",
@@ -250,6 +254,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         return int(args.handler(args))
+    except BrokenPipeError:
+        # The reader of the output (head, less) quit early, which is not a failure.
+        # Point stdout at /dev/null so that the flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (FileNotFoundError, ConnectionError) as error:
         print(f"plantstream: {error}", file=sys.stderr)
         return 2

@@ -58,10 +58,10 @@ def format_summary(result: JobResult, db: Path, *, top: int = 5) -> str:
         f"  parked (waiting)     {parked}",
         f"  dead letters         {sum(dead_letters.values())}",
     ]
-    if result.report.recoveries:
-        lines.append(f"  recoveries           {result.report.recoveries}")
     for reason, number in sorted(dead_letters.items()):
         lines.append(f"    {reason:<20} {number}")
+    if result.report.recoveries:
+        lines.append(f"  recoveries           {result.report.recoveries}")
     lines.append("postings by movement type")
     lines += _table(
         ["type", "meaning", "count"],
@@ -75,7 +75,7 @@ def format_summary(result: JobResult, db: Path, *, top: int = 5) -> str:
         ).fetchall()
         variances = connection.execute(
             "SELECT plant, order_id, material, standard_quantity, actual_quantity, "
-            "variance, uom FROM material_variance WHERE variance IS NOT NULL "
+            "variance, uom FROM material_variance WHERE variance <> 0 "
             "ORDER BY abs(variance_pct) DESC NULLS LAST, abs(variance) DESC LIMIT ?",
             [top],
         ).fetchall()
@@ -92,7 +92,7 @@ def format_summary(result: JobResult, db: Path, *, top: int = 5) -> str:
         ],
         oee,
     )
-    lines.append(f"largest material variances (top {top})")
+    lines.append(f"largest material variances, by share of standard (top {top})")
     lines += _table(
         ["plant", "order", "component", "standard", "actual", "variance", "uom"],
         variances,

@@ -60,7 +60,7 @@ def test_schema_is_json() -> None:
 def test_run_requires_nats_url(tmp_path: Path) -> None:
     result = run_cli("run", "--db", str(tmp_path / "x.duckdb"))
     assert result.returncode != 0
-    assert "--nats-url is required" in result.stderr
+    assert "required: --nats-url" in result.stderr
 
 
 def test_publish_then_run(
@@ -81,3 +81,20 @@ def test_publish_then_run(
             "SELECT count(*) FROM inspections"
         ).fetchall()
     assert inspections == 1567
+
+
+def test_closed_output_pipe_is_quiet() -> None:
+    # A reader such as `head` that quits early closes the pipe under the command.
+    with subprocess.Popen(
+        [*PLANTSTREAM, "schema", "events"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        bufsize=0,
+    ) as process:
+        assert process.stdout is not None and process.stderr is not None
+        process.stdout.read(10)
+        process.stdout.close()
+        errors = process.stderr.read()
+        code = process.wait(timeout=60)
+    assert code == 0
+    assert b"Broken pipe" not in errors
