@@ -495,7 +495,7 @@ class PartitionState:
         return []
 
     def _remember(self, id_hash: int, payload_hash: int) -> None:
-        # The table forgets its oldest id when it is full.
+        # The table drops its oldest id when it is full.
         if self.seen.put(id_hash, payload_hash):
             self.counts["ids_forgotten"] += 1
 

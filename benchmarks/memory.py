@@ -49,12 +49,11 @@ def open_order_messages(
 ) -> list[SourceMessage]:
     """Return `count` order releases that nothing completes: one open order each.
 
-    The releases are those of the generated plant stream, so each order has the BOM,
-    routing and quantities a generated order has: 2 to 5 components, 1 to 3
-    operations, and quantities and cycle times that differ from order to order. The
-    order number, event id and plant are renamed so that every release is unique, and
-    the release time is fixed, because a long generated stream runs past this host's
-    clock and its later releases would be rejected as future events.
+    The releases come from the generated plant stream: 2 to 5 components and 1 to 3
+    operations per order, with quantities and cycle times that differ from order to
+    order. The order number, event id and plant are renamed so that every release is
+    unique. The release time is fixed, because a long generated stream runs past this
+    host's clock and its later releases would be rejected as future events.
     """
     if count == 0:
         return []

@@ -77,8 +77,8 @@ __all__ = [
 
 READ_BATCH = 1000
 READ_TIMEOUT_S = 2.0
-"""Seconds a stream read waits for more messages before it asks the server whether any
-are left."""
+"""Seconds a stream read waits for more messages before it requests the consumer's
+pending count from the server."""
 
 MAX_READ_TIMEOUTS = 5
 """Timed-out fetches in a row, with messages still pending, before a read fails."""

@@ -184,7 +184,7 @@ class Publisher:
             return
         subject = self._waiting.pop(number, None)
         if subject is None:
-            return  # a message forgotten by reset()
+            return  # a message dropped by reset()
         if msg.headers and msg.headers.get("Status") == _NO_RESPONDERS:
             self._fail(subject, "no JetStream stream captures this subject")
         else:
@@ -211,6 +211,7 @@ class Publisher:
 
     def _fail(self, subject: str, detail: str) -> None:
         if self._failure is None:
+            logger.warning("publish to %s failed: %s", subject, detail)
             self._failure = PublishError(subject, detail)
         self._wake()
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import duckdb
 import nats
 import pytest
+from test_semantics_support import movement_totals
 
 from actors.settings import StateSettings
 from cluster.cli import main
@@ -68,15 +69,6 @@ async def _keys(url: str) -> list[str]:
         await nc.close()
 
 
-def _movements(db: Path) -> dict[tuple[str, str, str], object]:
-    with duckdb.connect(str(db), read_only=True) as connection:
-        rows = connection.execute(
-            "SELECT plant, material, movement_type, sum(quantity) FROM postings "
-            "WHERE posting_type = 'goods_movement' GROUP BY ALL"
-        ).fetchall()
-    return {(plant, material, kind): total for plant, material, kind, total in rows}
-
-
 @pytest.fixture(scope="module")
 def stream() -> tuple[list[tuple[str, bytes]], Expected]:
     messages, expected = generate(SPEC)
@@ -125,7 +117,7 @@ def test_replay_keeps_state_and_totals(
     # A second run finds nothing pending and reports the replayed checkpoint's totals.
     result = _run(nats_server, processed, None)
     assert result.totals["applied"] == stream[1].events
-    assert _movements(processed) == stream[1].movements
+    assert movement_totals(processed) == stream[1].movements
 
 
 def test_replay_from_later_seq_counts_before_start(

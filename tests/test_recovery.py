@@ -14,6 +14,7 @@ import nats
 import pytest
 import ray
 from nats.js.api import AckPolicy, ConsumerConfig
+from test_semantics_support import movement_totals
 
 from actors.partition import PartitionActor
 from cluster.nats_server import EmbeddedNatsServer
@@ -81,15 +82,6 @@ async def _posting_keys(url: str) -> list[str]:
         await nc.close()
 
 
-def _movements(db: Path) -> dict[tuple[str, str, str], object]:
-    with duckdb.connect(str(db), read_only=True) as connection:
-        rows = connection.execute(
-            "SELECT plant, material, movement_type, sum(quantity) FROM postings "
-            "WHERE posting_type = 'goods_movement' GROUP BY ALL"
-        ).fetchall()
-    return {(plant, material, kind): total for plant, material, kind, total in rows}
-
-
 @pytest.fixture(scope="module")
 def stream() -> tuple[list[tuple[str, bytes]], Expected]:
     messages, expected = generate(SPEC)
@@ -132,7 +124,7 @@ def test_edge_batches_match_truth(
     # A restarted nats-server redelivers what it had not recorded as acknowledged;
     # those redeliveries are dropped as duplicates on top of the stream's own.
     assert totals["duplicates"] >= expected.duplicates
-    assert _movements(tmp_path / "db.duckdb") == expected.movements
+    assert movement_totals(tmp_path / "db.duckdb") == expected.movements
     with duckdb.connect(str(tmp_path / "db.duckdb"), read_only=True) as connection:
         indexed = connection.execute(
             "SELECT count(*) FROM dead_letters WHERE batch_index >= 0"
@@ -189,7 +181,7 @@ def test_recovery_loses_and_doubles_nothing(
     # A restarted nats-server redelivers what it had not recorded as acknowledged;
     # those redeliveries are dropped as duplicates on top of the stream's own.
     assert totals["duplicates"] >= expected.duplicates
-    assert _movements(db) == expected.movements
+    assert movement_totals(db) == expected.movements
     keys = asyncio.run(_posting_keys(nats_server.url))
     assert len(keys) == len(set(keys))
     with duckdb.connect(str(db), read_only=True) as connection:

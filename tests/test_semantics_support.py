@@ -191,6 +191,16 @@ def movements(db: Path, order: str) -> list[tuple[str, str, Decimal]]:
     )
 
 
+def movement_totals(db: Path) -> dict[tuple[str, str, str], object]:
+    """Return the posted quantity per (plant, material, movement type)."""
+    with duckdb.connect(str(db), read_only=True) as connection:
+        rows = connection.execute(
+            "SELECT plant, material, movement_type, sum(quantity) FROM postings "
+            "WHERE posting_type = 'goods_movement' GROUP BY ALL"
+        ).fetchall()
+    return {(plant, material, kind): total for plant, material, kind, total in rows}
+
+
 def order_stock(db: Path) -> dict[tuple[str, str, str], Decimal]:
     """Return the net stock per (order, material, stock type) the postings imply."""
     rows = query(
