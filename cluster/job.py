@@ -14,13 +14,13 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import nats
 import nats.aio.client
 import nats.errors
 import ray
 
 from actors.partition import PartitionActor
 from actors.settings import StateSettings
+from cluster.connection_log import SUMMARY_INTERVAL_S, ConnectionLog, redact_url
 from cluster.nats_server import EmbeddedNatsServer
 from pipeline.ingest import Ingest, IngestReport
 from pipeline.publish import publish_all
@@ -77,28 +77,41 @@ NATS_CONNECT_TIMEOUT_S = 15.0
 connected, the client reconnects without limit."""
 
 
-async def _log_nats_error(error: Exception) -> None:
-    # nats-py's default prints a traceback for every failed reconnect attempt.
-    logger.warning("NATS connection: %s: %s", type(error).__name__, error)
+NATS_RECONNECT_WAIT_S = 0.5
+"""Seconds between two attempts to reach NATS while the connection is lost."""
 
 
-async def connect_nats(url: str) -> nats.aio.client.Client:
-    """Connect to NATS, failing with a clear error if the server cannot be reached."""
+async def connect_nats(
+    url: str, *, summary_interval_s: float = SUMMARY_INTERVAL_S
+) -> nats.aio.client.Client:
+    """Connect to NATS, failing with a clear error if the server cannot be reached.
+
+    A lost connection is logged once at WARNING, then at most once per
+    `summary_interval_s` until it is back (`ConnectionLog`). nats-py 2.16's default
+    error callback would log an ERROR with a traceback for every failed attempt.
+    """
+    client = nats.aio.client.Client()
+    log = ConnectionLog(client, url, summary_interval_s=summary_interval_s)
     try:
-        return await asyncio.wait_for(
-            nats.connect(
+        await asyncio.wait_for(
+            client.connect(
                 url,
                 max_reconnect_attempts=-1,
-                reconnect_time_wait=0.5,
-                error_cb=_log_nats_error,
+                reconnect_time_wait=NATS_RECONNECT_WAIT_S,
+                error_cb=log.error,
+                disconnected_cb=log.disconnected,
+                reconnected_cb=log.reconnected,
             ),
             NATS_CONNECT_TIMEOUT_S,
         )
     except (TimeoutError, OSError, nats.errors.Error) as error:
         raise ConnectionError(
-            f"could not connect to NATS at {url} within {NATS_CONNECT_TIMEOUT_S:g} s "
-            f"({type(error).__name__}); check the URL and that nats-server is running"
+            f"could not connect to NATS at {redact_url(url)} within "
+            f"{NATS_CONNECT_TIMEOUT_S:g} s ({type(error).__name__}); check the URL and "
+            "that nats-server is running"
         ) from error
+    log.connected()
+    return client
 
 
 async def run_job(
