@@ -18,6 +18,7 @@ from typing import Any
 import duckdb
 
 from pipeline.sink import SinkError, open_for_reading
+from pipeline.subjects import DLQ_STREAM
 
 logger = logging.getLogger(__name__)
 
@@ -217,11 +218,43 @@ def _text(value: Any) -> str:
     return "null" if value is None else str(value)
 
 
-def _summary(connection: duckdb.DuckDBPyConnection) -> str:
+# Dead letters without a ledger row: the ingest rejected them before any partition saw
+# them (no valid key, or a subject of another plant or event type), or the partition
+# could not decode them into an event. The run summary counts them; the ledger cannot.
+DEAD_LETTERS_OUTSIDE_LEDGER = """
+    SELECT d.reason, count(*) FROM dead_letters AS d
+    WHERE NOT EXISTS (
+        SELECT 1 FROM events AS e
+        WHERE e.status = 'dead_letter' AND e.stream_seq = d.stream_seq
+            AND e.batch_index = coalesce(d.batch_index, -1) AND e.reason = d.reason
+    )
+    GROUP BY d.reason ORDER BY d.reason
+"""
+
+
+def _summary(connection: duckdb.DuckDBPyConnection) -> list[str]:
+    """Return the ledger's counts by status and how they relate to the dead letters."""
     rows = connection.execute(
         "SELECT status, count(*) FROM events GROUP BY status ORDER BY status"
     ).fetchall()
-    return ", ".join(f"{status} {count}" for status, count in rows) or "no events"
+    statuses = ", ".join(f"{status} {count}" for status, count in rows) or "no events"
+    [(dead_letters,)] = connection.execute(
+        "SELECT count(*) FROM dead_letters"
+    ).fetchall()
+    outside = connection.execute(DEAD_LETTERS_OUTSIDE_LEDGER).fetchall()
+    reasons = ", ".join(f"{reason} {count}" for reason, count in outside)
+    lines = [
+        f"event ledger (one row per event a partition decoded): {statuses}",
+        f"dead letters: {dead_letters} rows in table dead_letters, one per dead letter "
+        f"sent to {DLQ_STREAM} (the figure the run summary prints)",
+    ]
+    if outside:
+        lines.append(
+            f"  {sum(count for _, count in outside)} of them have no ledger row, "
+            f"because they were rejected before a partition decoded them into an "
+            f"event: {reasons}"
+        )
+    return lines
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -242,7 +275,8 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     finally:
         connection.close()
-    print(f"events: {summary}")
+    for line in summary:
+        print(line)
     for difference in differences[: args.max_differences]:
         print(f"DIFFERENCE {difference.check}: {difference.detail}")
     if len(differences) > args.max_differences:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from cluster.job import JobResult
 from pipeline.sink import open_for_reading
+from pipeline.subjects import DLQ_STREAM
 
 __all__ = ["format_summary"]
 
@@ -56,7 +57,10 @@ def format_summary(result: JobResult, db: Path, *, top: int = 5) -> str:
         f"  applied              {counts['applied']}",
         f"  duplicates dropped   {counts['duplicates']}",
         f"  parked (waiting)     {parked}",
-        f"  dead letters         {sum(dead_letters.values())}",
+        # The ledger that reconcile counts has a row only for events a partition
+        # decoded, so it leaves out the messages rejected before that, counted here.
+        f"  dead letters         {sum(dead_letters.values())}  (sent to {DLQ_STREAM}, "
+        "including messages never decoded into an event)",
     ]
     for reason, number in sorted(dead_letters.items()):
         lines.append(f"    {reason:<20} {number}")

@@ -39,7 +39,12 @@ def test_demo_prints_summary(tmp_path: Path) -> None:
         assert heading in result.stdout
     with duckdb.connect(str(db), read_only=True) as connection:
         [(orders,)] = connection.execute("SELECT count(*) FROM orders").fetchall()
+        [(letters,)] = connection.execute(
+            "SELECT count(*) FROM dead_letters"
+        ).fetchall()
     assert orders == 30
+    # The figure `plantstream reconcile` prints for the dead_letters table.
+    assert f"dead letters         {letters}  (sent to PLANTSTREAM_DLQ" in result.stdout
 
 
 def test_demo_missing_input(tmp_path: Path) -> None:

@@ -44,6 +44,24 @@ def test_generated_run_agrees(db: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert "dead_letter" in out
 
 
+def test_dead_letters_outside_ledger_counted(
+    db: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with duckdb.connect(str(db), read_only=True) as connection:
+        [(letters,)] = connection.execute(
+            "SELECT count(*) FROM dead_letters"
+        ).fetchall()
+        [(in_ledger,)] = connection.execute(
+            "SELECT count(*) FROM events WHERE status = 'dead_letter'"
+        ).fetchall()
+    assert _cli(db) == 0
+    out = capsys.readouterr().out
+    # The generated stream has malformed messages, which never reach the ledger.
+    assert letters > in_ledger
+    assert f"dead letters: {letters} rows in table dead_letters" in out
+    assert f"{letters - in_ledger} of them have no ledger row" in out
+
+
 def test_missing_posting_reported(
     db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
