@@ -42,6 +42,7 @@ from pipeline.ingest import (
     MANIFEST,
     PLANT_WIDE_EVENTS,
     CheckpointManifest,
+    check_event_subject,
 )
 from pipeline.publish import publish_all
 from pipeline.settings import PipelineSettings
@@ -274,6 +275,9 @@ class _Router:
             try:
                 key = decode_key(event)
                 validate_token(key.plant, "plant")
+                check_event_subject(
+                    subject, key.plant, key.event_type if index < 0 else None
+                )
             except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
                 continue  # dead-lettered by the ingest, never reached a partition
             if key.plant != self.plant:

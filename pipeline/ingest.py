@@ -58,11 +58,11 @@ from pipeline.publish import Publisher, PublishError
 from pipeline.settings import PipelineSettings
 from pipeline.sink import SinkError
 from pipeline.streams import CHECKPOINT_BUCKET, consumer_config, ensure_streams
-from pipeline.subjects import EVENTS_STREAM, dlq_subject, validate_token
+from pipeline.subjects import EVENTS_STREAM, dlq_subject, event_subject, validate_token
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CheckpointManifest", "Ingest", "IngestReport"]
+__all__ = ["CheckpointManifest", "Ingest", "IngestReport", "check_event_subject"]
 
 RECOVERABLE: tuple[type[BaseException], ...] = (
     ray.exceptions.RayError,
@@ -108,7 +108,8 @@ PLANT_WIDE_EVENTS = frozenset({"quality_hold_applied", "quality_hold_released"})
 """Event types that every partition applies when they name no order."""
 
 SUBJECT_CACHE_SIZE = 65_536
-"""Subjects whose plant check is remembered; the cache starts over when full."""
+"""Subjects whose plant and event type check is remembered; the cache starts over when
+full."""
 
 DEAD_LETTER_HEADROOM = 4096
 """Bytes kept free below max_payload for a dead letter's headers."""
@@ -206,9 +207,10 @@ class Ingest:
         self.report = IngestReport()
         self._store: ObjectStore | None = None
         self._fetcher: PullFetcher | None = None
-        self._subject_plants: dict[str, str] = {}
-        """Plant each subject was checked for, so that each event of a busy subject
-        skips the token and subject checks."""
+        self._subject_checks: dict[str, tuple[str, str | None]] = {}
+        """(plant, event type) each subject was checked for, so that each event of a
+        busy subject skips the token and subject checks. The event type is None for an
+        edge batch subject, whose type token is not checked."""
         self._unacked: list[Msg] = []
         self._max_seq = 0
         self._dead_rows: list[dict[str, object]] = []
@@ -467,12 +469,14 @@ class Ingest:
         """Step 2 for one event: decode its key and add it to its partition's share."""
         try:
             key = decode_key(data)
-            if self._subject_plants.get(subject) != key.plant:
+            # Events of an edge batch (index >= 0) carry many types on one subject.
+            checked = (key.plant, key.event_type if index < 0 else None)
+            if self._subject_checks.get(subject) != checked:
                 validate_token(key.plant, "plant")
-                _check_subject_plant(subject, key.plant)
-                if len(self._subject_plants) >= SUBJECT_CACHE_SIZE:
-                    self._subject_plants.clear()
-                self._subject_plants[subject] = key.plant
+                check_event_subject(subject, key.plant, checked[1])
+                if len(self._subject_checks) >= SUBJECT_CACHE_SIZE:
+                    self._subject_checks.clear()
+                self._subject_checks[subject] = checked
         except msgspec.ValidationError as error:
             dead.append(
                 _key_dead_letter(subject, data, seq, index, "invalid", str(error))
@@ -747,14 +751,31 @@ def _subject_plant(subject: str) -> str | None:
     return tokens[2] if len(tokens) >= 3 else None
 
 
-def _check_subject_plant(subject: str, plant: str) -> None:
-    # Replay and site sourcing select a plant by subject, so an event filed under
-    # another plant's subject would be missed by them: reject it here.
-    tokens = subject.split(".")
+def check_event_subject(subject: str, plant: str, event_type: str | None) -> None:
+    """Raise ValueError if `subject` is not plant.events.<plant>.<event_type>.
+
+    Pass None as `event_type` for an event of an edge batch, whose subject ends in
+    `.batch` instead of a type. The type token may use hyphens in place of underscores
+    ("material-consumed"), the spelling of the older edge gateway that
+    `pipeline.sources.generated` models.
+    """
+    # Replay and site sourcing select a plant by subject, and a subscriber may filter
+    # on the type token. They would miss an event filed under another plant's or
+    # another type's subject, so the ingest rejects it.
+    tokens = subject.split(".", 3)
     if len(tokens) >= 3 and tokens[2] != plant:
         raise ValueError(
             f"the event names plant {plant} but was published on {subject}, a subject "
             f"of plant {tokens[2]}; publish it on plant.events.{plant}.<event_type>"
+        )
+    if event_type is None:
+        return
+    subject_type = tokens[3] if len(tokens) == 4 else ""
+    if subject_type.replace("-", "_") != event_type:
+        raise ValueError(
+            f"the event has event_type {event_type} but was published on {subject}, "
+            f"whose event type token differs; publish it on "
+            f"{event_subject(plant, event_type)}"
         )
 
 

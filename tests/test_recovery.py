@@ -233,6 +233,60 @@ def test_plant_must_match_subject(
     assert totals.get("applied", 0) == 0
 
 
+_SHIPMENT = (
+    b'{"event_type":"shipment_confirmed","event_id":"s1","plant":"P1",'
+    b'"occurred_at":"2026-01-01T00:00:00Z","source":"wms","delivery":"D1",'
+    b'"material":"FG","quantity":{"value":"1","uom":"EA"}}'
+)
+_MACHINE_STATE = (
+    b'{"event_type":"machine_state_changed","event_id":"m1","plant":"P1",'
+    b'"occurred_at":"2026-01-01T00:00:00Z","source":"mes","machine":"M1",'
+    b'"state":"running"}'
+)
+
+
+def test_event_type_must_match_subject(
+    nats_server: EmbeddedNatsServer, tmp_path: Path
+) -> None:
+    subject = "plant.events.P1.shipment_confirmed"
+    # The first event passes the check, so the second one meets the cached result of
+    # its subject.
+    _, totals = asyncio.run(
+        _run(
+            nats_server,
+            tmp_path / "db.duckdb",
+            [(subject, _SHIPMENT), (subject, _MACHINE_STATE)],
+        )
+    )
+    assert totals["applied"] == 1
+    assert totals["dead_letter:invalid"] == 1
+
+    async def letters() -> list[bytes]:
+        nc = await nats.connect(nats_server.url)
+        try:
+            sub = await nc.jetstream().pull_subscribe("plantstream.dlq.>")
+            return [m.data for m in await sub.fetch(10, timeout=5)]
+        finally:
+            await nc.close()
+
+    [letter] = [decode_dead_letter(data) for data in asyncio.run(letters())]
+    assert letter.stream_seq == 2
+    assert subject in letter.detail
+    assert "machine_state_changed" in letter.detail
+    assert "publish it on plant.events.P1.machine_state_changed" in letter.detail
+
+
+def test_edge_batch_mixes_event_types(
+    nats_server: EmbeddedNatsServer, tmp_path: Path
+) -> None:
+    batch = b"[" + _SHIPMENT + b"," + _MACHINE_STATE + b"]"
+    _, totals = asyncio.run(
+        _run(nats_server, tmp_path / "db.duckdb", [("plant.events.P1.batch", batch)])
+    )
+    assert totals["applied"] == 2
+    assert totals.get("dead_letter:invalid", 0) == 0
+
+
 def test_unreadable_checkpoint_stops_start(nats_server: EmbeddedNatsServer) -> None:
     async def start() -> None:
         nc = await nats.connect(nats_server.url)
