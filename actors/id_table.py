@@ -25,7 +25,7 @@ from collections.abc import Iterator
 
 import msgspec
 
-__all__ = ["IdTable", "IdTableData", "stable_hash"]
+__all__ = ["IdTable", "IdTableData", "add_packed_id", "find_packed_id", "stable_hash"]
 
 _MIN_SLOTS = 8
 _MAX_VALUE = 0xFFFF_FFFF
@@ -44,6 +44,35 @@ def stable_hash(text: str) -> int:
     """
     digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") or 1
+
+
+PACKED_ID_SIZE = 12
+"""Bytes per entry of a packed id list: the 64-bit key, then the 32-bit value, both
+little-endian."""
+
+
+def add_packed_id(packed: bytes, key: int, value: int) -> bytes:
+    """Return `packed` with (key, value) appended.
+
+    A packed id list is a short bytes object of 12-byte entries: 33 bytes plus 12 per
+    entry, where a dict of the same pairs costs about 64 bytes per entry plus the dict.
+    For the few dozen entries of one order, copying it to append is cheap.
+    """
+    return packed + key.to_bytes(8, "little") + value.to_bytes(4, "little")
+
+
+def find_packed_id(packed: bytes, key: int) -> int | None:
+    """Return the value of `key` in a packed id list, or None when it has none."""
+    if not packed:
+        return None
+    needle = key.to_bytes(8, "little")
+    start = packed.find(needle)
+    while start >= 0:
+        if start % PACKED_ID_SIZE == 0:
+            return int.from_bytes(packed[start + 8 : start + 12], "little")
+        # The match straddles two entries; look on from the next byte.
+        start = packed.find(needle, start + 1)
+    return None
 
 
 class IdTableData(msgspec.Struct, array_like=True):
@@ -74,6 +103,11 @@ class IdTable:
         self._live = 0
         self._slots = array("I", bytes(4 * _MIN_SLOTS))
         self._mask = _MIN_SLOTS - 1
+        self.forgotten = 0
+        """Entries dropped to make room since the owner last reset this count."""
+        self.dropped = False
+        """Whether the table ever dropped an entry to make room, here or before the
+        checkpoint it was restored from."""
 
     def __len__(self) -> int:
         return self._live
@@ -87,6 +121,37 @@ class IdTable:
         if index < 0:
             return None
         return self._values[self._slots[index] - 1]
+
+    def get_or_put(self, key: int, value: int) -> int | None:
+        """Return the value of `key` if present; otherwise set it to `value` and
+        return None.
+
+        One probe where get() then put() take two, for the common case of a new key
+        in a table that is neither full nor due to grow.
+        """
+        slots = self._slots
+        keys = self._keys
+        mask = self._mask
+        index = key & mask
+        while True:
+            position = slots[index]
+            if not position:
+                break
+            if keys[position - 1] == key:
+                return self._values[position - 1]
+            index = (index + 1) & mask
+        if len(keys) < self.max_entries and (self._live + 1) * 2 <= len(slots):
+            if not key:
+                raise ValueError("id table key 0 is reserved for forgotten entries")
+            if not 0 <= value <= _MAX_VALUE:
+                raise ValueError(f"id table values are 0 to {_MAX_VALUE}, got {value}")
+            keys.append(key)
+            self._values.append(value)
+            slots[index] = len(keys)
+            self._live += 1
+        else:
+            self.put(key, value)
+        return None
 
     def put(self, key: int, value: int) -> bool:
         """Set `key` to `value`; return True when the oldest entry was forgotten for it.
@@ -111,6 +176,8 @@ class IdTable:
                 self._clear(self._find(oldest))
                 self._keys[self._head] = 0
                 forgotten = True
+                self.forgotten += 1
+                self.dropped = True
         if (self._live + 1) * 2 > len(self._slots):
             self._resize(len(self._slots) * 2)
         slots = self._slots
@@ -196,6 +263,10 @@ class IdTable:
         start = max(0, len(keys) - max_entries)
         for position in range(start, len(keys)):
             table.put(keys[position], values[position])
+        table.forgotten = 0
+        # A full ring may have dropped entries before the checkpoint, and a smaller
+        # max_entries drops some now.
+        table.dropped = len(keys) >= data.max_entries or start > 0
         return table
 
     # -- the index ----------------------------------------------------------------

@@ -26,7 +26,7 @@ import logging
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from decimal import Decimal
 from typing import Any
 
@@ -34,7 +34,13 @@ import msgspec
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from actors.id_table import IdTable, IdTableData, stable_hash
+from actors.id_table import (
+    IdTable,
+    IdTableData,
+    add_packed_id,
+    find_packed_id,
+    stable_hash,
+)
 from actors.machines import DowntimeNotStarted, MachineTrack, apply_machine_event
 from actors.orders import (
     HoldState,
@@ -63,6 +69,20 @@ logger = logging.getLogger(__name__)
 __all__ = ["BatchResult", "CheckpointFormatError", "PartitionState", "SourceMessage"]
 
 _MACHINE_EVENTS = (ev.MachineStateChanged, ev.DowntimeStarted, ev.DowntimeEnded)
+_ORDER_EVENTS = frozenset(
+    {
+        ev.ProductionConfirmed,
+        ev.ProductionCancelled,
+        ev.MaterialConsumed,
+        ev.ConsumptionReversed,
+        ev.InspectionRecorded,
+        ev.QualityHoldApplied,
+        ev.QualityHoldReleased,
+        ev.OperationStarted,
+        ev.OperationCompleted,
+    }
+)
+"""Event types that change a released order, applied by actors.orders."""
 
 CHUNK_ROWS = 1000
 """Ledger rows (about one per event) collected before they and the other snapshot rows
@@ -79,7 +99,7 @@ CPython int. Two different payloads under one reused id collide with odds of 1 i
 dead-lettered."""
 
 
-class SourceMessage(msgspec.Struct, array_like=True):
+class SourceMessage(msgspec.Struct, array_like=True, gc=False):
     """One message of the plant events stream, as the ingest hands it to a partition.
 
     A plant-wide hold is sent to every partition; only the copy with `primary` set
@@ -94,7 +114,7 @@ class SourceMessage(msgspec.Struct, array_like=True):
     """Position in an edge batch message; -1 for a message that carries one event."""
 
 
-class OutgoingPosting(msgspec.Struct, array_like=True):
+class OutgoingPosting(msgspec.Struct, array_like=True, gc=False):
     subject: str
     key: str
     movement: str  # movement type, or "conf" for an order confirmation
@@ -110,7 +130,7 @@ class BatchResult(msgspec.Struct):
     last_seq: int
 
 
-class Parked(msgspec.Struct, array_like=True):
+class Parked(msgspec.Struct, array_like=True, gc=False):
     stream_seq: int
     subject: str
     data: bytes
@@ -121,7 +141,7 @@ class Parked(msgspec.Struct, array_like=True):
     primary: bool = True
 
 
-class PlantClock(msgspec.Struct):
+class PlantClock(msgspec.Struct, gc=False):
     """Event time of one plant as this partition has seen it."""
 
     watermark: dt.datetime | None = None
@@ -164,46 +184,6 @@ def _payload_hash(event: ev.PlantEvent) -> int:
     return int.from_bytes(digest, "big") >> (64 - PAYLOAD_HASH_BITS)
 
 
-def _posting_row(posting: Posting) -> dict[str, object]:
-    if isinstance(posting, GoodsMovement):
-        return {
-            "key": posting.key,
-            "posting_type": "goods_movement",
-            "plant": posting.plant,
-            "order_id": posting.order,
-            "movement_type": posting.movement_type,
-            "material": posting.material,
-            "quantity": posting.quantity,
-            "uom": posting.uom,
-            "stock_type": posting.stock_type,
-            "batch": posting.batch,
-            "storage_location": posting.storage_location,
-            "posting_date": posting.posting_date,
-            "occurred_at": posting.occurred_at,
-            "reference": posting.reference,
-            "reverses": posting.reverses,
-            "lineage": posting.lineage,
-        }
-    return {
-        "key": posting.key,
-        "posting_type": "order_confirmation",
-        "plant": posting.plant,
-        "order_id": posting.order,
-        "uom": posting.uom,
-        "operation": posting.operation,
-        "work_center": posting.work_center,
-        "yield_quantity": posting.yield_quantity,
-        "scrap_quantity": posting.scrap_quantity,
-        "rework_quantity": posting.rework_quantity,
-        "final": posting.final,
-        "posting_date": posting.finished_at.date(),
-        "occurred_at": posting.finished_at,
-        "reference": posting.lineage[0],
-        "reverses": posting.reverses,
-        "lineage": posting.lineage,
-    }
-
-
 class PartitionState:
     """Deduplicate, park and apply the events of one partition's keys."""
 
@@ -236,6 +216,9 @@ class PartitionState:
         self._facts: dict[str, object] = {}
         self._posting_subjects: dict[str, str] = {}
         self._ledger_rows: list[tuple[object, ...]] = []
+        self._posting_rows: list[Posting] = []
+        """Postings for the `postings` table, turned into Arrow columns by
+        _build_chunks; a row dict per posting cost more than the posting itself."""
         self._chunks: dict[str, list[pa.Table]] = {}
         self.chunk_rows = CHUNK_ROWS
         """Ledger rows that make apply_batch turn the collected rows into Arrow."""
@@ -243,6 +226,9 @@ class PartitionState:
         self._rows: dict[str, list[dict[str, object]]] = {}
         self._last_expiry_scan = time.time()
         self._max_ahead = dt.timedelta(seconds=self.settings.max_future_s)
+        self._now = dt.datetime.now(dt.UTC)
+        """The host clock, read once per batch by apply_batch."""
+        self._future_limit = self._now + self._max_ahead
         # Per batch, reset by apply_batch.
         self._postings: list[OutgoingPosting] = []
         self._dead: list[DeadLetter] = []
@@ -254,7 +240,13 @@ class PartitionState:
         self._postings = []
         self._dead = []
         before = self.counts.copy()
+        # One reading of the host clock per batch: a batch takes milliseconds, far
+        # less than max_future_s, and a reading per event cost a microsecond each.
+        self._now = dt.datetime.now(dt.UTC)
+        self._future_limit = self._now + self._max_ahead
+        primaries = 0
         for message in messages:
+            primaries += message.primary
             try:
                 self._accept(message)
             except Exception as error:
@@ -270,8 +262,16 @@ class PartitionState:
                     "please report it with this dead letter",
                     _key_or_none(message.data),
                 )
-            self.last_seq = max(self.last_seq, message.stream_seq)
-            self._position = max(self._position, (message.stream_seq, message.index))
+            if message.stream_seq > self.last_seq:
+                self.last_seq = message.stream_seq
+            position = (message.stream_seq, message.index)
+            if position > self._position:
+                self._position = position
+        if primaries:
+            self.counts["events_in"] += primaries
+        if self.seen.forgotten:
+            self.counts["ids_forgotten"] += self.seen.forgotten
+            self.seen.forgotten = 0
         now = time.time()
         if now - self._last_expiry_scan >= EXPIRY_SCAN_INTERVAL_S:
             if self.parked:
@@ -291,7 +291,6 @@ class PartitionState:
         if not message.primary:
             self._accept_copy(message)
             return
-        self.counts["events_in"] += 1
         try:
             event = decode_event(message.data)
         except msgspec.ValidationError as error:
@@ -301,9 +300,12 @@ class PartitionState:
             self._reject(message, "malformed", str(error), _key_or_none(message.data))
             return
 
-        now = dt.datetime.now(dt.UTC)
-        clock = self._clock(event.plant)
-        if event.occurred_at - now > self._max_ahead:
+        now = self._now
+        plant = event.plant
+        clock = (
+            self.clocks[plant] if plant in self._dirty_clocks else self._clock(plant)
+        )
+        if event.occurred_at > self._future_limit:
             # Rejected before the watermark moves, so a fast clock never makes the
             # plant's correct events look late.
             clock.future_rejected += 1
@@ -312,18 +314,25 @@ class PartitionState:
                 "future_time",
                 f"occurred_at {event.occurred_at.isoformat()} is more than "
                 f"{self.settings.max_future_s:g} s ahead of this host's clock; check "
-                f"the clock of plant {event.plant}'s source {event.source}",
+                f"the clock of plant {plant}'s source {event.source}",
                 event,
             )
             return
 
         payload_hash = _payload_hash(event)
         id_hash = stable_hash(event.event_id)
-        known = self.seen.get(id_hash)
-        if known is None and event.order is not None:
-            order = self.orders.get(f"{event.plant}\x1f{event.order}")
-            if order is not None:
-                known = order.event_ids.get(id_hash)
+        # Remembers the id at once when it is new, which is nearly always.
+        known = self.seen.get_or_put(id_hash, payload_hash)
+        order_key = None if event.order is None else f"{plant}\x1f{event.order}"
+        if known is None and order_key is not None and self.seen.dropped:
+            # An order's ids outlive the id table's, but they can contain an id the
+            # table lacks only after the table dropped some.
+            order = self.orders.get(order_key)
+            if order is not None and order.event_ids:
+                known = find_packed_id(order.event_ids, id_hash)
+                if known is not None:
+                    # The id table had forgotten it: remember the first payload again.
+                    self.seen.put(id_hash, known)
         if known is not None:
             if (message.stream_seq, message.index) <= self._position:
                 # JetStream delivered a message this partition already took (a stalled
@@ -343,9 +352,8 @@ class PartitionState:
                     event,
                 )
             return
-        self._remember(id_hash, payload_hash)
         self._observe_time(clock, event.occurred_at, now)
-        self._apply(event, message, payload_hash, id_hash)
+        self._apply(event, message, payload_hash, id_hash, order_key)
 
     def _clock(self, plant: str) -> PlantClock:
         if plant in self._dirty_clocks:
@@ -376,7 +384,7 @@ class PartitionState:
         clock.events += 1
         watermark = clock.watermark
         if watermark is None or occurred_at > watermark:
-            clock.watermark = min(occurred_at, now)
+            clock.watermark = occurred_at if occurred_at < now else now
             return
         lateness = watermark - occurred_at
         if lateness.total_seconds() > self.settings.lateness_tolerance_s:
@@ -395,7 +403,14 @@ class PartitionState:
     ) -> None:
         # Ledger rows are tuples in the column order of the `events` table, turned into
         # Arrow columns at the snapshot, because a dict per message costs more.
-        offset = event.occurred_at.utcoffset()
+        tz = event.occurred_at.tzinfo
+        offset = _OFFSET_SECONDS.get(tz)
+        if offset is None:
+            offset = _offset_seconds(event.occurred_at)
+            if type(tz) is dt.timezone:
+                # A fixed offset, as every decoded time has. A zone with daylight
+                # saving time (an event built in Python) is queried for each event.
+                _OFFSET_SECONDS[tz] = offset
         self._ledger_rows.append(
             (
                 message.stream_seq,
@@ -407,9 +422,9 @@ class PartitionState:
                 status,
                 reason,
                 event.occurred_at,
-                int(offset.total_seconds()) if offset is not None else None,
-                *(_NO_FACTS if not facts else [facts.get(c) for c in FACT_COLUMNS]),
+                offset,
             )
+            + (_NO_FACTS if not facts else tuple(map(facts.get, FACT_COLUMNS)))
         )
 
     def _accept_copy(self, message: SourceMessage) -> None:
@@ -495,9 +510,8 @@ class PartitionState:
         return []
 
     def _remember(self, id_hash: int, payload_hash: int) -> None:
-        # The table drops its oldest id when it is full.
-        if self.seen.put(id_hash, payload_hash):
-            self.counts["ids_forgotten"] += 1
+        # The table drops its oldest id when it is full; apply_batch counts those.
+        self.seen.put(id_hash, payload_hash)
 
     def _reject(
         self,
@@ -532,10 +546,13 @@ class PartitionState:
         message: SourceMessage,
         payload_hash: int | None = None,
         id_hash: int | None = None,
+        order_key: str | None = None,
     ) -> None:
-        self._facts = {}
+        self._facts = _NO_FACT_DICT
+        if order_key is None and event.order is not None:
+            order_key = f"{event.plant}\x1f{event.order}"
         try:
-            satisfied = self._dispatch(event)
+            satisfied = self._dispatch(event, order_key)
         except _Park as park:
             self._park(event, message, park.waiting_for)
             self._ledger(event, message, "parked")
@@ -551,22 +568,30 @@ class PartitionState:
             return
         self.counts["applied"] += 1
         self._ledger(event, message, "applied", facts=self._facts)
-        if event.order is not None:
-            order = self.orders.get(f"{event.plant}\x1f{event.order}")
+        if order_key is not None:
+            order = self.orders.get(order_key)
             if order is not None:
                 if payload_hash is None:
                     payload_hash = _payload_hash(event)
                 if id_hash is None:
                     id_hash = stable_hash(event.event_id)
-                order.event_ids[id_hash] = payload_hash
+                order.event_ids = add_packed_id(order.event_ids, id_hash, payload_hash)
         if self.parked:
+            # Built only now: with nothing parked, the keys would go unused.
+            self._unpark(f"event:{event.plant}:{event.event_id}")
             for key in satisfied:
                 self._unpark(key)
 
-    def _dispatch(self, event: ev.PlantEvent) -> list[str]:
-        """Apply one event; return the prerequisite keys it satisfies."""
+    def _dispatch(self, event: ev.PlantEvent, order_key: str | None) -> Sequence[str]:
+        """Apply one event; return the prerequisite keys it satisfies besides its own
+        event id."""
+        if order_key is not None and type(event) in _ORDER_EVENTS:
+            # Most events belong to a released order: go straight to it.
+            order = self.orders.get(order_key)
+            if order is not None:
+                return self._apply_to_order(order, order_key, event)
         plant = event.plant
-        satisfied = [f"event:{plant}:{event.event_id}"]
+        satisfied: list[str] = []
         if isinstance(event, _MACHINE_EVENTS):
             track = self.machines.get(f"{plant}\x1f{event.machine}")
             if track is None:
@@ -619,7 +644,7 @@ class PartitionState:
                 f"{event.__struct_config__.tag} event {event.event_id} names no order; "
                 "this event type must carry the production order it belongs to"
             )
-        order_key = f"{plant}\x1f{event.order}"
+        assert order_key is not None  # _apply builds it for every event with an order
         if order_key not in self.orders and plant in self.closed_orders:
             completed = self.closed_orders[plant].get(stable_hash(order_key))
             if completed is not None:
@@ -646,20 +671,26 @@ class PartitionState:
         order = self.orders.get(order_key)
         if order is None:
             raise _Park(f"release:{plant}:{event.order}")
+        return self._apply_to_order(order, order_key, event)
+
+    def _apply_to_order(
+        self, order: OrderState, order_key: str, event: ev.PlantEvent
+    ) -> Sequence[str]:
         try:
             outcome = apply_order_event(order, event)
         except Unmatched as unmatched:
             # Prerequisite keys are plant-scoped: "event:P1:e-17", "hold:P1:H-3".
             kind, _, ident = unmatched.waiting_for.partition(":")
-            raise _Park(f"{kind}:{plant}:{ident}") from None
+            raise _Park(f"{kind}:{event.plant}:{ident}") from None
         self._dirty_orders.add(order_key)
         self._collect(outcome)
         self._facts = outcome.facts
         if isinstance(event, ev.QualityHoldApplied):
-            satisfied.append(f"hold:{plant}:{event.hold_id}")
-        return satisfied
+            return [f"hold:{event.plant}:{event.hold_id}"]
+        return ()
 
     def _collect(self, outcome: Outcome) -> None:
+        counts = self.counts
         for posting in outcome.postings:
             movement = (
                 posting.movement_type if isinstance(posting, GoodsMovement) else "conf"
@@ -669,15 +700,10 @@ class PartitionState:
                 subject = posting_subject(posting.plant)
                 self._posting_subjects[posting.plant] = subject
             self._postings.append(
-                OutgoingPosting(
-                    subject,
-                    posting.key,
-                    movement,
-                    encode(posting),
-                )
+                OutgoingPosting(subject, posting.key, movement, encode(posting))
             )
-            self.counts[f"posting:{movement}"] += 1
-            self._rows.setdefault("postings", []).append(_posting_row(posting))
+            counts[_POSTING_COUNTS.get(movement) or f"posting:{movement}"] += 1
+        self._posting_rows += outcome.postings
         for table, rows in outcome.rows.items():
             self._rows.setdefault(table, []).extend(rows)
 
@@ -834,6 +860,11 @@ class PartitionState:
                 _ledger_table(self._ledger_rows)
             )
             self._ledger_rows = []
+        if self._posting_rows:
+            self._chunks.setdefault("postings", []).append(
+                _postings_table(self._posting_rows)
+            )
+            self._posting_rows = []
         for table, table_rows in self._rows.items():
             if table_rows:
                 self._chunks.setdefault(table, []).append(
@@ -870,7 +901,7 @@ class PartitionState:
                     "order_id": order.order_id,
                     "material": material,
                     "uom": component.uom,
-                    "standard_quantity": component.standard,
+                    "standard_quantity": component.standard_quantity(),
                     "actual_quantity": component.actual,
                 }
                 for order in orders
@@ -984,6 +1015,19 @@ FACT_COLUMNS = (
 """Ledger columns that come from what applying the event found (`Outcome.facts`)."""
 
 _NO_FACTS = (None,) * len(FACT_COLUMNS)
+_NO_FACT_DICT: dict[str, object] = {}
+_OFFSET_SECONDS: dict[dt.tzinfo | None, int] = {}
+"""UTC offset in seconds by fixed-offset time zone. The decoder shares one object per
+offset, so there are as many as the plants use."""
+
+
+def _offset_seconds(moment: dt.datetime) -> int:
+    offset = moment.utcoffset()
+    assert offset is not None  # contracts.events rejects naive times
+    return int(offset.total_seconds())
+
+
+"""Shared by every event without facts; nothing writes into it."""
 
 
 def _last_row_per_key(table: pa.Table, key: tuple[str, ...]) -> pa.Table:
@@ -995,6 +1039,79 @@ def _last_row_per_key(table: pa.Table, key: tuple[str, ...]) -> pa.Table:
         [("__row", "max")]
     )["__row_max"]
     return table.take(pc.take(last, pc.sort_indices(last)))
+
+
+_POSTING_COUNTS = {
+    movement: f"posting:{movement}"
+    for movement in ("101", "102", "261", "262", "343", "344", "conf")
+}
+"""Count keys of the usual movements, built once instead of per posting."""
+
+
+def _postings_table(postings: list[Posting]) -> pa.Table:
+    # Column by column from the posting structs: goods movements and confirmations
+    # fill different columns, and the other kind's columns stay null. Posting keys are
+    # unique, so no row replaces another and no dedup pass is needed.
+    movements = [p for p in postings if isinstance(p, GoodsMovement)]
+    confirmations = [p for p in postings if not isinstance(p, GoodsMovement)]
+    schema = TABLES["postings"].schema
+    tables = []
+
+    if movements:
+        none = [None] * len(movements)
+        columns = {
+            "key": [p.key for p in movements],
+            "posting_type": ["goods_movement"] * len(movements),
+            "plant": [p.plant for p in movements],
+            "order_id": [p.order for p in movements],
+            "movement_type": [p.movement_type for p in movements],
+            "material": [p.material for p in movements],
+            "quantity": [p.quantity for p in movements],
+            "uom": [p.uom for p in movements],
+            "stock_type": [p.stock_type for p in movements],
+            "batch": [p.batch for p in movements],
+            "storage_location": [p.storage_location for p in movements],
+            "posting_date": [p.posting_date for p in movements],
+            "occurred_at": [p.occurred_at for p in movements],
+            "reference": [p.reference for p in movements],
+            "reverses": [p.reverses for p in movements],
+            "lineage": [p.lineage for p in movements],
+        }
+        tables.append(_table_from_columns(schema, columns, none))
+
+    if confirmations:
+        none = [None] * len(confirmations)
+        columns = {
+            "key": [p.key for p in confirmations],
+            "posting_type": ["order_confirmation"] * len(confirmations),
+            "plant": [p.plant for p in confirmations],
+            "order_id": [p.order for p in confirmations],
+            "uom": [p.uom for p in confirmations],
+            "operation": [p.operation for p in confirmations],
+            "work_center": [p.work_center for p in confirmations],
+            "yield_quantity": [p.yield_quantity for p in confirmations],
+            "scrap_quantity": [p.scrap_quantity for p in confirmations],
+            "rework_quantity": [p.rework_quantity for p in confirmations],
+            "final": [p.final for p in confirmations],
+            "posting_date": [p.finished_at.date() for p in confirmations],
+            "occurred_at": [p.finished_at for p in confirmations],
+            "reference": [p.lineage[0] for p in confirmations],
+            "reverses": [p.reverses for p in confirmations],
+            "lineage": [p.lineage for p in confirmations],
+        }
+        tables.append(_table_from_columns(schema, columns, none))
+    # Goods movements come before confirmations within a chunk. The table has no order
+    # of its own, so the rows are not sorted back into posting order.
+    return tables[0] if len(tables) == 1 else pa.concat_tables(tables)
+
+
+def _table_from_columns(
+    schema: pa.Schema, columns: dict[str, list[object]], none: list[None]
+) -> pa.Table:
+    return pa.Table.from_arrays(
+        [pa.array(columns.get(f.name, none), type=f.type) for f in schema],
+        schema=schema,
+    )
 
 
 def _ledger_table(rows: list[tuple[object, ...]]) -> pa.Table:

@@ -11,7 +11,7 @@ import msgspec
 __all__ = ["EventKey", "decode_key", "routing_key"]
 
 
-class EventKey(msgspec.Struct, frozen=True):
+class EventKey(msgspec.Struct, frozen=True, gc=False):
     event_id: str
     event_type: str
     plant: str

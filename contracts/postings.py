@@ -59,6 +59,7 @@ def posting_key(plant: str, kind: str, *parts: str) -> str:
 class GoodsMovement(
     msgspec.Struct,
     frozen=True,
+    gc=False,
     kw_only=True,
     tag_field="posting_type",
     tag="goods_movement",
@@ -93,6 +94,7 @@ class GoodsMovement(
 class OrderConfirmation(
     msgspec.Struct,
     frozen=True,
+    gc=False,
     kw_only=True,
     tag_field="posting_type",
     tag="order_confirmation",

@@ -204,7 +204,7 @@ def test_checkpoint_restores_sharing() -> None:
 def test_empty_dicts_in_old_checkpoint() -> None:
     """A checkpoint that stored {} for a dict without entries decodes to None."""
     order = order_of(applied(release("O1")), "O1")
-    fields = msgspec.to_builtins(order)
+    fields = msgspec.to_builtins(order, builtin_types=(bytes,))
     for name in ("stock", "holds", "receipts", "consumptions"):
         fields[name] = {}
     decoded = msgspec.msgpack.decode(msgspec.msgpack.encode(fields), type=OrderState)

@@ -12,7 +12,7 @@ import msgspec
 import pytest
 import ray
 
-from actors.id_table import IdTable
+from actors.id_table import IdTable, add_packed_id, find_packed_id
 from actors.partition import PartitionActor
 from actors.partition_state import BatchResult, PartitionState, SourceMessage
 from actors.settings import StateSettings
@@ -407,6 +407,53 @@ def test_id_table_matches_ordered_dict() -> None:
             assert len(table) <= capacity
         restored = IdTable.from_data(table.to_data(), capacity)
         assert list(restored.items()) == list(table.items())
+
+
+def test_id_table_get_or_put_matches_dict() -> None:
+    rng = random.Random(11)
+    for capacity in (1, 5, 40):
+        table = IdTable(capacity)
+        expected: OrderedDict[int, int] = OrderedDict()
+        keys = [rng.getrandbits(64) or 1 for _ in range(2 * capacity)]
+        for _ in range(30 * capacity):
+            key, value = rng.choice(keys), rng.getrandbits(32)
+            assert table.get_or_put(key, value) == expected.get(key)
+            expected.setdefault(key, value)
+            kept = dict(table.items())
+            for forgotten in [k for k in expected if k not in kept]:
+                del expected[forgotten]
+            assert list(kept.items()) == list(expected.items())
+
+
+def test_packed_id_found_only_at_entry_start() -> None:
+    first = 0x1111_1111_2222_2222
+    packed = add_packed_id(b"", first, 0x3333_3333)
+    # Bytes 4 to 11 of the first entry read as a key that was never added.
+    straddling = int.from_bytes(packed[4:12], "little")
+    assert find_packed_id(packed, straddling) is None
+    packed = add_packed_id(packed, straddling, 7)
+    assert find_packed_id(packed, straddling) == 7
+    assert find_packed_id(packed, first) == 0x3333_3333
+
+
+def test_order_ids_outlive_restored_full_table() -> None:
+    state = PartitionState(0, StateSettings(dedup_max_ids=2))
+    first = confirm("c1", "5")
+    state.apply_batch(
+        messages(release(), first, consume("i1", "1"), consume("i2", "1"))
+    )
+    # A larger table after the restart: nothing is dropped from now on, yet the ids
+    # it lost before the checkpoint are gone.
+    restored = PartitionState.restore(
+        state.checkpoint(), StateSettings(dedup_max_ids=10)
+    )
+    again = SourceMessage(9, "plant.events.P1.production_confirmed", encode(first))
+    changed = SourceMessage(
+        10, "plant.events.P1.production_confirmed", encode(confirm("c1", "6"))
+    )
+    result = restored.apply_batch([again, changed])
+    assert result.counts["duplicates"] == 1
+    assert [d.reason for d in result.dead_letters] == ["reused_id"]
 
 
 def test_id_table_dedup_after_restore() -> None:
