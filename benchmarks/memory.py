@@ -50,10 +50,11 @@ def open_order_messages(
     """Return `count` order releases that nothing completes: one open order each.
 
     The releases come from the generated plant stream: 2 to 5 components and 1 to 3
-    operations per order, with quantities and cycle times that differ from order to
-    order. The order number, event id and plant are renamed so that every release is
-    unique. The release time is fixed, because a long generated stream runs past this
-    host's clock and its later releases would be rejected as future events.
+    operations per order, with quantities that differ from order to order and the
+    ideal cycle times of the product's routing. The order number, event id and plant
+    are renamed so that every release is unique. The release time is fixed, because a
+    long generated stream runs past this host's clock and its later releases would be
+    rejected as future events.
     """
     if count == 0:
         return []

@@ -10,14 +10,16 @@ What a stream contains
 Each plant ("P01", "P02", ...) writes its timestamps with its own UTC offset and
 releases production orders at random intervals. Each order has a bill of material (2 to
 5 components) and a routing (1 to 3 operations, each on one of the plant's machines with
-an ideal cycle time). It produces one `work_order_released`, an `operation_started` and
-an `operation_completed` per operation, and one or two `material_consumed` per
-component. The last operation reports 1 to 4 `production_confirmed`, the last one with
-`final=True`. An `inspection_recorded` follows the first report and, for half the
-orders, the last one. Some orders also get quality holds, cancellations, reversals or a
-`shipment_confirmed`. Machines send `machine_state_changed` (setup, running, idle, down,
-maintenance) and `downtime_started`/`downtime_ended` pairs, planned (breaks, planned
-maintenance) and unplanned (breakdowns), a few of them overlapping on the same machine.
+the product's ideal cycle time for that operation, which is master data and so the same
+for every order of the product). It produces one `work_order_released`, an
+`operation_started` and an `operation_completed` per operation, and one or two
+`material_consumed` per component. The last operation reports 1 to 4
+`production_confirmed`, the last one with `final=True`. An `inspection_recorded`
+follows the first report and, for half the orders, the last one. Some orders also get
+quality holds, cancellations, reversals or a `shipment_confirmed`. Machines send
+`machine_state_changed` (setup, running, idle, down, maintenance) and
+`downtime_started`/`downtime_ended` pairs, planned (breaks, planned maintenance) and
+unplanned (breakdowns), a few of them overlapping on the same machine.
 Machine events carry no order, so they route to their machine. Messages are in stream
 time order, apart from the faults below.
 
@@ -74,6 +76,7 @@ import datetime as dt
 import heapq
 import random
 import re
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -344,6 +347,22 @@ _PRODUCTS = tuple(
 _COMPONENTS = tuple(
     _Material(f"RM-{2001 + k}", "EA" if k % 3 == 2 else "KG") for k in range(40)
 )
+
+
+_MEAN_CYCLE_S = {"EA": 4.6, "KG": 0.94}
+"""Mean ideal cycle time per unit, chosen so that an operation of an order of average
+size takes about 25 minutes and the plant's machines keep up with its releases."""
+
+
+def _ideal_cycle_time(product: _Material, number: int) -> Decimal:
+    """Return the ideal cycle time of operation `number` of `product`'s routing.
+
+    Derived from the product and the operation, not drawn per order, because it is
+    routing master data: every order of a product has the same standard values.
+    """
+    spread = zlib.crc32(f"{product.id}/{number}".encode()) % 1001 / 1000  # 0 to 1
+    seconds = _MEAN_CYCLE_S[product.uom] * (0.5 + spread)
+    return max(Decimal("0.01"), Decimal(f"{seconds:.2f}"))
 
 
 def _quantity(amount: int, uom: str) -> Quantity:
@@ -742,8 +761,7 @@ class _OrderWriter:
         )
         operations = []
         for number in range(rng.randint(1, 3)):
-            target_s = rng.uniform(10 * 60, 40 * 60)
-            cycle = max(Decimal("0.01"), Decimal(f"{target_s / planned_units:.2f}"))
+            cycle = _ideal_cycle_time(product, number)
             machine = by_free[number % len(by_free)]
             operations.append((f"{(number + 1) * 10:04d}", machine, cycle))
 
