@@ -132,6 +132,50 @@ def test_upsert_last_duplicate_wins(tmp_path: Path) -> None:
     assert fetch(path, "SELECT status FROM orders") == [("on_hold",)]
 
 
+def posting(key: str, quantity: str, lineage: list[str]) -> dict[str, Any]:
+    return {
+        "key": key,
+        "posting_type": "goods_movement",
+        "plant": "P1",
+        "movement_type": "101",
+        "quantity": Decimal(quantity),
+        "uom": "PC",
+        "lineage": lineage,
+    }
+
+
+def test_posting_rewritten_on_replay(tmp_path: Path) -> None:
+    """Postings have a list column, which takes the insert-then-replace path."""
+    path = tmp_path / "snapshots.duckdb"
+    with SnapshotWriter(path) as writer:
+        writer.write(
+            {
+                "postings": table(
+                    "postings", [posting("k1", "1", ["e1"]), posting("k2", "2", ["e2"])]
+                )
+            }
+        )
+        replayed = [posting("k2", "5", ["e2", "e9"]), posting("k3", "3", ["e3"])]
+        writer.write({"postings": table("postings", replayed)})
+    rows = fetch(path, "SELECT key, quantity, lineage FROM postings ORDER BY key")
+
+    assert rows == [
+        ("k1", Decimal(1), ["e1"]),
+        ("k2", Decimal(5), ["e2", "e9"]),
+        ("k3", Decimal(3), ["e3"]),
+    ]
+
+
+def test_posting_duplicates_in_batch_last_wins(tmp_path: Path) -> None:
+    path = tmp_path / "snapshots.duckdb"
+    batch = [posting("k1", "1", ["e1"]), posting("k1", "4", ["e4"])]
+    with SnapshotWriter(path) as writer:
+        writer.write({"postings": table("postings", [posting("k1", "7", ["e7"])])})
+        writer.write({"postings": table("postings", batch)})
+
+    assert fetch(path, "SELECT quantity FROM postings") == [(Decimal(4),)]
+
+
 def test_write_accepts_batches(tmp_path: Path) -> None:
     path = tmp_path / "snapshots.duckdb"
     batches = table("orders", [order("O1"), order("O2"), order("O3")]).to_batches(
