@@ -32,7 +32,7 @@ import datetime as dt
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
@@ -83,6 +83,11 @@ _edge_batch_decoder = msgspec.json.Decoder(list[msgspec.Raw])
 
 MAX_BATCHES_IN_FLIGHT = 2
 """Batches sent to the actors but not yet collected; two keep actors and driver busy."""
+
+DISPATCH_MAX_BYTES = 1 << 20
+"""Bytes of message data sent to the actors in one call. A fetch of edge batches
+contains a hundred times as many events as one of single events. Split into parts of
+this size, the driver routes one part while the actors apply the one before."""
 
 PUBLISH_STALL_S = 10.0
 """How long a posting may wait for JetStream's ack, or for room among the publishes
@@ -511,8 +516,9 @@ class Ingest:
         Step 3 is started here and finished for older batches, keeping at most
         `MAX_BATCHES_IN_FLIGHT` with the actors; each actor runs its calls in order.
         """
-        self._in_flight.append(self._dispatch(messages))
-        await self._complete_in_flight(MAX_BATCHES_IN_FLIGHT)
+        for share in _split_by_size(messages, DISPATCH_MAX_BYTES):
+            self._in_flight.append(self._dispatch(share))
+            await self._complete_in_flight(MAX_BATCHES_IN_FLIGHT)
 
     def _dispatch(self, messages: list[Msg]) -> _InFlight:
         """Step 2, and the start of step 3: route the batch and send each share."""
@@ -777,6 +783,20 @@ def check_event_subject(subject: str, plant: str, event_type: str | None) -> Non
             f"whose event type token differs; publish it on "
             f"{event_subject(plant, event_type)}"
         )
+
+
+def _split_by_size(messages: list[Msg], max_bytes: int) -> Iterator[list[Msg]]:
+    """Yield runs of `messages` in order, each of at most `max_bytes` of data unless
+    one message alone is larger."""
+    start = 0
+    size = 0
+    for index, message in enumerate(messages):
+        size += len(message.data)
+        if size > max_bytes and index > start:
+            yield messages[start:index]
+            start = index
+            size = len(message.data)
+    yield messages[start:]
 
 
 def _consume_failure(future: asyncio.Future[list[bytes]]) -> None:
