@@ -36,19 +36,23 @@ def apply_in_batches(
 
 
 def partition_state_rate(
-    messages: Sequence[tuple[str, bytes]],
+    messages: Sequence[tuple[str, bytes]], *, arrow: bool = False
 ) -> tuple[int, float, int]:
     """Apply every message to a new PartitionState. Return (events, seconds, postings).
 
     The time covers decoding, deduplication, parking, the order logic, encoding the
-    postings and collecting the snapshot rows, but not turning the rows into Arrow
-    tables, which the partition actor does after every thousand or so events and the
-    Bytewax peer does not do at all.
+    postings and collecting the snapshot rows. With `arrow` it also covers turning the
+    rows into Arrow tables after every thousand or so events and joining them into the
+    snapshot at the end, as the partition actor does. Without it, that step is left
+    out, because the Bytewax peer builds no snapshot at all.
     """
     prepared = source_messages(messages)
     state = PartitionState(0)
-    state.chunk_rows = sys.maxsize
+    if not arrow:
+        state.chunk_rows = sys.maxsize
     started = time.perf_counter()
     postings = apply_in_batches(state, prepared)
+    if arrow:
+        state.take_snapshot()
     elapsed = time.perf_counter() - started
     return len(prepared), elapsed, postings

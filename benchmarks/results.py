@@ -70,6 +70,8 @@ class Results:
     naive: Figure | None = None
     naive_partitions: int = 2
     state_rate: Figure | None = None
+    state_rate_arrow: Figure | None = None
+    """PartitionState in memory including the Arrow snapshot, which the peer lacks."""
     state_postings: int = 0
     bytewax: Figure | None = None
     bytewax_postings: int = 0
