@@ -16,6 +16,7 @@ from pathlib import Path
 
 import nats.aio.client
 import nats.errors
+import nats.js
 import ray
 
 from actors.partition import PartitionActor
@@ -25,8 +26,9 @@ from cluster.nats_server import EmbeddedNatsServer
 from pipeline.ingest import Ingest, IngestReport
 from pipeline.publish import publish_all
 from pipeline.settings import PipelineSettings
-from pipeline.sink import SnapshotWriter
+from pipeline.sink import SnapshotSource, SnapshotWriter, read_source
 from pipeline.streams import ensure_streams
+from pipeline.subjects import EVENTS_STREAM
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +116,33 @@ async def connect_nats(
     return client
 
 
+async def _snapshot_source(
+    js: nats.js.JetStreamContext, *, embedded: bool
+) -> SnapshotSource:
+    info = await js.stream_info(EVENTS_STREAM)
+    created = info.created.isoformat() if info.created else "at an unknown time"
+    return SnapshotSource(
+        stream=f"{EVENTS_STREAM} created {created}",
+        written_by="demo" if embedded else "run",
+    )
+
+
+def _replace_earlier_demo(db: Path, source: SnapshotSource) -> None:
+    """Delete `db` if an earlier demo wrote it from its own embedded server.
+
+    Each demo starts a new embedded server, and with it a new stream, so an earlier
+    demo's file can never be continued. A file that `run` wrote is never deleted: the
+    writer refuses it instead, with the fix.
+    """
+    recorded = read_source(db)
+    if recorded is None or recorded.stream == source.stream:
+        return
+    if recorded.written_by == "demo" and source.written_by == "demo":
+        logger.info("replacing %s, which an earlier demo run wrote", db)
+        db.unlink()
+        db.with_name(db.name + ".wal").unlink(missing_ok=True)
+
+
 async def run_job(
     config: JobConfig,
     inputs: Iterable[tuple[str, bytes]] | None,
@@ -137,16 +166,18 @@ async def run_job(
         try:
             js = nc.jetstream()
             published = 0
+            await ensure_streams(js, config.pipeline)
             if inputs is not None:
-                await ensure_streams(js, config.pipeline)
                 published, _ = await publish_all(nc, ((s, d, None) for s, d in inputs))
                 logger.info("published %d input messages", published)
+            source = await _snapshot_source(js, embedded=server is not None)
+            _replace_earlier_demo(config.db, source)
             actors = [
                 PartitionActor.remote(index, config.state)  # type: ignore[attr-defined]
                 for index in range(config.partitions)
             ]
             config.db.parent.mkdir(parents=True, exist_ok=True)
-            with SnapshotWriter(config.db) as writer:
+            with SnapshotWriter(config.db, source=source) as writer:
                 ingest = Ingest(nc, actors, writer, config.pipeline)
                 await ingest.start_with_retry()
                 report = await ingest.run(until_drained=until_drained, stop=stop)

@@ -27,6 +27,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -40,11 +41,15 @@ from .views import MACROS, VIEWS
 __all__ = [
     "DEFAULT_LOCK_TIMEOUT_S",
     "DatabaseLockedError",
+    "SOURCE_TABLE",
     "SchemaMismatchError",
     "SinkError",
+    "SnapshotSource",
     "SnapshotWriter",
+    "SourceMismatchError",
     "duckdb_type",
     "open_for_reading",
+    "read_source",
 ]
 
 logger = logging.getLogger(__name__)
@@ -73,8 +78,65 @@ than two for the same snapshot writes, in about the same time. Readers keep Duck
 default."""
 
 
+SOURCE_TABLE = "plantstream_source"
+"""Table with one row that names the plant events stream the file's snapshots come
+from, and the command that first wrote them."""
+
+
+@dataclass(frozen=True)
+class SnapshotSource:
+    """The plant events stream a snapshot file belongs to."""
+
+    stream: str
+    """The stream's name and creation time. A stream deleted and created again gets a
+    new time, and its sequence numbers start over."""
+    written_by: str
+    """The command that writes the file: "run" or "demo"."""
+
+
+def _read_source(connection: duckdb.DuckDBPyConnection) -> SnapshotSource | None:
+    row = connection.execute(
+        f"SELECT stream, written_by FROM {SOURCE_TABLE} LIMIT 1"  # noqa: S608
+    ).fetchone()
+    return None if row is None else SnapshotSource(row[0], row[1])
+
+
+def read_source(path: Path) -> SnapshotSource | None:
+    """Return the source recorded in the snapshot file `path`, or None when the file
+    does not exist or records none."""
+    if not Path(path).exists():
+        return None
+    connection = open_for_reading(path)
+    try:
+        found = connection.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_name = ?",
+            [SOURCE_TABLE],
+        ).fetchone()
+        if not found or not found[0]:
+            return None
+        return _read_source(connection)
+    finally:
+        connection.close()
+
+
 class SinkError(Exception):
     """Base class of the snapshot sink's errors."""
+
+
+class SourceMismatchError(SinkError, ValueError):
+    """The file contains the snapshots of another plant events stream."""
+
+    def __init__(
+        self, path: Path, recorded: SnapshotSource, source: SnapshotSource
+    ) -> None:
+        super().__init__(
+            f"{path} contains the snapshots of the plant events stream "
+            f"{recorded.stream} (written by plantstream {recorded.written_by}), but "
+            f"this run reads {source.stream}; their rows would overwrite each other. "
+            "Pass another --db, or move the file aside to start it over"
+        )
+        self.recorded = recorded
+        self.source = source
 
 
 class SchemaMismatchError(SinkError, ValueError):
@@ -279,7 +341,11 @@ class SnapshotWriter:
     """
 
     def __init__(
-        self, path: Path, *, lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S
+        self,
+        path: Path,
+        *,
+        lock_timeout_s: float = DEFAULT_LOCK_TIMEOUT_S,
+        source: SnapshotSource | None = None,
     ) -> None:
         self.path = Path(path)
         self.lock_timeout_s = lock_timeout_s
@@ -289,6 +355,8 @@ class SnapshotWriter:
         connection = self._open()
         try:
             self._create_schema(connection)
+            if source is not None:
+                self._claim(connection, source)
         finally:
             connection.close()
         logger.info(
@@ -314,10 +382,29 @@ class SnapshotWriter:
                 connection.execute(sql)
             for sql in VIEWS.values():
                 connection.execute(sql)
+            connection.execute(
+                f"CREATE TABLE IF NOT EXISTS {SOURCE_TABLE} "
+                "(stream VARCHAR NOT NULL, written_by VARCHAR NOT NULL)"
+            )
             connection.commit()
         except BaseException:
             connection.rollback()
             raise
+
+    def _claim(
+        self, connection: duckdb.DuckDBPyConnection, source: SnapshotSource
+    ) -> None:
+        # Snapshot rows are keyed by stream sequence among others, so the rows of a
+        # second stream would overwrite and mix with those of the first.
+        recorded = _read_source(connection)
+        if recorded is None:
+            connection.execute(
+                f"INSERT INTO {SOURCE_TABLE} VALUES (?, ?)",  # noqa: S608
+                [source.stream, source.written_by],
+            )
+            return
+        if recorded.stream != source.stream:
+            raise SourceMismatchError(self.path, recorded, source)
 
     def _check_existing_table(
         self, connection: duckdb.DuckDBPyConnection, name: str, spec: TableSpec

@@ -46,6 +46,31 @@ def test_demo_prints_summary(tmp_path: Path) -> None:
     # The figure `plantstream reconcile` prints for the dead_letters table.
     assert f"dead letters         {letters}  (sent to PLANTSTREAM_DLQ" in result.stdout
 
+    # Each demo has its own stream, so a second demo replaces the first one's file.
+    again = run_cli("demo", "--plants", "2", "--orders", "5", "--db", str(db))
+    assert again.returncode == 0, again.stderr[-2000:]
+    with duckdb.connect(str(db), read_only=True) as connection:
+        [(orders,)] = connection.execute("SELECT count(*) FROM orders").fetchall()
+    assert orders == 10
+
+
+def test_run_rejects_demo_file(nats_server: EmbeddedNatsServer, tmp_path: Path) -> None:
+    db = tmp_path / "demo.duckdb"
+    demo = run_cli("demo", "--plants", "1", "--orders", "2", "--db", str(db))
+    assert demo.returncode == 0, demo.stderr[-2000:]
+    result = run_cli(
+        "run", "--nats-url", nats_server.url, "--db", str(db), "--until-drained"
+    )
+    assert result.returncode == 2
+    assert "contains the snapshots of the plant events stream" in result.stderr
+    assert "Pass another --db" in result.stderr
+
+
+def test_partitions_must_be_positive(tmp_path: Path) -> None:
+    result = run_cli("demo", "--partitions", "0", "--db", str(tmp_path / "x.duckdb"))
+    assert result.returncode == 2
+    assert "must be at least 1, got 0" in result.stderr
+
 
 def test_demo_missing_input(tmp_path: Path) -> None:
     result = run_cli(

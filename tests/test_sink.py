@@ -22,8 +22,11 @@ from pipeline.sink import (
     DatabaseLockedError,
     SchemaMismatchError,
     SinkError,
+    SnapshotSource,
     SnapshotWriter,
+    SourceMismatchError,
     open_for_reading,
+    read_source,
 )
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -174,6 +177,18 @@ def test_posting_duplicates_in_batch_last_wins(tmp_path: Path) -> None:
         writer.write({"postings": table("postings", batch)})
 
     assert fetch(path, "SELECT quantity FROM postings") == [(Decimal(4),)]
+
+
+def test_writer_rejects_other_stream(tmp_path: Path) -> None:
+    path = tmp_path / "snapshots.duckdb"
+    first = SnapshotSource("PLANT_EVENTS created 2026-01-01T00:00:00+00:00", "run")
+    second = SnapshotSource("PLANT_EVENTS created 2026-02-01T00:00:00+00:00", "run")
+    SnapshotWriter(path, source=first).close()
+    SnapshotWriter(path, source=first).close()
+
+    with pytest.raises(SourceMismatchError, match="Pass another --db"):
+        SnapshotWriter(path, source=second)
+    assert read_source(path) == first
 
 
 def test_write_accepts_batches(tmp_path: Path) -> None:
