@@ -47,6 +47,17 @@ def _iter_file_messages(paths: Sequence[Path]) -> Iterator[tuple[str, bytes]]:
             yield event_subject(event.plant, str(tag)), encode(event)
 
 
+def positive_int(text: str) -> int:
+    """Parse a command-line count that must be at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _add_job_options(
     parser: argparse.ArgumentParser, *, nats_url_required: bool = False
 ) -> None:
@@ -58,9 +69,10 @@ def _add_job_options(
     )
     parser.add_argument(
         "--partitions",
-        type=int,
+        type=positive_int,
         default=2,
-        help="number of partition actors (default: %(default)s)",
+        help="number of partition actors; keep it the same while a checkpoint exists "
+        "(default: %(default)s)",
     )
     parser.add_argument(
         "--nats-url",

@@ -34,15 +34,16 @@ from nats.js.errors import NotFoundError
 from actors.partition import partition_of
 from actors.partition_state import PartitionState, SourceMessage
 from actors.settings import StateSettings
+from cluster.cli import positive_int
 from contracts.codec import decode_dead_letter
 from contracts.dead_letters import DeadLetter, DeadLetterReason
 from contracts.keys import decode_key, routing_key
 from pipeline.ingest import (
-    EDGE_BATCH_SUFFIX,
     MANIFEST,
     PLANT_WIDE_EVENTS,
     CheckpointManifest,
     check_event_subject,
+    is_edge_batch,
 )
 from pipeline.publish import publish_all
 from pipeline.settings import PipelineSettings
@@ -250,7 +251,7 @@ async def _ingest_active(js: JetStreamContext, settings: PipelineSettings) -> bo
 
 def _split_message(subject: str, data: bytes) -> list[tuple[int, bytes]]:
     """Return the (batch index, event bytes) pairs of a message, as ingest does."""
-    if not subject.endswith(EDGE_BATCH_SUFFIX):
+    if not is_edge_batch(subject):
         return [(-1, data)]
     try:
         items = _edge_batch_decoder.decode(data)
@@ -559,7 +560,7 @@ async def _retry_payload(js: JetStreamContext, letter: DeadLetter) -> bytes:
     data = await _original_bytes(js, letter)
     # An event rejected from an edge batch is stored alone. The batch subject expects a
     # JSON array, so the event goes back as an array of one.
-    if letter.batch_index is not None and letter.subject.endswith(EDGE_BATCH_SUFFIX):
+    if letter.batch_index is not None and is_edge_batch(letter.subject):
         return b"[" + data + b"]"
     return data
 
@@ -773,7 +774,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
     )
     replay.add_argument(
         "--partitions",
-        type=int,
+        type=positive_int,
         help="partition count of the checkpoint (default: the checkpoint's own)",
     )
     replay.set_defaults(handler=_cmd_replay)

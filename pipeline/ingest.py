@@ -62,7 +62,14 @@ from pipeline.subjects import EVENTS_STREAM, dlq_subject, event_subject, validat
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CheckpointManifest", "Ingest", "IngestReport", "check_event_subject"]
+__all__ = [
+    "CheckpointManifest",
+    "CheckpointMismatchError",
+    "Ingest",
+    "IngestReport",
+    "check_event_subject",
+    "is_edge_batch",
+]
 
 RECOVERABLE: tuple[type[BaseException], ...] = (
     ray.exceptions.RayError,
@@ -78,6 +85,16 @@ MANIFEST = "manifest"
 
 EDGE_BATCH_SUFFIX = ".batch"
 """Subjects plant.events.<plant>.batch carry edge batches: a JSON array of events."""
+
+
+def is_edge_batch(subject: str) -> bool:
+    """Return whether `subject` is plant.events.<plant>.batch, an edge batch subject.
+
+    A longer subject that ends in .batch is a single event's subject with a wrong type
+    token, which the subject check rejects.
+    """
+    return subject.endswith(EDGE_BATCH_SUFFIX) and subject.count(".") == 3
+
 
 _edge_batch_decoder = msgspec.json.Decoder(list[msgspec.Raw])
 
@@ -105,6 +122,9 @@ RECOVERY_FIRST_DELAY_S = 0.5
 
 RECOVERY_MAX_DELAY_S = 10.0
 
+RECONNECT_POLL_S = 0.1
+"""Seconds between two looks at a reconnecting NATS client's state."""
+
 MAX_RECOVERIES_WITHOUT_PROGRESS = 8
 """Recoveries in a row with no checkpoint committed before the ingest gives up; with the
 backoff above that is about 45 s of retrying, longer than a nats-server restart."""
@@ -121,6 +141,11 @@ DEAD_LETTER_HEADROOM = 4096
 
 DEAD_LETTER_LOG_FIRST = 5
 """Dead letters per reason logged at WARNING; after that, every 1000th."""
+
+
+class CheckpointMismatchError(ValueError):
+    """The stored checkpoint does not fit this run: another partition count, or a
+    format this version cannot read. Retrying cannot help, so the start stops."""
 
 
 @dataclass
@@ -261,10 +286,11 @@ class Ingest:
         self._ingest_counts = Counter(manifest.ingest_counts)
         if manifest.partitions != len(self.actors):
             # TODO: repartition a checkpoint by re-hashing its orders and machines.
-            raise RuntimeError(
+            raise CheckpointMismatchError(
                 f"the checkpoint has {manifest.partitions} partitions but this run has "
-                f"{len(self.actors)}; start with --partitions {manifest.partitions} "
-                "or delete the checkpoint bucket and replay from sequence 1"
+                f"{len(self.actors)}; start with --partitions {manifest.partitions}. "
+                "To change the count, delete the object store bucket "
+                f"{CHECKPOINT_BUCKET}, which replays the stream from sequence 1"
             )
         blobs = await asyncio.gather(
             *(self._store.get(f"partition-{i}") for i in range(len(self.actors)))
@@ -280,7 +306,7 @@ class Ingest:
             # Retrying cannot help with a checkpoint of another format, so this one
             # is not among the RECOVERABLE errors.
             if isinstance(error.cause, CheckpointFormatError):
-                raise RuntimeError(str(error.cause)) from error
+                raise CheckpointMismatchError(str(error.cause)) from error
             raise
         logger.info("restored %d partitions from checkpoint at seq %d",
                     len(self.actors), manifest.stream_seq)  # fmt: skip
@@ -436,6 +462,10 @@ class Ingest:
             try:
                 return await self.start()
             except RECOVERABLE as error:
+                if await self._wait_for_connection():
+                    # The NATS client logs its own outage and reconnect, so this
+                    # retries at once without a line per attempt.
+                    continue
                 logger.warning(
                     "ingest start failed (%s: %s); retrying in %.1f s",
                     type(error).__name__,
@@ -444,6 +474,14 @@ class Ingest:
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, RECOVERY_MAX_DELAY_S)
+
+    async def _wait_for_connection(self) -> bool:
+        """Wait while the NATS client reconnects; return whether it had to wait."""
+        if self.nc.is_connected or self.nc.is_closed:
+            return False
+        while not self.nc.is_connected and not self.nc.is_closed:
+            await asyncio.sleep(RECONNECT_POLL_S)
+        return True
 
     def _checkpoint_due(self, *, idle: bool) -> bool:
         if not self._unacked and not self._dead_rows:
@@ -493,9 +531,17 @@ class Ingest:
             )
             return
         except ValueError as error:
-            dead.append(
-                _key_dead_letter(subject, data, seq, index, "invalid", str(error))
+            # The key decoded, so the letter can name the event. Its plant is kept
+            # only when the subject agrees, so the letter goes to the DLQ subject of
+            # the plant that published it.
+            letter = _key_dead_letter(subject, data, seq, index, "invalid", str(error))
+            letter = msgspec.structs.replace(
+                letter,
+                event_id=key.event_id,
+                plant=key.plant if key.plant == _subject_plant(subject) else None,
+                order=key.order,
             )
+            dead.append(letter)
             return
         partitions = len(self.actors)
         partition = partition_of(key.plant, routing_key(key), partitions)
@@ -528,7 +574,7 @@ class Ingest:
         for message in messages:
             seq = stream_sequence(message)
             self._max_seq = max(self._max_seq, seq)
-            if message.subject.endswith(EDGE_BATCH_SUFFIX):
+            if is_edge_batch(message.subject):
                 try:
                     items = _edge_batch_decoder.decode(message.data)
                 except (msgspec.DecodeError, msgspec.ValidationError) as error:

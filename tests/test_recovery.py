@@ -19,7 +19,13 @@ from test_semantics_support import movement_totals
 from actors.partition import PartitionActor
 from cluster.nats_server import EmbeddedNatsServer
 from contracts.codec import decode_dead_letter
-from pipeline.ingest import MANIFEST, CheckpointManifest, Ingest, IngestReport
+from pipeline.ingest import (
+    MANIFEST,
+    CheckpointManifest,
+    CheckpointMismatchError,
+    Ingest,
+    IngestReport,
+)
 from pipeline.publish import publish_all
 from pipeline.settings import PipelineSettings
 from pipeline.sink import SnapshotWriter
@@ -274,6 +280,23 @@ def test_event_type_must_match_subject(
     assert subject in letter.detail
     assert "machine_state_changed" in letter.detail
     assert "publish it on plant.events.P1.machine_state_changed" in letter.detail
+    assert letter.event_id == "m1"
+    assert letter.plant == "P1"
+
+
+def test_long_batch_subject_not_edge_batch(
+    nats_server: EmbeddedNatsServer, tmp_path: Path
+) -> None:
+    batch = b"[" + _SHIPMENT + b"]"
+    _, totals = asyncio.run(
+        _run(
+            nats_server,
+            tmp_path / "db.duckdb",
+            [("plant.events.P1.shipment_confirmed.batch", batch)],
+        )
+    )
+    assert totals.get("applied", 0) == 0
+    assert totals["dead_letter:invalid"] == 1
 
 
 def test_edge_batch_mixes_event_types(
@@ -305,7 +328,7 @@ def test_unreadable_checkpoint_stops_start(nats_server: EmbeddedNatsServer) -> N
                 ray.kill(actor)
             await nc.close()
 
-    with pytest.raises(RuntimeError, match="plantstream-checkpoints"):
+    with pytest.raises(CheckpointMismatchError, match="plantstream-checkpoints"):
         asyncio.run(start())
 
 
