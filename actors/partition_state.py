@@ -25,6 +25,7 @@ import hashlib
 import logging
 import sys
 import time
+import typing
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from decimal import Decimal
@@ -60,7 +61,7 @@ from contracts import events as ev
 from contracts.codec import decode_event, encode
 from contracts.dead_letters import DeadLetter, DeadLetterReason
 from contracts.keys import EventKey, decode_key
-from contracts.postings import GoodsMovement, Posting
+from contracts.postings import GoodsMovement, MovementType, Posting
 from contracts.snapshots import TABLES, table_from_rows
 from pipeline.subjects import posting_subject
 
@@ -1043,9 +1044,10 @@ def _last_row_per_key(table: pa.Table, key: tuple[str, ...]) -> pa.Table:
 
 _POSTING_COUNTS = {
     movement: f"posting:{movement}"
-    for movement in ("101", "102", "261", "262", "343", "344", "conf")
+    for movement in (*typing.get_args(MovementType), "conf")
 }
-"""Count keys of the usual movements, built once instead of per posting."""
+"""Count keys of every movement type and of confirmations, built once instead of per
+posting."""
 
 
 def _postings_table(postings: list[Posting]) -> pa.Table:
