@@ -75,6 +75,13 @@ def find_packed_id(packed: bytes, key: int) -> int | None:
     return None
 
 
+def _check_entry(key: int, value: int) -> None:
+    if not key:
+        raise ValueError("id table key 0 is reserved for forgotten entries")
+    if not 0 <= value <= _MAX_VALUE:
+        raise ValueError(f"id table values are 0 to {_MAX_VALUE}, got {value}")
+
+
 class IdTableData(msgspec.Struct, array_like=True):
     """An `IdTable` in a checkpoint: little-endian keys (8 bytes) and values (4 bytes),
     oldest entry first."""
@@ -129,25 +136,16 @@ class IdTable:
         One probe where get() then put() take two, for the common case of a new key
         in a table that is neither full nor due to grow.
         """
-        slots = self._slots
+        index = self._probe(key)
+        position = self._slots[index]
+        if position:
+            return self._values[position - 1]
         keys = self._keys
-        mask = self._mask
-        index = key & mask
-        while True:
-            position = slots[index]
-            if not position:
-                break
-            if keys[position - 1] == key:
-                return self._values[position - 1]
-            index = (index + 1) & mask
-        if len(keys) < self.max_entries and (self._live + 1) * 2 <= len(slots):
-            if not key:
-                raise ValueError("id table key 0 is reserved for forgotten entries")
-            if not 0 <= value <= _MAX_VALUE:
-                raise ValueError(f"id table values are 0 to {_MAX_VALUE}, got {value}")
+        if len(keys) < self.max_entries and (self._live + 1) * 2 <= len(self._slots):
+            _check_entry(key, value)
             keys.append(key)
             self._values.append(value)
-            slots[index] = len(keys)
+            self._slots[index] = len(keys)
             self._live += 1
         else:
             self.put(key, value)
@@ -161,10 +159,7 @@ class IdTable:
 
         Raises ValueError for key 0 or a value that does not fit 32 bits unsigned.
         """
-        if not 0 <= value <= _MAX_VALUE:
-            raise ValueError(f"id table values are 0 to {_MAX_VALUE}, got {value}")
-        if not key:
-            raise ValueError("id table key 0 is reserved for forgotten entries")
+        _check_entry(key, value)
         full = len(self._keys) == self.max_entries
         forgotten = False
         if full:
@@ -182,16 +177,11 @@ class IdTable:
             self._resize(len(self._slots) * 2)
         slots = self._slots
         keys = self._keys
-        mask = self._mask
-        index = key & mask
-        while True:
-            position = slots[index]
-            if not position:
-                break
-            if keys[position - 1] == key:
-                self._values[position - 1] = value
-                return forgotten
-            index = (index + 1) & mask
+        index = self._probe(key)
+        position = slots[index]
+        if position:
+            self._values[position - 1] = value
+            return forgotten
         if full:
             position = self._head
             self._head = (position + 1) % self.max_entries
@@ -271,18 +261,21 @@ class IdTable:
 
     # -- the index ----------------------------------------------------------------
 
-    def _find(self, key: int) -> int:
+    def _probe(self, key: int) -> int:
+        """Return the slot of `key`, or the empty slot that ends its probe run."""
         slots = self._slots
         keys = self._keys
         mask = self._mask
         index = key & mask
         while True:
             position = slots[index]
-            if not position:
-                return -1
-            if keys[position - 1] == key:
+            if not position or keys[position - 1] == key:
                 return index
             index = (index + 1) & mask
+
+    def _find(self, key: int) -> int:
+        index = self._probe(key)
+        return index if self._slots[index] else -1
 
     def _place(self, key: int, slot_value: int) -> None:
         slots = self._slots
