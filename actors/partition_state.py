@@ -219,7 +219,7 @@ class PartitionState:
         self._ledger_rows: list[tuple[object, ...]] = []
         self._posting_rows: list[Posting] = []
         """Postings for the `postings` table, turned into Arrow columns by
-        _build_chunks; a row dict per posting cost more than the posting itself."""
+        _build_chunks. A row dict per posting cost more than keeping the posting."""
         self._chunks: dict[str, list[pa.Table]] = {}
         self.chunk_rows = CHUNK_ROWS
         """Ledger rows that make apply_batch turn the collected rows into Arrow."""
@@ -241,8 +241,8 @@ class PartitionState:
         self._postings = []
         self._dead = []
         before = self.counts.copy()
-        # One reading of the host clock per batch: a batch takes milliseconds, far
-        # less than max_future_s, and a reading per event cost a microsecond each.
+        # One reading of the host clock per batch, because a batch takes milliseconds,
+        # far less than max_future_s, and a reading per event showed in the profile.
         self._now = dt.datetime.now(dt.UTC)
         self._future_limit = self._now + self._max_ahead
         primaries = 0
@@ -322,7 +322,7 @@ class PartitionState:
 
         payload_hash = _payload_hash(event)
         id_hash = stable_hash(event.event_id)
-        # Remembers the id at once when it is new, which is nearly always.
+        # A new id, the usual case, is remembered by this same lookup.
         known = self.seen.get_or_put(id_hash, payload_hash)
         order_key = None if event.order is None else f"{plant}\x1f{event.order}"
         if known is None and order_key is not None and self.seen.dropped:
@@ -511,7 +511,7 @@ class PartitionState:
         return []
 
     def _remember(self, id_hash: int, payload_hash: int) -> None:
-        # The table drops its oldest id when it is full; apply_batch counts those.
+        # The table drops its oldest id when it is full, and apply_batch counts those.
         self.seen.put(id_hash, payload_hash)
 
     def _reject(
@@ -1053,7 +1053,7 @@ posting."""
 def _postings_table(postings: list[Posting]) -> pa.Table:
     # Column by column from the posting structs: goods movements and confirmations
     # fill different columns, and the other kind's columns stay null. Posting keys are
-    # unique, so no row replaces another and no dedup pass is needed.
+    # unique, and the sink removes repeated keys in any case, so no dedup pass here.
     movements = [p for p in postings if isinstance(p, GoodsMovement)]
     confirmations = [p for p in postings if not isinstance(p, GoodsMovement)]
     schema = TABLES["postings"].schema

@@ -58,6 +58,22 @@ def _run(
     return asyncio.run(run_job(config, messages))
 
 
+_RELEASED_AT = dt.datetime(2026, 1, 5, 6, 0, tzinfo=dt.UTC)
+
+
+def _release() -> WorkOrderReleased:
+    """Return the release of order 4711 of plant P01."""
+    return WorkOrderReleased(
+        event_id="r-1",
+        plant="P01",
+        occurred_at=_RELEASED_AT,
+        source="mes",
+        order="4711",
+        material="FG-1",
+        quantity=Quantity(value=Decimal(10), uom="EA"),
+    )
+
+
 async def _replay(url: str, **options: object) -> ReplayReport:
     nc = await nats.connect(url)
     try:
@@ -195,26 +211,16 @@ def test_replay_leaves_checkpoint_sequence(
 def test_replay_skips_event_on_other_type_subject(
     nats_server: EmbeddedNatsServer, tmp_path: Path
 ) -> None:
-    released_at = dt.datetime(2026, 1, 5, 6, 0, tzinfo=dt.UTC)
-    release = WorkOrderReleased(
-        event_id="r-1",
-        plant="P01",
-        occurred_at=released_at,
-        source="mes",
-        order="4711",
-        material="FG-1",
-        quantity=Quantity(value=Decimal(10), uom="EA"),
-    )
     report = ProductionConfirmed(
         event_id="p-1",
         plant="P01",
-        occurred_at=released_at + dt.timedelta(hours=1),
+        occurred_at=_RELEASED_AT + dt.timedelta(hours=1),
         source="mes",
         order="4711",
         good=Quantity(value=Decimal(4), uom="EA"),
     )
     messages = [
-        (event_subject("P01", "work_order_released"), encode(release)),
+        (event_subject("P01", "work_order_released"), encode(_release())),
         (event_subject("P01", "material_consumed"), encode(report)),
     ]
     result = _run(nats_server, tmp_path / "db.duckdb", messages)
@@ -228,20 +234,10 @@ def test_replay_skips_event_on_other_type_subject(
 
 # -- dead letters ----------------------------------------------------------------------
 
-_RELEASED_AT = dt.datetime(2026, 1, 5, 6, 0, tzinfo=dt.UTC)
-
 
 def _fixable_stream() -> list[tuple[str, bytes]]:
     """Return an order and a consumption stamped a year ahead, as a fast clock does."""
-    release = WorkOrderReleased(
-        event_id="r-1",
-        plant="P01",
-        occurred_at=_RELEASED_AT,
-        source="mes",
-        order="4711",
-        material="FG-1",
-        quantity=Quantity(value=Decimal(10), uom="EA"),
-    )
+    release = _release()
     consumption = MaterialConsumed(
         event_id="c-1",
         plant="P01",

@@ -419,10 +419,10 @@ def test_id_table_get_or_put_matches_dict() -> None:
             key, value = rng.choice(keys), rng.getrandbits(32)
             assert table.get_or_put(key, value) == expected.get(key)
             expected.setdefault(key, value)
-            kept = dict(table.items())
-            for forgotten in [k for k in expected if k not in kept]:
+            stored = dict(table.items())
+            for forgotten in [k for k in expected if k not in stored]:
                 del expected[forgotten]
-            assert list(kept.items()) == list(expected.items())
+            assert list(stored.items()) == list(expected.items())
 
 
 def test_packed_id_found_only_at_entry_start() -> None:

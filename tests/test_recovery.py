@@ -13,6 +13,7 @@ import msgspec
 import nats
 import pytest
 import ray
+from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig
 from test_semantics_support import movement_totals
 
@@ -34,6 +35,21 @@ from pipeline.streams import CHECKPOINT_BUCKET, ensure_streams
 from pipeline.subjects import POSTINGS_STREAM
 
 pytestmark = pytest.mark.usefixtures("ray_local")
+
+
+def _dlq_messages(server: EmbeddedNatsServer) -> list[Msg]:
+    """Return the messages of the dead-letter stream, up to 10."""
+
+    async def fetch() -> list[Msg]:
+        nc = await nats.connect(server.url)
+        try:
+            sub = await nc.jetstream().pull_subscribe("plantstream.dlq.>")
+            return await sub.fetch(10, timeout=5)
+        finally:
+            await nc.close()
+
+    return asyncio.run(fetch())
+
 
 SPEC = StreamSpec(plants=2, orders_per_plant=80, seed=5)
 SETTINGS = PipelineSettings(fetch_batch=200, checkpoint_interval_s=0.3)
@@ -207,15 +223,7 @@ def test_dead_letter_names_batch_position(
         _run(nats_server, tmp_path / "db.duckdb", [("plant.events.P1.batch", batch)])
     )
 
-    async def letters() -> list[bytes]:
-        nc = await nats.connect(nats_server.url)
-        try:
-            sub = await nc.jetstream().pull_subscribe("plantstream.dlq.>")
-            return [m.data for m in await sub.fetch(10, timeout=5)]
-        finally:
-            await nc.close()
-
-    [letter] = [decode_dead_letter(data) for data in asyncio.run(letters())]
+    [letter] = [decode_dead_letter(m.data) for m in _dlq_messages(nats_server)]
     assert letter.batch_index == 1
     assert letter.event_id == "s2"
     assert letter.data == naive
@@ -267,15 +275,7 @@ def test_event_type_must_match_subject(
     assert totals["applied"] == 1
     assert totals["dead_letter:invalid"] == 1
 
-    async def letters() -> list[bytes]:
-        nc = await nats.connect(nats_server.url)
-        try:
-            sub = await nc.jetstream().pull_subscribe("plantstream.dlq.>")
-            return [m.data for m in await sub.fetch(10, timeout=5)]
-        finally:
-            await nc.close()
-
-    [letter] = [decode_dead_letter(data) for data in asyncio.run(letters())]
+    [letter] = [decode_dead_letter(m.data) for m in _dlq_messages(nats_server)]
     assert letter.stream_seq == 2
     assert subject in letter.detail
     assert "machine_state_changed" in letter.detail
@@ -343,12 +343,4 @@ def test_keyless_dead_letter_filed_under_subject_plant(
         )
     )
 
-    async def subjects() -> list[str]:
-        nc = await nats.connect(nats_server.url)
-        try:
-            sub = await nc.jetstream().pull_subscribe("plantstream.dlq.>")
-            return [m.subject for m in await sub.fetch(10, timeout=5)]
-        finally:
-            await nc.close()
-
-    assert asyncio.run(subjects()) == ["plantstream.dlq.P7"]
+    assert [m.subject for m in _dlq_messages(nats_server)] == ["plantstream.dlq.P7"]
