@@ -221,9 +221,12 @@ class PartitionState:
         """Postings for the `postings` table, turned into Arrow columns by
         _build_chunks. A row dict per posting cost more than keeping the posting."""
         self._chunks: dict[str, list[pa.Table]] = {}
+        """Snapshot rows already turned into Arrow tables, in the order collected."""
+        self._reledgered: set[tuple[int, int]] = set()
+        """Ledger keys (stream_seq, batch_index) given a second row since the last
+        snapshot, such as a parked event that was applied. Only these can repeat."""
         self.chunk_rows = CHUNK_ROWS
         """Ledger rows that make apply_batch turn the collected rows into Arrow."""
-        """Snapshot rows already turned into Arrow tables, in the order collected."""
         self._rows: dict[str, list[dict[str, object]]] = {}
         self._last_expiry_scan = time.time()
         self._max_ahead = dt.timedelta(seconds=self.settings.max_future_s)
@@ -762,6 +765,7 @@ class PartitionState:
                 continue
             self.counts["unparked"] += 1
             self._parked_row(event, parked.stream_seq, key, "applied")
+            self._reledgered.add((parked.stream_seq, parked.index))
             self._apply(event, message)
 
     def _expire_parked(self, now: float) -> None:
@@ -779,6 +783,7 @@ class PartitionState:
                     parked.stream_seq, parked.subject, parked.data, True, parked.index
                 )
                 self._parked_row(event, parked.stream_seq, key, "expired")
+                self._reledgered.add((parked.stream_seq, parked.index))
                 # Forget the id, so that the dead letter applies when it is retried.
                 self.seen.pop(stable_hash(parked.event_id))
                 self._reject(
@@ -878,13 +883,16 @@ class PartitionState:
         self._build_chunks()
         tables: dict[str, pa.Table] = {}
         for table, chunks in self._chunks.items():
-            if len(chunks) == 1:
-                tables[table] = chunks[0]
-            else:
-                tables[table] = _last_row_per_key(
-                    pa.concat_tables(chunks), TABLES[table].primary_key
-                )
+            joined = chunks[0] if len(chunks) == 1 else pa.concat_tables(chunks)
+            if table == "events":
+                joined = _drop_superseded_ledger_rows(joined, self._reledgered)
+            elif table not in _WRITTEN_ONCE:
+                joined = _last_row_per_key(joined, TABLES[table].primary_key)
+            # One chunk per column instead of one per apply_batch: Ray pickled a
+            # checkpoint's tables about 2.5 times faster, and DuckDB read them faster.
+            tables[table] = joined.combine_chunks()
         self._chunks = {}
+        self._reledgered = set()
         rows: dict[str, list[dict[str, object]]] = {}
         if self._dirty_clocks:
             rows["plant_clocks"] = [
@@ -1031,6 +1039,46 @@ def _offset_seconds(moment: dt.datetime) -> int:
 """Shared by every event without facts; nothing writes into it."""
 
 
+_WRITTEN_ONCE = frozenset({"postings", "inspections", "shipments"})
+"""Tables whose key is the id of the one posting or event that writes the row, so a
+snapshot holds each key once. The others are deduplicated at the snapshot, which took
+about 1.5 µs per row; the sink still keeps the last row if a key ever repeats."""
+
+
+def _drop_superseded_ledger_rows(
+    table: pa.Table, reledgered: set[tuple[int, int]]
+) -> pa.Table:
+    """Keep only the last ledger row of each key in `reledgered`.
+
+    Grouping the whole ledger by key cost about 2 µs per row, while only the keys in
+    `reledgered` (parked events applied or expired) can have more than one row.
+    """
+    if not reledgered:
+        return table
+    seqs = pa.array(sorted({seq for seq, _ in reledgered}), pa.int64())
+    candidates = pc.indices_nonzero(pc.is_in(table["stream_seq"], value_set=seqs))
+    if not len(candidates):
+        return table
+    rows = candidates.to_pylist()
+    keys = zip(
+        table["stream_seq"].take(candidates).to_pylist(),
+        table["batch_index"].take(candidates).to_pylist(),
+        strict=True,
+    )
+    # Later rows overwrite earlier ones, so each key ends with its last row.
+    last = dict(zip(keys, rows, strict=True))
+    superseded = sorted(set(rows) - set(last.values()))
+    if not superseded:
+        return table
+    # The slices between the few superseded rows, which keeps the others in order.
+    parts, start = [], 0
+    for row in superseded:
+        parts.append(table.slice(start, row - start))
+        start = row + 1
+    parts.append(table.slice(start))
+    return pa.concat_tables(parts)
+
+
 def _last_row_per_key(table: pa.Table, key: tuple[str, ...]) -> pa.Table:
     """Keep the last row of each key, in the order the kept rows had in `table`."""
     numbered = table.append_column(
@@ -1039,6 +1087,8 @@ def _last_row_per_key(table: pa.Table, key: tuple[str, ...]) -> pa.Table:
     last = numbered.group_by(list(key), use_threads=False).aggregate(
         [("__row", "max")]
     )["__row_max"]
+    if len(last) == table.num_rows:
+        return table  # no key repeats, so copying every column would change nothing
     return table.take(pc.take(last, pc.sort_indices(last)))
 
 
@@ -1117,11 +1167,10 @@ def _table_from_columns(
 
 
 def _ledger_table(rows: list[tuple[object, ...]]) -> pa.Table:
-    # A parked event is recorded again when it is applied or expires, with the same
-    # (stream_seq, batch_index) key; the sink must see only the last row of a key.
-    latest = list({(row[0], row[1]): row for row in rows}.values())
+    # Rows of one key are removed at the snapshot, which knows the few keys that have
+    # more than one (_drop_superseded_ledger_rows).
     schema = TABLES["events"].schema
-    columns = list(zip(*latest, strict=True))
+    columns = list(zip(*rows, strict=True))
     return pa.Table.from_arrays(
         [pa.array(c, type=f.type) for c, f in zip(columns, schema, strict=True)],
         schema=schema,

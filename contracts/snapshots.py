@@ -235,7 +235,11 @@ def table_from_rows(name: str, rows: list[dict[str, object]]) -> pa.Table:
     The sink upserts by primary key, and DuckDB rejects one key twice in one statement.
     """
     spec = TABLES[name]
-    latest = {
-        tuple(row.get(column) for column in spec.primary_key): row for row in rows
-    }
+    if len(spec.primary_key) == 1:
+        # One key column, as most tables have: its value is the key, and no tuple is
+        # built per row.
+        column = spec.primary_key[0]
+        latest = {row.get(column): row for row in rows}
+    else:
+        latest = {tuple(map(row.get, spec.primary_key)): row for row in rows}
     return pa.Table.from_pylist(list(latest.values()), schema=spec.schema)
