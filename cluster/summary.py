@@ -64,6 +64,11 @@ def format_summary(result: JobResult, db: Path, *, top: int = 5) -> str:
     ]
     for reason, number in sorted(dead_letters.items()):
         lines.append(f"    {reason:<20} {number}")
+    if counts["edge_batches_empty"]:
+        lines.append(
+            f"  empty edge batches   {counts['edge_batches_empty']}  (messages of "
+            "plant.events.<plant>.batch holding no events)"
+        )
     if result.report.recoveries:
         lines.append(f"  recoveries           {result.report.recoveries}")
     lines.append("postings by movement type")

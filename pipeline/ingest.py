@@ -589,6 +589,15 @@ class Ingest:
                         )
                     )
                     continue
+                if not items:
+                    # Nothing to lose, but a gateway that flushes empty arrays is worth
+                    # knowing about, so the flush is counted rather than ignored.
+                    self.report.counts["edge_batches_empty"] += 1
+                    self._ingest_counts["edge_batches_empty"] += 1
+                    logger.debug(
+                        "empty edge batch at seq %d on %s", seq, message.subject
+                    )
+                    continue
                 for index, item in enumerate(items):
                     self._route(groups, dead, seq, message.subject, bytes(item), index)
             else:

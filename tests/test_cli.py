@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import duckdb
+import nats
 
 from cluster.nats_server import EmbeddedNatsServer
+from pipeline.settings import PipelineSettings
+from pipeline.streams import ensure_streams
 
 PLANTSTREAM = [sys.executable, "-m", "cluster.cli"]
 
@@ -128,3 +132,27 @@ def test_closed_output_pipe_is_quiet() -> None:
         code = process.wait(timeout=60)
     assert code == 0
     assert b"Broken pipe" not in errors
+
+
+def test_run_reports_empty_edge_batches(
+    nats_server: EmbeddedNatsServer, tmp_path: Path
+) -> None:
+    async def publish() -> None:
+        nc = await nats.connect(nats_server.url)
+        try:
+            await ensure_streams(nc.jetstream(), PipelineSettings())
+            await nc.jetstream().publish("plant.events.P1.batch", b"[]")
+        finally:
+            await nc.close()
+
+    asyncio.run(publish())
+    result = run_cli(
+        "run",
+        "--nats-url",
+        nats_server.url,
+        "--db",
+        str(tmp_path / "run.duckdb"),
+        "--until-drained",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "empty edge batches   1" in result.stdout

@@ -310,6 +310,16 @@ def test_edge_batch_mixes_event_types(
     assert totals.get("dead_letter:invalid", 0) == 0
 
 
+def test_empty_edge_batch_counted(
+    nats_server: EmbeddedNatsServer, tmp_path: Path
+) -> None:
+    batches = [("plant.events.P1.batch", b"[]"), ("plant.events.P1.batch", b" [ ] ")]
+    _, totals = asyncio.run(_run(nats_server, tmp_path / "db.duckdb", batches))
+    assert totals["edge_batches_empty"] == 2
+    assert totals.get("events_in", 0) == 0
+    assert not any(key.startswith("dead_letter:") for key in totals)
+
+
 def test_unreadable_checkpoint_stops_start(nats_server: EmbeddedNatsServer) -> None:
     async def start() -> None:
         nc = await nats.connect(nats_server.url)
