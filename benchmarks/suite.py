@@ -338,6 +338,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--log-level", default="INFO", help="logging level (default: %(default)s)"
     )
     args = parser.parse_args(argv)
+    # A full run takes minutes, so an output that cannot be written must stop it now,
+    # not after the measurements.
+    for path in (args.output, args.save_results):
+        if path is not None:
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                parser.error(f"cannot create the folder of {path}: {error}")
+            if not os.access(path.parent, os.W_OK):
+                parser.error(f"cannot write {path}: its folder is not writable")
 
     logging.basicConfig(
         level=args.log_level.upper(),
@@ -356,9 +366,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes = QUICK if args.quick else FULL
     command = " ".join(["python -m benchmarks.suite", *(argv or sys.argv[1:])])
     results = asyncio.run(run_suite(sizes, command))
+    write_report(results, args.output)
     if args.save_results is not None:
         args.save_results.write_bytes(pickle.dumps(results))
-    write_report(results, args.output)
     logger.info("wrote %s in %.0f s", args.output, results.duration_s)
     return 0
 

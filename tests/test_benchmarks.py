@@ -29,19 +29,46 @@ def _number(text: str) -> float:
 
 
 @pytest.fixture(scope="module")
-def report(tmp_path_factory: pytest.TempPathFactory) -> str:
-    output = tmp_path_factory.mktemp("bench") / "quick.md"
+def bench_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("bench")
+
+
+def _suite(*args: str) -> subprocess.CompletedProcess[str]:
     # A child process, because the suite starts its own Ray and nats-server and its
     # stack sampler uses SIGALRM, which pytest-timeout also uses.
-    completed = subprocess.run(
-        [sys.executable, "-m", "benchmarks.suite", "--quick", "--output", str(output)],
+    return subprocess.run(
+        [sys.executable, "-m", "benchmarks.suite", *args],
         cwd=REPO_ROOT,
         capture_output=True,
         text=True,
         timeout=QUICK_TIMEOUT_S,
     )
+
+
+@pytest.fixture(scope="module")
+def report(bench_dir: Path) -> str:
+    # Folders that do not exist yet, as `out/` in a fresh clone.
+    output = bench_dir / "reports" / "quick.md"
+    saved = bench_dir / "out" / "results.pickle"
+    completed = _suite("--quick", "--output", str(output), "--save-results", str(saved))
     assert completed.returncode == 0, completed.stderr[-4000:]
     return output.read_text(encoding="utf-8")
+
+
+def test_saved_results_render_the_same_report(report: str, bench_dir: Path) -> None:
+    again = bench_dir / "again.md"
+    saved = bench_dir / "out" / "results.pickle"
+    completed = _suite("--render-from", str(saved), "--output", str(again))
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    assert again.read_text(encoding="utf-8") == report
+
+
+def test_unwritable_output_stops_before_measuring(tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder", encoding="utf-8")
+    completed = _suite("--quick", "--output", str(blocker / "quick.md"))
+    assert completed.returncode == 2
+    assert f"cannot create the folder of {blocker / 'quick.md'}" in completed.stderr
 
 
 def _rows(report: str, section: str) -> list[list[str]]:
