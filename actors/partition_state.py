@@ -1166,15 +1166,16 @@ def _table_from_columns(
     )
 
 
+_LEDGER_ROW = pa.struct(list(TABLES["events"].schema))
+
+
 def _ledger_table(rows: list[tuple[object, ...]]) -> pa.Table:
     # Rows of one key are removed at the snapshot, which knows the few keys that have
-    # more than one (_drop_superseded_ledger_rows).
-    schema = TABLES["events"].schema
-    columns = list(zip(*rows, strict=True))
-    return pa.Table.from_arrays(
-        [pa.array(c, type=f.type) for c, f in zip(columns, schema, strict=True)],
-        schema=schema,
-    )
+    # more than one (_drop_superseded_ledger_rows). Arrow reads the tuples as structs
+    # in C++, which took less than half the time of splitting them into columns in
+    # Python first.
+    rows_as_structs = pa.array(rows, type=_LEDGER_ROW)
+    return pa.Table.from_batches([pa.RecordBatch.from_struct_array(rows_as_structs)])
 
 
 class CheckpointFormatError(ValueError):
