@@ -1041,7 +1041,7 @@ def _offset_seconds(moment: dt.datetime) -> int:
 
 _WRITTEN_ONCE = frozenset({"postings", "inspections", "shipments"})
 """Tables whose key is the id of the one posting or event that writes the row, so a
-snapshot holds each key once. The others are deduplicated at the snapshot, which took
+snapshot contains each key once. The others are deduplicated at the snapshot, which took
 about 1.5 µs per row; the sink still keeps the last row if a key ever repeats."""
 
 
@@ -1170,8 +1170,8 @@ _LEDGER_ROW = pa.struct(list(TABLES["events"].schema))
 
 
 def _ledger_table(rows: list[tuple[object, ...]]) -> pa.Table:
-    # Rows of one key are removed at the snapshot, which knows the few keys that have
-    # more than one (_drop_superseded_ledger_rows). Arrow reads the tuples as structs
+    # Repeated keys are removed at the snapshot, from the few keys that PartitionState
+    # records as written twice (_drop_superseded_ledger_rows). Arrow reads the tuples as structs
     # in C++, which took less than half the time of splitting them into columns in
     # Python first.
     rows_as_structs = pa.array(rows, type=_LEDGER_ROW)
