@@ -1171,9 +1171,9 @@ _LEDGER_ROW = pa.struct(list(TABLES["events"].schema))
 
 def _ledger_table(rows: list[tuple[object, ...]]) -> pa.Table:
     # Repeated keys are removed at the snapshot, from the few keys that PartitionState
-    # records as written twice (_drop_superseded_ledger_rows). Arrow reads the tuples as structs
-    # in C++, which took less than half the time of splitting them into columns in
-    # Python first.
+    # records as written twice (_drop_superseded_ledger_rows). Arrow reads the tuples
+    # as structs in C++, which took less than half the time of splitting them into
+    # columns in Python first.
     rows_as_structs = pa.array(rows, type=_LEDGER_ROW)
     return pa.Table.from_batches([pa.RecordBatch.from_struct_array(rows_as_structs)])
 
