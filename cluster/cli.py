@@ -134,14 +134,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     connect_ray(args.ray_address)
 
+    from cluster.lease import LeaseLostError, StoppedWaitingError
+
     async def serve() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, stop.set)
-        result = await run_job(
-            config, None, until_drained=args.until_drained, stop=stop
-        )
+        try:
+            result = await run_job(
+                config, None, until_drained=args.until_drained, stop=stop
+            )
+        except StoppedWaitingError as error:
+            print(f"plantstream run: {error}", file=sys.stderr)
+            return 0
+        except LeaseLostError as error:
+            print(f"plantstream run: {error}", file=sys.stderr)
+            return 1
         print(format_summary(result, args.db))
         return 0
 

@@ -10,9 +10,10 @@ import asyncio
 import logging
 import os
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import nats.aio.client
 import nats.errors
@@ -22,6 +23,7 @@ import ray
 from actors.partition import PartitionActor
 from actors.settings import StateSettings
 from cluster.connection_log import SUMMARY_INTERVAL_S, ConnectionLog, redact_url
+from cluster.lease import DEFAULT_TTL_S, IngestLease, LeaseLostError
 from cluster.nats_server import EmbeddedNatsServer
 from pipeline.ingest import Ingest, IngestReport
 from pipeline.publish import publish_all
@@ -45,6 +47,8 @@ class JobConfig:
     """An existing Ray cluster ("auto" or host:port); None starts Ray locally."""
     pipeline: PipelineSettings = field(default_factory=PipelineSettings)
     state: StateSettings = field(default_factory=StateSettings)
+    lease_ttl_s: float = DEFAULT_TTL_S
+    """How long a standby run waits after this run stops renewing its ingest lease."""
 
 
 @dataclass
@@ -170,27 +174,66 @@ async def run_job(
             if inputs is not None:
                 published, _ = await publish_all(nc, ((s, d, None) for s, d in inputs))
                 logger.info("published %d input messages", published)
-            source = await _snapshot_source(js, embedded=server is not None)
-            _replace_earlier_demo(config.db, source)
-            actors = [
-                PartitionActor.remote(index, config.state)  # type: ignore[attr-defined]
-                for index in range(config.partitions)
-            ]
-            config.db.parent.mkdir(parents=True, exist_ok=True)
-            with SnapshotWriter(config.db, source=source) as writer:
-                ingest = Ingest(nc, actors, writer, config.pipeline)
-                await ingest.start_with_retry()
-                report = await ingest.run(until_drained=until_drained, stop=stop)
-                stats = await ingest.partition_stats()
-                totals = await ingest.totals()
-            for actor in actors:
-                ray.kill(actor)
+            # An embedded server has no other clients, so only a shared one needs
+            # the lease.
+            lease = (
+                None
+                if server is not None
+                else IngestLease(js, ttl_s=config.lease_ttl_s)
+            )
+            if lease is not None:
+                await lease.acquire(stop)
+            try:
+                source = await _snapshot_source(js, embedded=server is not None)
+                _replace_earlier_demo(config.db, source)
+                actors = [
+                    PartitionActor.remote(index, config.state)  # type: ignore[attr-defined]
+                    for index in range(config.partitions)
+                ]
+                config.db.parent.mkdir(parents=True, exist_ok=True)
+                with SnapshotWriter(config.db, source=source) as writer:
+                    ingest = Ingest(nc, actors, writer, config.pipeline)
+                    await ingest.start_with_retry()
+                    report = await _run_holding(
+                        ingest.run(until_drained=until_drained, stop=stop), lease
+                    )
+                    stats = await ingest.partition_stats()
+                    totals = await ingest.totals()
+                for actor in actors:
+                    ray.kill(actor)
+            finally:
+                if lease is not None:
+                    await lease.release()
             return JobResult(report, totals, published, stats, config.db)
         finally:
             await nc.close()
     finally:
         if server is not None:
             server.stop()
+
+
+async def _run_holding(
+    run: Coroutine[Any, Any, IngestReport], lease: IngestLease | None
+) -> IngestReport:
+    """Run the ingest, stopping it at once if another run takes the lease."""
+    task = asyncio.create_task(run)
+    if lease is None:
+        return await task
+    lost = asyncio.create_task(lease.lost.wait())
+    try:
+        await asyncio.wait({task, lost}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        lost.cancel()
+    if not task.done():
+        # No last checkpoint: what this run has not acknowledged is delivered to the
+        # run that holds the lease now.
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        raise LeaseLostError(
+            "another plantstream run took the ingest lease while this one could not "
+            "renew it; this run stopped without a last checkpoint"
+        )
+    return task.result()
 
 
 def run_job_sync(

@@ -1,0 +1,189 @@
+"""The ingest lease: one `plantstream run` at a time per NATS server.
+
+Two runs on one server would split the plant events stream between them and overwrite
+each other's checkpoints, because the durable consumer and the checkpoint bucket are
+shared. A run therefore stores its host and process id under one key of the JetStream
+key-value bucket `plantstream-leases` and renews the key every few seconds. The
+bucket's TTL removes the key of a run that stopped renewing, so a second run waits as a
+standby and takes over within `ttl_s` after the first one stops. If the key names a
+process of this host that no longer exists, a run takes the lease at once, so a
+restart after a crash does not wait for the TTL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+
+import msgspec
+import nats.errors
+import nats.js.errors
+from nats.js import JetStreamContext
+from nats.js.api import KeyValueConfig
+from nats.js.kv import KeyValue
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LEASE_BUCKET", "IngestLease", "LeaseLostError", "StoppedWaitingError"]
+
+LEASE_BUCKET = "plantstream-leases"
+LEASE_KEY = "ingest"
+DEFAULT_TTL_S = 10.0
+
+
+class LeaseLostError(RuntimeError):
+    """Another run took the ingest lease, so this one must stop processing."""
+
+
+class StoppedWaitingError(RuntimeError):
+    """The run was asked to stop while it waited as a standby for the lease."""
+
+
+class Holder(msgspec.Struct):
+    host: str
+    pid: int
+    since: float
+    """Seconds since the epoch when the holder took the lease."""
+
+    def describe(self) -> str:
+        started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.since))
+        return f"process {self.pid} on host {self.host}, holding it since {started}"
+
+
+class IngestLease:
+    """Take, renew and release the ingest lease on one NATS server."""
+
+    def __init__(self, js: JetStreamContext, *, ttl_s: float = DEFAULT_TTL_S) -> None:
+        if ttl_s <= 0:
+            raise ValueError(f"the lease TTL must be positive, got {ttl_s:g} s")
+        self.js = js
+        self.ttl_s = ttl_s
+        self.holder = Holder(socket.gethostname(), os.getpid(), time.time())
+        self._kv: KeyValue | None = None
+        self._revision = 0
+        self._renewal: asyncio.Task[None] | None = None
+        self.lost = asyncio.Event()
+        """Set when another run took the lease; the holder must stop at once."""
+
+    async def acquire(self, stop: asyncio.Event | None = None) -> None:
+        """Take the lease, waiting while another live run holds it.
+
+        Raises StoppedWaitingError if `stop` is set before the lease is free.
+        """
+        self._kv = await self._bucket()
+        value = msgspec.json.encode(self.holder)
+        warned = False
+        while True:
+            try:
+                self._revision = await self._kv.create(LEASE_KEY, value)
+                break
+            except nats.js.errors.KeyWrongLastSequenceError:
+                pass
+            try:
+                entry = await self._kv.get(LEASE_KEY)
+            except nats.js.errors.KeyNotFoundError:
+                continue  # expired or released between the two calls
+            other = msgspec.json.decode(entry.value or b"{}", type=Holder)
+            if _is_dead_local_process(other):
+                logger.info("taking the ingest lease of %s, which has exited",
+                            other.describe())  # fmt: skip
+                try:
+                    self._revision = await self._kv.update(
+                        LEASE_KEY, value, last=entry.revision
+                    )
+                    break
+                except nats.js.errors.KeyWrongLastSequenceError:
+                    continue  # another standby took it first
+            if not warned:
+                logger.warning(
+                    "another plantstream run has the ingest lease (%s); this run "
+                    "waits as a standby and takes over within %g s after that run "
+                    "stops. Only one run may consume the plant events stream of a "
+                    "NATS server",
+                    other.describe(),
+                    self.ttl_s,
+                )
+                warned = True
+            if stop is None:
+                await asyncio.sleep(self.ttl_s / 4)
+            else:
+                try:
+                    await asyncio.wait_for(stop.wait(), self.ttl_s / 4)
+                except TimeoutError:
+                    pass
+                else:
+                    raise StoppedWaitingError(
+                        "stopped while waiting for the ingest lease; this run "
+                        "processed nothing"
+                    )
+        logger.info("took the ingest lease (TTL %g s)", self.ttl_s)
+        self._renewal = asyncio.create_task(self._renew())
+
+    async def _bucket(self) -> KeyValue:
+        try:
+            kv = await self.js.key_value(LEASE_BUCKET)
+        except nats.js.errors.BucketNotFoundError:
+            try:
+                return await self.js.create_key_value(
+                    KeyValueConfig(bucket=LEASE_BUCKET, history=1, ttl=self.ttl_s)
+                )
+            except nats.js.errors.BadRequestError:
+                kv = await self.js.key_value(LEASE_BUCKET)  # another run made it first
+        # Every run renews well within the TTL the bucket was created with, even if
+        # it was configured with another one.
+        ttl = (await kv.status()).ttl
+        if ttl and ttl != self.ttl_s:
+            logger.info("the lease bucket %s has a TTL of %g s, not %g s; using it",
+                        LEASE_BUCKET, ttl, self.ttl_s)  # fmt: skip
+            self.ttl_s = ttl
+        return kv
+
+    async def _renew(self) -> None:
+        assert self._kv is not None
+        value = msgspec.json.encode(self.holder)
+        while True:
+            await asyncio.sleep(self.ttl_s / 3)
+            try:
+                self._revision = await self._kv.update(
+                    LEASE_KEY, value, last=self._revision
+                )
+            except nats.js.errors.KeyWrongLastSequenceError:
+                logger.error(
+                    "lost the ingest lease: it expired while this run could not "
+                    "renew it, and another run took it; this run stops"
+                )
+                self.lost.set()
+                return
+            except (TimeoutError, nats.errors.Error) as error:
+                # NATS is unreachable, so no other run can take the lease either
+                # until the connection is back; the next renewal checks again.
+                logger.debug("could not renew the ingest lease: %s", error)
+
+    async def release(self) -> None:
+        """Stop renewing and delete the lease, so a standby takes over at once."""
+        if self._renewal is not None:
+            self._renewal.cancel()
+            await asyncio.gather(self._renewal, return_exceptions=True)
+            self._renewal = None
+        if self._kv is None or self.lost.is_set():
+            return
+        try:
+            await self._kv.delete(LEASE_KEY, last=self._revision)
+        except (TimeoutError, nats.errors.Error) as error:
+            # The TTL removes the key anyway.
+            logger.debug("could not release the ingest lease: %s", error)
+
+
+def _is_dead_local_process(holder: Holder) -> bool:
+    if holder.host != socket.gethostname() or holder.pid == os.getpid():
+        return False
+    try:
+        os.kill(holder.pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # it exists, under another user
+    return False

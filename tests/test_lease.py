@@ -1,0 +1,191 @@
+"""The ingest lease on a real nats-server: one run at a time, standbys, crashes."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import msgspec
+import nats
+import pytest
+from nats.js.api import KeyValueConfig
+
+from cluster.lease import (
+    LEASE_BUCKET,
+    LEASE_KEY,
+    Holder,
+    IngestLease,
+    StoppedWaitingError,
+)
+from cluster.nats_server import EmbeddedNatsServer
+
+TTL_S = 1.0
+
+
+@asynccontextmanager
+async def jetstream(url: str) -> AsyncIterator[nats.js.JetStreamContext]:
+    nc = await nats.connect(url)
+    try:
+        yield nc.jetstream()
+    finally:
+        await nc.close()
+
+
+async def _store_holder(url: str, holder: Holder) -> None:
+    async with jetstream(url) as js:
+        kv = await js.create_key_value(
+            KeyValueConfig(bucket=LEASE_BUCKET, history=1, ttl=TTL_S)
+        )
+        await kv.create(LEASE_KEY, msgspec.json.encode(holder))
+
+
+def _exited_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_second_lease_waits_until_the_first_is_released(
+    nats_server: EmbeddedNatsServer,
+) -> None:
+    async def scenario() -> None:
+        async with jetstream(nats_server.url) as js:
+            first = IngestLease(js, ttl_s=TTL_S)
+            await first.acquire()
+            second = IngestLease(js, ttl_s=TTL_S)
+            waiting = asyncio.create_task(second.acquire())
+            # Three TTLs: the first run renews, so the second keeps waiting.
+            await asyncio.sleep(3 * TTL_S)
+            assert not waiting.done()
+            await first.release()
+            await asyncio.wait_for(waiting, TTL_S)
+            assert not first.lost.is_set()
+            await second.release()
+
+    asyncio.run(scenario())
+
+
+def test_lease_of_a_vanished_holder_expires(nats_server: EmbeddedNatsServer) -> None:
+    async def scenario() -> float:
+        # A holder on another host cannot be checked, so only the TTL frees the lease.
+        await _store_holder(nats_server.url, Holder("elsewhere", 1, time.time()))
+        async with jetstream(nats_server.url) as js:
+            lease = IngestLease(js, ttl_s=TTL_S)
+            started = time.monotonic()
+            await asyncio.wait_for(lease.acquire(), 10 * TTL_S)
+            waited = time.monotonic() - started
+            await lease.release()
+            return waited
+
+    assert asyncio.run(scenario()) >= TTL_S / 2
+
+
+def test_lease_of_an_exited_local_process_taken_at_once(
+    nats_server: EmbeddedNatsServer,
+) -> None:
+    async def scenario() -> float:
+        holder = Holder(socket.gethostname(), _exited_pid(), time.time())
+        await _store_holder(nats_server.url, holder)
+        async with jetstream(nats_server.url) as js:
+            # The bucket's TTL (1 s) wins over the 60 s asked for here; taking the
+            # lease of an exited process must not wait for it at all.
+            lease = IngestLease(js, ttl_s=60.0)
+            started = time.monotonic()
+            await asyncio.wait_for(lease.acquire(), 5.0)
+            waited = time.monotonic() - started
+            assert lease.ttl_s == TTL_S
+            await lease.release()
+            return waited
+
+    assert asyncio.run(scenario()) < TTL_S / 2
+
+
+def test_missed_renewals_set_lost(
+    nats_server: EmbeddedNatsServer,
+) -> None:
+    async def scenario() -> None:
+        async with jetstream(nats_server.url) as js:
+            first = IngestLease(js, ttl_s=TTL_S)
+            await first.acquire()
+            # A paused process: no renewal until the lease has expired and a second
+            # run took it.
+            assert first._renewal is not None
+            first._renewal.cancel()
+            second = IngestLease(js, ttl_s=TTL_S)
+            second.holder = Holder("elsewhere", 2, time.time())
+            await asyncio.wait_for(second.acquire(), 10 * TTL_S)
+            first._renewal = asyncio.create_task(first._renew())
+            await asyncio.wait_for(first.lost.wait(), 2 * TTL_S)
+            assert not second.lost.is_set()
+            await first.release()
+            await second.release()
+
+    asyncio.run(scenario())
+
+
+def test_standby_stops_when_asked(nats_server: EmbeddedNatsServer) -> None:
+    async def scenario() -> None:
+        async with jetstream(nats_server.url) as js:
+            first = IngestLease(js, ttl_s=TTL_S)
+            await first.acquire()
+            stop = asyncio.Event()
+            standby = asyncio.create_task(IngestLease(js, ttl_s=TTL_S).acquire(stop))
+            await asyncio.sleep(TTL_S / 2)
+            stop.set()
+            with pytest.raises(StoppedWaitingError, match="processed nothing"):
+                await asyncio.wait_for(standby, 2 * TTL_S)
+            await first.release()
+
+    asyncio.run(scenario())
+
+
+def _wait_for_line(log: Path, text: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 120
+    while text not in log.read_text(encoding="utf-8"):
+        assert process.poll() is None, log.read_text(encoding="utf-8")[-2000:]
+        assert time.monotonic() < deadline, f"no {text!r} in {log}"
+        time.sleep(0.2)
+
+
+def test_second_run_waits_as_standby(
+    nats_server: EmbeddedNatsServer, tmp_path: Path
+) -> None:
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def start(name: str, *extra: str) -> tuple[subprocess.Popen[bytes], Path]:
+        log = tmp_path / f"{name}.log"
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "cluster.cli", "run", "--nats-url"]
+                + [nats_server.url, "--db", str(tmp_path / f"{name}.duckdb"), *extra],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        processes.append(process)
+        return process, log
+
+    try:
+        first, first_log = start("first")
+        _wait_for_line(first_log, "took the ingest lease", first)
+        second, second_log = start("second", "--until-drained")
+        _wait_for_line(
+            second_log, "another plantstream run has the ingest lease", second
+        )
+        assert f"process {first.pid} on host" in second_log.read_text(encoding="utf-8")
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=60) == 0
+        # The first run released the lease, so the standby takes it and drains.
+        assert second.wait(timeout=120) == 0, second_log.read_text()[-2000:]
+        assert "took the ingest lease" in second_log.read_text(encoding="utf-8")
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait(timeout=30)
