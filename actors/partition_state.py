@@ -58,7 +58,7 @@ from actors.orders import (
 )
 from actors.settings import StateSettings
 from contracts import events as ev
-from contracts.codec import decode_event, encode
+from contracts.codec import decode_event, describe_decode_error, encode
 from contracts.dead_letters import DeadLetter, DeadLetterReason
 from contracts.keys import EventKey, decode_key
 from contracts.postings import GoodsMovement, MovementType, Posting
@@ -298,10 +298,12 @@ class PartitionState:
         try:
             event = decode_event(message.data)
         except msgspec.ValidationError as error:
-            self._reject(message, "invalid", str(error), _key_or_none(message.data))
+            detail = describe_decode_error(error, message.data)
+            self._reject(message, "invalid", detail, _key_or_none(message.data))
             return
         except msgspec.DecodeError as error:
-            self._reject(message, "malformed", str(error), _key_or_none(message.data))
+            detail = describe_decode_error(error, message.data)
+            self._reject(message, "malformed", detail, _key_or_none(message.data))
             return
 
         now = self._now

@@ -49,7 +49,7 @@ from nats.js.object_store import ObjectStore
 
 from actors.partition import partition_of
 from actors.partition_state import BatchResult, CheckpointFormatError, SourceMessage
-from contracts.codec import encode
+from contracts.codec import describe_decode_error, encode
 from contracts.dead_letters import DeadLetter, DeadLetterReason
 from contracts.keys import decode_key, routing_key
 from contracts.snapshots import table_from_rows
@@ -522,12 +522,26 @@ class Ingest:
                 self._subject_checks[subject] = checked
         except msgspec.ValidationError as error:
             dead.append(
-                _key_dead_letter(subject, data, seq, index, "invalid", str(error))
+                _key_dead_letter(
+                    subject,
+                    data,
+                    seq,
+                    index,
+                    "invalid",
+                    describe_decode_error(error, data),
+                )
             )
             return
         except msgspec.DecodeError as error:
             dead.append(
-                _key_dead_letter(subject, data, seq, index, "malformed", str(error))
+                _key_dead_letter(
+                    subject,
+                    data,
+                    seq,
+                    index,
+                    "malformed",
+                    describe_decode_error(error, data),
+                )
             )
             return
         except ValueError as error:

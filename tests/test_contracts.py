@@ -12,7 +12,7 @@ import pytest
 
 import contracts
 from cluster.nats_server import EmbeddedNatsServer
-from contracts.codec import decode_event, encode
+from contracts.codec import decode_event, describe_decode_error, encode
 from contracts.events import EVENT_TYPES, MaterialConsumed
 from contracts.keys import EventKey, decode_key, routing_key
 from contracts.postings import posting_key
@@ -175,3 +175,40 @@ def test_early_started_at_rejected() -> None:
     )
     with pytest.raises(msgspec.ValidationError, match="started_at"):
         decode_event(data)
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (consumed(b'"1,5"'), "(got '1,5'); write quantities as decimal numbers"),
+        (
+            CONSUMED.replace(b"+05:30", b"").replace(b"QTY", b"1"),
+            "(got '2026-03-01T07:15:00.1234567'); timestamps need a UTC offset",
+        ),
+        (
+            CONSUMED.replace(b"2026-03-01T07:15:00.1234567+05:30", b"today").replace(
+                b"QTY", b"1"
+            ),
+            "(got 'today'); write timestamps in RFC 3339",
+        ),
+        (b"", "publish one JSON object per event"),
+        (b"[" + consumed(b"1") + b"]", "publish arrays of events on plant.events"),
+        (b'{"event_type":"shipment_confirmed"}', "`plantstream schema events`"),
+        (b'{"event_type":"scrapped"}', "with the event types it accepts"),
+        (b"{oops", "the body is not valid JSON"),
+    ],
+    ids=["decimal", "naive", "not_a_time", "empty", "array", "missing", "type", "json"],
+)
+def test_decode_error_names_value_and_fix(data: bytes, expected: str) -> None:
+    with pytest.raises(msgspec.MsgspecError) as caught:
+        decode_event(data)
+    assert expected in describe_decode_error(caught.value, data)
+
+
+def test_decode_error_cuts_a_long_value() -> None:
+    data = consumed(b'"' + b"9" * 200 + b'x"')
+    with pytest.raises(msgspec.ValidationError) as caught:
+        decode_event(data)
+    detail = describe_decode_error(caught.value, data)
+    assert "(got '" + "9" * 59 + "...)" in detail
+    assert len(detail) < 300

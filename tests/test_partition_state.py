@@ -214,6 +214,9 @@ def test_bad_message_dead_lettered(apply: Apply) -> None:
     assert invalid.event_id == "c9"
     assert invalid.data == naive
     assert "timezone" in invalid.detail
+    assert "timestamps need a UTC offset" in invalid.detail
+    malformed = next(d for d in result.dead_letters if d.reason == "malformed")
+    assert "the body is not valid JSON" in malformed.detail
     assert result.counts["applied"] == 2
 
 
