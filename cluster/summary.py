@@ -50,9 +50,11 @@ def format_summary(result: JobResult, db: Path, *, top: int = 5) -> str:
     postings = {
         k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("posting:")
     }
-    lines = [
-        "plantstream run summary",
-        f"  messages published   {result.published}",
+    lines = ["plantstream run summary"]
+    if result.published:
+        # Only the demo publishes its input; `run` reads what others published.
+        lines.append(f"  messages published   {result.published}")
+    lines += [
         f"  events in            {counts['events_in']}",
         f"  applied              {counts['applied']}",
         f"  duplicates dropped   {counts['duplicates']}",

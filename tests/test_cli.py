@@ -33,6 +33,7 @@ def test_demo_prints_summary(tmp_path: Path) -> None:
     result = run_cli("demo", "--plants", "2", "--orders", "15", "--db", str(db))
     assert result.returncode == 0, result.stderr[-2000:]
     for heading in (
+        "messages published",
         "events in",
         "duplicates dropped",
         "dead letters",
@@ -156,3 +157,4 @@ def test_run_reports_empty_edge_batches(
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert "empty edge batches   1" in result.stdout
+    assert "messages published" not in result.stdout
