@@ -142,6 +142,9 @@ class IngestLease:
         return kv
 
     async def _renew(self) -> None:
+        # TODO: fence checkpoint commits with the lease revision. A run paused for
+        # longer than the TTL can commit one checkpoint after a standby took over and
+        # before this renewal finds out.
         assert self._kv is not None
         value = msgspec.json.encode(self.holder)
         while True:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import re
 
+from contracts.schema import PLANT_ID_PATTERN
+
 __all__ = [
     "DLQ_STREAM",
     "EVENTS_STREAM",
@@ -29,7 +31,7 @@ EVENTS_PREFIX = "plant.events"
 POSTINGS_PREFIX = "erp.postings"
 DLQ_PREFIX = "plantstream.dlq"
 
-_TOKEN = re.compile(r"[A-Za-z0-9_\-]+")
+_TOKEN = re.compile(PLANT_ID_PATTERN)
 
 
 def validate_token(value: str, what: str) -> str:

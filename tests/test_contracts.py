@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import re
 from decimal import Decimal
 
 import msgspec
@@ -136,6 +137,18 @@ def test_schemas_cover_catalog() -> None:
     }
     assert tags == set(EVENT_TYPES)
     assert "GoodsMovement" in posting_schema()["$defs"]  # type: ignore[operator]
+
+
+def test_schema_states_what_the_decoder_and_ingest_accept() -> None:
+    defs: dict = event_schema()["$defs"]  # type: ignore[assignment]
+    # The decoder reads a JSON number as exactly as a string.
+    value = defs["Quantity"]["properties"]["value"]
+    assert {"type": "number"} in value["anyOf"]
+    assert decode_event(consumed(b"12.5")).quantity.value == Decimal("12.5")  # type: ignore[union-attr]
+    # The ingest dead-letters a plant that cannot be a subject token.
+    pattern = re.compile(defs["MaterialConsumed"]["properties"]["plant"]["pattern"])
+    assert pattern.fullmatch("P-01_a")
+    assert not pattern.fullmatch("P 01") and not pattern.fullmatch("P.01")
 
 
 def test_subject_rejects_bad_plant() -> None:
