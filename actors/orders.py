@@ -706,20 +706,23 @@ def _consumed(order: OrderState, event: ev.MaterialConsumed, out: Outcome) -> No
         f"consumption {event.event_id} of {event.material} (BOM unit {component.uom})",
     )
     key = posting_key(order.plant, GOODS_ISSUE, event.event_id)
-    out.postings.append(
-        _movement(
-            order,
-            event,
-            GOODS_ISSUE,
-            key,
-            material=event.material,
-            quantity=quantity,
-            uom=component.uom,
-            stock_type="unrestricted",
-            batch=event.lot,
-            storage_location=event.storage_location,
+    if quantity:
+        # A consumption of zero ("0", "-0") changes no stock, and ERPs reject a goods
+        # movement without a quantity, so it is applied but posts nothing.
+        out.postings.append(
+            _movement(
+                order,
+                event,
+                GOODS_ISSUE,
+                key,
+                material=event.material,
+                quantity=quantity,
+                uom=component.uom,
+                stock_type="unrestricted",
+                batch=event.lot,
+                storage_location=event.storage_location,
+            )
         )
-    )
     component.actual += quantity
     if order.consumptions is None:
         order.consumptions = {}
@@ -748,6 +751,8 @@ def _reversed(order: OrderState, event: ev.ConsumptionReversed, out: Outcome) ->
     if consumption.reversed_by is not None:
         return
     consumption.reversed_by = event.event_id
+    if not consumption.quantity:
+        return  # the consumption posted nothing, so there is nothing to reverse
     out.postings.append(
         _movement(
             order,

@@ -220,6 +220,23 @@ def test_bad_message_dead_lettered(apply: Apply) -> None:
     assert result.counts["applied"] == 2
 
 
+def test_zero_consumption_posts_nothing() -> None:
+    # ERPs reject a goods movement without a quantity; "-0" decodes to a zero too.
+    state = PartitionState(0)
+    reversal = ev.ConsumptionReversed(
+        event_id="r1", plant="P1", order="O1", occurred_at=at(6), source="mes",
+        reverses_event_id="c0",
+    )  # fmt: skip
+    result = state.apply_batch(
+        messages(release(), consume("c0", "-0"), reversal, consume("c1", "2"))
+    )
+    assert result.dead_letters == []
+    assert result.counts["applied"] == 4
+    assert [(m.movement_type, m.quantity) for m in movements(result)] == [
+        ("261", Decimal(2))
+    ]
+
+
 def test_future_timestamp_rejected(apply: Apply) -> None:
     future = msgspec.structs.replace(
         consume("c1", "1"), occurred_at=dt.datetime.now(dt.UTC) + dt.timedelta(hours=2)
