@@ -17,6 +17,7 @@ import logging
 import os
 import socket
 import time
+from pathlib import Path
 
 import msgspec
 import nats.errors
@@ -47,6 +48,9 @@ class Holder(msgspec.Struct):
     pid: int
     since: float
     """Seconds since the epoch when the holder took the lease."""
+    processes: str = ""
+    """The boot id and the process id namespace, on Linux: a process id names the same
+    process only within them. Empty where they cannot be read."""
 
     def describe(self) -> str:
         started = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(self.since))
@@ -61,7 +65,9 @@ class IngestLease:
             raise ValueError(f"the lease TTL must be positive, got {ttl_s:g} s")
         self.js = js
         self.ttl_s = ttl_s
-        self.holder = Holder(socket.gethostname(), os.getpid(), time.time())
+        self.holder = Holder(
+            socket.gethostname(), os.getpid(), time.time(), _process_namespace()
+        )
         self._kv: KeyValue | None = None
         self._revision = 0
         self._renewal: asyncio.Task[None] | None = None
@@ -74,9 +80,10 @@ class IngestLease:
         Raises StoppedWaitingError if `stop` is set before the lease is free.
         """
         self._kv = await self._bucket()
-        value = msgspec.json.encode(self.holder)
         warned = False
         while True:
+            self.holder.since = time.time()
+            value = msgspec.json.encode(self.holder)
             try:
                 self._revision = await self._kv.create(LEASE_KEY, value)
                 break
@@ -175,13 +182,30 @@ class IngestLease:
             return
         try:
             await self._kv.delete(LEASE_KEY, last=self._revision)
+            logger.info("released the ingest lease")
         except (TimeoutError, nats.errors.Error) as error:
             # The TTL removes the key anyway.
             logger.debug("could not release the ingest lease: %s", error)
 
 
+def _process_namespace() -> str:
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
+    except OSError:
+        return ""
+
+
 def _is_dead_local_process(holder: Holder) -> bool:
-    if holder.host != socket.gethostname() or holder.pid == os.getpid():
+    # Containers and cloned machines can share a host name, so a process id is
+    # checked only in the same boot and process id namespace as this process.
+    namespace = _process_namespace()
+    if (
+        holder.host != socket.gethostname()
+        or not namespace
+        or holder.processes != namespace
+        or holder.pid == os.getpid()
+    ):
         return False
     try:
         os.kill(holder.pid, 0)

@@ -23,6 +23,7 @@ from cluster.lease import (
     Holder,
     IngestLease,
     StoppedWaitingError,
+    _process_namespace,
 )
 from cluster.nats_server import EmbeddedNatsServer
 
@@ -91,7 +92,9 @@ def test_lease_of_an_exited_local_process_taken_at_once(
     nats_server: EmbeddedNatsServer,
 ) -> None:
     async def scenario() -> float:
-        holder = Holder(socket.gethostname(), _exited_pid(), time.time())
+        holder = Holder(
+            socket.gethostname(), _exited_pid(), time.time(), _process_namespace()
+        )
         await _store_holder(nats_server.url, holder)
         async with jetstream(nats_server.url) as js:
             # The bucket's TTL (1 s) wins over the 60 s asked for here; taking the
@@ -105,6 +108,25 @@ def test_lease_of_an_exited_local_process_taken_at_once(
             return waited
 
     assert asyncio.run(scenario()) < TTL_S / 2
+
+
+def test_exited_process_of_another_namespace_not_trusted(
+    nats_server: EmbeddedNatsServer,
+) -> None:
+    # The same host name and an exited process id, but from another process id
+    # namespace (a container on host networking): that id may name a live run there.
+    async def scenario() -> float:
+        holder = Holder(socket.gethostname(), _exited_pid(), time.time(), "other")
+        await _store_holder(nats_server.url, holder)
+        async with jetstream(nats_server.url) as js:
+            lease = IngestLease(js, ttl_s=TTL_S)
+            started = time.monotonic()
+            await asyncio.wait_for(lease.acquire(), 10 * TTL_S)
+            waited = time.monotonic() - started
+            await lease.release()
+            return waited
+
+    assert asyncio.run(scenario()) >= TTL_S / 2
 
 
 def test_missed_renewals_set_lost(
