@@ -341,13 +341,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A full run takes minutes, so an output that cannot be written must stop it now,
     # not after the measurements.
     for path in (args.output, args.save_results):
-        if path is not None:
-            try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as error:
-                parser.error(f"cannot create the folder of {path}: {error}")
-            if not os.access(path.parent, os.W_OK):
-                parser.error(f"cannot write {path}: its folder is not writable")
+        if path is None:
+            continue
+        if path.is_dir():
+            parser.error(f"{path} is a folder; name the file to write")
+        if (
+            args.render_from is not None
+            and path.resolve() == args.render_from.resolve()
+        ):
+            parser.error(f"{path} is the --render-from file; write to another file")
+        blocking = next((p for p in path.parents if p.is_file()), None)
+        if blocking is not None:
+            parser.error(f"cannot write {path}: {blocking} is a file, not a folder")
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            parser.error(f"cannot create the folder of {path}: {error}")
+        if not os.access(path.parent, os.W_OK):
+            parser.error(f"cannot write {path}: its folder is not writable")
+    if args.render_from is not None and not args.render_from.is_file():
+        parser.error(
+            f"--render-from {args.render_from} does not exist; pass the file that "
+            "--save-results wrote (make bench writes out/bench-results.pickle)"
+        )
 
     logging.basicConfig(
         level=args.log_level.upper(),

@@ -68,7 +68,23 @@ def test_unwritable_output_stops_before_measuring(tmp_path: Path) -> None:
     blocker.write_text("not a folder", encoding="utf-8")
     completed = _suite("--quick", "--output", str(blocker / "quick.md"))
     assert completed.returncode == 2
-    assert f"cannot create the folder of {blocker / 'quick.md'}" in completed.stderr
+    assert f"{blocker} is a file, not a folder" in completed.stderr
+    completed = _suite("--quick", "--output", str(tmp_path))
+    assert completed.returncode == 2
+    assert f"{tmp_path} is a folder; name the file to write" in completed.stderr
+
+
+def test_render_from_checks_its_files(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.pickle"
+    completed = _suite("--render-from", str(missing), "--output", str(tmp_path / "r"))
+    assert completed.returncode == 2
+    assert "does not exist" in completed.stderr
+    saved = tmp_path / "results.pickle"
+    saved.write_bytes(b"")
+    completed = _suite("--render-from", str(saved), "--output", str(saved))
+    assert completed.returncode == 2
+    assert "is the --render-from file" in completed.stderr
+    assert saved.read_bytes() == b""
 
 
 def _rows(report: str, section: str) -> list[list[str]]:
