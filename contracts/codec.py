@@ -43,6 +43,7 @@ def encode(value: object) -> bytes:
 
 
 _SCHEMA_HINT = "`plantstream schema events` prints the event contract"
+_ARRAY_GIVEN = "Expected `object`, got `array`"
 
 # msgspec's message, matched at its start, and what the publisher should change.
 _HINTS = (
@@ -65,7 +66,7 @@ _HINTS = (
         "the body is empty or cut short; publish one JSON object per event",
     ),
     (
-        "Expected `object`, got `array`",
+        _ARRAY_GIVEN,
         "an event is one JSON object; publish arrays of events on "
         "plant.events.<plant>.batch",
     ),
@@ -80,11 +81,14 @@ _PATH_STEP = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]")
 _SHOWN_VALUE_CHARS = 60
 
 
-def describe_decode_error(error: msgspec.MsgspecError, data: bytes) -> str:
+def describe_decode_error(
+    error: msgspec.MsgspecError, data: bytes, *, in_edge_batch: bool = False
+) -> str:
     """Return msgspec's message with the offending value and what to change.
 
     msgspec names the place (`$.quantity.value`) but not the value or the fix; the
-    dead letter's reader needs all three.
+    dead letter's reader needs all three. `in_edge_batch` is for one element of an
+    edge batch, which is already on the batch subject.
     """
     message = str(error)
     match = _PATH.search(message)
@@ -98,6 +102,8 @@ def describe_decode_error(error: msgspec.MsgspecError, data: bytes) -> str:
                 message = f"{message} (got {shown})"
     for start, hint in _HINTS:
         if message.startswith(start):
+            if in_edge_batch and start == _ARRAY_GIVEN:
+                hint = "each element of an edge batch must be one event object"
             return f"{message}; {hint}"
     return message
 

@@ -528,7 +528,7 @@ class Ingest:
                     seq,
                     index,
                     "invalid",
-                    describe_decode_error(error, data),
+                    describe_decode_error(error, data, in_edge_batch=index >= 0),
                 )
             )
             return
@@ -540,7 +540,7 @@ class Ingest:
                     seq,
                     index,
                     "malformed",
-                    describe_decode_error(error, data),
+                    describe_decode_error(error, data, in_edge_batch=index >= 0),
                 )
             )
             return

@@ -218,6 +218,15 @@ def test_decode_error_names_value_and_fix(data: bytes, expected: str) -> None:
     assert expected in describe_decode_error(caught.value, data)
 
 
+def test_decode_error_in_edge_batch_not_sent_to_batch_subject() -> None:
+    data = b"[" + consumed(b"1") + b"]"
+    with pytest.raises(msgspec.ValidationError) as caught:
+        decode_event(data)
+    detail = describe_decode_error(caught.value, data, in_edge_batch=True)
+    assert "each element of an edge batch must be one event object" in detail
+    assert "plant.events.<plant>.batch" not in detail
+
+
 def test_decode_error_cuts_a_long_value() -> None:
     data = consumed(b'"' + b"9" * 200 + b'x"')
     with pytest.raises(msgspec.ValidationError) as caught:
