@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import msgspec
 
-from contracts.events import PlantEvent
+from contracts.events import QUANTITY_INTEGER_DIGITS, QUANTITY_SCALE, PlantEvent
 from contracts.postings import Posting
 
 __all__ = ["PLANT_ID_PATTERN", "event_schema", "posting_schema"]
@@ -25,14 +26,51 @@ def event_schema() -> dict[str, object]:
     """
     schema = msgspec.json.schema(PlantEvent)
     definitions: dict[str, dict[str, Any]] = schema["$defs"]
+    # A validator does not know the "decimal" format, so the string form gets a
+    # pattern with the digit limits of contracts.events.Quantity.
     definitions["Quantity"]["properties"]["value"] = {
-        "anyOf": [{"type": "string", "format": "decimal"}, {"type": "number"}]
+        "anyOf": [
+            {
+                "type": "string",
+                "format": "decimal",
+                "pattern": (
+                    f"^[0-9]{{1,{QUANTITY_INTEGER_DIGITS}}}"
+                    f"(\\.[0-9]{{1,{QUANTITY_SCALE}}})?$"
+                ),
+            },
+            {
+                "type": "number",
+                "minimum": 0,
+                "exclusiveMaximum": 10**QUANTITY_INTEGER_DIGITS,
+            },
+        ]
     }
     for definition in definitions.values():
         plant = definition.get("properties", {}).get("plant")
         if plant is not None:
             plant["pattern"] = f"^{PLANT_ID_PATTERN}$"
-    return schema
+    # Formats are only annotations in draft 2020-12 unless a validator is told to
+    # check them, so the UTC offset the decoder requires is also a pattern.
+    for value in _walk(schema):
+        if value.get("format") == "date-time":
+            value["pattern"] = _AWARE_DATETIME
+    return {"$schema": "https://json-schema.org/draft/2020-12/schema", **schema}
+
+
+_AWARE_DATETIME = (
+    r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?"
+    r"([Zz]|[+-][0-9]{2}:[0-9]{2})$"
+)
+
+
+def _walk(node: object) -> Iterator[dict[str, Any]]:
+    if isinstance(node, dict):
+        yield node
+        for child in node.values():
+            yield from _walk(child)
+    elif isinstance(node, list):
+        for child in node:
+            yield from _walk(child)
 
 
 def posting_schema() -> dict[str, object]:

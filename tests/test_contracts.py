@@ -143,12 +143,28 @@ def test_schema_states_what_the_decoder_and_ingest_accept() -> None:
     defs: dict = event_schema()["$defs"]  # type: ignore[assignment]
     # The decoder reads a JSON number as exactly as a string.
     value = defs["Quantity"]["properties"]["value"]
-    assert {"type": "number"} in value["anyOf"]
+    assert "number" in [option["type"] for option in value["anyOf"]]
     assert decode_event(consumed(b"12.5")).quantity.value == Decimal("12.5")  # type: ignore[union-attr]
     # The ingest dead-letters a plant that cannot be a subject token.
     pattern = re.compile(defs["MaterialConsumed"]["properties"]["plant"]["pattern"])
     assert pattern.fullmatch("P-01_a")
     assert not pattern.fullmatch("P 01") and not pattern.fullmatch("P.01")
+
+
+def test_schema_patterns_reject_what_the_decoder_rejects() -> None:
+    schema = event_schema()
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+    defs: dict = schema["$defs"]  # type: ignore[assignment]
+    text = re.compile(defs["Quantity"]["properties"]["value"]["anyOf"][0]["pattern"])
+    for good in ("12.500", "0", "123456789012345.123456789"):
+        assert text.search(good), good
+    for bad in ("1,5", "abc", "NaN", "-1", "1234567890123456", "0.1234567891", ""):
+        assert not text.search(bad), bad
+    time = re.compile(defs["MaterialConsumed"]["properties"]["occurred_at"]["pattern"])
+    assert time.search("2026-03-01T07:15:00.1234567+05:30")
+    assert time.search("2026-03-01T01:45:00Z")
+    for bad in ("2026-03-01T07:15:00", "yesterday", "2026-03-01"):
+        assert not time.search(bad), bad
 
 
 def test_subject_rejects_bad_plant() -> None:
