@@ -13,16 +13,17 @@ from contracts.postings import Posting
 __all__ = ["PLANT_ID_PATTERN", "event_schema", "posting_schema"]
 
 PLANT_ID_PATTERN = r"[A-Za-z0-9_\-]+"
-"""What a plant id may contain, because it becomes a NATS subject token; the ingest
+"""The characters of a plant id, which becomes a NATS subject token. The ingest
 dead-letters an event whose plant does not match."""
 
 
 def event_schema() -> dict[str, object]:
     """Return the JSON Schema (draft 2020-12) of the plant event union.
 
-    msgspec's schema is completed with two rules the decoder and the ingest apply but
-    the types do not show: a quantity's value may be a JSON number as well as a
-    string, and a plant id must be a subject token.
+    msgspec's schema is completed with the rules that the decoder and the ingest
+    apply but the types do not show. A quantity's value may be a JSON string or
+    number within the digit limits, a plant id must be a subject token, and a
+    timestamp must carry a UTC offset.
     """
     schema = msgspec.json.schema(PlantEvent)
     definitions: dict[str, dict[str, Any]] = schema["$defs"]
@@ -49,8 +50,8 @@ def event_schema() -> dict[str, object]:
         plant = definition.get("properties", {}).get("plant")
         if plant is not None:
             plant["pattern"] = f"^{PLANT_ID_PATTERN}$"
-    # Formats are only annotations in draft 2020-12 unless a validator is told to
-    # check them, so the UTC offset the decoder requires is also a pattern.
+    # Formats are only annotations in draft 2020-12 unless a validator is configured
+    # to check them, so the UTC offset the decoder requires is also a pattern.
     for value in _walk(schema):
         if value.get("format") == "date-time":
             value["pattern"] = _AWARE_DATETIME
