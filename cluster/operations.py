@@ -659,6 +659,10 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+MAX_COLUMN_WIDTH = 40
+"""Widest padded column of `dlq list`; longer values are printed whole."""
+
+
 def _format_entries(entries: list[DeadLetterEntry]) -> list[str]:
     headers = ("dlq_seq", "reason", "subject", "stream_seq", "batch_index", "event_id")
     rows = [
@@ -672,10 +676,17 @@ def _format_entries(entries: list[DeadLetterEntry]) -> list[str]:
         )
         for entry in entries
     ]
-    widths = [max(len(row[i]) for row in [headers, *rows]) for i in range(len(headers))]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))]
+    # A column is as wide as its longest value up to MAX_COLUMN_WIDTH, so one very
+    # long subject or id does not push every other row apart.
+    widths = [
+        min(max(len(row[i]) for row in [headers, *rows]), MAX_COLUMN_WIDTH)
+        for i in range(len(headers))
+    ]
+    header = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
+    lines = [header.rstrip()]
     for entry, row in zip(entries, rows, strict=True):
-        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)))
+        line = "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True))
+        lines.append(line.rstrip())
         status = (
             f"retried as seq {entry.retried.republished_seq}; "
             if entry.retried is not None

@@ -76,7 +76,10 @@ class Quantity(msgspec.Struct, frozen=True, gc=False):
 
     def __post_init__(self) -> None:
         if not self.value.is_finite():
-            raise ValueError(f"quantity must be a finite number, got {self.value}")
+            raise ValueError(
+                f"quantity must be a finite number, got {self.value}; send a decimal "
+                'number such as "12.5"'
+            )
         if self.value.as_tuple().exponent < -QUANTITY_SCALE:  # type: ignore[operator]
             raise ValueError(
                 f"quantity {self.value} has more than {QUANTITY_SCALE} decimal places, "

@@ -18,8 +18,10 @@ from cluster.cli import main
 from cluster.job import JobConfig, JobResult, run_job
 from cluster.nats_server import EmbeddedNatsServer
 from cluster.operations import (
+    DeadLetterEntry,
     OperationError,
     ReplayReport,
+    _format_entries,
     list_dead_letters,
     posting_keys,
     read_checkpoint,
@@ -27,6 +29,7 @@ from cluster.operations import (
     retry_dead_letters,
 )
 from contracts.codec import encode
+from contracts.dead_letters import DeadLetter
 from contracts.events import (
     MaterialConsumed,
     ProductionConfirmed,
@@ -345,3 +348,20 @@ def test_dlq_list_cli_prints_letters(
     assert code == 0
     assert "future_time" in output
     assert "c-1" in output
+
+
+def test_dlq_list_long_id_widens_no_other_row() -> None:
+    def entry(seq: int, event_id: str) -> DeadLetterEntry:
+        letter = DeadLetter(
+            reason="invalid", detail="bad", subject="plant.events.P1.x", stream_seq=seq,
+            data=b"{}", rejected_at=dt.datetime(2026, 1, 5, tzinfo=dt.UTC),
+            event_id=event_id,
+        )  # fmt: skip
+        return DeadLetterEntry(seq, letter)
+
+    short, long = entry(1, "e1"), entry(2, "e" * 300)
+    alone = _format_entries([short])
+    together = _format_entries([short, long])
+    assert together[0] == alone[0]
+    assert together[1] == alone[1]
+    assert all(line == line.rstrip() for line in together)
