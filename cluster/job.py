@@ -192,7 +192,13 @@ async def run_job(
                 ]
                 config.db.parent.mkdir(parents=True, exist_ok=True)
                 with SnapshotWriter(config.db, source=source) as writer:
-                    ingest = Ingest(nc, actors, writer, config.pipeline)
+                    ingest = Ingest(
+                        nc,
+                        actors,
+                        writer,
+                        config.pipeline,
+                        commit_guard=None if lease is None else lease.check,
+                    )
                     await ingest.start_with_retry()
                     report = await _run_holding(
                         ingest.run(until_drained=until_drained, stop=stop), lease

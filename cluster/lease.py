@@ -148,10 +148,33 @@ class IngestLease:
             self.ttl_s = ttl
         return kv
 
+    async def check(self) -> None:
+        """Raise LeaseLostError unless this run still has the lease.
+
+        The ingest calls it just before each checkpoint's commit point, so that a run
+        paused past the TTL does not commit over the run that took over.
+        """
+        assert self._kv is not None
+        # TODO: the check and the commit are two requests, so a pause between them can
+        # still let one commit through; a conditional write of the manifest would close
+        # that window.
+        try:
+            entry = await self._kv.get(LEASE_KEY)
+        except nats.js.errors.KeyNotFoundError:
+            entry = None
+        # The holder, not the revision: a renewal in flight may have moved the
+        # revision past the one this run recorded.
+        holder = None
+        if entry is not None and entry.value:
+            holder = msgspec.json.decode(entry.value, type=Holder)
+        if holder != self.holder:
+            self.lost.set()
+            raise LeaseLostError(
+                "another plantstream run took the ingest lease while this one could "
+                "not renew it; this run stopped before committing its checkpoint"
+            )
+
     async def _renew(self) -> None:
-        # TODO: fence checkpoint commits with the lease revision. A run paused for
-        # longer than the TTL can commit one checkpoint after a standby took over and
-        # before this renewal finds out.
         assert self._kv is not None
         value = msgspec.json.encode(self.holder)
         while True:

@@ -32,7 +32,7 @@ import datetime as dt
 import logging
 import time
 from collections import Counter, deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import msgspec
@@ -228,8 +228,13 @@ class Ingest:
         actors: Sequence[ray.actor.ActorHandle],
         writer: object | None,
         settings: PipelineSettings | None = None,
+        *,
+        commit_guard: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.nc = nc
+        self.commit_guard = commit_guard
+        """Awaited just before each checkpoint's commit point; it raises to stop a
+        commit, as the ingest lease does once another run has taken it."""
         self.js: JetStreamContext = nc.jetstream()
         self.actors = list(actors)
         self.writer = writer
@@ -764,6 +769,8 @@ class Ingest:
             if tables:
                 await asyncio.to_thread(self.writer.write, tables)  # type: ignore[attr-defined]
         clock = self._lap("snapshot", clock)
+        if self.commit_guard is not None:
+            await self.commit_guard()
         # 5c. Each partition's state, then the manifest: the commit point.
         for index, (state, _) in enumerate(results):
             await self._store.put(f"partition-{index}", state)

@@ -22,6 +22,7 @@ from cluster.lease import (
     LEASE_KEY,
     Holder,
     IngestLease,
+    LeaseLostError,
     StoppedWaitingError,
     _process_namespace,
 )
@@ -147,6 +148,30 @@ def test_missed_renewals_set_lost(
             await asyncio.wait_for(first.lost.wait(), 2 * TTL_S)
             assert not second.lost.is_set()
             await first.release()
+            await second.release()
+
+    asyncio.run(scenario())
+
+
+def test_check_before_commit_finds_a_lost_lease(
+    nats_server: EmbeddedNatsServer,
+) -> None:
+    async def scenario() -> None:
+        async with jetstream(nats_server.url) as js:
+            first = IngestLease(js, ttl_s=TTL_S)
+            await first.acquire()
+            await first.check()  # still the holder, through its renewals
+            await asyncio.sleep(TTL_S)
+            await first.check()
+            assert first._renewal is not None
+            first._renewal.cancel()  # paused: the lease expires and moves on
+            second = IngestLease(js, ttl_s=TTL_S)
+            second.holder = Holder("elsewhere", 2, time.time())
+            await asyncio.wait_for(second.acquire(), 10 * TTL_S)
+            with pytest.raises(LeaseLostError, match="before committing"):
+                await first.check()
+            assert first.lost.is_set()
+            await second.check()
             await second.release()
 
     asyncio.run(scenario())
