@@ -1044,7 +1044,7 @@ def _offset_seconds(moment: dt.datetime) -> int:
 _WRITTEN_ONCE = frozenset({"postings", "inspections", "shipments"})
 """Tables whose key is the id of the one posting or event that writes the row, so a
 snapshot contains each key once. The others are deduplicated at the snapshot, which took
-about 1.5 µs per row; the sink still keeps the last row if a key ever repeats."""
+about 1.5 µs per row. If a key ever repeats, the sink still keeps its last row."""
 
 
 def _drop_superseded_ledger_rows(

@@ -232,7 +232,7 @@ async def _run_holding(
         lost.cancel()
     if not task.done():
         # No last checkpoint: what this run has not acknowledged is delivered to the
-        # run that holds the lease now.
+        # run that has the lease now.
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
         raise LeaseLostError(

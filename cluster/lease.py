@@ -75,7 +75,7 @@ class IngestLease:
         """Set when another run took the lease; the holder must stop at once."""
 
     async def acquire(self, stop: asyncio.Event | None = None) -> None:
-        """Take the lease, waiting while another live run holds it.
+        """Take the lease, waiting while another live run has it.
 
         Raises StoppedWaitingError if `stop` is set before the lease is free.
         """
@@ -156,8 +156,8 @@ class IngestLease:
         """
         assert self._kv is not None
         # TODO: the check and the commit are two requests, so a pause between them can
-        # still let one commit through; a conditional write of the manifest would close
-        # that window.
+        # still let one commit through. A conditional write of the manifest would close
+        # that gap.
         try:
             entry = await self._kv.get(LEASE_KEY)
         except nats.js.errors.KeyNotFoundError:

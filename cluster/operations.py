@@ -660,7 +660,7 @@ def _cmd_replay(args: argparse.Namespace) -> int:
 
 
 MAX_COLUMN_WIDTH = 40
-"""Widest padded column of `dlq list`; longer values are printed whole."""
+"""Maximum padded width of a `dlq list` column. Longer values are printed whole."""
 
 
 def _format_entries(entries: list[DeadLetterEntry]) -> list[str]:

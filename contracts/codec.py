@@ -86,8 +86,8 @@ def describe_decode_error(
 ) -> str:
     """Return msgspec's message with the offending value and what to change.
 
-    msgspec names the place (`$.quantity.value`) but not the value or the fix; the
-    dead letter's reader needs all three. `in_edge_batch` is for one element of an
+    msgspec names the place (`$.quantity.value`) but not the value or the fix, and the
+    dead letter's reader needs all three. Set `in_edge_batch` for one element of an
     edge batch, which is already on the batch subject.
     """
     message = str(error)
@@ -95,11 +95,11 @@ def describe_decode_error(
     if match is not None and match.group(1):
         found, value = _value_at(data, match.group(1))
         if found:
-            shown = repr(value)
-            if len(shown) > _SHOWN_VALUE_CHARS:
-                shown = shown[:_SHOWN_VALUE_CHARS] + "..."
-            if shown not in message:
-                message = f"{message} (got {shown})"
+            value_text = repr(value)
+            if len(value_text) > _SHOWN_VALUE_CHARS:
+                value_text = value_text[:_SHOWN_VALUE_CHARS] + "..."
+            if value_text not in message:
+                message = f"{message} (got {value_text})"
     for start, hint in _HINTS:
         if message.startswith(start):
             if in_edge_batch and start == _ARRAY_GIVEN:

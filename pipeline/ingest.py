@@ -233,7 +233,7 @@ class Ingest:
     ) -> None:
         self.nc = nc
         self.commit_guard = commit_guard
-        """Awaited just before each checkpoint's commit point; it raises to stop a
+        """Awaited just before each checkpoint's commit point. It raises to stop the
         commit, as the ingest lease does once another run has taken it."""
         self.js: JetStreamContext = nc.jetstream()
         self.actors = list(actors)

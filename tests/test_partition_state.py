@@ -221,7 +221,7 @@ def test_bad_message_dead_lettered(apply: Apply) -> None:
 
 
 def test_zero_consumption_posts_nothing() -> None:
-    # ERPs reject a goods movement without a quantity; "-0" decodes to a zero too.
+    # ERPs reject a goods movement without a quantity, and "-0" decodes to zero too.
     state = PartitionState(0)
     reversal = ev.ConsumptionReversed(
         event_id="r1", plant="P1", order="O1", occurred_at=at(6), source="mes",
