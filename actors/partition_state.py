@@ -67,7 +67,13 @@ from pipeline.subjects import posting_subject
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BatchResult", "CheckpointFormatError", "PartitionState", "SourceMessage"]
+__all__ = [
+    "BatchResult",
+    "CheckpointFormatError",
+    "OrdersCheckpoint",
+    "PartitionState",
+    "SourceMessage",
+]
 
 _MACHINE_EVENTS = (ev.MachineStateChanged, ev.DowntimeStarted, ev.DowntimeEnded)
 _ORDER_EVENTS = frozenset(
@@ -167,6 +173,21 @@ class Checkpoint(msgspec.Struct):
     closed_orders: dict[str, IdTableData] = {}
 
 
+class OrdersCheckpoint(msgspec.Struct):
+    """A partition's orders, kept apart from the rest of its checkpoint.
+
+    Serialising every order at every checkpoint took most of a checkpoint's time once
+    a partition held thousands of orders, and grew with them. So a checkpoint may
+    carry only the orders changed since the one before (`base` False), and a restore
+    applies those on top of the last one with every order (`base` True).
+    """
+
+    base: bool
+    orders: dict[str, OrderState]
+    dropped: list[str] = []
+    """Orders evicted or forgotten since the previous checkpoint."""
+
+
 def _key_or_none(data: bytes) -> EventKey | None:
     # An event that fails the full contract may still name its id, plant and order,
     # which makes its dead letter much easier to trace.
@@ -212,6 +233,10 @@ class PartitionState:
         self.counts: Counter[str] = Counter()
         self.clocks: dict[str, PlantClock] = {}
         self._dirty_orders: set[str] = set()
+        # Orders changed since the last checkpoint_parts and already taken by
+        # take_snapshot, which empties _dirty_orders; and orders dropped since then.
+        self._unsaved_orders: set[str] = set()
+        self._dropped_orders: set[str] = set()
         self._dirty_clocks: set[str] = set()
         self._calendars_written: set[str] = set()
         self._facts: dict[str, object] = {}
@@ -820,6 +845,7 @@ class PartitionState:
         ]
         for key in evicted:
             order = self.orders.pop(key)
+            self._dropped_orders.add(key)
             completed_at = order.completed_at or order.last_event_at
             assert completed_at is not None  # _retention_passed checked last_event_at
             table = self.closed_orders.get(order.plant)
@@ -903,6 +929,7 @@ class PartitionState:
             ]
             self._dirty_clocks = set()
         orders = [self.orders[key] for key in sorted(self._dirty_orders)]
+        self._unsaved_orders |= self._dirty_orders
         self._dirty_orders = set()
         if orders:
             rows["orders"] = [_order_row(order) for order in orders]
@@ -925,12 +952,36 @@ class PartitionState:
 
     def checkpoint(self) -> bytes:
         """Serialise the state, with the last stream sequence it has applied."""
+        return self._encode_state(self.orders)
+
+    def checkpoint_parts(self, *, base: bool) -> tuple[bytes, bytes]:
+        """Serialise the state without its orders, and the orders apart.
+
+        With `base` the orders part contains every order; otherwise only the orders
+        changed or dropped since the previous call. `restore` takes the state part and
+        the orders parts from the last base on.
+        """
+        changed = self._unsaved_orders | self._dirty_orders
+        if base:
+            part = OrdersCheckpoint(True, self.orders)
+        else:
+            orders = self.orders
+            part = OrdersCheckpoint(
+                False,
+                {key: orders[key] for key in changed if key in orders},
+                sorted(self._dropped_orders),
+            )
+        self._unsaved_orders = set()
+        self._dropped_orders = set()
+        return self._encode_state({}), msgspec.msgpack.encode(part)
+
+    def _encode_state(self, orders: dict[str, OrderState]) -> bytes:
         return msgspec.msgpack.encode(
             Checkpoint(
                 self.partition,
                 self.last_seq,
                 self.seen.to_data(),
-                self.orders,
+                orders,
                 self.machines,
                 self.parked,
                 self.plant_holds,
@@ -942,17 +993,18 @@ class PartitionState:
 
     @classmethod
     def restore(
-        cls, data: bytes, settings: StateSettings | None = None
+        cls,
+        data: bytes,
+        settings: StateSettings | None = None,
+        orders: Sequence[bytes] = (),
     ) -> PartitionState:
-        try:
-            saved = msgspec.msgpack.decode(data, type=Checkpoint)
-        except (msgspec.DecodeError, msgspec.ValidationError) as error:
-            raise CheckpointFormatError(
-                f"the checkpoint cannot be read by this plantstream version ({error}); "
-                "it was written by another version. Delete the object store bucket "
-                "plantstream-checkpoints and start again, which replays the plant "
-                "events stream from sequence 1"
-            ) from error
+        """Rebuild a state from `checkpoint()`, or from `checkpoint_parts`: the state
+        part and the orders parts of one base and the deltas after it, in order."""
+        saved = _decode_checkpoint(data, Checkpoint)
+        if orders:
+            saved.orders = _merge_orders(
+                [_decode_checkpoint(part, OrdersCheckpoint) for part in orders]
+            )
         state = cls(saved.partition, settings)
         state.last_seq = saved.last_seq
         state._position = (saved.last_seq, sys.maxsize)
@@ -1002,6 +1054,8 @@ class PartitionState:
             for key in [key for key in entities if key.startswith(prefix)]:
                 del entities[key]
                 dropped += 1
+                if entities is self.orders:
+                    self._dropped_orders.add(key)
         self._dirty_orders = {k for k in self._dirty_orders if not k.startswith(prefix)}
         # Prerequisite keys name their plant second: "release:P1:4711".
         for key in [key for key in self.parked if key.split(":", 2)[1:2] == [plant]]:
@@ -1025,11 +1079,42 @@ FACT_COLUMNS = (
 )
 """Ledger columns that come from what applying the event found (`Outcome.facts`)."""
 
+_T = typing.TypeVar("_T")
+
 _NO_FACTS = (None,) * len(FACT_COLUMNS)
 _NO_FACT_DICT: dict[str, object] = {}
 _OFFSET_SECONDS: dict[dt.tzinfo | None, int] = {}
 """UTC offset in seconds by fixed-offset time zone. The decoder shares one object per
 offset, so there are as many as the plants use."""
+
+
+def _decode_checkpoint(data: bytes, kind: type[_T]) -> _T:
+    try:
+        return msgspec.msgpack.decode(data, type=kind)
+    except (msgspec.DecodeError, msgspec.ValidationError) as error:
+        raise CheckpointFormatError(
+            f"the checkpoint cannot be read by this plantstream version ({error}); "
+            "it was written by another version. Delete the object store bucket "
+            "plantstream-checkpoints and start again, which replays the plant "
+            "events stream from sequence 1"
+        ) from error
+
+
+def _merge_orders(parts: list[OrdersCheckpoint]) -> dict[str, OrderState]:
+    if not parts[0].base or any(part.base for part in parts[1:]):
+        raise CheckpointFormatError(
+            "the checkpoint's orders do not start with exactly one part that contains "
+            "every order, so they cannot be rebuilt; the object store bucket "
+            "plantstream-checkpoints is damaged. Delete it and start again, which "
+            "replays the plant events stream from sequence 1"
+        )
+    orders = parts[0].orders
+    for part in parts[1:]:
+        # Dropped first: an order dropped and then changed again is kept.
+        for key in part.dropped:
+            orders.pop(key, None)
+        orders.update(part.orders)
+    return orders
 
 
 def _offset_seconds(moment: dt.datetime) -> int:

@@ -530,8 +530,8 @@ class StreamRun:
         finally:
             await nc.close()
         assert checkpoint is not None, "the pipeline wrote no checkpoint"
-        manifest, blobs = checkpoint
-        totals = checkpoint_totals(manifest, blobs)
+        manifest, partitions = checkpoint
+        totals = checkpoint_totals(manifest, partitions)
         with duckdb.connect(str(self.db), read_only=True) as connection:
             db_keys = {
                 key

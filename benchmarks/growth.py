@@ -31,7 +31,11 @@ class GrowthRun:
     """Python memory of the state after the run, from tracemalloc."""
     checkpoint_bytes: int
     checkpoint_seconds: float
-    """Serialising the whole state, as the ingest does at every checkpoint."""
+    """Serialising the state with every order, as a base checkpoint does."""
+    delta_bytes: int
+    delta_seconds: float
+    """Serialising the state with the orders changed by the run only, as the next
+    checkpoint after a base taken before the run does."""
 
     @property
     def rate(self) -> float:
@@ -59,6 +63,7 @@ def measure_with_open_orders(
         state = PartitionState(0)
         apply_in_batches(state, preload)
         state.take_snapshot()
+        state.checkpoint_parts(base=True)
         started = time.perf_counter()
         apply_in_batches(state, workload)
         elapsed = time.perf_counter() - started
@@ -70,12 +75,17 @@ def measure_with_open_orders(
         if traced:
             tracemalloc.stop()
     started = time.perf_counter()
-    checkpoint = state.checkpoint()
-    checkpoint_seconds = time.perf_counter() - started
+    delta = state.checkpoint_parts(base=False)
+    delta_seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    base = state.checkpoint_parts(base=True)
+    base_seconds = time.perf_counter() - started
     return GrowthRun(
         events=len(messages),
         seconds=elapsed,
         traced_bytes=traced_bytes,
-        checkpoint_bytes=len(checkpoint),
-        checkpoint_seconds=checkpoint_seconds,
+        checkpoint_bytes=sum(map(len, base)),
+        checkpoint_seconds=base_seconds,
+        delta_bytes=sum(map(len, delta)),
+        delta_seconds=delta_seconds,
     )

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import msgspec
-import pyarrow as pa
 import ray
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
@@ -26,7 +25,7 @@ from benchmarks.pipeline_run import start_actors
 from contracts.codec import encode
 from contracts.keys import decode_key, routing_key
 from pipeline.publish import publish_all
-from pipeline.sink import SnapshotWriter
+from pipeline.sink import SnapshotWriter, merge_tables
 from pipeline.subjects import EVENTS_PREFIX, EVENTS_STREAM, dlq_subject
 
 logger = logging.getLogger(__name__)
@@ -80,7 +79,7 @@ async def run_naive(
             snapshots = await asyncio.gather(
                 *(actor.checkpoint.remote() for actor in actors)
             )
-            tables = _merge([tables for _, tables in snapshots])
+            tables = merge_tables([snapshot.tables for snapshot in snapshots])
             with SnapshotWriter(Path(folder) / "naive.duckdb") as writer:
                 writer.write(tables)
             await broker.nc.flush()
@@ -101,11 +100,3 @@ def _partition(data: bytes, partitions: int) -> int:
     except (msgspec.DecodeError, msgspec.ValidationError):
         return 0
     return partition_of(key.plant, routing_key(key), partitions)
-
-
-def _merge(parts: list[dict[str, pa.Table]]) -> dict[str, pa.Table]:
-    merged: dict[str, list[pa.Table]] = {}
-    for tables in parts:
-        for name, table in tables.items():
-            merged.setdefault(name, []).append(table)
-    return {name: pa.concat_tables(tables) for name, tables in merged.items()}

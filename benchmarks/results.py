@@ -45,6 +45,10 @@ class GrowthRow:
     memory_bytes: int | None = None
     checkpoint_bytes: int | None = None
     checkpoint_seconds: Figure | None = None
+    """A base checkpoint: the state with every order."""
+    delta_bytes: int | None = None
+    delta_seconds: Figure | None = None
+    """A delta checkpoint: the state with the orders changed since the base."""
     pipeline_rate: Figure | None = None
     """End to end, events per second, where measured."""
 

@@ -254,6 +254,8 @@ async def _growth(results: Results, sizes: Sizes) -> None:
                 memory_bytes=traced.traced_bytes,
                 checkpoint_bytes=runs[0].checkpoint_bytes,
                 checkpoint_seconds=summarize([r.checkpoint_seconds for r in runs]),
+                delta_bytes=runs[0].delta_bytes,
+                delta_seconds=summarize([r.delta_seconds for r in runs]),
             )
         )
     for plants in sizes.plants:
@@ -277,6 +279,8 @@ async def _growth(results: Results, sizes: Sizes) -> None:
                 memory_bytes=traced.traced_bytes,
                 checkpoint_bytes=runs[0].checkpoint_bytes,
                 checkpoint_seconds=summarize([r.checkpoint_seconds for r in runs]),
+                delta_bytes=runs[0].delta_bytes,
+                delta_seconds=summarize([r.delta_seconds for r in runs]),
                 pipeline_rate=summarize(pipeline_rates),
             )
         )

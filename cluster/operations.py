@@ -38,16 +38,17 @@ from cluster.cli import positive_int
 from contracts.codec import decode_dead_letter
 from contracts.dead_letters import DeadLetter, DeadLetterReason
 from contracts.keys import decode_key, routing_key
-from pipeline.ingest import (
-    MANIFEST,
-    PLANT_WIDE_EVENTS,
+from pipeline.checkpoints import (
+    CheckpointChains,
     CheckpointManifest,
-    check_event_subject,
-    is_edge_batch,
+    SavedPartition,
+    read_manifest,
+    read_partitions,
 )
+from pipeline.ingest import PLANT_WIDE_EVENTS, check_event_subject, is_edge_batch
 from pipeline.publish import publish_all
 from pipeline.settings import PipelineSettings
-from pipeline.sink import SnapshotWriter
+from pipeline.sink import SnapshotWriter, merge_tables
 from pipeline.streams import CHECKPOINT_BUCKET
 from pipeline.subjects import (
     DLQ_PREFIX,
@@ -159,28 +160,26 @@ async def iter_stream(
 
 async def read_checkpoint(
     js: JetStreamContext,
-) -> tuple[CheckpointManifest, list[bytes]] | None:
-    """Return the committed manifest and partition states, or None if none exists."""
+) -> tuple[CheckpointManifest, list[SavedPartition]] | None:
+    """Return the committed manifest and partitions, or None if none exists."""
     try:
         store = await js.object_store(CHECKPOINT_BUCKET)
-        manifest_object = await store.get(MANIFEST)
     except NotFoundError:
         return None
-    manifest = msgspec.json.decode(manifest_object.data or b"", type=CheckpointManifest)
-    blobs = [
-        (await store.get(f"partition-{index}")).data or b""
-        for index in range(manifest.partitions)
-    ]
-    return manifest, blobs
+    manifest = await read_manifest(store)
+    if manifest is None:
+        return None
+    return manifest, await read_partitions(store, manifest)
 
 
 def checkpoint_totals(
-    manifest: CheckpointManifest, blobs: Iterable[bytes]
+    manifest: CheckpointManifest, partitions: Iterable[SavedPartition]
 ) -> Counter[str]:
     """Return the counts `Ingest.totals()` would return for this checkpoint."""
     totals: Counter[str] = Counter(manifest.ingest_counts)
-    for blob in blobs:
-        totals.update(PartitionState.restore(blob).counts)
+    for partition in partitions:
+        # The counts lie in the state part; the orders are not needed for them.
+        totals.update(PartitionState.restore(partition.state).counts)
     return totals
 
 
@@ -301,11 +300,7 @@ class _Router:
 
 
 def _merge_snapshots(states: list[PartitionState]) -> dict[str, pa.Table]:
-    merged: dict[str, list[pa.Table]] = {}
-    for state in states:
-        for name, table in state.take_snapshot().items():
-            merged.setdefault(name, []).append(table)
-    return {name: pa.concat_tables(tables) for name, tables in merged.items()}
+    return merge_tables([state.take_snapshot() for state in states])
 
 
 async def replay_plant(
@@ -356,7 +351,7 @@ async def replay_plant(
             f"{CHECKPOINT_BUCKET}: nothing has been processed, so there is nothing to "
             "replay; run plantstream run first"
         )
-    manifest, blobs = checkpoint
+    manifest, saved = checkpoint
     if partitions is not None and partitions != manifest.partitions:
         raise OperationError(
             f"--partitions {partitions} differs from the checkpoint's "
@@ -391,7 +386,10 @@ async def replay_plant(
         start = max(from_seq, 1)
     report = ReplayReport(plant, start, manifest.stream_seq, messages=len(stored))
 
-    states = [PartitionState.restore(blob, state_settings) for blob in blobs]
+    states = [
+        PartitionState.restore(partition.state, state_settings, partition.orders)
+        for partition in saved
+    ]
     before = [state.counts.copy() for state in states]
     routers = (
         _Router(plant, manifest.partitions),
@@ -439,15 +437,21 @@ async def replay_plant(
         with SnapshotWriter(db) as writer:
             await asyncio.to_thread(writer.write, tables)
     store = await js.object_store(CHECKPOINT_BUCKET)
+    chains = CheckpointChains(manifest, manifest.partitions)
+    objects = []
     for index, state in enumerate(states):
-        await store.put(f"partition-{index}", state.checkpoint())
+        state_part, orders_part = state.checkpoint_parts(base=True)
+        objects.append(
+            await chains.store(store, index, state_part, orders_part, base=True)
+        )
     rewritten = CheckpointManifest(
         manifest.stream_seq,
         manifest.partitions,
         dt.datetime.now(dt.UTC).timestamp(),
         manifest.ingest_counts,
+        objects,
     )
-    await store.put(MANIFEST, msgspec.json.encode(rewritten))
+    await chains.commit(store, rewritten)
     logger.info(
         "replayed plant %s through seq %d: regenerated=%d new=%d",
         plant,

@@ -48,6 +48,7 @@ __all__ = [
     "SnapshotWriter",
     "SourceMismatchError",
     "duckdb_type",
+    "merge_tables",
     "open_for_reading",
     "read_source",
 ]
@@ -330,6 +331,15 @@ def _distinct_keys(table: pa.Table, key: Sequence[str]) -> int:
 
 def _has_nested_columns(spec: TableSpec) -> bool:
     return any(pa.types.is_nested(field.type) for field in spec.schema)
+
+
+def merge_tables(parts: list[dict[str, pa.Table]]) -> dict[str, pa.Table]:
+    """Join the tables of each name across partitions, for one `write`."""
+    merged: dict[str, list[pa.Table]] = {}
+    for tables in parts:
+        for name, table in tables.items():
+            merged.setdefault(name, []).append(table)
+    return {name: pa.concat_tables(tables) for name, tables in merged.items()}
 
 
 class SnapshotWriter:

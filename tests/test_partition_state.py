@@ -14,7 +14,13 @@ import ray
 
 from actors.id_table import IdTable, add_packed_id, find_packed_id
 from actors.partition import PartitionActor
-from actors.partition_state import BatchResult, PartitionState, SourceMessage
+from actors.partition_state import (
+    BatchResult,
+    CheckpointFormatError,
+    OrdersCheckpoint,
+    PartitionState,
+    SourceMessage,
+)
 from actors.settings import StateSettings
 from contracts import events as ev
 from contracts.codec import decode_posting, encode
@@ -501,6 +507,58 @@ def test_id_table_bounded() -> None:
         state.checkpoint(), StateSettings(dedup_max_ids=2)
     )
     assert len(restored.seen) == 2
+
+
+def numbered(first_seq: int, *events: ev.PlantEvent) -> list[SourceMessage]:
+    """Messages from stream sequence `first_seq` on, for a batch after another."""
+    return [
+        SourceMessage(first_seq + offset, message.subject, message.data)
+        for offset, message in enumerate(messages(*events))
+    ]
+
+
+def test_checkpoint_parts_rebuild_from_base_and_deltas() -> None:
+    state = PartitionState(0)
+    orders_parts: list[bytes] = []
+
+    def save(*, base: bool) -> bytes:
+        state.take_snapshot()
+        state_part, orders_part = state.checkpoint_parts(base=base)
+        orders_parts.append(orders_part)
+        return state_part
+
+    state.apply_batch(numbered(1, release("O1"), release("O2"), consume("c1", "2")))
+    save(base=True)
+    state.apply_batch(numbered(10, confirm("p1", "5"), release("O3")))
+    save(base=False)
+    state.apply_batch(
+        numbered(
+            20,
+            confirm("p2", "95", final=True),
+            consume("c2", "3", order="O2"),
+            release("O4", minutes=8 * DAY_MIN),
+        )
+    )
+    state.take_snapshot()
+    assert state.evict_closed_orders() == 1
+    last = save(base=False)
+
+    delta = msgspec.msgpack.decode(orders_parts[1], type=OrdersCheckpoint)
+    assert not delta.base
+    assert sorted(delta.orders) == ["P1\x1fO1", "P1\x1fO3"]
+    evicting = msgspec.msgpack.decode(orders_parts[2], type=OrdersCheckpoint)
+    assert evicting.dropped == ["P1\x1fO1"]
+    restored = PartitionState.restore(last, orders=orders_parts)
+    assert sorted(restored.orders) == ["P1\x1fO2", "P1\x1fO3", "P1\x1fO4"]
+    assert restored.checkpoint() == state.checkpoint()
+
+
+def test_checkpoint_parts_need_a_base_first() -> None:
+    state = PartitionState(0)
+    state.apply_batch(messages(release("O1")))
+    state_part, delta = state.checkpoint_parts(base=False)
+    with pytest.raises(CheckpointFormatError, match="every order"):
+        PartitionState.restore(state_part, orders=[delta])
 
 
 def test_completed_order_evicted() -> None:

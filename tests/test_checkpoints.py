@@ -1,0 +1,99 @@
+"""Checkpoints as orders bases and deltas in the object store, restored by a new run."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+
+import msgspec
+import nats
+import pytest
+import ray
+
+from actors.partition import PartitionActor, PartitionCheckpoint
+from actors.partition_state import OrdersCheckpoint, PartitionState
+from cluster.nats_server import EmbeddedNatsServer
+from pipeline.checkpoints import MAX_DELTAS, read_manifest, read_partitions
+from pipeline.ingest import Ingest
+from pipeline.publish import publish_all
+from pipeline.settings import PipelineSettings
+from pipeline.sources.generated import StreamSpec, generate
+from pipeline.streams import CHECKPOINT_BUCKET, ensure_streams
+
+pytestmark = pytest.mark.usefixtures("ray_local")
+
+SPEC = StreamSpec(plants=2, orders_per_plant=40, seed=11)
+SETTINGS = PipelineSettings(fetch_batch=50, checkpoint_interval_s=0.02)
+"""Small fetches and a short interval, so the run writes many checkpoints."""
+
+LATE = 12
+"""Events held back for the second run."""
+
+OBJECT_NAME = re.compile(r"manifest|partition-[01]-(state-[ab]|orders-[ab]-\d+)")
+
+
+def _orders(part: bytes) -> OrdersCheckpoint:
+    return msgspec.msgpack.decode(part, type=OrdersCheckpoint)
+
+
+def test_new_run_restores_orders_from_base_and_deltas(
+    nats_server: EmbeddedNatsServer,
+) -> None:
+    async def scenario() -> None:
+        nc = await nats.connect(nats_server.url)
+        runs = [[PartitionActor.remote(i) for i in range(2)] for _ in range(3)]  # type: ignore[attr-defined]
+        try:
+            js = nc.jetstream()
+            await ensure_streams(js, SETTINGS)
+            events = [(m.subject, m.data, None) for m in generate(SPEC)[0]]
+            await publish_all(nc, events[:-LATE])
+            first = Ingest(nc, runs[0], None, SETTINGS)
+            await first.start()
+            assert (await first.run(until_drained=True)).checkpoints >= 5
+            # The first run never restored, so its orders do not depend on the code
+            # under test; nothing in this short stream is old enough to be evicted.
+            applied: list[PartitionCheckpoint] = await asyncio.gather(
+                *(actor.checkpoint.remote(True) for actor in runs[0])
+            )
+
+            # The late events change a few orders, so the second run's last
+            # checkpoint is a delta on top of a base it restored from the store.
+            await publish_all(nc, events[-LATE:])
+            second = Ingest(nc, runs[1], None, SETTINGS)
+            await second.start()
+            await second.run(until_drained=True)
+            store = await js.object_store(CHECKPOINT_BUCKET)
+            manifest = await read_manifest(store)
+            assert manifest is not None
+            assert max(len(objects.orders) for objects in manifest.objects) > 1
+            names = {info.name for info in await store.list(ignore_deletes=True)}
+            assert all(OBJECT_NAME.fullmatch(name) for name in names), names
+            assert len(names) <= 1 + 2 * 2 * (2 + MAX_DELTAS)
+
+            # The second run's actors hold the state of the last checkpoint; a full
+            # checkpoint of it is what the chain in the store must rebuild.
+            truth: list[PartitionCheckpoint] = await asyncio.gather(
+                *(actor.checkpoint.remote(True) for actor in runs[1])
+            )
+            saved = await read_partitions(store, manifest)
+            for partition, expected in zip(saved, truth, strict=True):
+                rebuilt = PartitionState.restore(
+                    partition.state, None, partition.orders
+                )
+                state_part, orders_part = rebuilt.checkpoint_parts(base=True)
+                assert state_part == expected.state
+                assert _orders(orders_part).orders == _orders(expected.orders).orders
+            for before, after in zip(applied, truth, strict=True):
+                assert _orders(before.orders).orders.keys() <= (
+                    _orders(after.orders).orders.keys()
+                )
+
+            third = Ingest(nc, runs[2], None, SETTINGS)
+            assert await third.start() == manifest.stream_seq
+            assert await third.partition_stats() == await second.partition_stats()
+        finally:
+            for actor in [actor for run in runs for actor in run]:
+                ray.kill(actor)
+            await nc.close()
+
+    asyncio.run(scenario())
