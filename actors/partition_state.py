@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import itertools
 import logging
 import sys
 import time
@@ -186,6 +187,10 @@ class OrdersCheckpoint(msgspec.Struct):
     orders: dict[str, OrderState]
     dropped: list[str] = []
     """Orders evicted or forgotten since the previous checkpoint."""
+    partition: int = -1
+    last_seq: int = -1
+    """The state's last stream sequence when this part was written, so that a restore
+    can tell a part of another partition or an older checkpoint from the right one."""
 
 
 def _key_or_none(data: bytes) -> EventKey | None:
@@ -237,6 +242,9 @@ class PartitionState:
         # take_snapshot, which empties _dirty_orders; and orders dropped since then.
         self._unsaved_orders: set[str] = set()
         self._dropped_orders: set[str] = set()
+        # Orders whose snapshot rows a restore rewrites. Unlike _dirty_orders they are
+        # in the checkpoint already, so the next delta leaves them out.
+        self._rewrite_orders: set[str] = set()
         self._dirty_clocks: set[str] = set()
         self._calendars_written: set[str] = set()
         self._facts: dict[str, object] = {}
@@ -840,6 +848,7 @@ class PartitionState:
             if order.status == "completed"
             and not order.holds
             and key not in self._dirty_orders
+            and key not in self._rewrite_orders
             and self._retention_passed(order, retention)
             and not order.blocked_quantity()
         ]
@@ -928,9 +937,14 @@ class PartitionState:
                 for plant in sorted(self._dirty_clocks)
             ]
             self._dirty_clocks = set()
-        orders = [self.orders[key] for key in sorted(self._dirty_orders)]
+        orders = [
+            self.orders[key]
+            for key in sorted(self._dirty_orders | self._rewrite_orders)
+            if key in self.orders
+        ]
         self._unsaved_orders |= self._dirty_orders
         self._dirty_orders = set()
+        self._rewrite_orders = set()
         if orders:
             rows["orders"] = [_order_row(order) for order in orders]
             rows["order_components"] = [
@@ -963,13 +977,17 @@ class PartitionState:
         """
         changed = self._unsaved_orders | self._dirty_orders
         if base:
-            part = OrdersCheckpoint(True, self.orders)
+            part = OrdersCheckpoint(
+                True, self.orders, [], self.partition, self.last_seq
+            )
         else:
             orders = self.orders
             part = OrdersCheckpoint(
                 False,
                 {key: orders[key] for key in changed if key in orders},
                 sorted(self._dropped_orders),
+                self.partition,
+                self.last_seq,
             )
         self._unsaved_orders = set()
         self._dropped_orders = set()
@@ -1006,7 +1024,7 @@ class PartitionState:
         saved = _decode_checkpoint(data, Checkpoint)
         if orders:
             saved.orders = _merge_orders(
-                [_decode_checkpoint(part, OrdersCheckpoint) for part in orders]
+                [_decode_checkpoint(part, OrdersCheckpoint) for part in orders], saved
             )
         state = cls(saved.partition, settings)
         state.last_seq = saved.last_seq
@@ -1024,7 +1042,7 @@ class PartitionState:
         }
         # Snapshot rows not yet written were lost with the old process; rewriting every
         # order brings the tables back in step with the restored state.
-        state._dirty_orders = set(saved.orders)
+        state._rewrite_orders = set(saved.orders)
         return state
 
     def parked_count(self) -> int:
@@ -1096,20 +1114,34 @@ def _decode_checkpoint(data: bytes, kind: type[_T]) -> _T:
         return msgspec.msgpack.decode(data, type=kind)
     except (msgspec.DecodeError, msgspec.ValidationError) as error:
         raise CheckpointFormatError(
-            f"the checkpoint cannot be read by this plantstream version ({error}); "
-            "it was written by another version. Delete the object store bucket "
+            f"the checkpoint cannot be read ({error}): it is damaged, or was written "
+            "by another plantstream version. Delete the object store bucket "
             "plantstream-checkpoints and start again, which replays the plant "
             "events stream from sequence 1"
         ) from error
 
 
-def _merge_orders(parts: list[OrdersCheckpoint]) -> dict[str, OrderState]:
+def _merge_orders(
+    parts: list[OrdersCheckpoint], saved: Checkpoint
+) -> dict[str, OrderState]:
+    problem = None
     if not parts[0].base or any(part.base for part in parts[1:]):
+        problem = "do not start with exactly one part that contains every order"
+    elif any(part.partition != saved.partition for part in parts):
+        problem = f"are not all of partition {saved.partition}"
+    elif any(a.last_seq > b.last_seq for a, b in itertools.pairwise(parts)):
+        problem = "are not in the order they were written"
+    elif parts[-1].last_seq != saved.last_seq:
+        problem = (
+            f"end at stream sequence {parts[-1].last_seq}, not at the state's "
+            f"{saved.last_seq}"
+        )
+    if problem is not None:
         raise CheckpointFormatError(
-            "the checkpoint's orders do not start with exactly one part that contains "
-            "every order, so they cannot be rebuilt; the object store bucket "
-            "plantstream-checkpoints is damaged. Delete it and start again, which "
-            "replays the plant events stream from sequence 1"
+            f"the checkpoint's orders parts {problem}, so the orders cannot be "
+            "rebuilt and the object store bucket plantstream-checkpoints is damaged. "
+            "Delete it and start again, which replays the plant events stream from "
+            "sequence 1"
         )
     orders = parts[0].orders
     for part in parts[1:]:

@@ -139,8 +139,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     async def serve() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
+
+        def on_signal(signum: signal.Signals) -> None:
+            logger.info("received %s: stopping after a last checkpoint", signum.name)
+            stop.set()
+
         for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
+            loop.add_signal_handler(signum, on_signal, signum)
         try:
             result = await run_job(
                 config, None, until_drained=args.until_drained, stop=stop

@@ -422,7 +422,13 @@ async def replay_plant(
                     existing.add(posting.key)
                     to_publish.append((posting.subject, posting.data, posting.key))
     report.new = len(to_publish)
-    report.parked = sum(state.parked_count() for state in states)
+    # Prerequisite keys name their plant second, as in "release:P1:4711".
+    report.parked = sum(
+        len(waiting)
+        for state in states
+        for key, waiting in state.parked.items()
+        if key.split(":", 2)[1:2] == [plant]
+    )
 
     # Postings first: a crash after this point leaves them published and the old
     # checkpoint in place, and a second replay finds them by key and sends nothing.

@@ -31,6 +31,7 @@ __all__ = [
     "CheckpointMismatchError",
     "PartitionObjects",
     "SavedPartition",
+    "object_names",
     "read_manifest",
     "read_partitions",
 ]
@@ -50,6 +51,11 @@ checkpoint then serialises about 1.5 f N orders on average instead of N, and a r
 reads at most about 3 N."""
 
 _SLOTS = ("a", "b")
+
+_START_AGAIN = (
+    "Delete the bucket and start again, which replays the plant events stream from "
+    "sequence 1"
+)
 
 
 class CheckpointMismatchError(ValueError):
@@ -95,7 +101,21 @@ async def read_manifest(store: ObjectStore) -> CheckpointManifest | None:
         result = await store.get(MANIFEST)
     except NotFoundError:
         return None
-    return msgspec.json.decode(result.data or b"", type=CheckpointManifest)
+    try:
+        return msgspec.json.decode(result.data or b"", type=CheckpointManifest)
+    except (msgspec.DecodeError, msgspec.ValidationError) as error:
+        raise CheckpointMismatchError(
+            f"the checkpoint manifest cannot be read ({error}), so the object store "
+            f"bucket plantstream-checkpoints is damaged. {_START_AGAIN}"
+        ) from error
+
+
+def object_names(manifest: CheckpointManifest, partition: int) -> list[str]:
+    """Return the names of the objects that hold `partition` in `manifest`."""
+    if not manifest.objects:
+        return [_legacy_name(partition)]
+    objects = manifest.objects[partition]
+    return [objects.state, *objects.orders]
 
 
 async def read_partitions(
@@ -110,22 +130,29 @@ async def read_partitions(
     return [
         SavedPartition(
             await _read(store, objects.state),
-            [await _read(store, name) for name in objects.orders],
+            [
+                await _read(store, name, size)
+                for name, size in zip(objects.orders, objects.sizes, strict=True)
+            ],
         )
         for objects in manifest.objects
     ]
 
 
-async def _read(store: ObjectStore, name: str) -> bytes:
+async def _read(store: ObjectStore, name: str, size: int | None = None) -> bytes:
     try:
-        return (await store.get(name)).data or b""
+        data = (await store.get(name)).data or b""
     except NotFoundError:
         raise CheckpointMismatchError(
             f"checkpoint object {name} named by the manifest is missing from the "
-            "object store bucket plantstream-checkpoints, so the bucket is damaged. "
-            "Delete the bucket and start again, which replays the plant events stream "
-            "from sequence 1"
+            f"object store bucket plantstream-checkpoints. {_START_AGAIN}"
         ) from None
+    if size is not None and len(data) != size:
+        raise CheckpointMismatchError(
+            f"checkpoint object {name} has {len(data)} bytes but the manifest "
+            f"recorded {size}, so it was replaced after the checkpoint. {_START_AGAIN}"
+        )
+    return data
 
 
 class CheckpointChains:

@@ -57,6 +57,7 @@ from pipeline.checkpoints import (
     CheckpointChains,
     CheckpointManifest,
     CheckpointMismatchError,
+    object_names,
     read_manifest,
     read_partitions,
 )
@@ -306,19 +307,26 @@ class Ingest:
                 f"{CHECKPOINT_BUCKET}, which replays the stream from sequence 1"
             )
         saved = await read_partitions(self._store, manifest)
-        try:
-            await asyncio.gather(
-                *(
-                    actor.restore.remote(partition.state, partition.orders)
-                    for actor, partition in zip(self.actors, saved, strict=True)
-                )
-            )
-        except ray.exceptions.RayTaskError as error:
-            # Retrying cannot help with a checkpoint of another format, so this one
-            # is not among the RECOVERABLE errors.
-            if isinstance(error.cause, CheckpointFormatError):
-                raise CheckpointMismatchError(str(error.cause)) from error
-            raise
+        outcomes = await asyncio.gather(
+            *(
+                actor.restore.remote(partition.state, partition.orders)
+                for actor, partition in zip(self.actors, saved, strict=True)
+            ),
+            return_exceptions=True,
+        )
+        for index, outcome in enumerate(outcomes):
+            # Retrying cannot help with a damaged checkpoint or one of another
+            # format, so this one is not among the RECOVERABLE errors.
+            if isinstance(outcome, ray.exceptions.RayTaskError) and isinstance(
+                outcome.cause, CheckpointFormatError
+            ):
+                names = ", ".join(object_names(manifest, index))
+                raise CheckpointMismatchError(
+                    f"partition {index} ({names}): {outcome.cause}"
+                ) from outcome
+        for outcome in outcomes:
+            if isinstance(outcome, BaseException):
+                raise outcome
         logger.info("restored %d partitions from checkpoint at seq %d",
                     len(self.actors), manifest.stream_seq)  # fmt: skip
         return manifest.stream_seq
@@ -361,6 +369,10 @@ class Ingest:
                 break
         self._stop_fetching()
         try:
+            if self._unacked or self._dead_rows or self._in_flight:
+                # Stopped by `stop`: commit what was processed, so that the next start
+                # does not process it again.
+                await self.checkpoint()
             await self._complete_in_flight(0)
             await self._finish_commit()
         except RECOVERABLE as error:

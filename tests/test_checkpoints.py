@@ -13,7 +13,13 @@ import ray
 from actors.partition import PartitionActor, PartitionCheckpoint
 from actors.partition_state import OrdersCheckpoint, PartitionState
 from cluster.nats_server import EmbeddedNatsServer
-from pipeline.checkpoints import MAX_DELTAS, read_manifest, read_partitions
+from pipeline.checkpoints import (
+    MANIFEST,
+    MAX_DELTAS,
+    CheckpointMismatchError,
+    read_manifest,
+    read_partitions,
+)
 from pipeline.ingest import Ingest
 from pipeline.publish import publish_all
 from pipeline.settings import PipelineSettings
@@ -93,6 +99,88 @@ def test_new_run_restores_orders_from_base_and_deltas(
             assert await third.partition_stats() == await second.partition_stats()
         finally:
             for actor in [actor for run in runs for actor in run]:
+                ray.kill(actor)
+            await nc.close()
+
+    asyncio.run(scenario())
+
+
+def test_damaged_checkpoint_named_at_start(nats_server: EmbeddedNatsServer) -> None:
+    async def scenario() -> None:
+        nc = await nats.connect(nats_server.url)
+        actors = [PartitionActor.remote(i) for i in range(2)]  # type: ignore[attr-defined]
+        try:
+            js = nc.jetstream()
+            await ensure_streams(js, SETTINGS)
+            events = [(m.subject, m.data, None) for m in generate(SPEC)[0]]
+            await publish_all(nc, events[:300])
+            ingest = Ingest(nc, actors, None, SETTINGS)
+            await ingest.start()
+            await ingest.run(until_drained=True)
+            store = await js.object_store(CHECKPOINT_BUCKET)
+            manifest = await read_manifest(store)
+            assert manifest is not None
+            objects = manifest.objects[0]
+
+            async def start_error() -> str:
+                with pytest.raises(CheckpointMismatchError) as caught:
+                    await Ingest(nc, actors, None, SETTINGS).start()
+                return str(caught.value)
+
+            async def replaced(name: str, data: bytes) -> str:
+                original = (await store.get(name)).data or b""
+                await store.put(name, data)
+                try:
+                    return await start_error()
+                finally:
+                    await store.put(name, original)
+
+            orders = (await store.get(objects.orders[0])).data or b""
+            message = await replaced(objects.orders[0], orders + b"\0")
+            assert f"{objects.orders[0]} has {len(orders) + 1} bytes" in message
+            message = await replaced(objects.state, b"\x93junk")
+            assert f"partition 0 ({objects.state}, " in message
+            assert "damaged" in message
+            message = await replaced(MANIFEST, b"{not json")
+            assert "manifest cannot be read" in message
+            # Put back whole, the same checkpoint restores again.
+            restarted = Ingest(nc, actors, None, SETTINGS)
+            assert await restarted.start() == manifest.stream_seq
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+            await nc.close()
+
+    asyncio.run(scenario())
+
+
+def test_stop_commits_a_last_checkpoint(nats_server: EmbeddedNatsServer) -> None:
+    # No checkpoint falls due during the run, so only the one on stop can commit.
+    settings = PipelineSettings(fetch_batch=50, checkpoint_interval_s=600)
+
+    async def scenario() -> None:
+        nc = await nats.connect(nats_server.url)
+        actors = [PartitionActor.remote(i) for i in range(2)]  # type: ignore[attr-defined]
+        try:
+            js = nc.jetstream()
+            await ensure_streams(js, settings)
+            events = [(m.subject, m.data, None) for m in generate(SPEC)[0]][:200]
+            await publish_all(nc, events)
+            ingest = Ingest(nc, actors, None, settings)
+            await ingest.start()
+            stop = asyncio.Event()
+            task = asyncio.create_task(ingest.run(until_drained=False, stop=stop))
+            async with asyncio.timeout(60):
+                while ingest.report.batches * settings.fetch_batch < len(events):
+                    await asyncio.sleep(0.05)
+            stop.set()
+            await task
+            store = await js.object_store(CHECKPOINT_BUCKET)
+            manifest = await read_manifest(store)
+            assert manifest is not None
+            assert manifest.stream_seq == len(events)
+        finally:
+            for actor in actors:
                 ray.kill(actor)
             await nc.close()
 

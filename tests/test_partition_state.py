@@ -553,6 +553,43 @@ def test_checkpoint_parts_rebuild_from_base_and_deltas() -> None:
     assert restored.checkpoint() == state.checkpoint()
 
 
+def test_first_delta_after_restore_leaves_out_restored_orders() -> None:
+    state = PartitionState(0)
+    state.apply_batch(numbered(1, release("O1"), release("O2")))
+    state.take_snapshot()
+    state_part, base = state.checkpoint_parts(base=True)
+    restored = PartitionState.restore(state_part, orders=[base])
+    restored.apply_batch(numbered(10, consume("c1", "2")))
+    # Both orders' rows are written again, but only the changed one is a delta.
+    rows = restored.take_snapshot()["orders"].to_pylist()
+    assert sorted(row["order_id"] for row in rows) == ["O1", "O2"]
+    _, delta = restored.checkpoint_parts(base=False)
+    assert list(msgspec.msgpack.decode(delta, type=OrdersCheckpoint).orders) == [
+        "P1\x1fO1"
+    ]
+
+
+def test_orders_part_of_an_older_checkpoint_rejected() -> None:
+    state = PartitionState(0)
+    state.apply_batch(numbered(1, release("O1")))
+    _, base = state.checkpoint_parts(base=True)
+    state.apply_batch(numbered(10, consume("c1", "2")))
+    _, first = state.checkpoint_parts(base=False)
+    state.apply_batch(numbered(20, consume("c2", "3")))
+    state_part, second = state.checkpoint_parts(base=False)
+    with pytest.raises(CheckpointFormatError, match="not in the order"):
+        PartitionState.restore(state_part, orders=[base, second, first])
+    with pytest.raises(
+        CheckpointFormatError, match="sequence 10, not at the state's 20"
+    ):
+        PartitionState.restore(state_part, orders=[base, first])
+    other = PartitionState(1)
+    other.apply_batch(numbered(1, release("O9")))
+    _, foreign = other.checkpoint_parts(base=True)
+    with pytest.raises(CheckpointFormatError, match="not all of partition 0"):
+        PartitionState.restore(state_part, orders=[foreign, first, second])
+
+
 def test_checkpoint_parts_need_a_base_first() -> None:
     state = PartitionState(0)
     state.apply_batch(messages(release("O1")))
