@@ -72,6 +72,10 @@ class PartitionObjects(msgspec.Struct):
     """The orders base first, then its deltas in the order written."""
     sizes: list[int]
     """Bytes of each orders object, which decide when to write a new base."""
+    digests: list[str] = []
+    """The object store's SHA-256 digest of the state object, then of each orders
+    object. A start compares them, so an object replaced after the checkpoint, even
+    by one of the same size, is found before it is restored."""
 
 
 class CheckpointManifest(msgspec.Struct):
@@ -127,32 +131,42 @@ async def read_partitions(
             SavedPartition(await _read(store, _legacy_name(index)), [])
             for index in range(manifest.partitions)
         ]
-    return [
-        SavedPartition(
-            await _read(store, objects.state),
-            [
-                await _read(store, name, size)
-                for name, size in zip(objects.orders, objects.sizes, strict=True)
-            ],
-        )
-        for objects in manifest.objects
-    ]
+    saved = []
+    for objects in manifest.objects:
+        names = [objects.state, *objects.orders]
+        digests = objects.digests or [""] * len(names)
+        parts = [
+            await _read(store, name, digest)
+            for name, digest in zip(names, digests, strict=True)
+        ]
+        for name, data, size in zip(
+            objects.orders, parts[1:], objects.sizes, strict=True
+        ):
+            if len(data) != size:
+                raise CheckpointMismatchError(
+                    f"checkpoint object {name} has {len(data)} bytes but the manifest "
+                    f"recorded {size}, so it was replaced after the checkpoint. "
+                    f"{_START_AGAIN}"
+                )
+        saved.append(SavedPartition(parts[0], parts[1:]))
+    return saved
 
 
-async def _read(store: ObjectStore, name: str, size: int | None = None) -> bytes:
+async def _read(store: ObjectStore, name: str, digest: str = "") -> bytes:
     try:
-        data = (await store.get(name)).data or b""
+        result = await store.get(name)
     except NotFoundError:
         raise CheckpointMismatchError(
             f"checkpoint object {name} named by the manifest is missing from the "
             f"object store bucket plantstream-checkpoints. {_START_AGAIN}"
         ) from None
-    if size is not None and len(data) != size:
+    if digest and result.info.digest != digest:
         raise CheckpointMismatchError(
-            f"checkpoint object {name} has {len(data)} bytes but the manifest "
-            f"recorded {size}, so it was replaced after the checkpoint. {_START_AGAIN}"
+            f"checkpoint object {name} has digest {result.info.digest} but the "
+            f"manifest recorded {digest}, so it was replaced after the checkpoint. "
+            f"{_START_AGAIN}"
         )
-    return data
+    return result.data or b""
 
 
 class CheckpointChains:
@@ -209,9 +223,19 @@ class CheckpointChains:
             sizes = list(committed.sizes)
         name = f"partition-{partition}-orders-{chain_slot}-{len(names)}"
         state_name = f"partition-{partition}-state-{state_slot}"
-        await store.put(state_name, state)
-        await store.put(name, orders)
-        return PartitionObjects(state_name, [*names, name], [*sizes, len(orders)])
+        state_info = await store.put(state_name, state)
+        orders_info = await store.put(name, orders)
+        # The state's digest first, then the chain's; a chain committed without
+        # digests gets empty ones, which a start does not compare.
+        digests = committed.digests[1:] if committed and not base else []
+        if len(digests) != len(names):
+            digests = [""] * len(names)
+        return PartitionObjects(
+            state_name,
+            [*names, name],
+            [*sizes, len(orders)],
+            [state_info.digest or "", *digests, orders_info.digest or ""],
+        )
 
     async def commit(self, store: ObjectStore, manifest: CheckpointManifest) -> None:
         """Put the manifest, the commit point, and make its objects the current ones."""
