@@ -21,7 +21,7 @@ __all__ = ["PartitionActor", "PartitionCheckpoint", "partition_of"]
 
 
 class PartitionCheckpoint(NamedTuple):
-    """What `PartitionActor.checkpoint` hands the ingest."""
+    """The serialised state and snapshot rows `PartitionActor.checkpoint` returns."""
 
     state: bytes
     """The state without its orders (`PartitionState.checkpoint_parts`)."""

@@ -134,7 +134,7 @@ def bytes_per_open_order(
         first = tracemalloc.take_snapshot()
         apply_in_batches(state, messages)
         # As at each checkpoint of the ingest: take_snapshot hands the changed orders
-        # on to checkpoint_parts, which forgets them once they are serialised.
+        # on to checkpoint_parts, which drops them once they are serialised.
         state.take_snapshot()
         state.checkpoint_parts(base=True)
         after = _traced_bytes()

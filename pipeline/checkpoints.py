@@ -1,9 +1,9 @@
 """The checkpoint store: each partition's saved state, and the manifest that commits it.
 
-The object store bucket plantstream-checkpoints holds:
+The object store bucket plantstream-checkpoints contains:
 
 - `manifest`, the commit point: the stream sequence the checkpoint covers and the
-  names of the objects that hold each partition (`CheckpointManifest`);
+  names of the objects that contain each partition (`CheckpointManifest`);
 - per partition, a state object (ids, machines, parked events, clocks, counts) and a
   chain of orders objects: a base with every order, then deltas with the orders
   changed since the object before.
@@ -45,8 +45,8 @@ MAX_DELTAS = 30
 reads the whole chain, so this bounds its object count."""
 
 DELTAS_PER_BASE = 2
-"""A partition writes a new base once its deltas together hold this many times the
-bytes of its base. With N orders of which a share f change between two checkpoints, a
+"""A partition writes a new base once its deltas add up to this many times the bytes
+of its base. With N orders of which a share f change between two checkpoints, a
 checkpoint then serialises about 1.5 f N orders on average instead of N, and a restore
 reads at most about 3 N."""
 
@@ -65,7 +65,7 @@ class CheckpointMismatchError(ValueError):
 
 
 class PartitionObjects(msgspec.Struct):
-    """The objects that hold one partition in a committed checkpoint."""
+    """The objects that contain one partition in a committed checkpoint."""
 
     state: str
     orders: list[str]
@@ -106,16 +106,43 @@ async def read_manifest(store: ObjectStore) -> CheckpointManifest | None:
     except NotFoundError:
         return None
     try:
-        return msgspec.json.decode(result.data or b"", type=CheckpointManifest)
+        manifest = msgspec.json.decode(result.data or b"", type=CheckpointManifest)
     except (msgspec.DecodeError, msgspec.ValidationError) as error:
         raise CheckpointMismatchError(
             f"the checkpoint manifest cannot be read ({error}), so the object store "
             f"bucket plantstream-checkpoints is damaged. {_START_AGAIN}"
         ) from error
+    problem = _manifest_problem(manifest)
+    if problem is not None:
+        raise CheckpointMismatchError(
+            f"the checkpoint manifest is invalid: {problem}, so the object store "
+            f"bucket plantstream-checkpoints is damaged. {_START_AGAIN}"
+        )
+    return manifest
+
+
+def _manifest_problem(manifest: CheckpointManifest) -> str | None:
+    if manifest.objects and len(manifest.objects) != manifest.partitions:
+        return (
+            f"it names objects for {len(manifest.objects)} partitions but has "
+            f"{manifest.partitions}"
+        )
+    for index, objects in enumerate(manifest.objects):
+        if not objects.orders or len(objects.sizes) != len(objects.orders):
+            return (
+                f"partition {index} has {len(objects.orders)} orders objects and "
+                f"{len(objects.sizes)} sizes"
+            )
+        if objects.digests and len(objects.digests) != 1 + len(objects.orders):
+            return (
+                f"partition {index} has {len(objects.digests)} digests for "
+                f"{1 + len(objects.orders)} objects"
+            )
+    return None
 
 
 def object_names(manifest: CheckpointManifest, partition: int) -> list[str]:
-    """Return the names of the objects that hold `partition` in `manifest`."""
+    """Return the names of the objects that contain `partition` in `manifest`."""
     if not manifest.objects:
         return [_legacy_name(partition)]
     objects = manifest.objects[partition]
@@ -170,7 +197,8 @@ async def _read(store: ObjectStore, name: str, digest: str = "") -> bytes:
 
 
 class CheckpointChains:
-    """Which objects hold each partition, and where the next checkpoint goes."""
+    """The objects of each partition's committed checkpoint, and the names for the
+    next one."""
 
     def __init__(self, manifest: CheckpointManifest | None, partitions: int) -> None:
         self._committed: list[PartitionObjects | None] = (
@@ -181,7 +209,7 @@ class CheckpointChains:
         self._legacy = manifest is not None and not manifest.objects
 
     def wants_base(self, partition: int) -> bool:
-        """Whether the partition's next orders part should hold every order."""
+        """Return whether the next orders part of `partition` is a base."""
         objects = self._committed[partition]
         if objects is None:
             return True
@@ -208,6 +236,7 @@ class CheckpointChains:
                 f"partition {partition} has no committed orders base, so its first "
                 "checkpoint needs base=True"
             )
+
         state_slot = _SLOTS[0]
         chain_slot = _SLOTS[0]
         if committed is not None:
@@ -221,11 +250,13 @@ class CheckpointChains:
         else:
             names = list(committed.orders)
             sizes = list(committed.sizes)
+
         name = f"partition-{partition}-orders-{chain_slot}-{len(names)}"
         state_name = f"partition-{partition}-state-{state_slot}"
         state_info = await store.put(state_name, state)
         orders_info = await store.put(name, orders)
-        # The state's digest first, then the chain's; a chain committed without
+
+        # The state's digest first, then the chain's. A chain committed without
         # digests gets empty ones, which a start does not compare.
         digests = committed.digests[1:] if committed and not base else []
         if len(digests) != len(names):
@@ -250,6 +281,10 @@ class CheckpointChains:
                     await store.delete(_legacy_name(index))
                 except NotFoundError:
                     pass
+            logger.info(
+                "deleted the %d checkpoint objects of the one-object format",
+                manifest.partitions,
+            )
 
 
 def _legacy_name(partition: int) -> str:

@@ -42,7 +42,17 @@ def _orders(part: bytes) -> OrdersCheckpoint:
     return msgspec.msgpack.decode(part, type=OrdersCheckpoint)
 
 
-def test_new_run_restores_orders_from_base_and_deltas(
+async def _publish(
+    nc: nats.NATS, settings: PipelineSettings, count: int | None = None
+) -> list[tuple[str, bytes, None]]:
+    """Create the streams and publish the first `count` events of SPEC; return all."""
+    await ensure_streams(nc.jetstream(), settings)
+    events = [(m.subject, m.data, None) for m in generate(SPEC)[0]]
+    await publish_all(nc, events[:count])
+    return events
+
+
+def test_restart_restores_base_and_deltas(
     nats_server: EmbeddedNatsServer,
 ) -> None:
     async def scenario() -> None:
@@ -50,14 +60,12 @@ def test_new_run_restores_orders_from_base_and_deltas(
         runs = [[PartitionActor.remote(i) for i in range(2)] for _ in range(3)]  # type: ignore[attr-defined]
         try:
             js = nc.jetstream()
-            await ensure_streams(js, SETTINGS)
-            events = [(m.subject, m.data, None) for m in generate(SPEC)[0]]
-            await publish_all(nc, events[:-LATE])
+            events = await _publish(nc, SETTINGS, -LATE)
             first = Ingest(nc, runs[0], None, SETTINGS)
             await first.start()
             assert (await first.run(until_drained=True)).checkpoints >= 5
             # The first run never restored, so its orders do not depend on the code
-            # under test; nothing in this short stream is old enough to be evicted.
+            # under test. Nothing in this short stream is old enough to be evicted.
             applied: list[PartitionCheckpoint] = await asyncio.gather(
                 *(actor.checkpoint.remote(True) for actor in runs[0])
             )
@@ -111,9 +119,7 @@ def test_damaged_checkpoint_named_at_start(nats_server: EmbeddedNatsServer) -> N
         actors = [PartitionActor.remote(i) for i in range(2)]  # type: ignore[attr-defined]
         try:
             js = nc.jetstream()
-            await ensure_streams(js, SETTINGS)
-            events = [(m.subject, m.data, None) for m in generate(SPEC)[0]]
-            await publish_all(nc, events[:300])
+            await _publish(nc, SETTINGS, 300)
             ingest = Ingest(nc, actors, None, SETTINGS)
             await ingest.start()
             await ingest.run(until_drained=True)
@@ -135,13 +141,22 @@ def test_damaged_checkpoint_named_at_start(nats_server: EmbeddedNatsServer) -> N
                 finally:
                     await store.put(name, original)
 
-            # Same size, other bytes: only the digest tells.
+            # Same size, other bytes: only the digest shows the change.
             orders = (await store.get(objects.orders[0])).data or b""
             message = await replaced(objects.orders[0], orders[:-1] + b"\0")
             assert f"{objects.orders[0]} has digest" in message
             assert "replaced after the checkpoint" in message
             message = await replaced(MANIFEST, b"{not json")
             assert "manifest cannot be read" in message
+            short = msgspec.structs.replace(
+                manifest,
+                objects=[
+                    msgspec.structs.replace(objects, sizes=[]),
+                    *manifest.objects[1:],
+                ],
+            )
+            message = await replaced(MANIFEST, msgspec.json.encode(short))
+            assert "manifest is invalid: partition 0 has" in message
             # Without digests (a manifest of the first chained format), a damaged
             # object is found when the partition decodes it.
             bare = msgspec.structs.replace(
@@ -177,22 +192,21 @@ def test_stop_commits_a_last_checkpoint(nats_server: EmbeddedNatsServer) -> None
         actors = [PartitionActor.remote(i) for i in range(2)]  # type: ignore[attr-defined]
         try:
             js = nc.jetstream()
-            await ensure_streams(js, settings)
-            events = [(m.subject, m.data, None) for m in generate(SPEC)[0]][:200]
-            await publish_all(nc, events)
+            published = 200
+            await _publish(nc, settings, published)
             ingest = Ingest(nc, actors, None, settings)
             await ingest.start()
             stop = asyncio.Event()
             task = asyncio.create_task(ingest.run(until_drained=False, stop=stop))
             async with asyncio.timeout(60):
-                while ingest.report.batches * settings.fetch_batch < len(events):
+                while ingest.report.counts["events_in"] < published:
                     await asyncio.sleep(0.05)
             stop.set()
             await task
             store = await js.object_store(CHECKPOINT_BUCKET)
             manifest = await read_manifest(store)
             assert manifest is not None
-            assert manifest.stream_seq == len(events)
+            assert manifest.stream_seq == published
         finally:
             for actor in actors:
                 ray.kill(actor)

@@ -517,7 +517,7 @@ def numbered(first_seq: int, *events: ev.PlantEvent) -> list[SourceMessage]:
     ]
 
 
-def test_checkpoint_parts_rebuild_from_base_and_deltas() -> None:
+def test_parts_rebuild_base_and_deltas() -> None:
     state = PartitionState(0)
     orders_parts: list[bytes] = []
 
@@ -553,7 +553,7 @@ def test_checkpoint_parts_rebuild_from_base_and_deltas() -> None:
     assert restored.checkpoint() == state.checkpoint()
 
 
-def test_first_delta_after_restore_leaves_out_restored_orders() -> None:
+def test_delta_after_restore_skips_unchanged() -> None:
     state = PartitionState(0)
     state.apply_batch(numbered(1, release("O1"), release("O2")))
     state.take_snapshot()
@@ -569,7 +569,7 @@ def test_first_delta_after_restore_leaves_out_restored_orders() -> None:
     ]
 
 
-def test_orders_part_of_an_older_checkpoint_rejected() -> None:
+def test_misplaced_orders_part_rejected() -> None:
     state = PartitionState(0)
     state.apply_batch(numbered(1, release("O1")))
     _, base = state.checkpoint_parts(base=True)
