@@ -10,7 +10,8 @@ only while it writes:
 2. It opens the file, retrying with bounded backoff while a reader holds the lock.
 3. It upserts all tables in one transaction and commits, so a crash before the commit
    leaves the previous state. DuckDB replays only committed WAL entries on the next
-   open.
+   open. Rows of the two largest tables, the event ledger and the postings, are nearly
+   always new, and are inserted without the upsert's lookup (`_NEW_ROWS`).
 4. It closes the file, which releases the lock for readers.
 
 Readers use `open_for_reading`, which retries the same way, and should close their
@@ -33,6 +34,7 @@ from types import TracebackType
 
 import duckdb
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from contracts.snapshots import TABLES, TableSpec
 
@@ -71,6 +73,22 @@ _MAX_BACKOFF_S = 0.5
 # primary key index). The close, with its checkpoint, takes 2 to 3 ms. At one write per
 # second the writer holds the file under 3% of the time, which leaves readers the rest.
 _ROW_INDEX = "__plantstream_row"
+
+_NEW_ROWS: dict[str, str] = {"events": "stream_seq", "postings": "insert_first"}
+"""Tables whose rows are usually new, and how the writer finds the new ones.
+
+An upsert costs more than a plain insert, mostly in the primary key lookups. With
+DuckDB 2.0.1 on the 2-core benchmark machine, writing the ledger rows and postings of
+151,000 generated events in four writes took 1.1 s with upserts and 0.84 s with plain
+inserts, commits included. So:
+
+- "stream_seq": a row whose stream_seq is above the highest one in the table cannot
+  be stored yet, and is inserted. Lower ones (an event parked at one checkpoint and
+  applied at a later one, or the messages after a restart) are upserted.
+- "insert_first": every row is inserted. A posting is stored a second time only after
+  a restart or a replay, when the insert fails on the primary key and the whole write
+  runs again with upserts.
+"""
 
 WRITER_THREADS = 1
 """DuckDB threads of the writing connection. The writer runs beside the ingest loop and
@@ -360,6 +378,8 @@ class SnapshotWriter:
         self.path = Path(path)
         self.lock_timeout_s = lock_timeout_s
         self._closed = False
+        self._high_seq: dict[str, int] = {}
+        """Per table written by stream_seq, the highest stream_seq stored."""
         existed = self.path.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         connection = self._open()
@@ -471,18 +491,15 @@ class SnapshotWriter:
             return
 
         started = time.perf_counter()
-        connection = self._open()
         try:
-            connection.begin()
-            try:
-                for name, table in staged.items():
-                    self._upsert(connection, name, table)
-                connection.commit()
-            except BaseException:
-                connection.rollback()
-                raise
-        finally:
-            connection.close()
+            self._write_staged(staged, insert_new=True)
+        except duckdb.ConstraintException as error:
+            # A row inserted as new was stored already: a restart or a replay wrote
+            # it before. Nothing of this write was committed, so write it all again
+            # with upserts, which replace such rows.
+            logger.debug("writing again with upserts to %s: %s", self.path, error)
+            self._high_seq.clear()
+            self._write_staged(staged, insert_new=False)
         if logger.isEnabledFor(logging.DEBUG):
             counts = ", ".join(
                 f"{name}={table.num_rows}" for name, table in staged.items()
@@ -493,6 +510,73 @@ class SnapshotWriter:
                 self.path,
                 (time.perf_counter() - started) * 1000,
             )
+
+    def _write_staged(self, staged: dict[str, pa.Table], *, insert_new: bool) -> None:
+        high_seq: dict[str, int] = {}
+        connection = self._open()
+        try:
+            connection.begin()
+            try:
+                for name, table in staged.items():
+                    new_rows = _NEW_ROWS.get(name) if insert_new else None
+                    if new_rows == "stream_seq":
+                        high_seq[name] = self._insert_above_seq(connection, name, table)
+                    elif new_rows == "insert_first" and self._unique_keys(name, table):
+                        self._insert(connection, name, table)
+                    else:
+                        self._upsert(connection, name, table)
+                connection.commit()
+            except BaseException:
+                connection.rollback()
+                raise
+        finally:
+            connection.close()
+        self._high_seq.update(high_seq)
+
+    def _unique_keys(self, name: str, table: pa.Table) -> bool:
+        return _distinct_keys(table, TABLES[name].primary_key) == table.num_rows
+
+    def _insert(
+        self, connection: duckdb.DuckDBPyConnection, name: str, table: pa.Table
+    ) -> None:
+        columns = ", ".join(_quote(f.name) for f in TABLES[name].schema)
+        view = f"__plantstream_new_{name}"
+        connection.register(view, table)
+        # Identifiers come from contracts.snapshots, never from batch data. A failed
+        # insert leaves the view registered: the transaction is aborted then, which
+        # rejects the unregister, and closing the connection drops the view anyway.
+        connection.execute(
+            f"INSERT INTO {_quote(name)} ({columns}) "  # noqa: S608
+            f"SELECT {columns} FROM {_quote(view)}"
+        )
+        connection.unregister(view)
+
+    def _insert_above_seq(
+        self, connection: duckdb.DuckDBPyConnection, name: str, table: pa.Table
+    ) -> int:
+        """Insert the rows above the table's highest stream_seq, upsert the rest, and
+        return the highest stream_seq stored."""
+        high = self._high_seq.get(name)
+        if high is None:
+            # Read once per writer, then kept up to date from the rows written, so
+            # that no write scans the table. Another process writing the same file
+            # in the meantime (not supported) would make a new row collide with its
+            # key and send the write down the upsert path.
+            ((found,),) = connection.execute(
+                f"SELECT max(stream_seq) FROM {_quote(name)}"  # noqa: S608
+            ).fetchall()
+            high = -1 if found is None else int(found)
+        above = pc.greater(table.column("stream_seq"), high)
+        new = table.filter(above)
+        if new.num_rows and self._unique_keys(name, new):
+            self._insert(connection, name, new)
+            rest = table.filter(pc.invert(above))
+        else:
+            rest = table
+        if rest.num_rows:
+            self._upsert(connection, name, rest)
+        batch_high = pc.max(table.column("stream_seq")).as_py()
+        return high if batch_high is None else max(high, batch_high)
 
     def _upsert(
         self, connection: duckdb.DuckDBPyConnection, name: str, table: pa.Table

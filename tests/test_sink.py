@@ -179,6 +179,63 @@ def test_posting_duplicates_in_batch_last_wins(tmp_path: Path) -> None:
     assert fetch(path, "SELECT quantity FROM postings") == [(Decimal(4),)]
 
 
+def ledger(stream_seq: int, status: str = "applied") -> dict[str, Any]:
+    return {
+        "stream_seq": stream_seq,
+        "batch_index": -1,
+        "event_id": f"e{stream_seq}",
+        "plant": "P1",
+        "event_type": "production_confirmed",
+        "status": status,
+        "occurred_at": T0,
+        "utc_offset_s": 0,
+    }
+
+
+def ledger_rows(path: Path) -> list[tuple[Any, ...]]:
+    return fetch(path, "SELECT stream_seq, status FROM events ORDER BY stream_seq")
+
+
+def test_ledger_rewrite_below_highest_seq(tmp_path: Path) -> None:
+    """A parked event applied at a later checkpoint rewrites a row below the highest
+    stored stream_seq, in the same write as new rows above it."""
+    path = tmp_path / "snapshots.duckdb"
+    with SnapshotWriter(path) as writer:
+        writer.write({"events": table("events", [ledger(1), ledger(2, "parked")])})
+        writer.write(
+            {"events": table("events", [ledger(2), ledger(3), ledger(4, "parked")])}
+        )
+    with SnapshotWriter(path) as restarted:
+        # A new writer reads the highest stream_seq from the file.
+        restarted.write({"events": table("events", [ledger(4), ledger(5)])})
+
+    assert ledger_rows(path) == [
+        (1, "applied"),
+        (2, "applied"),
+        (3, "applied"),
+        (4, "applied"),
+        (5, "applied"),
+    ]
+
+
+def test_ledger_stale_writer_upserts_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A writer whose highest stream_seq is out of date inserts a row stored already.
+    The insert fails on the key, so the write runs again with upserts."""
+    path = tmp_path / "snapshots.duckdb"
+    first = SnapshotWriter(path)
+    first.write({"events": table("events", [ledger(1)])})
+    with SnapshotWriter(path) as second:
+        second.write({"events": table("events", [ledger(2, "parked")])})
+    with caplog.at_level("DEBUG", logger="pipeline.sink"):
+        first.write({"events": table("events", [ledger(2), ledger(3)])})
+    first.close()
+
+    assert ledger_rows(path) == [(1, "applied"), (2, "applied"), (3, "applied")]
+    assert "writing again with upserts" in caplog.text
+
+
 def test_writer_rejects_other_stream(tmp_path: Path) -> None:
     path = tmp_path / "snapshots.duckdb"
     first = SnapshotSource("PLANT_EVENTS created 2026-01-01T00:00:00+00:00", "run")
