@@ -1021,10 +1021,14 @@ class PartitionState:
     ) -> PartitionState:
         """Rebuild a state from `checkpoint()`, or from `checkpoint_parts`: the state
         part and the orders parts of one base and the deltas after it, in order."""
-        saved = _decode_checkpoint(data, Checkpoint)
+        saved = _decode_checkpoint(data, Checkpoint, 0)
         if orders:
             saved.orders = _merge_orders(
-                [_decode_checkpoint(part, OrdersCheckpoint) for part in orders], saved
+                [
+                    _decode_checkpoint(part, OrdersCheckpoint, index)
+                    for index, part in enumerate(orders, start=1)
+                ],
+                saved,
             )
         state = cls(saved.partition, settings)
         state.last_seq = saved.last_seq
@@ -1109,15 +1113,19 @@ _OFFSET_SECONDS: dict[dt.tzinfo | None, int] = {}
 offset, so there are as many as the plants use."""
 
 
-def _decode_checkpoint(data: bytes, kind: type[_T]) -> _T:
+def _decode_checkpoint(data: bytes, kind: type[_T], part: int) -> _T:
     try:
         return msgspec.msgpack.decode(data, type=kind)
     except (msgspec.DecodeError, msgspec.ValidationError) as error:
+        # The ingest compares each object's digest with the manifest before a
+        # restore, so an object that passed it and still fails here was most likely
+        # written by a version with another format.
         raise CheckpointFormatError(
-            f"the checkpoint cannot be read ({error}): it is damaged, or was written "
-            "by another plantstream version. Delete the object store bucket "
-            "plantstream-checkpoints and start again, which replays the plant "
-            "events stream from sequence 1"
+            f"the checkpoint cannot be read ({error}): it was written by another "
+            "plantstream version, or damaged before its digest was recorded. Delete "
+            "the object store bucket plantstream-checkpoints and start again, which "
+            "replays the plant events stream from sequence 1",
+            part=part,
         ) from error
 
 
@@ -1302,6 +1310,12 @@ def _ledger_table(rows: list[tuple[object, ...]]) -> pa.Table:
 
 class CheckpointFormatError(ValueError):
     """A checkpoint written by an incompatible version of the partition state."""
+
+    def __init__(self, message: str, *, part: int | None = None) -> None:
+        super().__init__(message)
+        self.part = part
+        """Which data passed to `restore` failed: 0 for the state, 1 for the first
+        orders part. None when each part decodes but the parts do not fit together."""
 
 
 class _Park(Exception):

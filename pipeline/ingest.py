@@ -320,9 +320,14 @@ class Ingest:
             if isinstance(outcome, ray.exceptions.RayTaskError) and isinstance(
                 outcome.cause, CheckpointFormatError
             ):
-                names = ", ".join(object_names(manifest, index))
+                names = object_names(manifest, index)
+                part = outcome.cause.part
+                if part is not None and part < len(names):
+                    place = f"object {names[part]}"
+                else:
+                    place = f"objects {', '.join(names)}"
                 raise CheckpointMismatchError(
-                    f"partition {index} ({names}): {outcome.cause}"
+                    f"partition {index}, {place}: {outcome.cause}"
                 ) from outcome
         for outcome in outcomes:
             if isinstance(outcome, BaseException):

@@ -169,9 +169,18 @@ def test_damaged_checkpoint_named_at_start(nats_server: EmbeddedNatsServer) -> N
             await store.put(MANIFEST, msgspec.json.encode(bare))
             await store.put(objects.state, b"\x93junk")
             message = await start_error()
-            assert f"partition 0 ({objects.state}, " in message
+            assert f"partition 0, object {objects.state}: " in message
+            assert objects.orders[0] not in message
             assert "damaged" in message
             await store.put(objects.state, state)
+            last = objects.orders[-1]
+            delta = (await store.get(last)).data or b""
+            # Of the recorded size, so that only decoding finds the damage.
+            await store.put(last, b"\x93junk".ljust(len(delta), b"\0"))
+            message = await start_error()
+            assert f"partition 0, object {last}: " in message
+            assert objects.state not in message
+            await store.put(last, delta)
             # Put back whole, the same checkpoint restores again.
             restarted = Ingest(nc, actors, None, SETTINGS)
             assert await restarted.start() == manifest.stream_seq
