@@ -28,6 +28,10 @@ OPERATION_MODULES: list[str] = [
 def _input_messages(args: argparse.Namespace) -> list[tuple[str, bytes]]:
     if args.input:
         return list(_iter_file_messages(args.input))
+    return _generated_messages(args)
+
+
+def _generated_messages(args: argparse.Namespace) -> list[tuple[str, bytes]]:
     from pipeline.sources.generated import StreamSpec, generate
 
     spec = StreamSpec(plants=args.plants, orders_per_plant=args.orders, seed=args.seed)
@@ -87,6 +91,27 @@ def _add_job_options(
     parser.add_argument(
         "--ray-address",
         help='Ray cluster to join ("auto" or host:port) instead of a local Ray',
+    )
+
+
+def _add_generated_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--plants",
+        type=int,
+        default=3,
+        help="generated stream: plants (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--orders",
+        type=int,
+        default=200,
+        help="generated stream: orders per plant (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=7,
+        help="generated stream: random seed (default: %(default)s)",
     )
 
 
@@ -170,12 +195,22 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     from pipeline.settings import PipelineSettings
     from pipeline.streams import ensure_streams
 
+    if bool(args.paths) == args.generated:
+        raise SystemExit(
+            "plantstream publish: give either data files or --generated, not "
+            f"{'both' if args.generated else 'neither'}"
+        )
+
     async def publish() -> tuple[int, int]:
         nc = await connect_nats(args.nats_url)
         try:
             js = nc.jetstream()
             await ensure_streams(js, PipelineSettings.from_env())
-            messages = _iter_file_messages(args.paths)
+            messages = (
+                _generated_messages(args)
+                if args.generated
+                else _iter_file_messages(args.paths)
+            )
             return await publish_all(nc, ((s, d, None) for s, d in messages))
         finally:
             await nc.close()
@@ -218,24 +253,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         help="data files or folders: AI4I 2020 CSV, SECOM labels, B2MML XML",
     )
-    demo.add_argument(
-        "--plants",
-        type=int,
-        default=3,
-        help="generated stream: plants (default: %(default)s)",
-    )
-    demo.add_argument(
-        "--orders",
-        type=int,
-        default=200,
-        help="generated stream: orders per plant (default: %(default)s)",
-    )
-    demo.add_argument(
-        "--seed",
-        type=int,
-        default=7,
-        help="generated stream: random seed (default: %(default)s)",
-    )
+    _add_generated_options(demo)
     _add_job_options(demo)
     demo.set_defaults(handler=_cmd_demo)
 
@@ -256,9 +274,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     publish = commands.add_parser(
         "publish",
-        help="publish data files as canonical events to a NATS server",
+        help="publish data files, or the generated stream, to a NATS server",
+        description="Publish events to PLANT_EVENTS and exit, without processing "
+        "them: a `run` on the same server does that.",
     )
-    publish.add_argument("paths", type=Path, nargs="+", help="files or folders to read")
+    publish.add_argument("paths", type=Path, nargs="*", help="files or folders to read")
+    publish.add_argument(
+        "--generated",
+        action="store_true",
+        help="publish the generated multi-plant stream that `demo` uses, not files",
+    )
+    _add_generated_options(publish)
     publish.add_argument("--nats-url", required=True, help="NATS server to publish to")
     publish.set_defaults(handler=_cmd_publish)
 

@@ -118,6 +118,38 @@ def test_publish_then_run(
     assert inspections == 1567
 
 
+def test_publish_generated_stream(nats_server: EmbeddedNatsServer) -> None:
+    result = run_cli(
+        "publish",
+        "--nats-url",
+        nats_server.url,
+        "--generated",
+        "--plants",
+        "2",
+        "--orders",
+        "5",
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+
+    async def stored() -> int:
+        nc = await nats.connect(nats_server.url)
+        try:
+            info = await nc.jetstream().stream_info("PLANT_EVENTS")
+            return info.state.messages
+        finally:
+            await nc.close()
+
+    count = asyncio.run(stored())
+    assert count > 0
+    assert f"published {count} events" in result.stdout
+
+
+def test_publish_needs_files_or_generated(nats_server: EmbeddedNatsServer) -> None:
+    neither = run_cli("publish", "--nats-url", nats_server.url)
+    assert neither.returncode != 0
+    assert "either data files or --generated, not neither" in neither.stderr
+
+
 def test_closed_output_pipe_is_quiet() -> None:
     # A reader such as `head` that quits early closes the pipe under the command.
     with subprocess.Popen(
