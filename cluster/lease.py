@@ -177,6 +177,7 @@ class IngestLease:
     async def _renew(self) -> None:
         assert self._kv is not None
         value = msgspec.json.encode(self.holder)
+        failures = 0
         while True:
             await asyncio.sleep(self.ttl_s / 3)
             try:
@@ -191,9 +192,22 @@ class IngestLease:
                 self.lost.set()
                 return
             except (TimeoutError, nats.errors.Error) as error:
-                # NATS is unreachable, so no other run can take the lease either
-                # until the connection is back; the next renewal checks again.
-                logger.debug("could not renew the ingest lease: %s", error)
+                # Usually NATS is unreachable for every run alike, and the next
+                # renewal tries again. If only this run is cut off, the lease expires,
+                # another run takes it, and the next renewal stops this one above.
+                failures += 1
+                logger.log(
+                    logging.WARNING if failures == 1 else logging.DEBUG,
+                    "could not renew the ingest lease (TTL %g s), retrying every "
+                    "%g s: %s",
+                    self.ttl_s,
+                    self.ttl_s / 3,
+                    error,
+                )
+            else:
+                if failures:
+                    logger.info("renewed the ingest lease after %d failures", failures)
+                failures = 0
 
     async def release(self) -> None:
         """Stop renewing and delete the lease, so a standby takes over at once."""

@@ -170,6 +170,37 @@ def test_check_before_commit_finds_a_lost_lease(
     asyncio.run(scenario())
 
 
+def test_renewal_failure_logged_as_warning(
+    nats_server: EmbeddedNatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def scenario() -> None:
+        nc = await nats.connect(nats_server.url, allow_reconnect=False)
+        try:
+            lease = IngestLease(nc.jetstream(timeout=TTL_S / 2), ttl_s=TTL_S)
+            await lease.acquire()
+            nats_server.stop()
+            deadline = time.monotonic() + 10 * TTL_S
+            while "could not renew the ingest lease" not in caplog.text:
+                assert time.monotonic() < deadline, caplog.text[-2000:]
+                await asyncio.sleep(TTL_S / 10)
+            # More renewals fail within a TTL, and only the first one logs a warning.
+            await asyncio.sleep(TTL_S)
+            await lease.release()
+        finally:
+            await nc.close()
+
+    with caplog.at_level("DEBUG", logger="cluster.lease"):
+        asyncio.run(scenario())
+    failures = [
+        record
+        for record in caplog.records
+        if record.getMessage().startswith("could not renew the ingest lease")
+    ]
+    assert len(failures) >= 2
+    assert failures[0].levelname == "WARNING"
+    assert {record.levelname for record in failures[1:]} == {"DEBUG"}
+
+
 def test_standby_stops_when_asked(nats_server: EmbeddedNatsServer) -> None:
     async def scenario() -> None:
         async with jetstream(nats_server.url) as js:
