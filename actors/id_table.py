@@ -14,6 +14,11 @@ entry by the same measurement:
 Keys must be uniformly distributed (a blake2b digest), because the index uses their low
 bits as the home slot. Key 0 marks a forgotten ring position, so `stable_hash` never
 returns it.
+
+New entries take the ring positions in turn: the k-th entry the table ever added (k
+from 0) is at position k % max_entries. So the entries added since a checkpoint are one
+run of positions, which `take_changes` copies with two slices, and a checkpoint stores
+those instead of the whole table.
 """
 
 from __future__ import annotations
@@ -25,7 +30,14 @@ from collections.abc import Iterator
 
 import msgspec
 
-__all__ = ["IdTable", "IdTableData", "add_packed_id", "find_packed_id", "stable_hash"]
+__all__ = [
+    "IdTable",
+    "IdTableChanges",
+    "IdTableData",
+    "add_packed_id",
+    "find_packed_id",
+    "stable_hash",
+]
 
 _MIN_SLOTS = 8
 _MAX_VALUE = 0xFFFF_FFFF
@@ -91,6 +103,17 @@ class IdTableData(msgspec.Struct, array_like=True):
     values: bytes = b""
 
 
+class IdTableChanges(msgspec.Struct, array_like=True):
+    """The entries an `IdTable` added since its last mark, oldest first, as
+    little-endian keys (8 bytes) and values (4 bytes), and the keys it popped."""
+
+    keys: bytes = b""
+    values: bytes = b""
+    pops: list[tuple[int, int]] = []
+    """(entries added before the pop, key) per pop, in the order of the pops. A key 0
+    in `keys` is an entry popped since."""
+
+
 class IdTable:
     """A map of 64-bit keys to 32-bit values that keeps its newest `max_entries`.
 
@@ -115,6 +138,12 @@ class IdTable:
         self.dropped = False
         """Whether the table ever dropped an entry to make room, here or before the
         checkpoint it was restored from."""
+        # For take_changes: entries ever added, the count at the last mark, the pops
+        # since, and whether a put changed the value of a present key since.
+        self._added = 0
+        self._marked = 0
+        self._pops: list[tuple[int, int]] = []
+        self._rewritten = False
 
     def __len__(self) -> int:
         return self._live
@@ -147,6 +176,7 @@ class IdTable:
             self._values.append(value)
             self._slots[index] = len(keys)
             self._live += 1
+            self._added += 1
         else:
             self.put(key, value)
         return None
@@ -181,6 +211,7 @@ class IdTable:
         position = slots[index]
         if position:
             self._values[position - 1] = value
+            self._rewritten = True
             return forgotten
         if full:
             position = self._head
@@ -193,6 +224,7 @@ class IdTable:
             self._values.append(value)
         slots[index] = position + 1
         self._live += 1
+        self._added += 1
         return forgotten
 
     def pop(self, key: int) -> int | None:
@@ -203,6 +235,7 @@ class IdTable:
         position = self._slots[index] - 1
         self._keys[position] = 0
         self._clear(index)
+        self._pops.append((self._added - self._marked, key))
         return self._values[position]
 
     def items(self) -> Iterator[tuple[int, int]]:
@@ -233,6 +266,73 @@ class IdTable:
             values.byteswap()
         return IdTableData(self.max_entries, keys.tobytes(), values.tobytes())
 
+    def mark(self) -> None:
+        """Begin recording the changes that the next `take_changes` returns."""
+        self._marked = self._added
+        self._pops = []
+        self._rewritten = False
+
+    def take_changes(self) -> IdTableChanges | None:
+        """Return the changes since the last mark and mark again.
+
+        Return None when the changes cannot be replayed on the marked table: more
+        entries were added than the ring has positions, or a put changed the value of a
+        present key. The caller stores the whole table then (`to_data`).
+        """
+        added = self._added - self._marked
+        if self._rewritten or added > self.max_entries:
+            self.mark()
+            return None
+        start = self._marked % self.max_entries
+        end = start + added
+        if end <= self.max_entries:
+            keys = self._keys[start:end]
+            values = self._values[start:end]
+        else:
+            end -= self.max_entries
+            keys = self._keys[start:] + self._keys[:end]
+            values = self._values[start:] + self._values[:end]
+        if sys.byteorder == "big":
+            keys.byteswap()
+            values.byteswap()
+        changes = IdTableChanges(keys.tobytes(), values.tobytes(), self._pops)
+        self.mark()
+        return changes
+
+    def apply_changes(self, changes: IdTableChanges) -> None:
+        """Replay `take_changes` output of another table on this one, in order.
+
+        The result contains every entry the other table contained, and may contain a
+        few older ones besides: a table rebuilt by `from_data` has no forgotten
+        positions, so it drops its oldest entries later than the original did.
+        """
+        keys = array("Q", changes.keys)
+        values = array("I", changes.values)
+        if len(keys) != len(values):
+            raise ValueError(
+                f"id table changes have {len(keys)} keys but {len(values)} values, so "
+                "the checkpoint that contains them is damaged"
+            )
+        if sys.byteorder == "big":
+            keys.byteswap()
+            values.byteswap()
+        pops = iter(changes.pops)
+        pop = next(pops, None)
+        for index, (key, value) in enumerate(zip(keys, values, strict=True)):
+            while pop is not None and pop[0] <= index:
+                self.pop(pop[1])
+                pop = next(pops, None)
+            if key:
+                # The entry was new in the other table. Here an older entry of the
+                # same key may remain, which must not keep its age.
+                self.pop(key)
+                self.put(key, value)
+        while pop is not None:
+            self.pop(pop[1])
+            pop = next(pops, None)
+        self.forgotten = 0
+        self.mark()
+
     @classmethod
     def from_data(cls, data: IdTableData, max_entries: int) -> IdTable:
         """Rebuild a table from a checkpoint, keeping its newest `max_entries` entries.
@@ -254,6 +354,7 @@ class IdTable:
         for position in range(start, len(keys)):
             table.put(keys[position], values[position])
         table.forgotten = 0
+        table.mark()
         # A full ring may have dropped entries before the checkpoint, and a smaller
         # max_entries drops some now.
         table.dropped = len(keys) >= data.max_entries or start > 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import random
 import time
 import tracemalloc
 from collections.abc import Sequence
@@ -43,9 +44,14 @@ class GrowthRun:
 
 
 def measure_with_open_orders(
-    open_orders: int, messages: Sequence[tuple[str, bytes]], *, traced: bool
+    open_orders: int,
+    messages: Sequence[tuple[str, bytes]],
+    *,
+    traced: bool,
+    remembered_ids: int = 0,
 ) -> GrowthRun:
-    """Preload `open_orders` open orders, then time applying `messages`.
+    """Preload `open_orders` open orders and `remembered_ids` event ids, then time
+    applying `messages`.
 
     With `traced`, tracemalloc runs during the whole measurement and reports the
     state's size; it slows Python allocations, so the suite times an untraced run and
@@ -62,6 +68,11 @@ def measure_with_open_orders(
         before = tracemalloc.get_traced_memory()[0] if traced else 0
         state = PartitionState(0)
         apply_in_batches(state, preload)
+        # Ids as the id table stores them (64-bit hashes), put directly: applying that
+        # many events would take most of a minute per run.
+        rng = random.Random(remembered_ids)
+        for _ in range(remembered_ids):
+            state.seen.put(rng.getrandbits(64) or 1, 0)
         state.take_snapshot()
         state.checkpoint_parts(base=True)
         started = time.perf_counter()

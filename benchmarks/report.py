@@ -551,12 +551,14 @@ def _growth(results: Results) -> str:
     return f"""## Growth
 
 PartitionState in this process, preloaded with open orders (releases that nothing
-completes), then timed over the same {results.sizes.growth_events:,} generated messages.
+completes) or with remembered event ids ({StateSettings().dedup_max_ids:,} is the
+default `dedup_max_ids`), then timed over the same
+{results.sizes.growth_events:,} generated messages.
 State memory is tracemalloc's count after the run. A checkpoint is the MessagePack the
-ingest stores for each partition: the state (ids, machines, parked events, clocks and
-counts) and either every order (a base) or the orders changed since the checkpoint
-before (a delta). The delta here holds the orders the timed run changed, against a
-base taken after the preload.
+ingest stores for each partition: the state (machines, parked events, clocks and
+counts) and either every order and remembered id (a base) or the orders and ids changed
+since the checkpoint before (a delta). The delta here holds the orders and ids the
+timed run changed, against a base taken after the preload.
 
 {_growth_rows(results.growth_orders, with_pipeline=False)}
 
@@ -733,8 +735,8 @@ def _bound_latency(results: Results) -> list[str]:
             "**Latency.** Postings are published as soon as their batch is applied, "
             "and the DuckDB write and the checkpoint's puts run in the background. "
             "What still holds events back is step 5a: every 2 s each partition "
-            "serialises its state (its id table, machines and parked events whole, "
-            "its orders changed since the last checkpoint) and joins the snapshot "
+            "serialises its state (its machines and parked events whole, the orders "
+            "and ids changed since the last checkpoint) and joins the snapshot "
             "chunks it built after each batch, "
             f"{per_checkpoint * 1000:,.0f} ms per checkpoint on average in the "
             "profiled run, and the events queued behind it wait. The DuckDB write "

@@ -35,6 +35,8 @@ class Sizes:
     growth_events: int
     open_orders: tuple[int, ...]
     plants: tuple[int, ...]
+    remembered_ids: tuple[int, ...] = ()
+    """Id table preloads of the growth runs; empty in results saved before them."""
 
 
 @dataclass

@@ -63,6 +63,7 @@ FULL = Sizes(
     growth_events=30_000,
     open_orders=(1_000, 10_000, 100_000),
     plants=(3, 30, 300),
+    remembered_ids=(2_000_000,),
 )
 
 QUICK = Sizes(
@@ -80,6 +81,7 @@ QUICK = Sizes(
     growth_events=2_000,
     open_orders=(100, 1_000, 10_000),
     plants=(3, 30, 300),
+    remembered_ids=(20_000,),
 )
 
 SOAK_STATE = StateSettings(dedup_max_ids=50_000, closed_order_retention_s=6 * 3600.0)
@@ -250,6 +252,27 @@ async def _growth(results: Results, sizes: Sizes) -> None:
         results.growth_orders.append(
             GrowthRow(
                 label=f"{open_orders:,} open orders",
+                rate=summarize([run.rate for run in runs]),
+                memory_bytes=traced.traced_bytes,
+                checkpoint_bytes=runs[0].checkpoint_bytes,
+                checkpoint_seconds=summarize([r.checkpoint_seconds for r in runs]),
+                delta_bytes=runs[0].delta_bytes,
+                delta_seconds=summarize([r.delta_seconds for r in runs]),
+            )
+        )
+    for ids in sizes.remembered_ids:
+        runs = [
+            growth.measure_with_open_orders(
+                0, workload.messages, traced=False, remembered_ids=ids
+            )
+            for _ in range(sizes.repeats)
+        ]
+        traced = growth.measure_with_open_orders(
+            0, workload.messages, traced=True, remembered_ids=ids
+        )
+        results.growth_orders.append(
+            GrowthRow(
+                label=f"{ids:,} remembered ids",
                 rate=summarize([run.rate for run in runs]),
                 memory_bytes=traced.traced_bytes,
                 checkpoint_bytes=runs[0].checkpoint_bytes,

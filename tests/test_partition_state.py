@@ -12,10 +12,11 @@ import msgspec
 import pytest
 import ray
 
-from actors.id_table import IdTable, add_packed_id, find_packed_id
+from actors.id_table import IdTable, IdTableChanges, add_packed_id, find_packed_id
 from actors.partition import PartitionActor
 from actors.partition_state import (
     BatchResult,
+    Checkpoint,
     CheckpointFormatError,
     OrdersCheckpoint,
     PartitionState,
@@ -451,6 +452,71 @@ def test_id_table_get_or_put_matches_dict() -> None:
             assert list(stored.items()) == list(expected.items())
 
 
+def test_id_table_changes_rebuild_every_entry() -> None:
+    """A base and the changes after it rebuild every entry with its value. The rebuilt
+    table may keep some entries the original dropped, never fewer."""
+    rng = random.Random(23)
+    for capacity in (1, 4, 33):
+        table = IdTable(capacity)
+        keys = [rng.getrandbits(64) or 1 for _ in range(4 * capacity)]
+        base = table.to_data()
+        steps = []
+        for _ in range(30):
+            for _ in range(rng.randrange(2 * capacity)):
+                key = rng.choice(keys)
+                if rng.random() < 0.8:
+                    table.get_or_put(key, rng.getrandbits(30))
+                else:
+                    table.pop(key)
+            changes = table.take_changes()
+            if changes is None:
+                base = table.to_data()
+                steps = []
+            else:
+                steps.append(changes)
+            rebuilt = IdTable.from_data(base, capacity)
+            for changes in steps:
+                rebuilt.apply_changes(changes)
+            rebuilt_items = dict(rebuilt.items())
+            for key, value in table.items():
+                assert rebuilt_items.get(key) == value
+            assert len(rebuilt) <= capacity
+
+
+def test_id_table_changes_exact_until_full() -> None:
+    table = IdTable(10)
+    for key in (1, 2, 3):
+        table.put(key, key * 10)
+    base = table.to_data()
+    table.mark()
+    for key in (4, 5, 6, 7):
+        table.get_or_put(key, key * 10)
+    first = table.take_changes()
+    table.pop(5)
+    table.put(8, 80)
+    second = table.take_changes()
+    assert first is not None
+    assert second is not None
+    assert second.pops == [(0, 5)]
+    rebuilt = IdTable.from_data(base, 10)
+    rebuilt.apply_changes(first)
+    rebuilt.apply_changes(second)
+    assert list(rebuilt.items()) == list(table.items())
+
+
+def test_id_table_changes_none_when_not_replayable() -> None:
+    table = IdTable(3)
+    table.mark()
+    for key in (1, 2, 3, 4):
+        table.put(key, 0)
+    # Four entries went through a ring of three positions.
+    assert table.take_changes() is None
+    assert table.take_changes() == IdTableChanges()
+    table.put(4, 9)
+    # A changed value of a present key is not among the changes.
+    assert table.take_changes() is None
+
+
 def test_packed_id_found_only_at_entry_start() -> None:
     first = 0x1111_1111_2222_2222
     packed = add_packed_id(b"", first, 0x3333_3333)
@@ -551,6 +617,43 @@ def test_parts_rebuild_base_and_deltas() -> None:
     restored = PartitionState.restore(last, orders=orders_parts)
     assert sorted(restored.orders) == ["P1\x1fO2", "P1\x1fO3", "P1\x1fO4"]
     assert restored.checkpoint() == state.checkpoint()
+
+
+def test_delta_carries_only_new_ids() -> None:
+    state = PartitionState(0)
+    state.apply_batch(numbered(1, release("O1"), release("O2")))
+    _, base = state.checkpoint_parts(base=True)
+    state.apply_batch(numbered(10, consume("c1", "2"), consume("c2", "1")))
+    state_part, delta = state.checkpoint_parts(base=False)
+
+    saved = msgspec.msgpack.decode(state_part, type=Checkpoint)
+    assert saved.seen.keys == b""
+    whole = msgspec.msgpack.decode(base, type=OrdersCheckpoint)
+    assert whole.seen is not None
+    assert len(whole.seen.keys) == 2 * 8
+    part = msgspec.msgpack.decode(delta, type=OrdersCheckpoint)
+    assert part.seen is None
+    assert part.seen_changes is not None
+    assert len(part.seen_changes.keys) == 2 * 8
+    restored = PartitionState.restore(state_part, orders=[base, delta])
+    assert list(restored.seen.items()) == list(state.seen.items())
+
+
+def test_damaged_id_changes_name_their_part() -> None:
+    state = PartitionState(0)
+    state.apply_batch(numbered(1, release("O1")))
+    _, base = state.checkpoint_parts(base=True)
+    state.apply_batch(numbered(10, consume("c1", "2")))
+    state_part, delta = state.checkpoint_parts(base=False)
+    part = msgspec.msgpack.decode(delta, type=OrdersCheckpoint)
+    assert part.seen_changes is not None
+    part.seen_changes.values = part.seen_changes.values[:-4]
+    damaged = msgspec.msgpack.encode(part)
+
+    with pytest.raises(CheckpointFormatError) as caught:
+        PartitionState.restore(state_part, orders=[base, damaged])
+    assert caught.value.part == 2
+    assert "remembered event ids cannot be rebuilt" in str(caught.value)
 
 
 def test_delta_after_restore_skips_unchanged() -> None:
