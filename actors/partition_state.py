@@ -201,6 +201,15 @@ class OrdersCheckpoint(msgspec.Struct):
     moved here from `Checkpoint.seen`."""
     seen_changes: IdTableChanges | None = None
     """In a delta, the ids added and popped since the part before."""
+    closed: dict[str, IdTableData] | None = None
+    """Every plant's table of evicted orders, whole: in a base, and in a delta where
+    one table's changes could not be replayed. None in parts written before the
+    tables moved here from `Checkpoint.closed_orders`."""
+    closed_changes: dict[str, IdTableChanges] = {}
+    """In a delta, per plant, the evicted orders added since the part before."""
+    closed_forgotten: list[str] = []
+    """In a delta, the plants whose table `forget_plant` dropped since the part
+    before. A restore drops them before it applies `closed_changes`."""
 
 
 def _key_or_none(data: bytes) -> EventKey | None:
@@ -256,6 +265,12 @@ class PartitionState:
         # in the checkpoint already, so the next delta leaves them out.
         self._rewrite_orders: set[str] = set()
         self._dirty_clocks: set[str] = set()
+        # Plants whose closed-order table forget_plant dropped since the last
+        # checkpoint_parts.
+        self._forgotten_closed: set[str] = set()
+        # Whether the next checkpoint_parts must store the id tables whole: after a
+        # restore from parts that did not carry them, a delta would have no base.
+        self._whole_tables_due = False
         self._calendars_written: set[str] = set()
         self._facts: dict[str, object] = {}
         self._posting_subjects: dict[str, str] = {}
@@ -1000,23 +1015,55 @@ class PartitionState:
                 self.partition,
                 self.last_seq,
             )
-            changes = self.seen.take_changes()
+            changes = None if self._whole_tables_due else self.seen.take_changes()
         if changes is None:
             part.seen = self.seen.to_data()
             self.seen.mark()
         else:
             part.seen_changes = changes
+        self._chain_closed_orders(part, whole=base or self._whole_tables_due)
+        self._whole_tables_due = False
         self._unsaved_orders = set()
         self._dropped_orders = set()
-        # The state part's id table is left empty: the orders parts carry it.
-        # TODO: the closed-order tables still go whole into every state part, 12
-        # bytes per evicted order, which grows with the months a partition runs.
-        state = self._encode_state({}, IdTableData(self.seen.max_entries))
+        # The state part's id tables are left empty: the orders parts carry them.
+        state = self._encode_state(
+            {}, IdTableData(self.seen.max_entries), with_closed_orders=False
+        )
         return state, msgspec.msgpack.encode(part)
 
+    def _chain_closed_orders(self, part: OrdersCheckpoint, *, whole: bool) -> None:
+        """Put the closed-order tables into `part`: whole, or their changes."""
+        tables = self.closed_orders
+        if not whole:
+            changes: dict[str, IdTableChanges] = {}
+            for plant, table in tables.items():
+                plant_changes = table.take_changes()
+                if plant_changes is None:
+                    whole = True
+                    break
+                if plant_changes.keys or plant_changes.pops:
+                    changes[plant] = plant_changes
+        if whole:
+            part.closed = {plant: table.to_data() for plant, table in tables.items()}
+            for table in tables.values():
+                table.mark()
+        else:
+            part.closed_changes = changes
+            part.closed_forgotten = sorted(self._forgotten_closed)
+        self._forgotten_closed = set()
+
     def _encode_state(
-        self, orders: dict[str, OrderState], seen: IdTableData | None = None
+        self,
+        orders: dict[str, OrderState],
+        seen: IdTableData | None = None,
+        *,
+        with_closed_orders: bool = True,
     ) -> bytes:
+        closed_orders = (
+            {plant: table.to_data() for plant, table in self.closed_orders.items()}
+            if with_closed_orders
+            else {}
+        )
         return msgspec.msgpack.encode(
             Checkpoint(
                 self.partition,
@@ -1028,7 +1075,7 @@ class PartitionState:
                 self.plant_holds,
                 dict(self.counts),
                 self.clocks,
-                {plant: table.to_data() for plant, table in self.closed_orders.items()},
+                closed_orders,
             )
         )
 
@@ -1052,16 +1099,20 @@ class PartitionState:
         state.last_seq = saved.last_seq
         state._position = (saved.last_seq, sys.maxsize)
         state.seen = _merge_seen(parts, saved, state.settings.dedup_max_ids)
+        state.closed_orders = _merge_closed(
+            parts, saved, state.settings.closed_order_max_keys
+        )
+        # Parts of a version that kept the id tables in the state part: the next
+        # delta has no base for their changes, so it stores them whole.
+        state._whole_tables_due = bool(parts) and all(
+            part.seen is None and part.closed is None for part in parts
+        )
         state.orders = saved.orders
         state.machines = saved.machines
         state.parked = saved.parked
         state.plant_holds = saved.plant_holds
         state.counts = Counter(saved.counts)
         state.clocks = saved.clocks
-        state.closed_orders = {
-            plant: IdTable.from_data(table, state.settings.closed_order_max_keys)
-            for plant, table in saved.closed_orders.items()
-        }
         # Snapshot rows not yet written were lost with the old process; rewriting every
         # order brings the tables back in step with the restored state.
         state._rewrite_orders = set(saved.orders)
@@ -1105,7 +1156,8 @@ class PartitionState:
             del self.parked[key]
         self.clocks.pop(plant, None)
         self._dirty_clocks.discard(plant)
-        self.closed_orders.pop(plant, None)
+        if self.closed_orders.pop(plant, None) is not None:
+            self._forgotten_closed.add(plant)
         for event_id in event_ids:
             self.seen.pop(stable_hash(event_id))
         return dropped
@@ -1184,6 +1236,50 @@ def _merge_seen(
             part=part_number,
         ) from error
     return table
+
+
+def _merge_closed(
+    parts: list[OrdersCheckpoint], saved: Checkpoint, max_keys: int
+) -> dict[str, IdTable]:
+    # As _merge_seen: the last whole set of tables, then the changes after it.
+    last_whole = None
+    for index, part in enumerate(parts):
+        if part.closed is not None:
+            last_whole = index
+    if last_whole is None and any(
+        part.closed_changes or part.closed_forgotten for part in parts
+    ):
+        raise CheckpointFormatError(
+            "the checkpoint's orders parts contain changes of evicted orders but no "
+            "whole tables to apply them to, so the object store bucket "
+            "plantstream-checkpoints is damaged. Delete it and start again, which "
+            "replays the plant events stream from sequence 1"
+        )
+    whole = saved.closed_orders if last_whole is None else parts[last_whole].closed
+    assert whole is not None
+    later = parts[last_whole + 1 :] if last_whole is not None else parts
+    part_number = 0 if last_whole is None else last_whole + 1
+    try:
+        tables = {
+            plant: IdTable.from_data(data, max_keys) for plant, data in whole.items()
+        }
+        for part in later:
+            part_number += 1
+            for plant in part.closed_forgotten:
+                tables.pop(plant, None)
+            for plant, changes in part.closed_changes.items():
+                table = tables.get(plant)
+                if table is None:
+                    table = tables[plant] = IdTable(max_keys)
+                table.apply_changes(changes)
+    except ValueError as error:
+        raise CheckpointFormatError(
+            f"the checkpoint's evicted orders cannot be rebuilt ({error}). Delete the "
+            "object store bucket plantstream-checkpoints and start again, which "
+            "replays the plant events stream from sequence 1",
+            part=part_number,
+        ) from error
+    return tables
 
 
 def _merge_orders(

@@ -614,6 +614,9 @@ def test_parts_rebuild_base_and_deltas() -> None:
     assert sorted(delta.orders) == ["P1\x1fO1", "P1\x1fO3"]
     evicting = msgspec.msgpack.decode(orders_parts[2], type=OrdersCheckpoint)
     assert evicting.dropped == ["P1\x1fO1"]
+    assert evicting.closed is None
+    assert list(evicting.closed_changes) == ["P1"]
+    assert msgspec.msgpack.decode(last, type=Checkpoint).closed_orders == {}
     restored = PartitionState.restore(last, orders=orders_parts)
     assert sorted(restored.orders) == ["P1\x1fO2", "P1\x1fO3", "P1\x1fO4"]
     assert restored.checkpoint() == state.checkpoint()
@@ -654,6 +657,47 @@ def test_damaged_id_changes_name_their_part() -> None:
         PartitionState.restore(state_part, orders=[base, damaged])
     assert caught.value.part == 2
     assert "remembered event ids cannot be rebuilt" in str(caught.value)
+
+
+def test_forgotten_plant_leaves_closed_orders() -> None:
+    state = PartitionState(0)
+    completed_and_aged(state)
+    state.take_snapshot()
+    assert state.evict_closed_orders() == 1
+    _, base = state.checkpoint_parts(base=True)
+    state.forget_plant("P1", [])
+    state_part, delta = state.checkpoint_parts(base=False)
+
+    part = msgspec.msgpack.decode(delta, type=OrdersCheckpoint)
+    assert part.closed_forgotten == ["P1"]
+    restored = PartitionState.restore(state_part, orders=[base, delta])
+    assert restored.closed_orders == {}
+
+
+def test_chain_of_older_format_continues() -> None:
+    """Parts written when the id tables were in the state part restore, and the next
+    delta stores the tables whole, so that later restores have a base for them."""
+    state = PartitionState(0)
+    completed_and_aged(state)
+    state.take_snapshot()
+    assert state.evict_closed_orders() == 1
+    _, base = state.checkpoint_parts(base=True)
+    older_base = msgspec.msgpack.decode(base, type=OrdersCheckpoint)
+    older_base.seen = None
+    older_base.closed = None
+    older_parts = [msgspec.msgpack.encode(older_base)]
+    # The state part as that format wrote it: both id tables whole.
+    older_state = state._encode_state({})
+
+    restored = PartitionState.restore(older_state, orders=older_parts)
+    assert list(restored.seen.items()) == list(state.seen.items())
+    restored.apply_batch(numbered(10, release("O7")))
+    state_part, delta = restored.checkpoint_parts(base=False)
+    part = msgspec.msgpack.decode(delta, type=OrdersCheckpoint)
+    assert part.seen is not None
+    assert part.closed is not None
+    again = PartitionState.restore(state_part, orders=[*older_parts, delta])
+    assert again.checkpoint() == restored.checkpoint()
 
 
 def test_delta_after_restore_skips_unchanged() -> None:
