@@ -28,7 +28,13 @@ from nats.js.kv import KeyValue
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LEASE_BUCKET", "IngestLease", "LeaseLostError", "StoppedWaitingError"]
+__all__ = [
+    "LEASE_BUCKET",
+    "IngestLease",
+    "LeaseLostError",
+    "LeaseRetakenError",
+    "StoppedWaitingError",
+]
 
 LEASE_BUCKET = "plantstream-leases"
 LEASE_KEY = "ingest"
@@ -37,6 +43,15 @@ DEFAULT_TTL_S = 10.0
 
 class LeaseLostError(RuntimeError):
     """Another run took the ingest lease, so this one must stop processing."""
+
+
+class LeaseRetakenError(ConnectionError):
+    """The lease expired while NATS was unreachable, and this run took it again.
+
+    Another run may have held the lease and committed checkpoints in the meantime, so
+    the ingest resumes from the last committed checkpoint, which it does for every
+    ConnectionError.
+    """
 
 
 class StoppedWaitingError(RuntimeError):
@@ -73,6 +88,7 @@ class IngestLease:
         self._renewal: asyncio.Task[None] | None = None
         self.lost = asyncio.Event()
         """Set when another run took the lease; the holder must stop at once."""
+        self._retaken = False
 
     async def acquire(self, stop: asyncio.Event | None = None) -> None:
         """Take the lease, waiting while another live run has it.
@@ -155,6 +171,12 @@ class IngestLease:
         paused past the TTL does not commit over the run that took over.
         """
         assert self._kv is not None
+        if self._retaken:
+            self._retaken = False
+            raise LeaseRetakenError(
+                "the ingest lease expired and was taken again, so this run resumes "
+                "from its last committed checkpoint instead of committing"
+            )
         # TODO: the check and the commit are two requests, so a pause between them can
         # still let one commit through. A conditional write of the manifest would close
         # that gap.
@@ -185,6 +207,8 @@ class IngestLease:
                     LEASE_KEY, value, last=self._revision
                 )
             except nats.js.errors.KeyWrongLastSequenceError:
+                if await self._after_conflict(value):
+                    continue
                 logger.error(
                     "lost the ingest lease: it expired while this run could not "
                     "renew it, and another run took it; this run stops"
@@ -208,6 +232,38 @@ class IngestLease:
                 if failures:
                     logger.info("renewed the ingest lease after %d failures", failures)
                 failures = 0
+
+    async def _after_conflict(self, value: bytes) -> bool:
+        """Find out why a renewal was rejected.
+
+        Return False if another run has the lease. Return True if this run still has
+        it, has taken it again, or cannot tell yet.
+        """
+        assert self._kv is not None
+        try:
+            try:
+                entry = await self._kv.get(LEASE_KEY)
+            except nats.js.errors.KeyNotFoundError:
+                entry = None
+            if entry is not None and entry.value:
+                if msgspec.json.decode(entry.value, type=Holder) != self.holder:
+                    return False
+                # An earlier renewal was stored, but its reply was lost.
+                self._revision = entry.revision or self._revision
+                return True
+            self._revision = await self._kv.create(LEASE_KEY, value)
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return False  # another run created it between the two requests
+        except (TimeoutError, nats.errors.Error) as error:
+            logger.debug("could not look at the ingest lease: %s", error)
+            return True  # the next renewal finds out
+        self._retaken = True
+        logger.warning(
+            "the ingest lease expired while NATS was unreachable, and no other run "
+            "had taken it; this run took it again and resumes from its last "
+            "checkpoint"
+        )
+        return True
 
     async def release(self) -> None:
         """Stop renewing and delete the lease, so a standby takes over at once."""

@@ -23,6 +23,7 @@ from cluster.lease import (
     Holder,
     IngestLease,
     LeaseLostError,
+    LeaseRetakenError,
     StoppedWaitingError,
     _process_namespace,
 )
@@ -199,6 +200,47 @@ def test_renewal_failure_logged_as_warning(
     assert len(failures) >= 2
     assert failures[0].levelname == "WARNING"
     assert {record.levelname for record in failures[1:]} == {"DEBUG"}
+
+
+def test_lease_expired_in_outage_taken_again(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """NATS down for longer than the TTL: the lease expires, no other run takes it,
+    and the run takes it again instead of stopping."""
+    store = tmp_path / "jetstream"
+    server = EmbeddedNatsServer(store_dir=store).start()
+
+    async def scenario() -> None:
+        nonlocal server
+        nc = await nats.connect(
+            server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.1
+        )
+        try:
+            lease = IngestLease(nc.jetstream(timeout=TTL_S / 2), ttl_s=TTL_S)
+            await lease.acquire()
+            server.stop()
+            await asyncio.sleep(3 * TTL_S)
+            server = EmbeddedNatsServer(store_dir=store, port=server.port).start()
+            deadline = time.monotonic() + 20 * TTL_S
+            while "took it again" not in caplog.text:
+                assert not lease.lost.is_set(), caplog.text[-2000:]
+                assert time.monotonic() < deadline, caplog.text[-2000:]
+                await asyncio.sleep(TTL_S / 10)
+            # The first check sends the ingest back to its last checkpoint, because
+            # another run may have committed while the lease was free.
+            with pytest.raises(LeaseRetakenError):
+                await lease.check()
+            await lease.check()
+            assert not lease.lost.is_set()
+            await lease.release()
+        finally:
+            await nc.close()
+
+    try:
+        with caplog.at_level("INFO", logger="cluster.lease"):
+            asyncio.run(scenario())
+    finally:
+        server.stop()
 
 
 def test_standby_stops_when_asked(nats_server: EmbeddedNatsServer) -> None:
