@@ -20,7 +20,7 @@ import logging
 from dataclasses import dataclass
 
 import msgspec
-from nats.js.errors import NotFoundError
+from nats.js.errors import DigestMismatchError, NotFoundError
 from nats.js.object_store import ObjectStore
 
 __all__ = [
@@ -53,8 +53,8 @@ reads at most about 3 N."""
 _SLOTS = ("a", "b")
 
 _START_AGAIN = (
-    "Delete the bucket and start again, which replays the plant events stream from "
-    "sequence 1"
+    "Delete the object store bucket plantstream-checkpoints (the README shows how) "
+    "and start again, which replays the plant events stream from sequence 1"
 )
 
 
@@ -186,6 +186,15 @@ async def _read(store: ObjectStore, name: str, digest: str = "") -> bytes:
         raise CheckpointMismatchError(
             f"checkpoint object {name} named by the manifest is missing from the "
             f"object store bucket plantstream-checkpoints. {_START_AGAIN}"
+        ) from None
+    except DigestMismatchError:
+        # nats-py compares the chunks it read with the object's own digest: the
+        # stored bytes changed under the object. A NATS error would be retried
+        # forever, and retrying cannot repair it.
+        raise CheckpointMismatchError(
+            f"checkpoint object {name} in the object store bucket "
+            "plantstream-checkpoints does not match its own digest, so its stored "
+            f"chunks are damaged. {_START_AGAIN}"
         ) from None
     if digest and result.info.digest != digest:
         raise CheckpointMismatchError(

@@ -146,6 +146,19 @@ def test_damaged_checkpoint_named_at_start(nats_server: EmbeddedNatsServer) -> N
             message = await replaced(objects.orders[0], orders[:-1] + b"\0")
             assert f"{objects.orders[0]} has digest" in message
             assert "replaced after the checkpoint" in message
+            # The stored chunks changed under the object: only nats-py's own digest
+            # check on reading finds it.
+            info = await store.get_info(objects.orders[0])
+            chunks = f"$O.{CHECKPOINT_BUCKET}.C.{info.nuid}"
+            await js.purge_stream(f"OBJ_{CHECKPOINT_BUCKET}", subject=chunks)
+            await js.publish(chunks, orders[:-1] + b"\0")
+            message = await start_error()
+            assert f"{objects.orders[0]} in the object store bucket" in message
+            assert "does not match its own digest" in message
+            await store.put(objects.orders[0], orders)
+            manifest = await read_manifest(store)
+            assert manifest is not None
+            objects = manifest.objects[0]
             message = await replaced(MANIFEST, b"{not json")
             assert "manifest cannot be read" in message
             short = msgspec.structs.replace(
