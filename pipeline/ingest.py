@@ -586,6 +586,8 @@ class Ingest:
             dead.append(letter)
             return
         partitions = len(self.actors)
+        # TODO: an event id reused for an event that routes to another partition is
+        # not dead-lettered, because each partition remembers only its own ids.
         partition = partition_of(key.plant, routing_key(key), partitions)
         groups.setdefault(partition, []).append(
             SourceMessage(seq, subject, data, True, index)

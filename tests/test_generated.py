@@ -36,6 +36,7 @@ from contracts.postings import (
 from pipeline.sources.generated import (
     ANOMALY_REASONS,
     BAD_REASONS,
+    DEFAULT_SEED,
     Expected,
     GeneratedMessage,
     StreamSpec,
@@ -83,6 +84,19 @@ def test_generate_other_seed_other_stream() -> None:
     first, _ = generate(StreamSpec(orders_per_plant=40, seed=1))
     second, _ = generate(StreamSpec(orders_per_plant=40, seed=2))
     assert first != second
+
+
+def test_other_seeds_share_no_ids() -> None:
+    def ids(seed: int) -> tuple[set[str], set[str]]:
+        events = _originals(generate(StreamSpec(orders_per_plant=20, seed=seed))[0])
+        return {e.event_id for e in events}, {e.order for e in events if e.order}
+
+    default_events, default_orders = ids(DEFAULT_SEED)
+    other_events, other_orders = ids(11)
+    assert "P01-E000000001" in default_events
+    assert "P01-S11-E000000001" in other_events
+    assert not default_events & other_events
+    assert not default_orders & other_orders
 
 
 def test_iter_events_matches_generate(stream: Stream) -> None:

@@ -119,6 +119,7 @@ from pipeline.subjects import event_subject
 __all__ = [
     "ANOMALY_REASONS",
     "BAD_REASONS",
+    "DEFAULT_SEED",
     "Expected",
     "GeneratedMessage",
     "StreamSpec",
@@ -190,6 +191,10 @@ _REQUIRED_FIELD = {
 _QUANTITY_FIELDS = ("quantity", "good")
 
 
+DEFAULT_SEED = 7
+"""The seed of `plantstream demo` and of the ids without a seed in them."""
+
+
 @dataclass(frozen=True)
 class StreamSpec:
     """Size, fault rates and seed of a generated stream.
@@ -215,7 +220,10 @@ class StreamSpec:
     reversal_rate: float = 0.01
     """Share of confirmations and consumptions later cancelled or reversed, counted
     over orders without holds or failed inspections."""
-    seed: int = 7
+    seed: int = DEFAULT_SEED
+    """Random seed. Event, order, lot, hold, delivery and downtime ids of any other
+    seed carry it (`P01-S11-E000000001`), so that streams of two seeds published to
+    one server share no ids."""
     start: dt.datetime = dt.datetime(2026, 1, 5, 6, 0, tzinfo=dt.UTC)
 
     def __post_init__(self) -> None:
@@ -373,6 +381,9 @@ def _quantity(amount: int, uom: str) -> Quantity:
 @dataclass
 class _Plant:
     id: str
+    prefix: str
+    """The start of the ids of the plant's events, orders and so on: "P01-", or
+    "P01-S11-" for a seed other than the default."""
     epoch: dt.datetime
     """The Unix epoch in the plant's UTC offset: a local timestamp is epoch + delta."""
     machines: list[str]
@@ -433,6 +444,11 @@ class _StreamBuilder:
         interval = int(170 * _MINUTE / self.spec.machines_per_plant)
         return _Plant(
             id=plant_id,
+            prefix=(
+                f"{plant_id}-"
+                if self.spec.seed == DEFAULT_SEED
+                else f"{plant_id}-S{self.spec.seed}-"
+            ),
             epoch=dt.datetime(1970, 1, 1, tzinfo=dt.UTC).astimezone(offset),
             machines=machines,
             products=rng.sample(_PRODUCTS, k=5),
@@ -513,7 +529,7 @@ class _StreamBuilder:
         else:
             plant = next(p for p in self.plants if p.id == body["plant"])
             plant.bad += 1
-            body["event_id"] = f"{plant.id}-F{plant.bad:07d}"
+            body["event_id"] = f"{plant.prefix}F{plant.bad:07d}"
             body["occurred_at"] = "2099" + body["occurred_at"][4:]
         return GeneratedMessage(subject, encode(body), f"anomaly:{reason}")
 
@@ -527,7 +543,7 @@ class _StreamBuilder:
         self.next_bad += 1
         plant = next(p for p in self.plants if p.id == body["plant"])
         plant.bad += 1
-        body["event_id"] = f"{plant.id}-X{plant.bad:07d}"
+        body["event_id"] = f"{plant.prefix}X{plant.bad:07d}"
         if reason == "malformed_json":
             raw = encode(body)
             return GeneratedMessage(subject, raw[: len(raw) * 2 // 3], f"bad:{reason}")
@@ -692,8 +708,8 @@ class _OrderWriter:
         self.expected = builder.expected
         self.plant = plant
         self.released = released
-        self.order = f"{plant.id}-WO{plant.orders:07d}"
-        self.lot = f"{plant.id}-L{plant.orders:07d}"
+        self.order = f"{plant.prefix}WO{plant.orders:07d}"
+        self.lot = f"{plant.prefix}L{plant.orders:07d}"
         self.records: list[_Record] = []
 
     def _base(
@@ -706,7 +722,7 @@ class _OrderWriter:
         plant = self.plant
         plant.events += 1
         return {
-            "event_id": f"{plant.id}-E{plant.events:09d}",
+            "event_id": f"{plant.prefix}E{plant.events:09d}",
             "plant": plant.id,
             "occurred_at": plant.epoch + dt.timedelta(milliseconds=t),
             "source": source,
@@ -1059,7 +1075,7 @@ class _OrderWriter:
         rng = self.rng
         plant = self.plant
         plant.holds += 1
-        hold_id = f"{plant.id}-QH{plant.holds:06d}"
+        hold_id = f"{plant.prefix}QH{plant.holds:06d}"
         by_lot = rng.random() < 0.25
         self.expected.holds_applied += 1
         self._add(
@@ -1096,7 +1112,7 @@ class _OrderWriter:
             t,
             ShipmentConfirmed(
                 **self._base(t, "wms"),
-                delivery=f"{plant.id}-DL{plant.deliveries:07d}",
+                delivery=f"{plant.prefix}DL{plant.deliveries:07d}",
                 material=product.id,
                 quantity=_quantity(shipped, product.uom),
                 customer=f"C{rng.randint(10001, 10250)}",
@@ -1128,7 +1144,7 @@ class _OrderWriter:
         plant = self.plant
         plant.downtimes += 1
         self.expected.downtimes += 1
-        downtime_id = f"{plant.id}-DT{plant.downtimes:07d}"
+        downtime_id = f"{plant.prefix}DT{plant.downtimes:07d}"
         self._add(
             start,
             DowntimeStarted(
