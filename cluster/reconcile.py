@@ -118,7 +118,7 @@ OUTCOME_CHECKS: dict[str, str] = {
         WHERE d.status = 'duplicate' AND NOT EXISTS (
             SELECT 1 FROM events AS e
             WHERE e.plant = d.plant AND e.event_id = d.event_id
-                AND e.status IN ('applied', 'parked')
+                AND e.status IN ('applied', 'parked', 'dead_letter')
         )
     """,
     "dead letter missing": """

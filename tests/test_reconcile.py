@@ -92,6 +92,28 @@ def test_double_apply_reported(
     assert "DIFFERENCE stock" in out
 
 
+def test_duplicate_of_dead_letter_agrees(
+    db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An event dead-lettered after its id was remembered (an order_closed one, say)
+    and sent again is a duplicate of the dead letter."""
+    tampered = _tampered(
+        db,
+        tmp_path,
+        "INSERT INTO events SELECT * REPLACE "
+        "(stream_seq + 1000000 AS stream_seq, 'duplicate' AS status, NULL AS reason) "
+        "FROM events WHERE status = 'dead_letter' AND event_id NOT IN "
+        "(SELECT event_id FROM events WHERE status IN ('applied', 'parked')) LIMIT 1",
+    )
+    with duckdb.connect(str(tampered), read_only=True) as connection:
+        [(added,)] = connection.execute(
+            "SELECT count(*) FROM events WHERE stream_seq > 1000000"
+        ).fetchall()
+    assert added == 1
+    assert _cli(tampered) == 0
+    assert "duplicate of nothing" not in capsys.readouterr().out
+
+
 def test_missing_file_exit_code(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
