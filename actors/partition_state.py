@@ -904,9 +904,10 @@ class PartitionState:
         completed = dt.datetime.fromtimestamp(closed.completed_at, dt.UTC)
         return (
             f"order {closed.order} of plant {closed.plant} completed at "
-            f"{completed.isoformat()} and was evicted from memory "
-            f"{self.settings.closed_order_retention_s:g} s of event time after its "
-            "last event; its final state is in DuckDB. To apply late events to "
+            f"{completed.isoformat()} and was evicted from memory once the "
+            "retention of completed orders (PLANTSTREAM_CLOSED_ORDER_RETENTION_S, "
+            f"{self.settings.closed_order_retention_s:g} s of event time now) had "
+            "passed; its final state is in DuckDB. To apply late events to "
             "completed orders, raise PLANTSTREAM_CLOSED_ORDER_RETENTION_S, replay the "
             "plant, then retry this dead letter"
         )

@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import datetime as dt
 import logging
+import textwrap
 import typing
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable
@@ -62,6 +63,9 @@ from pipeline.subjects import (
 )
 
 logger = logging.getLogger(__name__)
+
+DETAIL_WIDTH = 100
+"""Columns at which `dlq list` wraps a dead letter's detail."""
 
 __all__ = [
     "DeadLetterEntry",
@@ -702,7 +706,13 @@ def _format_entries(entries: list[DeadLetterEntry]) -> list[str]:
             if entry.retried is not None
             else ""
         )
-        lines.append(f"    {status}{entry.letter.detail[:200]}")
+        # The whole detail, wrapped: its last sentence is usually the fix.
+        lines += textwrap.wrap(
+            f"{status}{entry.letter.detail}",
+            width=DETAIL_WIDTH,
+            initial_indent="    ",
+            subsequent_indent="    ",
+        )
     return lines
 
 

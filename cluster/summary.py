@@ -71,6 +71,17 @@ def format_summary(result: JobResult, db: Path, *, top: int = 5) -> str:
             f"  empty edge batches   {counts['edge_batches_empty']}  (messages of "
             "plant.events.<plant>.batch holding no events)"
         )
+    # Counted only when they happen, which takes a long run or small limits.
+    if counts["orders_evicted"]:
+        lines.append(
+            f"  orders evicted       {counts['orders_evicted']}  (completed orders "
+            "dropped from memory after PLANTSTREAM_CLOSED_ORDER_RETENTION_S)"
+        )
+    if counts["ids_forgotten"]:
+        lines.append(
+            f"  ids forgotten        {counts['ids_forgotten']}  (oldest event ids "
+            "dropped at PLANTSTREAM_DEDUP_MAX_IDS)"
+        )
     if result.report.recoveries:
         lines.append(f"  recoveries           {result.report.recoveries}")
     lines.append("postings by movement type")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -90,6 +91,21 @@ def test_schema_is_json() -> None:
     assert result.returncode == 0
     schema = json.loads(result.stdout)
     assert "$defs" in schema
+
+
+def test_summary_counts_forgotten_ids(tmp_path: Path) -> None:
+    db = tmp_path / "small.duckdb"
+    small = {"PLANTSTREAM_DEDUP_MAX_IDS": "100"}
+    result = subprocess.run(
+        [*PLANTSTREAM, "demo", "--plants", "1", "--orders", "30", "--db", str(db)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, **small},
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "  ids forgotten  " in result.stdout
 
 
 def test_run_requires_nats_url(tmp_path: Path) -> None:

@@ -365,3 +365,16 @@ def test_dlq_list_long_id_widens_no_other_row() -> None:
     assert together[0] == alone[0]
     assert together[1] == alone[1]
     assert all(line == line.rstrip() for line in together)
+
+
+def test_dlq_list_shows_whole_detail() -> None:
+    detail = "order O1 was evicted; " + "context " * 40 + "then retry this dead letter"
+    letter = DeadLetter(
+        reason="order_closed", detail=detail, subject="plant.events.P1.x",
+        stream_seq=7, data=b"{}", rejected_at=dt.datetime(2026, 1, 5, tzinfo=dt.UTC),
+    )  # fmt: skip
+    lines = _format_entries([DeadLetterEntry(7, letter)])
+    # A header line and the row, then the detail.
+    wrapped = " ".join(line.strip() for line in lines[2:])
+    assert wrapped == detail.strip()
+    assert all(len(line) <= 100 for line in lines[2:])
