@@ -198,6 +198,7 @@ async def run_job(
                         writer,
                         config.pipeline,
                         commit_guard=None if lease is None else lease.check,
+                        on_restore=None if lease is None else lease.restoring,
                     )
                     await ingest.start_with_retry()
                     report = await _run_holding(

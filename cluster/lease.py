@@ -265,6 +265,14 @@ class IngestLease:
         )
         return True
 
+    def restoring(self) -> None:
+        """Note that the ingest is about to restore the committed checkpoint.
+
+        A lease taken again before this needs no further recovery: whatever another
+        run committed meanwhile is in the checkpoint restored now.
+        """
+        self._retaken = False
+
     async def release(self) -> None:
         """Stop renewing and delete the lease, so a standby takes over at once."""
         if self._renewal is not None:

@@ -237,11 +237,15 @@ class Ingest:
         settings: PipelineSettings | None = None,
         *,
         commit_guard: Callable[[], Awaitable[None]] | None = None,
+        on_restore: Callable[[], None] | None = None,
     ) -> None:
         self.nc = nc
         self.commit_guard = commit_guard
         """Awaited just before each checkpoint's commit point. It raises to stop the
         commit, as the ingest lease does once another run has taken it."""
+        self.on_restore = on_restore
+        """Called at each start and recovery, before the committed checkpoint is read,
+        as the ingest lease needs to know that the state is the committed one."""
         self.js: JetStreamContext = nc.jetstream()
         self.actors = list(actors)
         self.writer = writer
@@ -278,6 +282,8 @@ class Ingest:
         await ensure_streams(self.js, self.settings)
         await self._publisher.start()
         self._store = await self.js.object_store(CHECKPOINT_BUCKET)
+        if self.on_restore is not None:
+            self.on_restore()
         resumed = await self._restore_partitions()
         await self._recreate_consumer(resumed + 1)
         self._max_seq = resumed

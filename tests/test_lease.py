@@ -215,9 +215,10 @@ def test_lease_expired_in_outage_taken_again(
         nc = await nats.connect(
             server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.1
         )
-        try:
-            lease = IngestLease(nc.jetstream(timeout=TTL_S / 2), ttl_s=TTL_S)
-            await lease.acquire()
+
+        async def outage() -> None:
+            nonlocal server
+            caplog.clear()
             server.stop()
             await asyncio.sleep(3 * TTL_S)
             server = EmbeddedNatsServer(store_dir=store, port=server.port).start()
@@ -226,10 +227,20 @@ def test_lease_expired_in_outage_taken_again(
                 assert not lease.lost.is_set(), caplog.text[-2000:]
                 assert time.monotonic() < deadline, caplog.text[-2000:]
                 await asyncio.sleep(TTL_S / 10)
+
+        try:
+            lease = IngestLease(nc.jetstream(timeout=TTL_S / 2), ttl_s=TTL_S)
+            await lease.acquire()
+            await outage()
             # The first check sends the ingest back to its last checkpoint, because
             # another run may have committed while the lease was free.
             with pytest.raises(LeaseRetakenError):
                 await lease.check()
+            await lease.check()
+            await outage()
+            # An ingest that restored on its own after the outage is not sent back
+            # again.
+            lease.restoring()
             await lease.check()
             assert not lease.lost.is_set()
             await lease.release()
