@@ -101,7 +101,7 @@ class IngestLease:
             self.holder.since = time.time()
             value = msgspec.json.encode(self.holder)
             try:
-                self._revision = await self._kv.create(LEASE_KEY, value)
+                self._revision = await _create(self._kv, LEASE_KEY, value)
                 break
             except nats.js.errors.KeyWrongLastSequenceError:
                 pass
@@ -251,7 +251,7 @@ class IngestLease:
                 # An earlier renewal was stored, but its reply was lost.
                 self._revision = entry.revision or self._revision
                 return True
-            self._revision = await self._kv.create(LEASE_KEY, value)
+            self._revision = await _create(self._kv, LEASE_KEY, value)
         except nats.js.errors.KeyWrongLastSequenceError:
             return False  # another run created it between the two requests
         except (TimeoutError, nats.errors.Error) as error:
@@ -287,6 +287,25 @@ class IngestLease:
         except (TimeoutError, nats.errors.Error) as error:
             # The TTL removes the key anyway.
             logger.debug("could not release the ingest lease: %s", error)
+
+
+_WRONG_LAST_SEQUENCE = 10071
+"""JetStream's error code for a write whose expected last sequence is not the key's."""
+
+
+async def _create(kv: KeyValue, key: str, value: bytes) -> int:
+    """Create `key` unless it exists; raise KeyWrongLastSequenceError if it does."""
+    try:
+        return await kv.create(key, value)
+    except nats.js.errors.KeyWrongLastSequenceError:
+        raise
+    except nats.js.errors.BadRequestError as error:
+        # nats-py 2.16 writes over a deleted or expired key with the revision it
+        # read. Another run writing in between fails that second request with a
+        # plain BadRequestError, which means the same as the first.
+        if error.err_code != _WRONG_LAST_SEQUENCE:
+            raise
+        raise nats.js.errors.KeyWrongLastSequenceError(error.description) from error
 
 
 def _process_namespace() -> str:

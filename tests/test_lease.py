@@ -14,6 +14,7 @@ from pathlib import Path
 
 import msgspec
 import nats
+import nats.js.errors
 import pytest
 from nats.js.api import KeyValueConfig
 
@@ -25,6 +26,7 @@ from cluster.lease import (
     LeaseLostError,
     LeaseRetakenError,
     StoppedWaitingError,
+    _create,
     _process_namespace,
 )
 from cluster.nats_server import EmbeddedNatsServer
@@ -313,3 +315,26 @@ def test_second_run_waits_as_standby(
             if process.poll() is None:
                 process.kill()
                 process.wait(timeout=30)
+
+
+class _RacingBucket:
+    """A key-value bucket whose create fails as nats-py's does when another run
+    writes the deleted key between its two requests."""
+
+    def __init__(self, err_code: int) -> None:
+        self.err_code = err_code
+
+    async def create(self, key: str, value: bytes) -> int:
+        raise nats.js.errors.BadRequestError(
+            code=400, err_code=self.err_code, description="wrong last sequence: 3"
+        )
+
+
+def test_create_race_means_key_taken() -> None:
+    racing = _RacingBucket(10071)
+    with pytest.raises(nats.js.errors.KeyWrongLastSequenceError):
+        asyncio.run(_create(racing, LEASE_KEY, b"{}"))  # type: ignore[arg-type]
+    other = _RacingBucket(10999)
+    with pytest.raises(nats.js.errors.BadRequestError) as caught:
+        asyncio.run(_create(other, LEASE_KEY, b"{}"))  # type: ignore[arg-type]
+    assert not isinstance(caught.value, nats.js.errors.KeyWrongLastSequenceError)
