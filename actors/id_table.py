@@ -94,6 +94,23 @@ def _check_entry(key: int, value: int) -> None:
         raise ValueError(f"id table values are 0 to {_MAX_VALUE}, got {value}")
 
 
+def _from_little_endian(
+    keys_data: bytes, values_data: bytes, part: str
+) -> tuple[array[int], array[int]]:
+    """Return the key and value arrays of a checkpointed id table or its changes."""
+    keys = array("Q", keys_data)
+    values = array("I", values_data)
+    if len(keys) != len(values):
+        raise ValueError(
+            f"id table {part} has {len(keys)} keys but {len(values)} values, so the "
+            "checkpoint that contains it is damaged"
+        )
+    if sys.byteorder == "big":
+        keys.byteswap()
+        values.byteswap()
+    return keys, values
+
+
 class IdTableData(msgspec.Struct, array_like=True):
     """An `IdTable` in a checkpoint: little-endian keys (8 bytes) and values (4 bytes),
     oldest entry first."""
@@ -110,8 +127,8 @@ class IdTableChanges(msgspec.Struct, array_like=True):
     keys: bytes = b""
     values: bytes = b""
     pops: list[tuple[int, int]] = []
-    """(entries added before the pop, key) per pop, in the order of the pops. A key 0
-    in `keys` is an entry popped since."""
+    """Pairs of (entries added before the pop, key), in the order of the pops. A key
+    0 in `keys` is an entry popped since."""
 
 
 class IdTable:
@@ -306,16 +323,7 @@ class IdTable:
         few older ones besides: a table rebuilt by `from_data` has no forgotten
         positions, so it drops its oldest entries later than the original did.
         """
-        keys = array("Q", changes.keys)
-        values = array("I", changes.values)
-        if len(keys) != len(values):
-            raise ValueError(
-                f"id table changes have {len(keys)} keys but {len(values)} values, so "
-                "the checkpoint that contains them is damaged"
-            )
-        if sys.byteorder == "big":
-            keys.byteswap()
-            values.byteswap()
+        keys, values = _from_little_endian(changes.keys, changes.values, "changes")
         pops = iter(changes.pops)
         pop = next(pops, None)
         for index, (key, value) in enumerate(zip(keys, values, strict=True)):
@@ -339,16 +347,7 @@ class IdTable:
 
         `max_entries` is the current setting, which may differ from `data.max_entries`.
         """
-        keys = array("Q", data.keys)
-        values = array("I", data.values)
-        if len(keys) != len(values):
-            raise ValueError(
-                f"id table checkpoint has {len(keys)} keys but {len(values)} values; "
-                "the checkpoint is damaged, restore an earlier one"
-            )
-        if sys.byteorder == "big":
-            keys.byteswap()
-            values.byteswap()
+        keys, values = _from_little_endian(data.keys, data.values, "checkpoint")
         table = cls(max_entries)
         start = max(0, len(keys) - max_entries)
         for position in range(start, len(keys)):

@@ -250,15 +250,7 @@ async def _growth(results: Results, sizes: Sizes) -> None:
             open_orders, workload.messages, traced=True
         )
         results.growth_orders.append(
-            GrowthRow(
-                label=f"{open_orders:,} open orders",
-                rate=summarize([run.rate for run in runs]),
-                memory_bytes=traced.traced_bytes,
-                checkpoint_bytes=runs[0].checkpoint_bytes,
-                checkpoint_seconds=summarize([r.checkpoint_seconds for r in runs]),
-                delta_bytes=runs[0].delta_bytes,
-                delta_seconds=summarize([r.delta_seconds for r in runs]),
-            )
+            _growth_row(f"{open_orders:,} open orders", runs, traced)
         )
     for ids in sizes.remembered_ids:
         runs = [
@@ -271,15 +263,7 @@ async def _growth(results: Results, sizes: Sizes) -> None:
             0, workload.messages, traced=True, remembered_ids=ids
         )
         results.growth_orders.append(
-            GrowthRow(
-                label=f"{ids:,} remembered ids",
-                rate=summarize([run.rate for run in runs]),
-                memory_bytes=traced.traced_bytes,
-                checkpoint_bytes=runs[0].checkpoint_bytes,
-                checkpoint_seconds=summarize([r.checkpoint_seconds for r in runs]),
-                delta_bytes=runs[0].delta_bytes,
-                delta_seconds=summarize([r.delta_seconds for r in runs]),
-            )
+            _growth_row(f"{ids:,} remembered ids", runs, traced)
         )
     for plants in sizes.plants:
         plant_workload = build_workload(spec_for(sizes.growth_events, plants=plants))
@@ -295,18 +279,26 @@ async def _growth(results: Results, sizes: Sizes) -> None:
             await publish_messages(broker.nc, plant_workload.messages)
             for _ in range(sizes.repeats):
                 pipeline_rates.append((await run_pipeline(broker, 2)).rate)
-        results.growth_plants.append(
-            GrowthRow(
-                label=f"{plants} plants ({plant_workload.events:,} messages)",
-                rate=summarize([run.rate for run in runs]),
-                memory_bytes=traced.traced_bytes,
-                checkpoint_bytes=runs[0].checkpoint_bytes,
-                checkpoint_seconds=summarize([r.checkpoint_seconds for r in runs]),
-                delta_bytes=runs[0].delta_bytes,
-                delta_seconds=summarize([r.delta_seconds for r in runs]),
-                pipeline_rate=summarize(pipeline_rates),
-            )
+        row = _growth_row(
+            f"{plants} plants ({plant_workload.events:,} messages)", runs, traced
         )
+        row.pipeline_rate = summarize(pipeline_rates)
+        results.growth_plants.append(row)
+
+
+def _growth_row(
+    label: str, runs: list[growth.GrowthRun], traced: growth.GrowthRun
+) -> GrowthRow:
+    """Summarise timed growth runs, with the memory of a separate traced one."""
+    return GrowthRow(
+        label=label,
+        rate=summarize([run.rate for run in runs]),
+        memory_bytes=traced.traced_bytes,
+        checkpoint_bytes=runs[0].checkpoint_bytes,
+        checkpoint_seconds=summarize([run.checkpoint_seconds for run in runs]),
+        delta_bytes=runs[0].delta_bytes,
+        delta_seconds=summarize([run.delta_seconds for run in runs]),
+    )
 
 
 async def run_suite(sizes: Sizes, command: str) -> Results:

@@ -217,8 +217,8 @@ class IngestLease:
                 return
             except (TimeoutError, nats.errors.Error) as error:
                 # Usually NATS is unreachable for every run alike, and the next
-                # renewal tries again. If only this run is cut off, the lease expires,
-                # another run takes it, and the next renewal stops this one above.
+                # renewal tries again. If another run takes the expired lease in the
+                # meantime, the next renewal is rejected and _after_conflict finds it.
                 failures += 1
                 logger.log(
                     logging.WARNING if failures == 1 else logging.DEBUG,
@@ -255,7 +255,10 @@ class IngestLease:
         except nats.js.errors.KeyWrongLastSequenceError:
             return False  # another run created it between the two requests
         except (TimeoutError, nats.errors.Error) as error:
-            logger.debug("could not look at the ingest lease: %s", error)
+            logger.debug(
+                "reading the ingest lease failed, retrying at the next renewal: %s",
+                error,
+            )
             return True  # the next renewal finds out
         self._retaken = True
         logger.warning(
@@ -266,7 +269,7 @@ class IngestLease:
         return True
 
     def restoring(self) -> None:
-        """Note that the ingest is about to restore the committed checkpoint.
+        """Record that the ingest is about to restore the committed checkpoint.
 
         A lease taken again before this needs no further recovery: whatever another
         run committed meanwhile is in the checkpoint restored now.
