@@ -820,7 +820,7 @@ class Ingest:
             if dead_rows:
                 tables["dead_letters"] = table_from_rows("dead_letters", dead_rows)
             if tables:
-                await asyncio.to_thread(self.writer.write, tables)
+                await self.writer.write_in_background(tables)
         clock = self._lap("snapshot", clock)
         if self.commit_guard is not None:
             await self.commit_guard()

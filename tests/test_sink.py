@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from decimal import Decimal
 from pathlib import Path
@@ -19,6 +21,7 @@ import pytest
 
 from contracts.snapshots import TABLES
 from pipeline.sink import (
+    WRITER_NICENESS,
     DatabaseLockedError,
     SchemaMismatchError,
     SinkError,
@@ -122,6 +125,33 @@ def test_upsert_replaces_row(tmp_path: Path) -> None:
     rows = fetch(path, "SELECT order_id, status FROM orders ORDER BY order_id")
 
     assert rows == [("O1", "completed"), ("O2", "released")]
+
+
+def test_write_in_background_thread_priority(tmp_path: Path) -> None:
+    path = tmp_path / "snapshots.duckdb"
+    seen: dict[str, object] = {}
+    with SnapshotWriter(path) as writer:
+        write = writer.write
+
+        def recording_write(tables: dict[str, pa.Table]) -> None:
+            seen["thread"] = threading.current_thread().name
+            if sys.platform == "linux":
+                seen["nice"] = os.getpriority(
+                    os.PRIO_PROCESS, threading.get_native_id()
+                )
+            write(tables)
+
+        writer.write = recording_write  # type: ignore[method-assign]
+        asyncio.run(
+            writer.write_in_background({"orders": table("orders", [order("O1")])})
+        )
+
+    assert fetch(path, "SELECT order_id FROM orders") == [("O1",)]
+    assert str(seen["thread"]).startswith("plantstream-sink")
+    if sys.platform == "linux":
+        assert seen["nice"] == min(
+            os.getpriority(os.PRIO_PROCESS, 0) + WRITER_NICENESS, 19
+        )
 
 
 def test_upsert_last_duplicate_wins(tmp_path: Path) -> None:
