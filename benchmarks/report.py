@@ -287,7 +287,9 @@ Events per second from the first fetch until the last message is acknowledged. T
 ceiling consumer fetches the same messages with the same batch size, decodes each event
 with `contracts.codec.decode_event` and acks it. The pipeline fetches, routes, applies
 in the partition actors, stores the postings in ERP_POSTINGS, writes the snapshot rows
-to DuckDB at each checkpoint and acks what the checkpoint covers.
+to DuckDB at each checkpoint and acks what the checkpoint covers. Each repeat runs the
+ceiling first and then the pipeline at every partition count, so the ceiling's runs are
+spread over the same minutes as the pipeline's.
 
 {_table(["consumer", "events/s", "of ceiling"], rows)}
 
