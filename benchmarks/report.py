@@ -742,8 +742,10 @@ def _bound_latency(results: Results) -> list[str]:
             "chunks it built after each batch, "
             f"{per_checkpoint * 1000:,.0f} ms per checkpoint on average in the "
             "profiled run, and the events queued behind it wait. The DuckDB write "
-            "that follows takes CPU from the same 2 cores. p99 at 50% of the maximum "
-            f"was {p99.median:,.0f} ms.",
+            "that follows runs in a thread of lower CPU priority, and the latency "
+            "run's publisher and postings watcher run in a process of their own, but "
+            "all of them share the same 2 cores. p99 at 50% of the maximum was "
+            f"{p99.median:,.0f} ms.",
             "",
         ]
     high = results.latency.get(0.80)
