@@ -154,6 +154,42 @@ def test_write_in_background_thread_priority(tmp_path: Path) -> None:
         )
 
 
+def test_write_in_background_after_cancel_waits(tmp_path: Path) -> None:
+    # A recovery cancels the commit that awaits a write, but the write goes on; the
+    # next write must not run beside it.
+    spans: list[tuple[str, float, float]] = []
+    with SnapshotWriter(tmp_path / "snapshots.duckdb") as writer:
+        write = writer.write
+
+        def slow_write(tables: dict[str, pa.Table]) -> None:
+            started = time.monotonic()
+            time.sleep(0.3)
+            write(tables)
+            spans.append(
+                (
+                    next(iter(tables["orders"]["order_id"])).as_py(),
+                    started,
+                    time.monotonic(),
+                )
+            )
+
+        writer.write = slow_write  # type: ignore[method-assign]
+
+        async def cancel_then_write() -> None:
+            first = asyncio.create_task(
+                writer.write_in_background({"orders": table("orders", [order("O1")])})
+            )
+            await asyncio.sleep(0.05)
+            first.cancel()
+            await writer.write_in_background({"orders": table("orders", [order("O2")])})
+
+        asyncio.run(cancel_then_write())
+
+    (first, _, first_end), (second, second_start, _) = spans
+    assert (first, second) == ("O1", "O2")
+    assert second_start >= first_end
+
+
 def test_upsert_last_duplicate_wins(tmp_path: Path) -> None:
     path = tmp_path / "snapshots.duckdb"
     batch = table(
