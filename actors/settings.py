@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import math
 import zoneinfo
 from dataclasses import dataclass
 
@@ -106,11 +107,19 @@ class StateSettings:
                 raise ValueError(
                     f"{name} must be between 1 and {2**32 - 2}, got {value}"
                 )
-        if self.closed_order_retention_s < 0:
-            raise ValueError(
-                "closed_order_retention_s must be 0 or more seconds, got "
-                f"{self.closed_order_retention_s}"
-            )
+        for name in (
+            "closed_order_retention_s",
+            "park_timeout_s",
+            "max_future_s",
+            "lateness_tolerance_s",
+        ):
+            # The state turns these into timedeltas and integers, which an infinite
+            # value breaks only inside the partition actors, where a start retries.
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(
+                    f"{name} must be a finite number of seconds, 0 or more, got {value}"
+                )
         if self.machine_history < 1:
             raise ValueError(
                 f"machine_history must be at least 1, got {self.machine_history}"
@@ -135,6 +144,6 @@ class StateSettings:
     def from_env(cls, environ: dict[str, str] | None = None) -> StateSettings:
         import os
 
-        from cluster.env import fields_from_env
+        from cluster.env import settings_from_env
 
-        return cls(**fields_from_env(cls, os.environ if environ is None else environ))
+        return settings_from_env(cls, os.environ if environ is None else environ)

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
-__all__ = ["fields_from_env"]
+_S = TypeVar("_S")
+
+__all__ = ["fields_from_env", "settings_from_env"]
 
 
 def _parse_bool(raw: str) -> bool:
@@ -48,3 +50,24 @@ def fields_from_env(cls: type, environ: Mapping[str, str]) -> dict[str, Any]:
                 f"{type_name}: {error}"
             ) from error
     return values
+
+
+def settings_from_env(cls: type[_S], environ: Mapping[str, str]) -> _S:
+    """Build dataclass `cls` from the defaults and the PLANTSTREAM_* variables it reads.
+
+    A value the dataclass rejects raises ValueError naming the variable that set it,
+    so the user can tell which one to change.
+    """
+    values = fields_from_env(cls, environ)
+    try:
+        return cls(**values)
+    except ValueError as error:
+        # The dataclass's own checks name the field, not the variable.
+        for field in values:
+            if field in str(error):
+                name = f"PLANTSTREAM_{field.upper()}"
+                raise ValueError(
+                    f"environment variable {name}={environ[name]!r} is invalid: "
+                    f"{error}; change or unset it"
+                ) from error
+        raise

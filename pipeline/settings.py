@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 __all__ = ["PipelineSettings"]
@@ -60,6 +61,25 @@ class PipelineSettings:
     PLANT_EVENTS
     sources each one's buffer stream SITE_<plant> from JetStream domain site-<plant>."""
 
+    def __post_init__(self) -> None:
+        for name in ("fetch_batch", "max_unacked"):
+            value = getattr(self, name)
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        for name in (
+            "fetch_timeout_s",
+            "checkpoint_interval_s",
+            "ack_wait_s",
+            "postings_duplicate_window_s",
+            "events_duplicate_window_s",
+            "events_max_age_s",
+        ):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(
+                    f"{name} must be a finite number of seconds above 0, got {value}"
+                )
+
     def site_plants(self) -> list[str]:
         return [plant.strip() for plant in self.sites.split(",") if plant.strip()]
 
@@ -68,6 +88,6 @@ class PipelineSettings:
         """Build settings from PLANTSTREAM_* environment variables over the defaults."""
         import os
 
-        from cluster.env import fields_from_env
+        from cluster.env import settings_from_env
 
-        return cls(**fields_from_env(cls, os.environ if environ is None else environ))
+        return settings_from_env(cls, os.environ if environ is None else environ)
