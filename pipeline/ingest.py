@@ -462,12 +462,12 @@ class Ingest:
                 RECOVERY_MAX_DELAY_S,
             )
         )
+        # No count of messages to replay here: batches still with the actors or in a
+        # commit are not in _unacked, so it would undercount.
         logger.warning(
-            "recovering from %s: %s; replaying %d unacknowledged messages from the "
-            "last checkpoint",
+            "recovering from %s: %s; resuming after the last committed checkpoint",
             type(error).__name__,
             error,
-            len(self._unacked),
         )
         self._stop_fetching()
         for flight in self._in_flight:
@@ -484,7 +484,11 @@ class Ingest:
                 await self._commit_task
             self._commit_task = None
         resumed = await self.start_with_retry()
-        logger.info("recovered: replaying from stream sequence %d", resumed + 1)
+        logger.info(
+            "recovered: processing again from stream sequence %d, the first one the "
+            "last committed checkpoint does not cover",
+            resumed + 1,
+        )
 
     async def start_with_retry(self) -> int:
         """Run `start`, retrying with backoff while NATS or an actor is unavailable."""
