@@ -110,7 +110,7 @@ def format_summary(result: JobResult, db: Path, *, top: int = 5) -> str:
             "performance",
             "quality",
             "oee",
-            "ideal ct wrong",
+            "performance_flag",
         ],
         oee,
     )
