@@ -71,14 +71,35 @@ _HINTS = (
         "plant.events.<plant>.batch",
     ),
     ("Object missing required field", _SCHEMA_HINT),
-    ("Expected `str` of length", f"shorten the value; {_SCHEMA_HINT}"),
     ("Invalid value", f"{_SCHEMA_HINT}, with the event types it accepts"),
     ("Expected", _SCHEMA_HINT),
-    ("JSON is malformed", "the body is not valid JSON"),
 )
 _PATH = re.compile(r" - at `\$((?:\.[A-Za-z_][A-Za-z0-9_]*|\[\d+\])*)`$")
 _PATH_STEP = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]")
 _SHOWN_VALUE_CHARS = 60
+
+# msgspec's message for a failed min/max constraint (msgspec.Meta min_length,
+# max_length, ge, gt, le, lt), such as "Expected `str` of length >= 1" or
+# "Expected `int` <= 10". msgspec 0.23 reports gt and lt on integers as >= and <=.
+_BOUND = re.compile(
+    r"^Expected `(?P<type>\w+)` (?P<length>of length )?(?P<op>>=|>|<=|<) "
+    r"(?P<limit>[^ ]+)"
+)
+# The noun for the value and the plural unit of its length, by msgspec's type name.
+_BOUND_UNITS = {
+    "str": ("value", "characters"),
+    "bytes": ("value", "bytes"),
+    "array": ("array", "elements"),
+    "object": ("object", "fields"),
+}
+
+_MALFORMED_JSON = "JSON is malformed"
+_BYTE_OFFSET = re.compile(r" \(byte (\d+)\)$")
+_INVALID_UTF8 = "Invalid UTF-8 encoded string"
+_WIRE_FORMAT_HINT = "publish one UTF-8 encoded JSON object per event"
+# Bytes of the body shown before and from the failing offset.
+_BYTES_BEFORE = 5
+_BYTES_FROM = 20
 
 
 def describe_decode_error(
@@ -100,12 +121,74 @@ def describe_decode_error(
                 value_text = value_text[:_SHOWN_VALUE_CHARS] + "..."
             if value_text not in message:
                 message = f"{message} (got {value_text})"
+    malformed = _describe_malformed(message, data)
+    if malformed is not None:
+        return malformed
+    bound_hint = _bound_hint(message)
+    if bound_hint is not None:
+        return f"{message}; {bound_hint}; {_SCHEMA_HINT}"
     for start, hint in _HINTS:
         if message.startswith(start):
             if in_edge_batch and start == _ARRAY_GIVEN:
                 hint = "each element of an edge batch must be one event object"
             return f"{message}; {hint}"
     return message
+
+
+def _describe_malformed(message: str, data: bytes) -> str | None:
+    """Return the detail for a body that is not UTF-8 encoded JSON, else None.
+
+    The detail adds the bytes at the failing offset and the fix to msgspec's message.
+    msgspec names the offset of malformed JSON but not of invalid UTF-8, so that offset
+    comes from Python's UTF-8 decoder.
+    """
+    offset: int | None = None
+    problem = "the body is not valid JSON"
+    if message.startswith(_MALFORMED_JSON):
+        offset_match = _BYTE_OFFSET.search(message)
+        if offset_match is not None:
+            offset = int(offset_match.group(1))
+    elif message.startswith(_INVALID_UTF8):
+        problem = "the body is not UTF-8 encoded text"
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            offset = error.start
+            message = f"{message} (byte {offset})"
+    else:
+        return None
+    if offset is not None and offset < len(data):
+        # The excerpt starts a few bytes early because msgspec 0.23 reports some
+        # offsets one byte past the bad one ("trailing characters", "invalid
+        # character in unicode escape").
+        start = max(offset - _BYTES_BEFORE, 0)
+        end = offset + _BYTES_FROM
+        excerpt = repr(data[start:end])
+        if start > 0:
+            excerpt = f"...{excerpt}"
+        if end < len(data):
+            excerpt = f"{excerpt}..."
+        message = f"{message}, near {excerpt}"
+    return f"{message}; {problem}, so {_WIRE_FORMAT_HINT}"
+
+
+def _bound_hint(message: str) -> str | None:
+    """Return what to change for a value outside a min/max constraint, or None."""
+    match = _BOUND.match(message)
+    if match is None:
+        return None
+    kind, op, limit = match.group("type"), match.group("op"), match.group("limit")
+    too_high = op in ("<=", "<")
+    if match.group("length") is None:
+        size = "large" if too_high else "small"
+        return f"the value is too {size}, so send a number {op} {limit}"
+    noun, unit = _BOUND_UNITS.get(kind, (kind, "entries"))
+    count = f"{limit} {unit.removesuffix('s') if limit == '1' else unit}"
+    if too_high:
+        return f"the {noun} is too long, so shorten it to at most {count}"
+    if limit == "1":
+        return f"the {noun} is empty, so fill it in"
+    return f"the {noun} is empty or too short, so fill it in with at least {count}"
 
 
 def _value_at(data: bytes, path: str) -> tuple[bool, object]:

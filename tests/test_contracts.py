@@ -6,6 +6,7 @@ import asyncio
 import datetime as dt
 import re
 from decimal import Decimal
+from typing import Annotated
 
 import msgspec
 import nats
@@ -233,6 +234,135 @@ def test_decode_error_names_value_and_fix(data: bytes, expected: str) -> None:
     with pytest.raises(msgspec.MsgspecError) as caught:
         decode_event(data)
     assert expected in describe_decode_error(caught.value, data)
+
+
+@pytest.mark.parametrize(
+    ("data", "expected"),
+    [
+        (
+            CONSUMED.replace(b'"e1"', b'""').replace(b"QTY", b"1"),
+            "(got ''); the value is empty, so fill it in;",
+        ),
+        (
+            CONSUMED.replace(b'"e1"', b'"' + b"e" * 257 + b'"').replace(b"QTY", b"1"),
+            "the value is too long, so shorten it to at most 256 characters;",
+        ),
+    ],
+    ids=["empty", "too_long"],
+)
+def test_decode_error_length_hint(data: bytes, expected: str) -> None:
+    with pytest.raises(msgspec.ValidationError) as caught:
+        decode_event(data)
+    detail = describe_decode_error(caught.value, data)
+    assert "at `$.event_id`" in detail
+    assert expected in detail
+    assert detail.endswith("`plantstream schema events` prints the event contract")
+
+
+@pytest.mark.parametrize(
+    ("bound", "data", "expected"),
+    [
+        (msgspec.Meta(min_length=1), b'""', "the value is empty, so fill it in"),
+        (
+            msgspec.Meta(min_length=3),
+            b'"ab"',
+            "the value is empty or too short, so fill it in with at least 3 characters",
+        ),
+        (
+            msgspec.Meta(max_length=1),
+            b'"ab"',
+            "the value is too long, so shorten it to at most 1 character",
+        ),
+    ],
+    ids=["str_empty", "str_short", "str_long"],
+)
+def test_decode_error_str_bound_hint(
+    bound: msgspec.Meta, data: bytes, expected: str
+) -> None:
+    with pytest.raises(msgspec.ValidationError) as caught:
+        msgspec.json.decode(data, type=Annotated[str, bound])
+    assert expected in describe_decode_error(caught.value, data)
+
+
+@pytest.mark.parametrize(
+    ("bound", "data", "expected"),
+    [
+        (msgspec.Meta(min_length=1), b"[]", "the array is empty, so fill it in"),
+        (
+            msgspec.Meta(min_length=2),
+            b"[1]",
+            "the array is empty or too short, so fill it in with at least 2 elements",
+        ),
+        (
+            msgspec.Meta(max_length=2),
+            b"[1, 2, 3]",
+            "the array is too long, so shorten it to at most 2 elements",
+        ),
+    ],
+    ids=["array_empty", "array_short", "array_long"],
+)
+def test_decode_error_array_bound_hint(
+    bound: msgspec.Meta, data: bytes, expected: str
+) -> None:
+    with pytest.raises(msgspec.ValidationError) as caught:
+        msgspec.json.decode(data, type=Annotated[list[int], bound])
+    assert expected in describe_decode_error(caught.value, data)
+
+
+@pytest.mark.parametrize(
+    ("bound", "data", "expected"),
+    [
+        (msgspec.Meta(ge=0), b"-1", "the value is too small, so send a number >= 0"),
+        (msgspec.Meta(le=9), b"10", "the value is too large, so send a number <= 9"),
+        (
+            msgspec.Meta(gt=0.5),
+            b"0.5",
+            "the value is too small, so send a number > 0.5",
+        ),
+        (
+            msgspec.Meta(lt=0.5),
+            b"0.5",
+            "the value is too large, so send a number < 0.5",
+        ),
+    ],
+    ids=["ge", "le", "gt", "lt"],
+)
+def test_decode_error_number_bound_hint(
+    bound: msgspec.Meta, data: bytes, expected: str
+) -> None:
+    with pytest.raises(msgspec.ValidationError) as caught:
+        msgspec.json.decode(data, type=Annotated[float, bound])
+    assert expected in describe_decode_error(caught.value, data)
+
+
+def test_decode_error_names_invalid_utf8_byte() -> None:
+    data = b'{"event_type": "\xff\xfe"}'
+    with pytest.raises(msgspec.DecodeError) as caught:
+        decode_event(data)
+    detail = describe_decode_error(caught.value, data)
+    assert detail.startswith("Invalid UTF-8 encoded string (byte 16), ")
+    assert 'near ...b\'e": "\\xff\\xfe"}\'' in detail
+    assert "the body is not UTF-8 encoded text" in detail
+    assert detail.endswith("publish one UTF-8 encoded JSON object per event")
+
+
+def test_decode_error_names_malformed_json_byte() -> None:
+    data = b"hello world"
+    with pytest.raises(msgspec.DecodeError) as caught:
+        decode_event(data)
+    detail = describe_decode_error(caught.value, data)
+    assert "invalid character (byte 0)" in detail
+    assert "near b'hello world'" in detail
+    assert "the body is not valid JSON" in detail
+    assert detail.endswith("publish one UTF-8 encoded JSON object per event")
+
+
+def test_decode_error_cuts_shown_bytes() -> None:
+    data = b'{"a": 1} ' + b"x" * 100
+    with pytest.raises(msgspec.DecodeError) as caught:
+        msgspec.json.decode(data)
+    detail = describe_decode_error(caught.value, data)
+    assert "(byte 10), near ...b' 1} " + "x" * 21 + "'..." in detail
 
 
 def test_edge_batch_element_array_hint() -> None:
