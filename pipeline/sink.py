@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -202,16 +203,33 @@ class SchemaMismatchError(SinkError, ValueError):
 
 
 class DatabaseLockedError(SinkError, TimeoutError):
-    """Another process held the database file for longer than the lock timeout."""
+    """Another process held the database file for longer than the lock timeout.
 
-    def __init__(self, path: Path, timeout_s: float, detail: str) -> None:
+    Of DuckDB's error (`detail`), the message keeps only the process that holds the
+    lock. DuckDB 2.0.1 also suggests opening the file read-only, which cannot help the
+    writer, and a reader that timed out has opened it read-only already.
+    """
+
+    def __init__(
+        self, path: Path, timeout_s: float, detail: str, *, read_only: bool = False
+    ) -> None:
         self.path = path
         self.timeout_s = timeout_s
+        if read_only:
+            fix = (
+                "Another connection has the file open for writing, which the pipeline "
+                "does only while it writes. Close that connection or wait for its "
+                "write to end, then run the query again"
+            )
+        else:
+            fix = (
+                "The pipeline cannot write while another connection has the file "
+                "open, read-only or not. Close that connection (readers should open, "
+                "query and close), and make sure only one pipeline writes to the file"
+            )
         super().__init__(
             f"timed out after {timeout_s:.1f} s waiting for the lock on {path}: "
-            f"{detail}. "
-            "Close long-running connections to the file (readers should open, query "
-            "and close), and make sure only one pipeline writes to it"
+            f"{_lock_holder(detail)}. {fix}"
         )
 
 
@@ -254,6 +272,17 @@ def _create_table_sql(name: str, spec: TableSpec) -> str:
     return f"CREATE TABLE IF NOT EXISTS {_quote(name)} (\n    {body}\n)"
 
 
+# The part of DuckDB's lock error that names the process holding the lock, as in
+# "Conflicting lock is held in /usr/bin/python3.11 (PID 16616)" (DuckDB 2.0.1).
+_LOCK_HOLDER = re.compile(r"Conflicting lock is held in .*? \(PID \d+\)")
+
+
+def _lock_holder(detail: str) -> str:
+    """Return the lock holder from DuckDB's lock error, or the whole error."""
+    match = _LOCK_HOLDER.search(detail)
+    return detail if match is None else match.group(0)
+
+
 def _is_lock_conflict(error: duckdb.Error) -> bool:
     return "Could not set lock" in str(error)
 
@@ -277,14 +306,16 @@ def _connect(
             attempts += 1
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise DatabaseLockedError(path, timeout_s, str(exc)) from exc
+                raise DatabaseLockedError(
+                    path, timeout_s, str(exc), read_only=read_only
+                ) from exc
             if attempts == 1:
                 logger.info(
                     "DuckDB file %s is locked by another process, retrying for up to "
                     "%.1f s: %s",
                     path,
                     timeout_s,
-                    exc,
+                    _lock_holder(str(exc)),
                 )
             else:
                 logger.debug("DuckDB file %s still locked (attempt %d)", path, attempts)

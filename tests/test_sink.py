@@ -456,7 +456,7 @@ def test_writer_times_out_on_held_lock(tmp_path: Path) -> None:
         assert reader.stdout is not None
         assert reader.stdout.readline().strip() == "ready"
         started = time.monotonic()
-        with pytest.raises(DatabaseLockedError, match=str(path)):
+        with pytest.raises(DatabaseLockedError, match=str(path)) as caught:
             writer.write({"orders": table("orders", [order("O1")])})
         waited = time.monotonic() - started
     finally:
@@ -464,6 +464,41 @@ def test_writer_times_out_on_held_lock(tmp_path: Path) -> None:
         reader.wait()
 
     assert 0.5 <= waited < 5
+    message = str(caught.value)
+    # DuckDB's reason names the reader's process. Its advice to open the file
+    # read-only cannot help a writer, so it must not reach the user.
+    assert "Conflicting lock is held in " in message
+    assert f"(PID {reader.pid})" in message
+    assert "read-only mode" not in message
+    assert "-readonly" not in message
+    assert "Close that connection" in message
+
+
+def test_reader_times_out_on_held_writer(tmp_path: Path) -> None:
+    path = tmp_path / "snapshots.duckdb"
+    SnapshotWriter(path).close()
+    holder = start_python(
+        f"""
+        import time
+        import duckdb
+        connection = duckdb.connect({str(path)!r})
+        print("ready", flush=True)
+        time.sleep(60)
+        """
+    )
+    try:
+        assert holder.stdout is not None
+        assert holder.stdout.readline().strip() == "ready"
+        with pytest.raises(DatabaseLockedError, match=str(path)) as caught:
+            open_for_reading(path, timeout_s=0.3)
+    finally:
+        holder.kill()
+        holder.wait()
+
+    message = str(caught.value)
+    assert f"(PID {holder.pid})" in message
+    assert "Another connection has the file open for writing" in message
+    assert "run the query again" in message
 
 
 KILLED_WRITER = """
