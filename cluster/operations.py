@@ -252,6 +252,19 @@ async def _ingest_active(js: JetStreamContext, settings: PipelineSettings) -> bo
     return False
 
 
+async def _plants_with_events(js: JetStreamContext) -> list[str]:
+    """Return the sorted plant ids that have messages in the plant events stream."""
+    # TODO: nats-py 2.16 reads only the first page of per-subject counts, which the
+    # server limits, so a stream with a very large number of subjects may list only
+    # part of its plants.
+    info = await js.stream_info(EVENTS_STREAM, subjects_filter=f"{EVENTS_PREFIX}.>")
+    subjects = info.state.subjects or {}
+    prefix = f"{EVENTS_PREFIX}."
+    return sorted(
+        {s[len(prefix) :].split(".", 1)[0] for s in subjects if s.startswith(prefix)}
+    )
+
+
 def _split_message(subject: str, data: bytes) -> list[tuple[int, bytes]]:
     """Return the (batch index, event bytes) pairs of a message, as ingest does."""
     if not is_edge_batch(subject):
@@ -381,6 +394,22 @@ async def replay_plant(
                 message.data,
                 message.metadata.timestamp,
             )
+        )
+    if not stored:
+        # Nothing to rebuild, so stop before the checkpoint is rewritten. A mistyped
+        # plant id is the usual cause, so the error lists the plants that have events.
+        known = await _plants_with_events(js)
+        if plant in known:
+            fix = (
+                "Its events come later in the stream, so let plantstream run process "
+                "them before a replay"
+            )
+        else:
+            listed = ", ".join(known) or "none"
+            fix = f"Plants with events: {listed}. Check the --plant value"
+        raise OperationError(
+            f"plant {plant} has no events in {EVENTS_STREAM} up to the checkpoint's "
+            f"sequence {manifest.stream_seq}, so there is nothing to replay. {fix}"
         )
     if from_time is not None:
         later = [seq for seq, _, _, stored_at in stored if stored_at >= from_time]
@@ -737,6 +766,22 @@ def _cmd_dlq_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _missing_letters_message(missing: set[int], plant: str | None) -> str:
+    """Return the error for --seq values that match no dead letter."""
+    sequences = ", ".join(map(str, sorted(missing)))
+    if plant is None:
+        return (
+            f"no dead letter for {EVENTS_STREAM} sequence {sequences}; "
+            "plantstream dlq list shows the sequences"
+        )
+    # The sequence may have a dead letter of another plant, which --plant hides.
+    return (
+        f"no dead letter of plant {plant} for {EVENTS_STREAM} sequence {sequences}; "
+        f"plantstream dlq list --plant {plant} shows that plant's sequences, and "
+        "without --plant it shows those of every plant"
+    )
+
+
 def _cmd_dlq_retry(args: argparse.Namespace) -> int:
     async def retry() -> tuple[list[DeadLetterEntry], list[RetryRecord]]:
         nc = await _connect(args.nats_url)
@@ -748,11 +793,7 @@ def _cmd_dlq_retry(args: argparse.Namespace) -> int:
                 entries = [e for e in entries if e.letter.stream_seq in wanted]
                 missing = wanted - {e.letter.stream_seq for e in entries}
                 if missing:
-                    raise ValueError(
-                        "no dead letter for PLANT_EVENTS sequence "
-                        f"{', '.join(map(str, sorted(missing)))}; "
-                        "plantstream dlq list shows the sequences"
-                    )
+                    raise ValueError(_missing_letters_message(missing, args.plant))
             return entries, await retry_dead_letters(js, entries)
         finally:
             await nc.close()

@@ -9,6 +9,7 @@ from decimal import Decimal
 from pathlib import Path
 
 import duckdb
+import msgspec
 import nats
 import pytest
 from test_semantics_support import movement_totals
@@ -36,6 +37,7 @@ from contracts.events import (
     Quantity,
     WorkOrderReleased,
 )
+from pipeline.checkpoints import CheckpointManifest
 from pipeline.settings import PipelineSettings
 from pipeline.sources.generated import Expected, StreamSpec, generate
 from pipeline.subjects import event_subject
@@ -78,9 +80,13 @@ def _release() -> WorkOrderReleased:
 
 
 async def _replay(url: str, **options: object) -> ReplayReport:
+    return await _replay_plant(url, "P01", **options)
+
+
+async def _replay_plant(url: str, plant: str, **options: object) -> ReplayReport:
     nc = await nats.connect(url)
     try:
-        return await replay_plant(nc, "P01", **options)  # type: ignore[arg-type]
+        return await replay_plant(nc, plant, **options)  # type: ignore[arg-type]
     finally:
         await nc.close()
 
@@ -211,6 +217,56 @@ def test_replay_leaves_checkpoint_sequence(
     assert asyncio.run(manifest_seq()) == before
 
 
+async def _manifest(url: str) -> CheckpointManifest:
+    nc = await nats.connect(url)
+    try:
+        checkpoint = await read_checkpoint(nc.jetstream())
+    finally:
+        await nc.close()
+    assert checkpoint is not None
+    return checkpoint[0]
+
+
+def test_replay_unknown_plant_rejected(
+    nats_server: EmbeddedNatsServer, processed: Path
+) -> None:
+    before = asyncio.run(_manifest(nats_server.url))
+    with pytest.raises(SystemExit) as caught:
+        main(
+            ["replay", "--nats-url", nats_server.url]
+            + ["--plant", "NOPE", "--from-seq", "1"]
+        )
+    message = str(caught.value.code)
+    assert message.startswith("plantstream replay: plant NOPE has no events")
+    assert "Plants with events: P01, P02." in message
+    assert "Check the --plant value" in message
+    # The error comes before the checkpoint is rewritten.
+    assert asyncio.run(_manifest(nats_server.url)) == before
+
+
+def test_replay_plant_after_checkpoint_rejected(
+    nats_server: EmbeddedNatsServer, tmp_path: Path
+) -> None:
+    _run(nats_server, tmp_path / "db.duckdb", _fixable_stream())
+    before = asyncio.run(_manifest(nats_server.url))
+
+    async def publish_later_plant() -> None:
+        nc = await nats.connect(nats_server.url)
+        try:
+            release = msgspec.structs.replace(_release(), plant="P09")
+            await nc.jetstream().publish(
+                event_subject("P09", "work_order_released"), encode(release)
+            )
+        finally:
+            await nc.close()
+
+    asyncio.run(publish_later_plant())
+    with pytest.raises(OperationError, match="plant P09 has no events") as caught:
+        asyncio.run(_replay_plant(nats_server.url, "P09", from_seq=1))
+    assert "Its events come later in the stream" in str(caught.value)
+    assert asyncio.run(_manifest(nats_server.url)) == before
+
+
 def test_replay_skips_event_on_other_type_subject(
     nats_server: EmbeddedNatsServer, tmp_path: Path
 ) -> None:
@@ -334,6 +390,47 @@ def test_dlq_retry_not_repeated(
     assert first == 1
     assert second == 0
     assert marked == Counter({True: 1})
+
+
+def test_dlq_retry_names_plant_filter(
+    nats_server: EmbeddedNatsServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _run(nats_server, tmp_path / "db.duckdb", _fixable_stream())
+    capsys.readouterr()
+    # Sequence 2 is the dead letter of plant P01, which --plant NOPE leaves out.
+    code = main(
+        ["dlq", "retry", "--nats-url", nats_server.url]
+        + ["--seq", "2", "--plant", "NOPE"]
+    )
+    error = capsys.readouterr().err
+    assert code == 2
+    assert "no dead letter of plant NOPE for PLANT_EVENTS sequence 2" in error
+    assert "plantstream dlq list --plant NOPE" in error
+    assert all(e.retried is None for e in asyncio.run(_entries(nats_server.url)))
+
+
+def test_dlq_retry_missing_seq_without_plant(
+    nats_server: EmbeddedNatsServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _run(nats_server, tmp_path / "db.duckdb", _fixable_stream())
+    capsys.readouterr()
+    code = main(["dlq", "retry", "--nats-url", nats_server.url, "--seq", "1"])
+    error = capsys.readouterr().err
+    assert code == 2
+    assert "no dead letter for PLANT_EVENTS sequence 1;" in error
+    assert "of plant" not in error
+
+
+async def _entries(url: str) -> list[DeadLetterEntry]:
+    nc = await nats.connect(url)
+    try:
+        return await list_dead_letters(nc.jetstream())
+    finally:
+        await nc.close()
 
 
 def test_dlq_list_cli_prints_letters(
