@@ -42,6 +42,7 @@ from contracts.keys import decode_key, routing_key
 from pipeline.checkpoints import (
     CheckpointChains,
     CheckpointManifest,
+    CheckpointMismatchError,
     SavedPartition,
     read_manifest,
     read_partitions,
@@ -78,6 +79,7 @@ __all__ = [
     "list_dead_letters",
     "posting_keys",
     "read_checkpoint",
+    "reset_checkpoints",
     "replay_plant",
     "retry_dead_letters",
 ]
@@ -174,6 +176,35 @@ async def read_checkpoint(
     if manifest is None:
         return None
     return manifest, await read_partitions(store, manifest)
+
+
+async def reset_checkpoints(
+    nc: NATS, settings: PipelineSettings | None = None
+) -> tuple[bool, CheckpointManifest | None]:
+    """Delete the checkpoint bucket, so that the next run starts from sequence 1.
+
+    Return whether a bucket was deleted, and its manifest if one could be read. The
+    ingest must be stopped, because it would write a new checkpoint at once.
+    """
+    settings = settings or PipelineSettings()
+    js = nc.jetstream()
+    if await _ingest_active(js, settings):
+        raise OperationError(
+            f"the ingest consumer {settings.consumer} has a fetch waiting, so "
+            "plantstream run is still consuming; stop it, reset, then start it again"
+        )
+    try:
+        store = await js.object_store(CHECKPOINT_BUCKET)
+    except NotFoundError:
+        return False, None
+    try:
+        manifest = await read_manifest(store)
+    except CheckpointMismatchError as error:
+        # A damaged manifest is the usual reason to reset, so it must not stop it.
+        logger.info("deleting a checkpoint whose manifest is damaged: %s", error)
+        manifest = None
+    await js.delete_object_store(CHECKPOINT_BUCKET)
+    return True, manifest
 
 
 def checkpoint_totals(
@@ -702,6 +733,42 @@ def _cmd_replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_checkpoints_reset(args: argparse.Namespace) -> int:
+    if not args.yes:
+        raise SystemExit(
+            "plantstream checkpoints reset: this deletes every partition's state, so "
+            f"the next run processes {EVENTS_STREAM} again from sequence 1 (postings "
+            "older than the postings stream's duplicate window are stored twice); "
+            "add --yes to go ahead"
+        )
+
+    async def reset() -> tuple[bool, CheckpointManifest | None]:
+        nc = await _connect(args.nats_url)
+        try:
+            return await reset_checkpoints(nc, PipelineSettings.from_env())
+        finally:
+            await nc.close()
+
+    try:
+        deleted, manifest = asyncio.run(reset())
+    except OperationError as error:
+        raise SystemExit(f"plantstream checkpoints reset: {error}") from error
+    if not deleted:
+        print(f"no object store bucket {CHECKPOINT_BUCKET}: nothing to reset")
+        return 0
+    covered = (
+        "a checkpoint whose manifest could not be read"
+        if manifest is None
+        else f"the checkpoint at stream sequence {manifest.stream_seq}, "
+        f"{manifest.partitions} partitions"
+    )
+    print(
+        f"deleted the object store bucket {CHECKPOINT_BUCKET} ({covered}); the next "
+        f"plantstream run processes {EVENTS_STREAM} from sequence 1"
+    )
+    return 0
+
+
 MAX_COLUMN_WIDTH = 40
 """Maximum padded width of a `dlq list` column. Longer values are printed whole."""
 
@@ -817,7 +884,8 @@ REASONS = list(typing.get_args(DeadLetterReason))
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    """Register the replay and dlq subcommands on the `plantstream` parser."""
+    """Register the replay, checkpoints and dlq subcommands on the `plantstream`
+    parser."""
     replay = commands.add_parser(
         "replay",
         help="rebuild one plant's state from the stream and repost missing postings",
@@ -850,6 +918,27 @@ def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[ty
         help="partition count of the checkpoint (default: the checkpoint's own)",
     )
     replay.set_defaults(handler=_cmd_replay)
+
+    checkpoints = commands.add_parser(
+        "checkpoints", help="manage the checkpoints in plantstream-checkpoints"
+    )
+    checkpoint_actions = checkpoints.add_subparsers(
+        dest="checkpoints_command", required=True
+    )
+    reset = checkpoint_actions.add_parser(
+        "reset",
+        help="delete every partition's state, so the next run starts from sequence 1",
+        description="Stop plantstream run first. Deletes the object store bucket "
+        f"{CHECKPOINT_BUCKET}: the fix for a damaged checkpoint, or for one of another "
+        "partition count. The next run applies every event still in PLANT_EVENTS "
+        "again; postings stored within the postings stream's duplicate window (24 h by "
+        "default) are not stored twice.",
+    )
+    reset.add_argument("--nats-url", required=True, help="NATS server of the pipeline")
+    reset.add_argument(
+        "--yes", action="store_true", help="confirm the deletion (required)"
+    )
+    reset.set_defaults(handler=_cmd_checkpoints_reset)
 
     dlq = commands.add_parser(
         "dlq", help="list dead letters or send them back through the pipeline"

@@ -53,8 +53,9 @@ reads at most about 3 N."""
 _SLOTS = ("a", "b")
 
 _START_AGAIN = (
-    "Delete the object store bucket plantstream-checkpoints (the README shows how) "
-    "and start again, which replays the plant events stream from sequence 1"
+    "Delete the object store bucket plantstream-checkpoints with `plantstream "
+    "checkpoints reset --nats-url URL --yes` and start again, which replays the plant "
+    "events stream from sequence 1"
 )
 
 

@@ -310,7 +310,8 @@ class Ingest:
                 f"the checkpoint has {manifest.partitions} partitions but this run has "
                 f"{len(self.actors)}; start with --partitions {manifest.partitions}. "
                 "To change the count, delete the object store bucket "
-                f"{CHECKPOINT_BUCKET}, which replays the stream from sequence 1"
+                f"{CHECKPOINT_BUCKET} with `plantstream checkpoints reset`, which "
+                "replays the stream from sequence 1"
             )
         saved = await read_partitions(self._store, manifest)
         outcomes = await asyncio.gather(

@@ -227,6 +227,58 @@ async def _manifest(url: str) -> CheckpointManifest:
     return checkpoint[0]
 
 
+def test_checkpoints_reset_needs_yes(
+    nats_server: EmbeddedNatsServer, processed: Path
+) -> None:
+    before = asyncio.run(_manifest(nats_server.url))
+    with pytest.raises(SystemExit) as caught:
+        main(["checkpoints", "reset", "--nats-url", nats_server.url])
+
+    assert "add --yes" in str(caught.value.code)
+    assert asyncio.run(_manifest(nats_server.url)) == before
+
+
+def test_checkpoints_reset_run_starts_over(
+    nats_server: EmbeddedNatsServer,
+    processed: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    manifest = asyncio.run(_manifest(nats_server.url))
+    keys_before = asyncio.run(_keys(nats_server.url))
+
+    code = main(["checkpoints", "reset", "--nats-url", nats_server.url, "--yes"])
+
+    assert code == 0
+    assert (
+        f"(the checkpoint at stream sequence {manifest.stream_seq}, 2 partitions)"
+        in capsys.readouterr().out
+    )
+    assert asyncio.run(_checkpoint_or_none(nats_server.url)) is None
+    # The next run applies the whole stream again; the postings stream's duplicate
+    # window drops every posting it recomputes.
+    again = _run(nats_server, tmp_path / "again.duckdb", None)
+    assert again.report.counts["events_in"] == manifest.stream_seq
+    assert asyncio.run(_keys(nats_server.url)) == keys_before
+
+
+def test_checkpoints_reset_without_bucket(
+    nats_server: EmbeddedNatsServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["checkpoints", "reset", "--nats-url", nats_server.url, "--yes"])
+
+    assert code == 0
+    assert "nothing to reset" in capsys.readouterr().out
+
+
+async def _checkpoint_or_none(url: str) -> object:
+    nc = await nats.connect(url)
+    try:
+        return await read_checkpoint(nc.jetstream())
+    finally:
+        await nc.close()
+
+
 def test_replay_unknown_plant_rejected(
     nats_server: EmbeddedNatsServer, processed: Path
 ) -> None:
