@@ -188,11 +188,7 @@ async def reset_checkpoints(
     """
     settings = settings or PipelineSettings()
     js = nc.jetstream()
-    if await _ingest_active(js, settings):
-        raise OperationError(
-            f"the ingest consumer {settings.consumer} has a fetch waiting, so "
-            "plantstream run is still consuming; stop it, reset, then start it again"
-        )
+    await _require_stopped(js, settings, "reset")
     try:
         store = await js.object_store(CHECKPOINT_BUCKET)
     except NotFoundError:
@@ -296,6 +292,18 @@ async def _plants_with_events(js: JetStreamContext) -> list[str]:
     )
 
 
+async def _require_stopped(
+    js: JetStreamContext, settings: PipelineSettings, action: str
+) -> None:
+    """Raise OperationError while a `plantstream run` consumes the plant events."""
+    if await _ingest_active(js, settings):
+        raise OperationError(
+            f"the ingest consumer {settings.consumer} has a fetch waiting, so "
+            f"plantstream run is still consuming; stop it, {action}, then start it "
+            "again"
+        )
+
+
 def _split_message(subject: str, data: bytes) -> list[tuple[int, bytes]]:
     """Return the (batch index, event bytes) pairs of a message, as ingest does."""
     if not is_edge_batch(subject):
@@ -387,11 +395,7 @@ async def replay_plant(
         )
     settings = pipeline_settings or PipelineSettings()
     js = nc.jetstream()
-    if await _ingest_active(js, settings):
-        raise OperationError(
-            f"the ingest consumer {settings.consumer} has a fetch waiting, so "
-            "plantstream run is still consuming; stop it, replay, then start it again"
-        )
+    await _require_stopped(js, settings, "replay")
     checkpoint = await read_checkpoint(js)
     if checkpoint is None:
         raise OperationError(
