@@ -34,6 +34,7 @@ __all__ = [
     "LeaseLostError",
     "LeaseRetakenError",
     "StoppedWaitingError",
+    "lease_holder",
 ]
 
 LEASE_BUCKET = "plantstream-leases"
@@ -290,6 +291,21 @@ class IngestLease:
         except (TimeoutError, nats.errors.Error) as error:
             # The TTL removes the key anyway.
             logger.debug("could not release the ingest lease: %s", error)
+
+
+async def lease_holder(js: JetStreamContext) -> Holder | None:
+    """Return the run that holds the ingest lease, or None if no live run does.
+
+    A holder that is a process of this host that has exited counts as none, as it does
+    for a run taking the lease.
+    """
+    try:
+        kv = await js.key_value(LEASE_BUCKET)
+        entry = await kv.get(LEASE_KEY)
+    except (nats.js.errors.BucketNotFoundError, nats.js.errors.KeyNotFoundError):
+        return None
+    holder = msgspec.json.decode(entry.value or b"{}", type=Holder)
+    return None if _is_dead_local_process(holder) else holder
 
 
 _WRONG_LAST_SEQUENCE = 10071

@@ -36,6 +36,7 @@ from actors.partition import partition_of
 from actors.partition_state import PartitionState, SourceMessage
 from actors.settings import StateSettings
 from cluster.cli import positive_int
+from cluster.lease import DEFAULT_TTL_S, lease_holder
 from contracts.codec import decode_dead_letter
 from contracts.dead_letters import DeadLetter, DeadLetterReason
 from contracts.keys import decode_key, routing_key
@@ -296,6 +297,15 @@ async def _require_stopped(
     js: JetStreamContext, settings: PipelineSettings, action: str
 ) -> None:
     """Raise OperationError while a `plantstream run` consumes the plant events."""
+    # The lease covers a run that has no fetch waiting, such as one that is starting,
+    # paused or writing a checkpoint; the fetch check covers a run without a lease.
+    holder = await lease_holder(js)
+    if holder is not None:
+        raise OperationError(
+            f"plantstream run holds the ingest lease ({holder.describe()}); stop it, "
+            f"{action}, then start it again. A run that was killed gives up the lease "
+            f"within {DEFAULT_TTL_S:g} s"
+        )
     if await _ingest_active(js, settings):
         raise OperationError(
             f"the ingest consumer {settings.consumer} has a fetch waiting, so "

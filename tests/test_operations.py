@@ -17,6 +17,7 @@ from test_semantics_support import movement_totals
 from actors.settings import StateSettings
 from cluster.cli import main
 from cluster.job import JobConfig, JobResult, run_job
+from cluster.lease import IngestLease
 from cluster.nats_server import EmbeddedNatsServer
 from cluster.operations import (
     DeadLetterEntry,
@@ -235,6 +236,29 @@ def test_checkpoints_reset_needs_yes(
         main(["checkpoints", "reset", "--nats-url", nats_server.url])
 
     assert "add --yes" in str(caught.value.code)
+    assert asyncio.run(_manifest(nats_server.url)) == before
+
+
+def test_checkpoints_reset_rejected_under_lease(
+    nats_server: EmbeddedNatsServer, processed: Path
+) -> None:
+    # A run that is paused or writing a checkpoint has no fetch waiting, but it still
+    # holds the lease, and its next commit would need the deleted bucket.
+    async def take_lease() -> None:
+        nc = await nats.connect(nats_server.url)
+        try:
+            lease = IngestLease(nc.jetstream())
+            await lease.acquire()
+        finally:
+            await nc.close()
+
+    before = asyncio.run(_manifest(nats_server.url))
+    asyncio.run(take_lease())
+
+    with pytest.raises(SystemExit) as caught:
+        main(["checkpoints", "reset", "--nats-url", nats_server.url, "--yes"])
+
+    assert "plantstream run holds the ingest lease (process" in str(caught.value.code)
     assert asyncio.run(_manifest(nats_server.url)) == before
 
 
