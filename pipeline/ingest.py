@@ -402,6 +402,10 @@ class Ingest:
         the actors behind the batches in flight, so the state it takes matches the
         messages it acknowledges.
         """
+        if self._commit_task is not None and self._commit_task.done():
+            # A failed commit is raised here, for the loop to recover from, and not
+            # only at the next checkpoint, which an idle stream may not reach for long.
+            await self._finish_commit()
         messages = await self._next_fetch()
         if messages:
             await self.process(messages)

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import msgspec
 import nats
@@ -23,8 +26,10 @@ from pipeline.checkpoints import (
 from pipeline.ingest import Ingest
 from pipeline.publish import publish_all
 from pipeline.settings import PipelineSettings
+from pipeline.sink import SinkError, SnapshotWriter
 from pipeline.sources.generated import StreamSpec, generate
 from pipeline.streams import CHECKPOINT_BUCKET, ensure_streams
+from pipeline.subjects import EVENTS_STREAM
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -235,3 +240,61 @@ def test_stop_commits_a_last_checkpoint(nats_server: EmbeddedNatsServer) -> None
             await nc.close()
 
     asyncio.run(scenario())
+
+
+class _FailingWriter(SnapshotWriter):
+    """A snapshot writer whose writes fail while `failing` is set."""
+
+    failing = False
+
+    def write(self, tables: Mapping[str, Any]) -> None:
+        if self.failing:
+            raise SinkError(f"write to {self.path} failed on purpose")
+        super().write(tables)
+
+
+def test_failed_commit_recovered_while_idle(
+    nats_server: EmbeddedNatsServer, tmp_path: Path
+) -> None:
+    # The commit of the last checkpoint before the stream goes quiet fails. Its error
+    # must reach the loop now, not only at a next checkpoint that may be far off.
+    settings = PipelineSettings(fetch_batch=500, checkpoint_interval_s=0.2)
+
+    async def scenario() -> int:
+        nc = await nats.connect(nats_server.url)
+        actors = [PartitionActor.remote(i) for i in range(2)]  # type: ignore[attr-defined]
+        try:
+            js = nc.jetstream()
+            events = await _publish(nc, settings)
+            with _FailingWriter(tmp_path / "db.duckdb") as writer:
+                ingest = Ingest(nc, actors, writer, settings)
+                await ingest.start()
+                stop = asyncio.Event()
+                running = asyncio.create_task(
+                    ingest.run(until_drained=False, stop=stop)
+                )
+                try:
+                    # Wait until the whole stream is processed and acknowledged.
+                    while True:
+                        info = await js.consumer_info(EVENTS_STREAM, settings.consumer)
+                        if info.num_pending == 0 and info.num_ack_pending == 0:
+                            break
+                        await asyncio.sleep(0.1)
+                    writer.failing = True
+                    await publish_all(nc, events[:1])
+                    for _ in range(100):
+                        if ingest.report.recoveries:
+                            break
+                        await asyncio.sleep(0.1)
+                    recoveries = ingest.report.recoveries
+                    writer.failing = False
+                finally:
+                    stop.set()
+                    await running
+            return recoveries
+        finally:
+            await nc.close()
+            for actor in actors:
+                ray.kill(actor)
+
+    assert asyncio.run(scenario()) == 1
