@@ -3,9 +3,18 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 __all__ = ["PipelineSettings"]
+
+_CONSUMER_NAME = re.compile(r"[A-Za-z0-9_-]+")
+_MAX_COUNT = 1_000_000_000
+"""Upper bound of fetch_batch and max_unacked: far beyond what one run keeps in memory,
+and low enough that the consumer's max_ack_pending, twice max_unacked, is a number the
+server takes."""
+_MIN_SECONDS = 0.001
+_MAX_SECONDS = 100 * 365 * 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -62,10 +71,17 @@ class PipelineSettings:
     sources each one's buffer stream SITE_<plant> from JetStream domain site-<plant>."""
 
     def __post_init__(self) -> None:
+        if not _CONSUMER_NAME.fullmatch(self.consumer):
+            raise ValueError(
+                f"consumer {self.consumer!r} is not a JetStream consumer name; use "
+                "letters, digits, '_' and '-' only"
+            )
         for name in ("fetch_batch", "max_unacked"):
             value = getattr(self, name)
-            if value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
+            if not 1 <= value <= _MAX_COUNT:
+                raise ValueError(
+                    f"{name} must be between 1 and {_MAX_COUNT:,}, got {value}"
+                )
         for name in (
             "fetch_timeout_s",
             "checkpoint_interval_s",
@@ -75,9 +91,12 @@ class PipelineSettings:
             "events_max_age_s",
         ):
             value = getattr(self, name)
-            if not (math.isfinite(value) and value > 0):
+            # JetStream takes durations in whole nanoseconds as 64-bit integers, and
+            # turns a duplicate window of 0 into its default instead of rejecting it.
+            if not (math.isfinite(value) and _MIN_SECONDS <= value <= _MAX_SECONDS):
                 raise ValueError(
-                    f"{name} must be a finite number of seconds above 0, got {value}"
+                    f"{name} must be a number of seconds between {_MIN_SECONDS:g} "
+                    f"and {_MAX_SECONDS:g} (100 years), got {value}"
                 )
 
     def site_plants(self) -> list[str]:

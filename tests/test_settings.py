@@ -76,3 +76,21 @@ def test_run_stops_on_infinite_setting(tmp_path: Path) -> None:
 
     assert completed.returncode == 2
     assert "PLANTSTREAM_MAX_FUTURE_S='inf' is invalid" in completed.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "raw"),
+    [
+        ("PLANTSTREAM_ACK_WAIT_S", "1e300"),
+        ("PLANTSTREAM_EVENTS_MAX_AGE_S", "1e12"),
+        ("PLANTSTREAM_POSTINGS_DUPLICATE_WINDOW_S", "1e-12"),
+        ("PLANTSTREAM_MAX_UNACKED", "1000000000000000000000"),
+        ("PLANTSTREAM_CONSUMER", "a.b"),
+        ("PLANTSTREAM_CONSUMER", ""),
+    ],
+)
+def test_pipeline_setting_beyond_server_limits(name: str, raw: str) -> None:
+    # Each of these passed the settings and failed later at the server, with a
+    # traceback or a start retried for ever.
+    with pytest.raises(ValueError, match=f"{name}={raw!r} is invalid"):
+        PipelineSettings.from_env({name: raw})
