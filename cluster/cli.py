@@ -11,6 +11,8 @@ import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import nats.js.errors
+
 from contracts.codec import encode
 
 logger = logging.getLogger(__name__)
@@ -313,6 +315,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except (FileNotFoundError, ConnectionError) as error:
         print(f"plantstream: {error}", file=sys.stderr)
+        return 2
+    except nats.js.errors.ServiceUnavailableError:
+        # nats-py's error says only "503", which names neither the cause nor the fix.
+        logger.debug("command failed", exc_info=True)
+        print(
+            "plantstream: JetStream is not available on the NATS server (503). Start "
+            "nats-server with -js, or enable jetstream in its configuration, or wait "
+            "until a clustered JetStream is ready",
+            file=sys.stderr,
+        )
         return 2
     except ValueError as error:
         # Input files that cannot be read raise ValueError with the path, the line and

@@ -206,3 +206,11 @@ def test_run_reports_empty_edge_batches(
     assert result.returncode == 0, result.stderr[-2000:]
     assert "empty edge batches   1" in result.stdout
     assert "messages published" not in result.stdout
+
+
+def test_server_without_jetstream() -> None:
+    with EmbeddedNatsServer(config="port: -1\n") as server:
+        result = run_cli("dlq", "list", "--nats-url", server.url, timeout=60)
+
+    assert result.returncode == 2
+    assert "JetStream is not available on the NATS server" in result.stderr
