@@ -162,6 +162,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     connect_ray(args.ray_address)
 
     from cluster.lease import LeaseLostError, StoppedWaitingError
+    from pipeline.ingest import StartStoppedError
 
     async def serve() -> int:
         stop = asyncio.Event()
@@ -177,7 +178,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             result = await run_job(
                 config, None, until_drained=args.until_drained, stop=stop
             )
-        except StoppedWaitingError as error:
+        except (StoppedWaitingError, StartStoppedError) as error:
             print(f"plantstream run: {error}", file=sys.stderr)
             return 0
         except LeaseLostError as error:

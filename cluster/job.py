@@ -191,23 +191,26 @@ async def run_job(
                     for index in range(config.partitions)
                 ]
                 config.db.parent.mkdir(parents=True, exist_ok=True)
-                with SnapshotWriter(config.db, source=source) as writer:
-                    ingest = Ingest(
-                        nc,
-                        actors,
-                        writer,
-                        config.pipeline,
-                        commit_guard=None if lease is None else lease.check,
-                        on_restore=None if lease is None else lease.restoring,
-                    )
-                    await ingest.start_with_retry()
-                    report = await _run_holding(
-                        ingest.run(until_drained=until_drained, stop=stop), lease
-                    )
-                    stats = await ingest.partition_stats()
-                    totals = await ingest.totals()
-                for actor in actors:
-                    ray.kill(actor)
+                try:
+                    with SnapshotWriter(config.db, source=source) as writer:
+                        ingest = Ingest(
+                            nc,
+                            actors,
+                            writer,
+                            config.pipeline,
+                            commit_guard=None if lease is None else lease.check,
+                            on_restore=None if lease is None else lease.restoring,
+                        )
+                        await ingest.start_with_retry(stop)
+                        report = await _run_holding(
+                            ingest.run(until_drained=until_drained, stop=stop), lease
+                        )
+                        stats = await ingest.partition_stats()
+                        totals = await ingest.totals()
+                finally:
+                    # Also after a failed start: Ray would keep the actors running.
+                    for actor in actors:
+                        ray.kill(actor)
             finally:
                 if lease is not None:
                     await lease.release()

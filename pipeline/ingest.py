@@ -76,6 +76,7 @@ __all__ = [
     "CheckpointMismatchError",
     "Ingest",
     "IngestReport",
+    "StartStoppedError",
     "check_event_subject",
     "is_edge_batch",
 ]
@@ -148,6 +149,10 @@ DEAD_LETTER_HEADROOM = 4096
 
 DEAD_LETTER_LOG_FIRST = 5
 """Dead letters per reason logged at WARNING; after that, every 1000th."""
+
+
+class StartStoppedError(RuntimeError):
+    """The run was asked to stop while the ingest start waited to be retried."""
 
 
 @dataclass
@@ -495,8 +500,11 @@ class Ingest:
             resumed + 1,
         )
 
-    async def start_with_retry(self) -> int:
-        """Run `start`, retrying with backoff while NATS or an actor is unavailable."""
+    async def start_with_retry(self, stop: asyncio.Event | None = None) -> int:
+        """Run `start`, retrying with backoff while NATS or an actor is unavailable.
+
+        Raises StartStoppedError if `stop` is set while it waits to retry.
+        """
         delay = RECOVERY_FIRST_DELAY_S
         while True:
             try:
@@ -512,7 +520,16 @@ class Ingest:
                     error,
                     delay,
                 )
-                await asyncio.sleep(delay)
+                if stop is None:
+                    await asyncio.sleep(delay)
+                else:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(stop.wait(), delay)
+                    if stop.is_set():
+                        raise StartStoppedError(
+                            "stopped while the ingest start was retried; this run "
+                            "processed nothing"
+                        ) from error
                 delay = min(delay * 2, RECOVERY_MAX_DELAY_S)
 
     async def _wait_for_connection(self) -> bool:

@@ -23,7 +23,7 @@ from pipeline.checkpoints import (
     read_manifest,
     read_partitions,
 )
-from pipeline.ingest import Ingest
+from pipeline.ingest import Ingest, StartStoppedError
 from pipeline.publish import publish_all
 from pipeline.settings import PipelineSettings
 from pipeline.sink import SinkError, SnapshotWriter
@@ -298,3 +298,22 @@ def test_failed_commit_recovered_while_idle(
                 ray.kill(actor)
 
     assert asyncio.run(scenario()) == 1
+
+
+def test_start_retry_ends_on_stop(nats_server: EmbeddedNatsServer) -> None:
+    # A partition actor that stays dead makes every start fail; a stop signal must
+    # end the retries instead of leaving the run waiting for ever.
+    async def scenario() -> None:
+        nc = await nats.connect(nats_server.url)
+        actor = PartitionActor.remote(0)  # type: ignore[attr-defined]
+        ray.kill(actor, no_restart=True)
+        try:
+            ingest = Ingest(nc, [actor], None, SETTINGS)
+            stop = asyncio.Event()
+            asyncio.get_running_loop().call_later(0.2, stop.set)
+            with pytest.raises(StartStoppedError, match="processed nothing"):
+                await asyncio.wait_for(ingest.start_with_retry(stop), 20)
+        finally:
+            await nc.close()
+
+    asyncio.run(scenario())
