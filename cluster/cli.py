@@ -318,7 +318,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"plantstream: {error}", file=sys.stderr)
         return 2
     except nats.js.errors.ServiceUnavailableError:
-        # nats-py's error says only "503", which names neither the cause nor the fix.
+        # nats-py's error contains only the code 503, which names neither the cause nor
+        # the fix.
         logger.debug("command failed", exc_info=True)
         print(
             "plantstream: JetStream is not available on the NATS server (503). Start "
