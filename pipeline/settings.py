@@ -99,6 +99,15 @@ class PipelineSettings:
                     f"and {_MAX_SECONDS:g} (100 years), got {value}"
                 )
 
+        if self.events_duplicate_window_s > self.events_max_age_s:
+            # JetStream rejects a stream whose duplicate window outlasts its messages.
+            raise ValueError(
+                "events_duplicate_window_s "
+                f"({self.events_duplicate_window_s:g} s) must not exceed "
+                f"events_max_age_s ({self.events_max_age_s:g} s); shorten the window "
+                "or keep the events longer"
+            )
+
     def site_plants(self) -> list[str]:
         return [plant.strip() for plant in self.sites.split(",") if plant.strip()]
 

@@ -94,3 +94,13 @@ def test_pipeline_setting_beyond_server_limits(name: str, raw: str) -> None:
     # traceback or a start retried for ever.
     with pytest.raises(ValueError, match=f"{name}={raw!r} is invalid"):
         PipelineSettings.from_env({name: raw})
+
+
+def test_events_window_within_max_age() -> None:
+    with pytest.raises(ValueError, match="PLANTSTREAM_EVENTS_DUPLICATE_WINDOW_S"):
+        PipelineSettings.from_env(
+            {
+                "PLANTSTREAM_EVENTS_MAX_AGE_S": "60",
+                "PLANTSTREAM_EVENTS_DUPLICATE_WINDOW_S": "120",
+            }
+        )
