@@ -297,8 +297,8 @@ async def _require_stopped(
     js: JetStreamContext, settings: PipelineSettings, action: str
 ) -> None:
     """Raise OperationError while a `plantstream run` consumes the plant events."""
-    # The lease covers a run that has no fetch waiting, such as one that is starting,
-    # paused or writing a checkpoint; the fetch check covers a run without a lease.
+    # A run that is starting, paused or writing a checkpoint has no fetch waiting, but
+    # it has the lease. The fetch check still covers a run that took no lease.
     holder = await lease_holder(js)
     if holder is not None:
         raise OperationError(

@@ -108,9 +108,9 @@ WRITER_NICENESS = 10
 (Linux only, see `write_in_background`). The ingest loop and the partition actors
 publish postings, while the write only has to finish before the next checkpoint
 commits. On the 2-core benchmark machine, at half the maximum throughput, a lower
-priority took 10 to 30 ms off the p99 from publish to posting stored in three A/B
-comparisons (medians of three or four runs each); leaving the DuckDB write out
-altogether took 25 ms off. Each run's p99 still varied by about 50 ms."""
+priority took 10 to 30 ms off the p99 from publish to posting stored. That is from
+three A/B comparisons, medians of three or four runs each. Leaving the DuckDB write
+out altogether took 25 ms off, and each run's p99 still varied by about 50 ms."""
 
 
 SOURCE_TABLE = "plantstream_source"
@@ -564,9 +564,9 @@ class SnapshotWriter:
     ) -> None:
         """Run `write` in the writer's own thread, so the event loop goes on meanwhile.
 
-        On Linux the thread runs at a lower CPU priority (`WRITER_NICENESS`): DuckDB
-        gives up the GIL while it works, and on a machine with few cores the write
-        would otherwise take CPU time from the processes that publish postings.
+        On Linux the thread runs at a lower CPU priority (`WRITER_NICENESS`), because
+        on a machine with few cores the write would otherwise take CPU time from the
+        processes that publish postings.
         """
         if self._thread is None:
             self._thread = ThreadPoolExecutor(

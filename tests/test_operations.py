@@ -468,7 +468,7 @@ def test_dlq_retry_not_repeated(
     assert marked == Counter({True: 1})
 
 
-def test_dlq_retry_names_plant_filter(
+def test_dlq_retry_missing_seq_message(
     nats_server: EmbeddedNatsServer,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
@@ -476,29 +476,22 @@ def test_dlq_retry_names_plant_filter(
     _run(nats_server, tmp_path / "db.duckdb", _fixable_stream())
     capsys.readouterr()
     # Sequence 2 is the dead letter of plant P01, which --plant NOPE leaves out.
-    code = main(
+    filtered = main(
         ["dlq", "retry", "--nats-url", nats_server.url]
         + ["--seq", "2", "--plant", "NOPE"]
     )
-    error = capsys.readouterr().err
-    assert code == 2
-    assert "no dead letter of plant NOPE for PLANT_EVENTS sequence 2" in error
-    assert "plantstream dlq list --plant NOPE" in error
+    filtered_error = capsys.readouterr().err
+    # Sequence 1 is an event that was applied, so it has no dead letter at all.
+    unfiltered = main(["dlq", "retry", "--nats-url", nats_server.url, "--seq", "1"])
+    unfiltered_error = capsys.readouterr().err
+
+    assert filtered == 2
+    assert "no dead letter of plant NOPE for PLANT_EVENTS sequence 2" in filtered_error
+    assert "plantstream dlq list --plant NOPE" in filtered_error
+    assert unfiltered == 2
+    assert "no dead letter for PLANT_EVENTS sequence 1;" in unfiltered_error
+    assert "of plant" not in unfiltered_error
     assert all(e.retried is None for e in asyncio.run(_entries(nats_server.url)))
-
-
-def test_dlq_retry_missing_seq_without_plant(
-    nats_server: EmbeddedNatsServer,
-    tmp_path: Path,
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    _run(nats_server, tmp_path / "db.duckdb", _fixable_stream())
-    capsys.readouterr()
-    code = main(["dlq", "retry", "--nats-url", nats_server.url, "--seq", "1"])
-    error = capsys.readouterr().err
-    assert code == 2
-    assert "no dead letter for PLANT_EVENTS sequence 1;" in error
-    assert "of plant" not in error
 
 
 async def _entries(url: str) -> list[DeadLetterEntry]:
