@@ -2,7 +2,9 @@
 
 Per-item costs come from tracemalloc, which counts every Python allocation, over many
 items, after the snapshot rows they produced have been taken out of the state. RSS is
-read from /proc/<pid>/status (VmRSS) of the actor processes while the pipeline runs.
+read from /proc/<pid>/status of the actor processes while the pipeline runs: VmRSS, and
+RssShmem, the part of it in shared memory, which for a Ray worker is mostly the pages of
+the object store that it has written to or read from.
 """
 
 from __future__ import annotations
@@ -159,15 +161,24 @@ def bytes_per_open_order(
     return with_id - bytes_per_event_id(min(count, 100_000)), with_id
 
 
-def read_rss(pid: int) -> int:
-    """Return the resident set size of `pid` in bytes, from /proc."""
+def read_rss(pid: int) -> tuple[int, int]:
+    """Return the resident set size of `pid` and its shared-memory part, in bytes.
+
+    The shared part is 0 on kernels older than 4.5, which have no RssShmem line.
+    """
+    resident: int | None = None
+    shared = 0
     with open(f"/proc/{pid}/status", encoding="ascii") as status:
         for line in status:
             if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(
-        f"/proc/{pid}/status has no VmRSS line; is {pid} a live process?"
-    )
+                resident = int(line.split()[1]) * 1024
+            elif line.startswith("RssShmem:"):
+                shared = int(line.split()[1]) * 1024
+    if resident is None:
+        raise RuntimeError(
+            f"/proc/{pid}/status has no VmRSS line; is {pid} a live process?"
+        )
+    return resident, shared
 
 
 @dataclass
@@ -176,11 +187,35 @@ class RssTrace:
 
     seconds: list[float] = field(default_factory=list)
     by_pid: dict[int, list[int]] = field(default_factory=dict)
+    """VmRSS: everything resident, shared memory included."""
+    shared_by_pid: dict[int, list[int]] = field(default_factory=dict)
+    """RssShmem, the shared part of each sample in `by_pid`."""
 
     def add(self, elapsed: float, pids: list[int]) -> None:
         self.seconds.append(elapsed)
         for pid in pids:
-            self.by_pid.setdefault(pid, []).append(read_rss(pid))
+            resident, shared = read_rss(pid)
+            self.by_pid.setdefault(pid, []).append(resident)
+            self.shared_by_pid.setdefault(pid, []).append(shared)
+
+    @property
+    def has_shared(self) -> bool:
+        # Traces saved before the shared part was sampled have no such attribute.
+        return bool(getattr(self, "shared_by_pid", None))
+
+    def private(self, pid: int) -> list[int]:
+        """Return the samples of `pid` without their shared part.
+
+        Ray maps its object store into every worker as shared memory, and a page of it
+        counts in a worker's RSS once the worker has touched it. Which pages an actor
+        touches depends on where the store placed each checkpoint, up to the store's
+        fixed size, so the private part is what shows the actor's own memory.
+        """
+        values = self.by_pid[pid]
+        if not self.has_shared:
+            return list(values)
+        shared = self.shared_by_pid[pid]
+        return [total - part for total, part in zip(values, shared, strict=True)]
 
 
 def sample_rss(

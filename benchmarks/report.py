@@ -41,8 +41,8 @@ TARGET_P99_MS = 250.0
 TARGET_ORDER_BYTES = 1024.0
 TARGET_ID_BYTES = 100.0
 FLAT_RSS_TOLERANCE = 0.10
-"""Actor RSS counts as flat when the median of the last third of its samples lies
-within 10% of the median of the middle third."""
+"""Actor memory counts as flat when the median of the last third of its private RSS
+samples lies within 10% of the median of the middle third."""
 
 
 def write_report(results: Results, path: Path) -> None:
@@ -172,18 +172,19 @@ def _rss_swing(values: list[int]) -> float:
 
 
 def _rss_flat(results: Results) -> tuple[bool, str] | None:
-    """Judge the actors' RSS after warm-up by its trend: the median of the last third
-    of the samples against the median of the middle third.
+    """Judge the actors' private memory after warm-up by its trend: the median of the
+    last third of the samples against the median of the middle third.
 
     The samples swing with each checkpoint (the serialised state and the joined
     snapshot tables exist for a moment), so a single sample shows little. A leak or a
-    state that keeps growing moves the median of a whole third.
+    state that keeps growing moves the median of a whole third. The shared part of RSS
+    is left out (`RssTrace.private`): it is Ray's object store, bounded by its size.
     """
     trace = results.soak_trace
     if trace is None or len(trace.seconds) < 6:
         return None
     actors = [
-        values for pid, values in trace.by_pid.items() if pid != results.soak_driver_pid
+        trace.private(pid) for pid in trace.by_pid if pid != results.soak_driver_pid
     ]
     worst = max((_rss_growth(values) for values in actors), key=abs)
     swing = max(_rss_swing(values) for values in actors)
@@ -264,8 +265,8 @@ def _targets(results: Results) -> str:
     flat = _rss_flat(results)
     if flat:
         add(
-            "actor RSS flat over the long run (median of the last third within 10% "
-            "of the middle third's)",
+            "actor memory flat over the long run (private RSS: median of the last "
+            "third within 10% of the middle third's)",
             flat[1],
             flat[0],
         )
@@ -456,30 +457,48 @@ def _memory(results: Results) -> str:
         rows = []
         for index, (pid, values) in enumerate(trace.by_pid.items()):
             name = "driver" if pid == results.soak_driver_pid else f"actor {index}"
-            middle, last = _rss_thirds(values)
+            private = trace.private(pid)
+            middle, last = _rss_thirds(private)
+            shared = _mib(values[-1] - private[-1]) if trace.has_shared else "-"
             rows.append(
                 [
                     name,
-                    _mib(values[0]),
+                    _mib(private[0]),
                     _mib(int(middle)),
                     _mib(int(last)),
+                    f"{_rss_growth(private):+.1%}",
+                    f"{_mib(min(private[len(private) // 3 :]))} to "
+                    f"{_mib(max(private))}",
+                    shared,
                     f"{_rss_growth(values):+.1%}",
-                    f"{_mib(min(values[len(values) // 3 :]))} to {_mib(max(values))}",
                 ]
             )
         lines.append(
             _table(
                 [
                     "process",
-                    "start",
+                    "private, start",
                     "median, middle third",
                     "median, last third",
                     "growth",
                     "range after the first third",
+                    "shared at the end",
+                    "growth of the whole RSS",
                 ],
                 rows,
             )
         )
+        lines += [
+            "",
+            "Private memory is VmRSS without RssShmem. The shared part is mostly Ray's "
+            "object store, which a worker maps whole: a page of it counts in the "
+            "worker's RSS from the first time the worker writes or reads a "
+            "checkpoint there, so that part rises in steps up to the store's fixed "
+            "size whatever the actor keeps."
+            if trace.has_shared
+            else "This run did not sample the shared part, so the private columns "
+            "show the whole RSS.",
+        ]
         lines += ["", _soak_state(results, soak)]
     return "\n".join(lines)
 

@@ -59,7 +59,10 @@ FULL = Sizes(
     id_count=1_000_000,
     order_count=50_000,
     soak_events=1_500_000,
-    soak_interval_s=1.0,
+    # Eight samples per 2 s checkpoint interval. Sampled once a second, every other
+    # sample fell in a checkpoint's swing, and the median of a third could land on
+    # either side of it.
+    soak_interval_s=0.25,
     growth_events=30_000,
     open_orders=(1_000, 10_000, 100_000),
     plants=(3, 30, 300),

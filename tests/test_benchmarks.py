@@ -6,6 +6,7 @@ No test asserts a speed: the figures depend on the machine and on what else runs
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from benchmarks.memory import RssTrace, read_rss
 from benchmarks.report import SECTIONS
 from benchmarks.stats import percentile, summarize
 from benchmarks.workload import build_workload, edge_batches, spec_for
@@ -190,6 +192,30 @@ def test_memory_rss_table(report: str) -> None:
     names = [row[0] for row in rows]
     assert "actor 0" in names
     assert "driver" in names
+    actor = rows[names.index("actor 0")]
+    # The shared part was sampled, so its column holds a size rather than "-".
+    assert actor[6].endswith("MiB"), actor
+
+
+def test_private_memory_leaves_out_the_shared_part() -> None:
+    trace = RssTrace(seconds=[0.0, 1.0], by_pid={7: [100, 200]})
+    trace.shared_by_pid[7] = [10, 60]
+    assert trace.has_shared
+    assert trace.private(7) == [90, 140]
+
+
+def test_trace_saved_before_the_shared_part_gives_the_whole_rss() -> None:
+    trace = RssTrace(seconds=[0.0], by_pid={7: [100]})
+    # As a trace unpickled from a results file of an older suite.
+    del trace.__dict__["shared_by_pid"]
+    assert not trace.has_shared
+    assert trace.private(7) == [100]
+
+
+def test_read_rss_of_this_process() -> None:
+    resident, shared = read_rss(os.getpid())
+    assert resident > 0
+    assert 0 <= shared <= resident
 
 
 def test_growth_rows(report: str) -> None:
