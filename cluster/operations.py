@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import msgspec
+import nats.errors
 import pyarrow as pa
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
@@ -123,16 +124,27 @@ async def iter_stream(
     """Yield the messages of `stream` on `subject` from `start_seq`, in stream order.
 
     An ephemeral consumer without acks reads them, so the ingest's durable consumer is
-    not touched. Reading stops at `through_seq`, or once nothing more is pending.
+    not touched. Reading stops at `through_seq`, or once nothing more is pending, and
+    the consumer is deleted then.
     """
     config = ConsumerConfig(
         ack_policy=AckPolicy.NONE,
         deliver_policy=DeliverPolicy.BY_START_SEQUENCE,
         opt_start_seq=max(start_seq, 1),
+        filter_subject=subject,
         headers_only=headers_only or None,
+        # The server removes it after this long unused, should the delete below not
+        # reach it (a lost connection).
         inactive_threshold=60.0,
     )
-    subscription = await js.pull_subscribe(subject, stream=stream, config=config)
+    # Created here rather than by pull_subscribe, which keeps the name it gives the
+    # consumer to itself, so that the reader can delete it when done.
+    consumer = (await js.add_consumer(stream, config)).name
+    try:
+        subscription = await js.pull_subscribe_bind(consumer=consumer, stream=stream)
+    except BaseException:
+        await _delete_reader(js, stream, consumer)
+        raise
     timeouts = 0
     try:
         while True:
@@ -163,6 +175,16 @@ async def iter_stream(
                 return
     finally:
         await subscription.unsubscribe()
+        await _delete_reader(js, stream, consumer)
+
+
+async def _delete_reader(js: JetStreamContext, stream: str, consumer: str) -> None:
+    try:
+        await js.delete_consumer(stream, consumer)
+    except (nats.errors.Error, OSError, TimeoutError) as error:
+        # A reader left behind costs nothing but a line in the consumer list until
+        # its inactive_threshold passes, so the command's result stands.
+        logger.debug("left reader %s on %s to the server: %r", consumer, stream, error)
 
 
 async def read_checkpoint(

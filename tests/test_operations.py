@@ -41,7 +41,12 @@ from contracts.events import (
 from pipeline.checkpoints import CheckpointManifest
 from pipeline.settings import PipelineSettings
 from pipeline.sources.generated import Expected, StreamSpec, generate
-from pipeline.subjects import event_subject
+from pipeline.subjects import (
+    DLQ_STREAM,
+    EVENTS_STREAM,
+    POSTINGS_STREAM,
+    event_subject,
+)
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -100,6 +105,21 @@ async def _keys(url: str) -> list[str]:
         await nc.close()
 
 
+async def _readers_left(url: str) -> list[str]:
+    """Return the consumers without a durable name on plantstream's streams."""
+    nc = await nats.connect(url)
+    try:
+        jsm = nc.jsm()
+        return [
+            f"{stream}/{info.name}"
+            for stream in (EVENTS_STREAM, POSTINGS_STREAM, DLQ_STREAM)
+            for info in await jsm.consumers_info(stream)
+            if not info.config.durable_name
+        ]
+    finally:
+        await nc.close()
+
+
 @pytest.fixture(scope="module")
 def stream() -> tuple[list[tuple[str, bytes]], Expected]:
     messages, expected = generate(SPEC)
@@ -128,6 +148,8 @@ def test_replay_whole_plant_posts_nothing_new(
     assert report.already_posted == report.regenerated
     assert report.before_start == 0
     assert keys_after == keys_before
+    # The replay's readers are deleted when done, not left to the server's timeout.
+    assert asyncio.run(_readers_left(nats_server.url)) == []
 
 
 def test_replay_regenerates_every_plant_posting(
