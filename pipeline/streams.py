@@ -13,7 +13,7 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
 from pipeline.settings import PipelineSettings
 from pipeline.site_streams import site_sources
@@ -28,10 +28,24 @@ from pipeline.subjects import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CHECKPOINT_BUCKET", "ensure_consumer", "ensure_streams", "stream_configs"]
+__all__ = [
+    "CHECKPOINT_BUCKET",
+    "StreamSetupError",
+    "ensure_consumer",
+    "ensure_streams",
+    "stream_configs",
+]
 
 CHECKPOINT_BUCKET = "plantstream-checkpoints"
 """JetStream object store bucket that keeps the partition actors' checkpoints."""
+
+
+class StreamSetupError(ValueError):
+    """The server refused to create or update one of plantstream's streams.
+
+    Not among the errors the ingest retries: the server understood the request and
+    will refuse it again until someone changes the streams on it.
+    """
 
 
 def stream_configs(settings: PipelineSettings) -> list[StreamConfig]:
@@ -73,18 +87,34 @@ async def ensure_streams(js: JetStreamContext, settings: PipelineSettings) -> No
     """Create the streams, or update them to `settings`, so start-up is repeatable."""
     for config in stream_configs(settings):
         try:
-            await js.stream_info(config.name)
-        except NotFoundError:
-            await js.add_stream(config)
-            logger.info("created stream %s on %s", config.name, config.subjects)
-        else:
-            await js.update_stream(config)
-            logger.debug("stream %s exists; configuration updated", config.name)
+            await _ensure_stream(js, config)
+        except ServiceUnavailableError:
+            raise
+        except APIError as error:
+            raise StreamSetupError(
+                f"nats-server refused stream {config.name} on subjects "
+                f"{', '.join(config.subjects or [])}: {error.description} (code "
+                f"{error.code}, err_code {error.err_code}). Another stream may hold "
+                "these subjects already, or the existing stream has a setting the "
+                "server cannot change, such as its storage type; remove or rename "
+                "that stream, or point plantstream at another server"
+            ) from error
     try:
         await js.object_store(CHECKPOINT_BUCKET)
     except NotFoundError:
         await js.create_object_store(CHECKPOINT_BUCKET)
         logger.info("created object store %s for checkpoints", CHECKPOINT_BUCKET)
+
+
+async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    try:
+        await js.stream_info(config.name)
+    except NotFoundError:
+        await js.add_stream(config)
+        logger.info("created stream %s on %s", config.name, config.subjects)
+    else:
+        await js.update_stream(config)
+        logger.debug("stream %s exists; configuration updated", config.name)
 
 
 def consumer_config(settings: PipelineSettings) -> ConsumerConfig:

@@ -214,3 +214,30 @@ def test_server_without_jetstream() -> None:
 
     assert result.returncode == 2
     assert "JetStream is not available on the NATS server" in result.stderr
+
+
+def test_run_stops_when_another_stream_holds_the_event_subjects(
+    nats_server: EmbeddedNatsServer, tmp_path: Path
+) -> None:
+    async def add_other_stream() -> None:
+        nc = await nats.connect(nats_server.url)
+        try:
+            await nc.jetstream().add_stream(name="OTHER", subjects=["plant.events.>"])
+        finally:
+            await nc.close()
+
+    asyncio.run(add_other_stream())
+    # Without the check, the start retried this refusal with backoff until stopped.
+    result = run_cli(
+        "run",
+        "--nats-url",
+        nats_server.url,
+        "--db",
+        str(tmp_path / "run.duckdb"),
+        "--until-drained",
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "refused stream PLANT_EVENTS" in result.stderr
+    assert "subjects overlap with an existing stream" in result.stderr
+    assert "remove or rename that stream" in result.stderr
