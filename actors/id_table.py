@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import sys
 from array import array
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import msgspec
 
@@ -257,7 +257,7 @@ class IdTable:
 
     def items(self) -> Iterator[tuple[int, int]]:
         """Yield (key, value) pairs, oldest first."""
-        order = range(len(self._keys))
+        order: Sequence[int] = range(len(self._keys))
         if len(self._keys) == self.max_entries:
             order = [*range(self._head, self.max_entries), *range(self._head)]
         for position in order:

@@ -30,7 +30,7 @@ import typing
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import pyarrow as pa
@@ -393,7 +393,9 @@ class PartitionState:
             # table lacks only after the table dropped some.
             order = self.orders.get(order_key)
             if order is not None and order.event_ids:
-                known = find_packed_id(order.event_ids, id_hash)
+                # Always bytes once decoded: __post_init__ packs the dict of older
+                # checkpoints.
+                known = find_packed_id(cast(bytes, order.event_ids), id_hash)
                 if known is not None:
                     # The id table had forgotten it: remember the first payload again.
                     self.seen.put(id_hash, known)
@@ -558,8 +560,8 @@ class PartitionState:
                 outcome.add_row("holds", _plant_hold_row(event.plant, hold, None))
             self._collect(outcome)
             return [f"hold:{event.plant}:{event.hold_id}"]
-        hold = self.plant_holds.pop(f"{event.plant}\x1f{event.hold_id}", None)
-        if hold is None:
+        released = self.plant_holds.pop(f"{event.plant}\x1f{event.hold_id}", None)
+        if released is None:
             raise _Park(f"hold:{event.plant}:{event.hold_id}")
         for key, order in self.orders.items():
             if order.plant == event.plant and release_hold(
@@ -568,7 +570,7 @@ class PartitionState:
                 self._dirty_orders.add(key)
         if record:
             outcome.add_row(
-                "holds", _plant_hold_row(event.plant, hold, event.occurred_at)
+                "holds", _plant_hold_row(event.plant, released, event.occurred_at)
             )
         self._collect(outcome)
         return []
@@ -639,7 +641,9 @@ class PartitionState:
                     payload_hash = _payload_hash(event)
                 if id_hash is None:
                     id_hash = stable_hash(event.event_id)
-                order.event_ids = add_packed_id(order.event_ids, id_hash, payload_hash)
+                order.event_ids = add_packed_id(
+                    cast(bytes, order.event_ids), id_hash, payload_hash
+                )
         if self.parked:
             # Built only now: with nothing parked, the keys would go unused.
             self._unpark(f"event:{event.plant}:{event.event_id}")
@@ -1398,7 +1402,7 @@ def _postings_table(postings: list[Posting]) -> pa.Table:
 
     if movements:
         none = [None] * len(movements)
-        columns = {
+        columns: dict[str, list[object]] = {
             "key": [p.key for p in movements],
             "posting_type": ["goods_movement"] * len(movements),
             "plant": [p.plant for p in movements],

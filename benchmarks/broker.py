@@ -35,10 +35,14 @@ class Broker:
         return self.server.url
 
     @property
-    def js(self) -> JetStreamContext:
+    def client(self) -> NATS:
         if self.nc is None:
             raise RuntimeError("the broker is not connected; use it with `async with`")
-        return self.nc.jetstream(publish_async_max_pending=PUBLISH_MAX_PENDING)
+        return self.nc
+
+    @property
+    def js(self) -> JetStreamContext:
+        return self.client.jetstream(publish_async_max_pending=PUBLISH_MAX_PENDING)
 
     async def __aenter__(self) -> Broker:
         self.server.start()

@@ -24,6 +24,7 @@ from pathlib import Path
 import msgspec
 import nats
 import ray
+from nats.aio.msg import Msg
 from nats.js.api import DeliverPolicy
 
 from benchmarks.broker import PUBLISH_MAX_PENDING, Broker
@@ -81,7 +82,6 @@ async def run_latency(rate: float, seconds: float, partitions: int) -> LatencyRu
     context = multiprocessing.get_context("spawn")
     results = context.Queue()
     async with Broker() as broker:
-        assert broker.nc is not None
         actors = start_actors(partitions)
         stop = asyncio.Event()
         try:
@@ -89,7 +89,7 @@ async def run_latency(rate: float, seconds: float, partitions: int) -> LatencyRu
                 tempfile.TemporaryDirectory(prefix="plantstream-latency-") as folder,
                 SnapshotWriter(Path(folder) / "latency.duckdb") as writer,
             ):
-                ingest = Ingest(broker.nc, actors, writer, BENCH_SETTINGS)
+                ingest = Ingest(broker.client, actors, writer, BENCH_SETTINGS)
                 await ingest.start()
                 runner = asyncio.create_task(ingest.run(until_drained=False, stop=stop))
                 child = context.Process(
@@ -133,7 +133,7 @@ async def _publish_and_watch(url: str, rate: float, events: int) -> dict[str, ob
     published_at: dict[str, float] = {}
     landed_at: dict[str, float] = {}
 
-    async def on_posting(message: nats.aio.msg.Msg) -> None:
+    async def on_posting(message: Msg) -> None:
         now = time.monotonic()
         posting = _reference_decoder.decode(message.data)
         source = posting.reference or (posting.lineage[0] if posting.lineage else None)

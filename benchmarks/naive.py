@@ -18,7 +18,7 @@ import msgspec
 import ray
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from actors.partition import partition_of
+from actors.partition import PartitionCheckpoint, partition_of
 from actors.partition_state import BatchResult, SourceMessage
 from benchmarks.broker import Broker
 from benchmarks.pipeline_run import start_actors
@@ -39,7 +39,6 @@ async def run_naive(
     broker: Broker, events: int, partitions: int = 2
 ) -> tuple[int, float]:
     """Process the first `events` messages one at a time; return (events, seconds)."""
-    assert broker.nc is not None
     await broker.reset_outputs(NAIVE_CONSUMER)
     js = broker.js
     await js.add_consumer(
@@ -73,16 +72,16 @@ async def run_naive(
                         (dlq_subject(d.plant), encode(d), None)
                         for d in result.dead_letters
                     ]
-                    await publish_all(broker.nc, outgoing)
+                    await publish_all(broker.client, outgoing)
                     await message.ack()
                     done += 1
-            snapshots = await asyncio.gather(
+            snapshots: list[PartitionCheckpoint] = await asyncio.gather(
                 *(actor.checkpoint.remote() for actor in actors)
             )
             tables = merge_tables([snapshot.tables for snapshot in snapshots])
             with SnapshotWriter(Path(folder) / "naive.duckdb") as writer:
                 writer.write(tables)
-            await broker.nc.flush()
+            await broker.client.flush()
             elapsed = time.perf_counter() - started
     finally:
         await subscription.unsubscribe()

@@ -56,14 +56,14 @@ class _KeyState:
     seen: dict[str, int] = field(default_factory=dict)
     order: OrderState | None = None
     machine: MachineTrack | None = None
-    parked: list[ev.Event] = field(default_factory=list)
+    parked: list[ev.PlantEvent] = field(default_factory=list)
 
 
-def _payload_hash(event: ev.Event) -> int:
+def _payload_hash(event: ev.PlantEvent) -> int:
     return int.from_bytes(hashlib.blake2b(encode(event), digest_size=8).digest(), "big")
 
 
-def _route(event: ev.Event) -> str:
+def _route(event: ev.PlantEvent) -> str:
     machine = getattr(event, "machine", None)
     if machine:
         return f"{event.plant}\x1fmachine:{machine}"
@@ -75,7 +75,7 @@ def _route(event: ev.Event) -> str:
     return f"{event.plant}\x1fplant"
 
 
-def _decode(message: tuple[str, bytes]) -> ev.Event | None:
+def _decode(message: tuple[str, bytes]) -> ev.PlantEvent | None:
     try:
         return decode_event(message[1])
     except (msgspec.DecodeError, msgspec.ValidationError):
@@ -83,7 +83,7 @@ def _decode(message: tuple[str, bytes]) -> ev.Event | None:
         return None
 
 
-def _apply(state: _KeyState, event: ev.Event) -> list[bytes] | None:
+def _apply(state: _KeyState, event: ev.PlantEvent) -> list[bytes] | None:
     """Apply one event; return its encoded postings, or None if it must wait."""
     try:
         return _apply_or_raise(state, event)
@@ -92,7 +92,7 @@ def _apply(state: _KeyState, event: ev.Event) -> list[bytes] | None:
         return []
 
 
-def _apply_or_raise(state: _KeyState, event: ev.Event) -> list[bytes] | None:
+def _apply_or_raise(state: _KeyState, event: ev.PlantEvent) -> list[bytes] | None:
     if event.occurred_at - dt.datetime.now(dt.UTC) > _MAX_AHEAD:
         return []
     if isinstance(event, _MACHINE_EVENTS):
@@ -118,7 +118,9 @@ def _apply_or_raise(state: _KeyState, event: ev.Event) -> list[bytes] | None:
     return [encode(posting) for posting in outcome.postings]
 
 
-def _step(state: _KeyState | None, event: ev.Event) -> tuple[_KeyState, list[bytes]]:
+def _step(
+    state: _KeyState | None, event: ev.PlantEvent
+) -> tuple[_KeyState, list[bytes]]:
     if state is None:
         state = _KeyState()
     payload_hash = _payload_hash(event)
@@ -131,7 +133,7 @@ def _step(state: _KeyState | None, event: ev.Event) -> tuple[_KeyState, list[byt
         return state, []
     # Something was applied, so parked events may now find their prerequisite.
     while state.parked:
-        still_waiting: list[ev.Event] = []
+        still_waiting: list[ev.PlantEvent] = []
         progressed = False
         for parked in state.parked:
             result = _apply(state, parked)
@@ -151,13 +153,13 @@ def bytewax_rate(
 ) -> tuple[int, float, int]:
     """Run the dataflow over `messages`; return (events, seconds, postings emitted)."""
     import bytewax.operators as op
-    from bytewax.dataflow import Dataflow
+    from bytewax.dataflow import Dataflow, Stream
     from bytewax.testing import TestingSink, TestingSource, run_main
 
     postings: list[tuple[str, bytes]] = []
     flow = Dataflow("plantstream_peer")
     source = op.input("events", flow, TestingSource(list(messages), batch_size))
-    decoded = op.filter_map("decode", source, _decode)
+    decoded: Stream[ev.PlantEvent] = op.filter_map("decode", source, _decode)
     keyed = op.key_on("route", decoded, _route)
     applied = op.stateful_flat_map("apply", keyed, _step)
     op.output("postings", applied, TestingSink(postings))

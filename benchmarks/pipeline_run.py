@@ -11,9 +11,10 @@ import asyncio
 import logging
 import tempfile
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import ray
 
@@ -35,7 +36,7 @@ __all__ = [
     "start_actors",
 ]
 
-DuringRun = Callable[[list[ray.actor.ActorHandle]], Awaitable[None]]
+DuringRun = Callable[[list[ray.actor.ActorHandle]], Coroutine[Any, Any, None]]
 """A coroutine run alongside the ingest with its actors, such as a memory sampler."""
 
 BENCH_SETTINGS = PipelineSettings(consumer="bench-ingest", fetch_timeout_s=0.1)
@@ -87,14 +88,13 @@ async def run_pipeline(
     `during`, when given, runs alongside the ingest (a memory sampler) and is cancelled
     when the stream is drained. `state` configures the actors (defaults when None).
     """
-    assert broker.nc is not None
     await broker.reset_outputs(settings.consumer)
     actors = start_actors(partitions, state)
     helper: asyncio.Task[None] | None = None
     try:
         with tempfile.TemporaryDirectory(prefix="plantstream-bench-") as folder:
             with SnapshotWriter(Path(folder) / "bench.duckdb") as writer:
-                ingest = Ingest(broker.nc, actors, writer, settings)
+                ingest = Ingest(broker.client, actors, writer, settings)
                 await ingest.start()
                 if during is not None:
                     helper = asyncio.create_task(during(actors))

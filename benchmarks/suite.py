@@ -117,8 +117,7 @@ async def _throughput(results: Results, sizes: Sizes) -> None:
     }
     logger.info("one event per message: %d messages", workload.events)
     async with Broker() as broker:
-        assert broker.nc is not None
-        await publish_messages(broker.nc, workload.messages)
+        await publish_messages(broker.client, workload.messages)
         # Each repeat runs the ceiling and then the pipeline at every partition
         # count. The machine's speed has moved by a third within an hour, and this
         # way such a change shifts both alike.
@@ -126,7 +125,7 @@ async def _throughput(results: Results, sizes: Sizes) -> None:
         rates: dict[int, list[float]] = {p: [] for p in sizes.partitions}
         for _ in range(sizes.repeats):
             events, seconds = await run_ceiling(
-                broker.nc,
+                broker.client,
                 workload.events,
                 BENCH_SETTINGS.fetch_batch,
                 edge_batches=False,
@@ -177,14 +176,16 @@ async def _edge(
     results.workload["edge_events"] = events
     results.edge_supported = edge_batches_supported()
     async with Broker() as broker:
-        assert broker.nc is not None
-        await publish_messages(broker.nc, ((s, d) for s, d, _ in batches))
+        await publish_messages(broker.client, ((s, d) for s, d, _ in batches))
         # Alternated like the runs with one event per message.
         ceiling: list[float] = []
         rates: dict[int, list[float]] = {p: [] for p in sizes.partitions}
         for _ in range(sizes.repeats):
             decoded, seconds = await run_ceiling(
-                broker.nc, len(batches), BENCH_SETTINGS.fetch_batch, edge_batches=True
+                broker.client,
+                len(batches),
+                BENCH_SETTINGS.fetch_batch,
+                edge_batches=True,
             )
             ceiling.append(decoded / seconds)
             if not results.edge_supported:
@@ -231,7 +232,7 @@ async def _memory(results: Results, sizes: Sizes) -> None:
     results.workload["soak_messages"] = workload.events
     trace = memory.RssTrace()
     async with Broker() as broker:
-        await publish_messages(broker.nc, workload.messages)
+        await publish_messages(broker.client, workload.messages)
         del workload
         results.soak = await run_pipeline(
             broker,
@@ -283,7 +284,7 @@ async def _growth(results: Results, sizes: Sizes) -> None:
         )
         pipeline_rates = []
         async with Broker() as broker:
-            await publish_messages(broker.nc, plant_workload.messages)
+            await publish_messages(broker.client, plant_workload.messages)
             for _ in range(sizes.repeats):
                 pipeline_rates.append((await run_pipeline(broker, 2)).rate)
         row = _growth_row(

@@ -103,7 +103,8 @@ async def connect_nats(
             client.connect(
                 url,
                 max_reconnect_attempts=-1,
-                reconnect_time_wait=NATS_RECONNECT_WAIT_S,
+                # nats-py annotates an int, but waits any number of seconds.
+                reconnect_time_wait=NATS_RECONNECT_WAIT_S,  # type: ignore[arg-type]
                 error_cb=log.error,
                 disconnected_cb=log.disconnected,
                 reconnected_cb=log.reconnected,

@@ -465,14 +465,14 @@ async def replay_plant(
     if not stored:
         # Nothing to rebuild, so stop before the checkpoint is rewritten. A mistyped
         # plant id is the usual cause, so the error lists the plants that have events.
-        known = await _plants_with_events(js)
-        if plant in known:
+        plants = await _plants_with_events(js)
+        if plant in plants:
             fix = (
                 "Its events come later in the stream, so let plantstream run process "
                 "them before a replay"
             )
         else:
-            listed = ", ".join(known) or "none"
+            listed = ", ".join(plants) or "none"
             fix = f"Plants with events: {listed}. Check the --plant value"
         raise OperationError(
             f"plant {plant} has no events in {EVENTS_STREAM} up to the checkpoint's "
@@ -919,7 +919,7 @@ def _cmd_dlq_retry(args: argparse.Namespace) -> int:
 REASONS = list(typing.get_args(DeadLetterReason))
 
 
-def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(commands: argparse._SubParsersAction) -> None:
     """Register the replay, checkpoints and dlq subcommands on the `plantstream`
     parser."""
     replay = commands.add_parser(

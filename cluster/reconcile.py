@@ -288,7 +288,7 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(commands: argparse._SubParsersAction) -> None:
     """Register the `reconcile` subcommand on the CLI's subparsers."""
     parser = commands.add_parser(
         "reconcile",

@@ -52,7 +52,7 @@ def _site_init(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_parser(commands: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def add_parser(commands: argparse._SubParsersAction) -> None:
     hub = commands.add_parser(
         "hub-config",
         help="print the nats-server config of the hub that plant sites connect to",

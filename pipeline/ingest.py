@@ -31,9 +31,10 @@ import contextlib
 import datetime as dt
 import logging
 import time
-from collections import Counter, deque
+from collections import Counter, defaultdict, deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any, cast
 
 import msgspec
 import nats.errors
@@ -191,7 +192,7 @@ class IngestReport:
     batches: int = 0
     checkpoints: int = 0
     recoveries: int = 0
-    seconds: Counter[str] = field(default_factory=Counter)
+    seconds: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
     """Wall time in seconds per step: fetch, route, apply, publish, snapshot, ack."""
     started: float = field(default_factory=time.monotonic)
 
@@ -785,7 +786,7 @@ class Ingest:
         """
         # 5a. Every partition's state and changed rows, all partitions at once.
         bases = [self._chains.wants_base(index) for index in range(len(self.actors))]
-        results = asyncio.gather(
+        results: asyncio.Future[list[PartitionCheckpoint]] = asyncio.gather(
             *(
                 actor.checkpoint.remote(base)
                 for actor, base in zip(self.actors, bases, strict=True)
@@ -888,7 +889,7 @@ class Ingest:
         """
         totals = Counter(self._ingest_counts)
         for stats in await self.partition_stats():
-            totals.update(stats["counts"])  # type: ignore[arg-type]
+            totals.update(cast(dict[str, int], stats["counts"]))
         return totals
 
 
@@ -960,7 +961,7 @@ def _split_by_size(messages: list[Msg], max_bytes: int) -> Iterator[list[Msg]]:
     yield messages[start:]
 
 
-def _consume_failure(future: asyncio.Future[list[bytes]]) -> None:
+def _consume_failure(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
 

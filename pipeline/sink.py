@@ -37,6 +37,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 import duckdb
 import pyarrow as pa
@@ -708,7 +709,7 @@ class SnapshotWriter:
             self._closed = True
             logger.info("closed DuckDB snapshot writer for %s", self.path)
 
-    def __enter__(self) -> SnapshotWriter:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(

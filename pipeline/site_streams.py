@@ -67,7 +67,7 @@ async def ensure_site_stream(
     """Create or update the buffer stream on a site's own nats-server."""
     config = site_stream_config(plant, max_age_s)
     try:
-        await js.stream_info(config.name)
+        await js.stream_info(site_stream_name(plant))
     except NotFoundError:
         await js.add_stream(config)
         logger.info("created site stream %s on %s", config.name, config.subjects)

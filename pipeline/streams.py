@@ -107,6 +107,8 @@ async def ensure_streams(js: JetStreamContext, settings: PipelineSettings) -> No
 
 
 async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
+    if config.name is None:
+        raise ValueError(f"a stream configuration needs a name: {config}")
     try:
         await js.stream_info(config.name)
     except NotFoundError:

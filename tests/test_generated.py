@@ -199,7 +199,7 @@ def test_subjects_valid(stream: Stream) -> None:
 def test_subjects_name_event_type(stream: Stream) -> None:
     messages, _ = stream
     for message, event in _valid(messages):
-        subject = event_subject(event.plant, type(event).__struct_config__.tag)
+        subject = event_subject(event.plant, str(type(event).__struct_config__.tag))
         if message.kind == "event":
             assert message.subject == subject
         else:
@@ -218,8 +218,8 @@ def test_time_zones_vary_by_plant(stream: Stream) -> None:
 def test_json_number_quantity_exact(stream: Stream) -> None:
     messages, expected = stream
     number = re.compile(rb'"value":([0-9][0-9.]*)[,}]')
-    found = [(m, number.search(m.data)) for m in messages if m.kind == "event"]
-    found = [(m, match) for m, match in found if match]
+    searched = [(m, number.search(m.data)) for m in messages if m.kind == "event"]
+    found = [(m, match) for m, match in searched if match is not None]
     assert len(found) == expected.json_number_quantities
     assert found
     for message, match in found:

@@ -414,7 +414,7 @@ def _dead_letter_ids(url: str, **filters: str) -> list[str]:
     async def read() -> list[str]:
         nc = await nats.connect(url)
         try:
-            entries = await list_dead_letters(nc.jetstream(), **filters)  # type: ignore[arg-type]
+            entries = await list_dead_letters(nc.jetstream(), **filters)
         finally:
             await nc.close()
         return [entry.letter_id for entry in entries]

@@ -460,7 +460,7 @@ def test_id_table_changes_rebuild_every_entry() -> None:
         table = IdTable(capacity)
         keys = [rng.getrandbits(64) or 1 for _ in range(4 * capacity)]
         base = table.to_data()
-        steps = []
+        steps: list[IdTableChanges] = []
         for _ in range(30):
             for _ in range(rng.randrange(2 * capacity)):
                 key = rng.choice(keys)

@@ -97,7 +97,8 @@ async def _posting_keys(url: str) -> list[str]:
         keys: list[str] = []
         while len(keys) < info.state.messages:
             keys.extend(
-                m.headers["Nats-Msg-Id"] for m in await sub.fetch(1000, timeout=5)
+                (m.headers or {})["Nats-Msg-Id"]
+                for m in await sub.fetch(1000, timeout=5)
             )
         return keys
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -46,7 +47,7 @@ def test_duplicates_applied_once(
 
     assert result.report.counts["duplicates"] == 4
     assert result.report.counts["applied"] == 11
-    assert movements(db, "O1").count(("101", "unrestricted", 10)) == 1
+    assert movements(db, "O1").count(("101", "unrestricted", Decimal(10))) == 1
     issued = query(db, "SELECT count(*) FROM postings WHERE reference = 'O1-i1'")
     assert issued == [(1,)]
     assert query(db, "SELECT good_quantity FROM orders") == [(10,)]

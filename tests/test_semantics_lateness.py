@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from test_semantics_support import at, messages, query, run_on_own_server
@@ -55,7 +56,7 @@ def db(
     return path
 
 
-def _lateness(db: Path) -> dict[str, tuple[object, ...]]:
+def _lateness(db: Path) -> dict[str, tuple[Any, ...]]:
     rows = query(
         db,
         "SELECT plant, events, late_events, max_lateness_s, future_rejected, "

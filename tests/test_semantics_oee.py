@@ -16,7 +16,9 @@ from test_semantics_support import (
 from contracts import events as ev
 
 
-def _state(event_id: str, minutes: float, state: str) -> ev.MachineStateChanged:
+def _state(
+    event_id: str, minutes: float, state: ev.MachineState
+) -> ev.MachineStateChanged:
     return ev.MachineStateChanged(
         **base(event_id, minutes, None), machine="M1", state=state
     )

@@ -28,7 +28,9 @@ from contracts import events as ev
 pytestmark = pytest.mark.usefixtures("ray_local")
 
 
-def _state(event_id: str, minutes: float, state: str) -> ev.MachineStateChanged:
+def _state(
+    event_id: str, minutes: float, state: ev.MachineState
+) -> ev.MachineStateChanged:
     return ev.MachineStateChanged(
         **base(event_id, minutes, None), machine="M1", state=state
     )
@@ -142,7 +144,7 @@ def test_machine_state_before_history_rejected() -> None:
 
 def test_closed_order_event_dead_lettered() -> None:
     state = PartitionState(0, StateSettings(closed_order_retention_s=3600))
-    done = [
+    done: list[ev.PlantEvent] = [
         release("O1"),
         confirm("O1-c1", "O1", "10", final=True),
         # An hour and a minute after O1's last event, in the plant's event time.

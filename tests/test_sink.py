@@ -141,7 +141,7 @@ def test_write_in_background_thread_priority(tmp_path: Path) -> None:
                 )
             write(tables)
 
-        writer.write = recording_write  # type: ignore[method-assign]
+        writer.write = recording_write  # type: ignore[method-assign, assignment]
         asyncio.run(
             writer.write_in_background({"orders": table("orders", [order("O1")])})
         )
@@ -173,7 +173,7 @@ def test_write_in_background_after_cancel_waits(tmp_path: Path) -> None:
                 )
             )
 
-        writer.write = slow_write  # type: ignore[method-assign]
+        writer.write = slow_write  # type: ignore[method-assign, assignment]
 
         async def cancel_then_write() -> None:
             first = asyncio.create_task(

@@ -596,7 +596,7 @@ class _StreamBuilder:
 
         for index, record in enumerate(records):
             event = record.event
-            event_type = event.__struct_config__.tag
+            event_type = str(event.__struct_config__.tag)
             data = encode(event)
             if (
                 isinstance(event, MaterialConsumed)
