@@ -266,6 +266,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         differences = reconcile(connection)
         summary = _summary(connection)
+        [(events,)] = connection.execute("SELECT count(*) FROM events").fetchall()
     except duckdb.CatalogException as error:
         print(
             f"plantstream reconcile: {args.db} lacks a table or view the check needs "
@@ -284,6 +285,14 @@ def _run(args: argparse.Namespace) -> int:
     if differences:
         print(f"reconcile: {len(differences)} differences")
         return 1
+    if not events:
+        # Nothing disagrees in an empty file, but saying so would pass a file that a
+        # run never wrote to, such as one created beside the one it writes.
+        print(
+            f"reconcile: {args.db} holds no events, so nothing was checked; pass the "
+            "file plantstream run or demo writes"
+        )
+        return 1
     print("reconcile: postings agree with the events")
     return 0
 
@@ -296,7 +305,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         description="Recompute stock per plant, material and stock type from the event "
         "ledger, compare it with the posted stock, and check that every event was "
         "applied once, parked or dead-lettered. Prints each difference; exits 1 if "
-        "there is any, 2 if the file cannot be read.",
+        "there is any or if the file holds no events, 2 if it cannot be read.",
     )
     parser.add_argument(
         "--db",

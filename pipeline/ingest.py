@@ -65,7 +65,7 @@ from pipeline.checkpoints import (
 from pipeline.fetch import PullFetcher, stream_sequence
 from pipeline.publish import Publisher, PublishError
 from pipeline.settings import PipelineSettings
-from pipeline.sink import SinkError, SnapshotWriter, merge_tables
+from pipeline.sink import SinkError, SnapshotBehindError, SnapshotWriter, merge_tables
 from pipeline.streams import CHECKPOINT_BUCKET, consumer_config, ensure_streams
 from pipeline.subjects import EVENTS_STREAM, dlq_subject, event_subject, validate_token
 
@@ -291,6 +291,13 @@ class Ingest:
         if self.on_restore is not None:
             self.on_restore()
         resumed = await self._restore_partitions()
+        if self.writer is not None and resumed > 0:
+            # The file is written before each checkpoint commits, so it covers at
+            # least the checkpoint unless it is another file than the runs before
+            # wrote: a new one, or an older copy.
+            through_seq = await asyncio.to_thread(self.writer.through_seq)
+            if through_seq is not None and through_seq < resumed:
+                raise SnapshotBehindError(self.writer.path, through_seq, resumed)
         await self._recreate_consumer(resumed + 1)
         self._max_seq = resumed
         logger.info(
@@ -846,8 +853,9 @@ class Ingest:
             tables = merge_tables([result.tables for result in results])
             if dead_rows:
                 tables["dead_letters"] = table_from_rows("dead_letters", dead_rows)
-            if tables:
-                await self.writer.write_in_background(tables)
+            await self.writer.write_in_background(
+                tables, through_seq=barrier.covered_seq
+            )
         clock = self._lap("snapshot", clock)
         if self.commit_guard is not None:
             await self.commit_guard()

@@ -26,6 +26,7 @@ use.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import re
@@ -53,6 +54,7 @@ __all__ = [
     "SOURCE_TABLE",
     "SchemaMismatchError",
     "SinkError",
+    "SnapshotBehindError",
     "SnapshotSource",
     "SnapshotWriter",
     "SourceMismatchError",
@@ -116,7 +118,7 @@ out altogether took 25 ms off, and each run's p99 still varied by about 50 ms.""
 
 SOURCE_TABLE = "plantstream_source"
 """Table with one row that names the plant events stream the file's snapshots come
-from, and the command that first wrote them."""
+from, the command that first wrote them, and the stream sequence they cover."""
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,32 @@ def read_source(path: Path) -> SnapshotSource | None:
 
 class SinkError(Exception):
     """Base class of the snapshot sink's errors."""
+
+
+class SnapshotBehindError(ValueError):
+    """The file's snapshots end before the checkpoint the ingest resumes from.
+
+    Not a SinkError, which the ingest retries: the rows between are missing from the
+    file for good, and only the operator can choose how to get them back.
+    """
+
+    def __init__(self, path: Path, through_seq: int, checkpoint_seq: int) -> None:
+        held = (
+            "holds no snapshot rows yet"
+            if through_seq == 0
+            else f"holds snapshot rows up to stream sequence {through_seq} only"
+        )
+        super().__init__(
+            f"{path} {held}, but the checkpoint in NATS covers the plant events up to "
+            f"sequence {checkpoint_seq}; the rows of the events in between would be "
+            "missing from it for good. Pass the --db file the earlier runs wrote. To "
+            "build this file from the whole stream instead, stop every run and use "
+            "`plantstream checkpoints reset --nats-url URL --yes` first (postings "
+            "older than the postings stream's duplicate window are then stored twice)"
+        )
+        self.path = path
+        self.through_seq = through_seq
+        self.checkpoint_seq = checkpoint_seq
 
 
 class SourceMismatchError(SinkError, ValueError):
@@ -278,6 +306,13 @@ def _create_table_sql(name: str, spec: TableSpec) -> str:
 _LOCK_HOLDER = re.compile(r"Conflicting lock is held in .*? \(PID \d+\)")
 
 
+_NEW_FILE_NOTE = (
+    "A run that resumes from a checkpoint refuses a new file, because the rows of the "
+    "events before the checkpoint would be missing; `plantstream checkpoints reset` "
+    "lets the next run process the whole stream into it"
+)
+
+
 def _lock_holder(detail: str) -> str:
     """Return the lock holder from DuckDB's lock error, or the whole error."""
     match = _LOCK_HOLDER.search(detail)
@@ -302,7 +337,8 @@ def _connect(
             if not _is_lock_conflict(exc):
                 raise SinkError(
                     f"cannot open DuckDB file {path}: {exc}. If the file is not a "
-                    "DuckDB database, move it aside and let the writer create a new one"
+                    "DuckDB database, move it aside and let the writer create a new "
+                    f"one. {_NEW_FILE_NOTE}"
                 ) from exc
             attempts += 1
             remaining = deadline - time.monotonic()
@@ -464,6 +500,12 @@ class SnapshotWriter:
                 f"CREATE TABLE IF NOT EXISTS {SOURCE_TABLE} "
                 "(stream VARCHAR NOT NULL, written_by VARCHAR NOT NULL)"
             )
+            # Files written before the column existed get it empty: their coverage is
+            # unknown until the next write records it.
+            connection.execute(
+                f"ALTER TABLE {SOURCE_TABLE} "
+                "ADD COLUMN IF NOT EXISTS through_seq BIGINT"
+            )
             connection.commit()
         except BaseException:
             connection.rollback()
@@ -477,7 +519,8 @@ class SnapshotWriter:
         recorded = _read_source(connection)
         if recorded is None:
             connection.execute(
-                f"INSERT INTO {SOURCE_TABLE} VALUES (?, ?)",  # noqa: S608
+                f"INSERT INTO {SOURCE_TABLE} (stream, written_by, through_seq) "  # noqa: S608
+                "VALUES (?, ?, 0)",
                 [source.stream, source.written_by],
             )
             return
@@ -509,16 +552,33 @@ class SnapshotWriter:
         raise SinkError(
             f"table {name!r} in {self.path} has columns that differ from "
             f"contracts.snapshots: {differing}. The file was written by another schema "
-            "version; move it aside so the writer creates a new one"
+            f"version; move it aside so the writer creates a new one. {_NEW_FILE_NOTE}"
         )
 
+    def through_seq(self) -> int | None:
+        """Return the plant events sequence the file's snapshot rows cover: 0 for a
+        claimed file without rows, None when no write has recorded it."""
+        connection = self._open()
+        try:
+            row = connection.execute(
+                f"SELECT max(through_seq) FROM {SOURCE_TABLE}"  # noqa: S608
+            ).fetchone()
+        finally:
+            connection.close()
+        return None if row is None or row[0] is None else int(row[0])
+
     def write(
-        self, tables: Mapping[str, pa.Table | pa.RecordBatch | Sequence[pa.RecordBatch]]
+        self,
+        tables: Mapping[str, pa.Table | pa.RecordBatch | Sequence[pa.RecordBatch]],
+        *,
+        through_seq: int | None = None,
     ) -> None:
         """Upsert every table's rows by primary key, all in one transaction.
 
         Rows whose key already exists replace the stored row; within one batch, the last
-        row of a key wins. Nothing is written if any batch fails validation.
+        row of a key wins. Nothing is written if any batch fails validation. With
+        `through_seq`, the same transaction records that the rows now cover the plant
+        events up to that stream sequence.
         """
         if self._closed:
             raise SinkError(
@@ -535,19 +595,19 @@ class SnapshotWriter:
             _check_keys(name, table)
             if table.num_rows:
                 staged[name] = table
-        if not staged:
+        if not staged and through_seq is None:
             return
 
         started = time.perf_counter()
         try:
-            self._write_staged(staged, insert_new=True)
+            self._write_staged(staged, insert_new=True, through_seq=through_seq)
         except duckdb.ConstraintException as error:
             # A row inserted as new was stored already: a restart or a replay wrote
             # it before. Nothing of this write was committed, so write it all again
             # with upserts, which replace such rows.
             logger.debug("writing again with upserts to %s: %s", self.path, error)
             self._high_seq.clear()
-            self._write_staged(staged, insert_new=False)
+            self._write_staged(staged, insert_new=False, through_seq=through_seq)
         if logger.isEnabledFor(logging.DEBUG):
             counts = ", ".join(
                 f"{name}={table.num_rows}" for name, table in staged.items()
@@ -562,6 +622,8 @@ class SnapshotWriter:
     async def write_in_background(
         self,
         tables: Mapping[str, pa.Table | pa.RecordBatch | Sequence[pa.RecordBatch]],
+        *,
+        through_seq: int | None = None,
     ) -> None:
         """Run `write` in the writer's own thread, so the event loop goes on meanwhile.
 
@@ -576,9 +638,17 @@ class SnapshotWriter:
                 initializer=_lower_thread_priority,
             )
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._thread, self.write, tables)
+        await loop.run_in_executor(
+            self._thread, functools.partial(self.write, tables, through_seq=through_seq)
+        )
 
-    def _write_staged(self, staged: dict[str, pa.Table], *, insert_new: bool) -> None:
+    def _write_staged(
+        self,
+        staged: dict[str, pa.Table],
+        *,
+        insert_new: bool,
+        through_seq: int | None = None,
+    ) -> None:
         high_seq: dict[str, int] = {}
         connection = self._open()
         try:
@@ -592,6 +662,14 @@ class SnapshotWriter:
                         self._insert(connection, name, table)
                     else:
                         self._upsert(connection, name, table)
+                if through_seq is not None:
+                    # A file without a source row (written by replay or a test) has
+                    # nothing to update, and nothing checks its coverage either.
+                    connection.execute(
+                        f"UPDATE {SOURCE_TABLE} SET through_seq = "  # noqa: S608
+                        "greatest(coalesce(through_seq, 0), ?)",
+                        [through_seq],
+                    )
                 connection.commit()
             except BaseException:
                 connection.rollback()

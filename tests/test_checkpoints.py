@@ -247,10 +247,12 @@ class _FailingWriter(SnapshotWriter):
 
     failing = False
 
-    def write(self, tables: Mapping[str, Any]) -> None:
+    def write(
+        self, tables: Mapping[str, Any], *, through_seq: int | None = None
+    ) -> None:
         if self.failing:
             raise SinkError(f"write to {self.path} failed on purpose")
-        super().write(tables)
+        super().write(tables, through_seq=through_seq)
 
 
 def test_failed_commit_recovered_while_idle(

@@ -241,3 +241,34 @@ def test_run_stops_when_another_stream_holds_the_event_subjects(
     assert "refused stream PLANT_EVENTS" in result.stderr
     assert "subjects overlap with an existing stream" in result.stderr
     assert "remove or rename that stream" in result.stderr
+
+
+def test_run_refuses_a_new_snapshot_file_behind_the_checkpoint(
+    nats_server: EmbeddedNatsServer, tmp_path: Path
+) -> None:
+    published = run_cli(
+        "publish",
+        "--generated",
+        "--plants",
+        "1",
+        "--orders",
+        "10",
+        "--nats-url",
+        nats_server.url,
+    )
+    assert published.returncode == 0, published.stderr[-2000:]
+    first_db = tmp_path / "first.duckdb"
+    run = ("run", "--nats-url", nats_server.url, "--until-drained", "--db")
+    first = run_cli(*run, str(first_db))
+    assert first.returncode == 0, first.stderr[-2000:]
+
+    # A file moved aside (or another --db) would miss every event the checkpoint
+    # covers: without the check, the run went on and left it empty.
+    other_db = tmp_path / "other.duckdb"
+    refused = run_cli(*run, str(other_db))
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert f"{other_db} holds no snapshot rows yet" in refused.stderr
+    assert "Pass the --db file the earlier runs wrote" in refused.stderr
+
+    again = run_cli(*run, str(first_db))
+    assert again.returncode == 0, again.stderr[-2000:]

@@ -11,6 +11,7 @@ import pytest
 from test_semantics_support import run_on_own_server
 
 from cluster import reconcile
+from pipeline.sink import SnapshotWriter
 from pipeline.sources.generated import StreamSpec, generate
 
 
@@ -119,3 +120,14 @@ def test_missing_file_exit_code(
 ) -> None:
     assert _cli(tmp_path / "absent.duckdb") == 2
     assert "not found" in capsys.readouterr().out
+
+
+def test_file_without_events_does_not_pass(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    empty = tmp_path / "empty.duckdb"
+    SnapshotWriter(empty).close()
+    assert _cli(empty) == 1
+    out = capsys.readouterr().out
+    assert "holds no events, so nothing was checked" in out
+    assert "postings agree" not in out

@@ -133,7 +133,9 @@ def test_write_in_background_thread_priority(tmp_path: Path) -> None:
     with SnapshotWriter(path) as writer:
         write = writer.write
 
-        def recording_write(tables: dict[str, pa.Table]) -> None:
+        def recording_write(
+            tables: dict[str, pa.Table], *, through_seq: int | None = None
+        ) -> None:
             seen["thread"] = threading.current_thread().name
             if sys.platform == "linux":
                 seen["nice"] = os.getpriority(
@@ -161,7 +163,9 @@ def test_write_in_background_after_cancel_waits(tmp_path: Path) -> None:
     with SnapshotWriter(tmp_path / "snapshots.duckdb") as writer:
         write = writer.write
 
-        def slow_write(tables: dict[str, pa.Table]) -> None:
+        def slow_write(
+            tables: dict[str, pa.Table], *, through_seq: int | None = None
+        ) -> None:
             started = time.monotonic()
             time.sleep(0.3)
             write(tables)
@@ -312,6 +316,41 @@ def test_writer_rejects_other_stream(tmp_path: Path) -> None:
     with pytest.raises(SourceMismatchError, match="Pass another --db"):
         SnapshotWriter(path, source=second)
     assert read_source(path) == first
+
+
+def test_writer_records_the_sequence_its_rows_cover(tmp_path: Path) -> None:
+    path = tmp_path / "snapshots.duckdb"
+    source = SnapshotSource("PLANT_EVENTS created 2026-01-01T00:00:00+00:00", "run")
+    with SnapshotWriter(path, source=source) as writer:
+        assert writer.through_seq() == 0
+        writer.write({"events": table("events", [ledger(1)])}, through_seq=40)
+        assert writer.through_seq() == 40
+        # A checkpoint without rows still moves the coverage on.
+        writer.write({}, through_seq=42)
+        assert writer.through_seq() == 42
+        # A repeat of an older write after a recovery never moves it back.
+        writer.write({"events": table("events", [ledger(1)])}, through_seq=40)
+        assert writer.through_seq() == 42
+    with SnapshotWriter(tmp_path / "unclaimed.duckdb") as unclaimed:
+        unclaimed.write({"events": table("events", [ledger(1)])}, through_seq=7)
+        assert unclaimed.through_seq() is None
+
+
+def test_writer_adds_the_coverage_column_to_an_older_file(tmp_path: Path) -> None:
+    path = tmp_path / "snapshots.duckdb"
+    connection = duckdb.connect(str(path))
+    connection.execute(
+        "CREATE TABLE plantstream_source (stream VARCHAR NOT NULL, "
+        "written_by VARCHAR NOT NULL)"
+    )
+    connection.execute("INSERT INTO plantstream_source VALUES ('PLANT_EVENTS', 'run')")
+    connection.close()
+    source = SnapshotSource("PLANT_EVENTS", "run")
+    with SnapshotWriter(path, source=source) as writer:
+        # Unknown until a write records it, so an older file is never refused.
+        assert writer.through_seq() is None
+        writer.write({"events": table("events", [ledger(1)])}, through_seq=5)
+        assert writer.through_seq() == 5
 
 
 def test_write_accepts_batches(tmp_path: Path) -> None:
