@@ -60,7 +60,12 @@ from actors.orders import (
 )
 from actors.settings import StateSettings
 from contracts import events as ev
-from contracts.codec import decode_event, describe_decode_error, encode
+from contracts.codec import (
+    decode_event,
+    describe_decode_error,
+    encode,
+    encode_posting,
+)
 from contracts.dead_letters import DeadLetter, DeadLetterReason
 from contracts.keys import EventKey, decode_key
 from contracts.postings import GoodsMovement, MovementType, Posting
@@ -768,7 +773,7 @@ class PartitionState:
                 subject = posting_subject(posting.plant)
                 self._posting_subjects[posting.plant] = subject
             self._postings.append(
-                OutgoingPosting(subject, posting.key, movement, encode(posting))
+                OutgoingPosting(subject, posting.key, movement, encode_posting(posting))
             )
             counts[_POSTING_COUNTS.get(movement) or f"posting:{movement}"] += 1
         self._posting_rows += outcome.postings

@@ -27,7 +27,7 @@ from actors.machines import DowntimeNotStarted, MachineTrack, apply_machine_even
 from actors.orders import OrderState, Unmatched, apply_order_event, release_order
 from actors.settings import StateSettings
 from contracts import events as ev
-from contracts.codec import decode_event, encode
+from contracts.codec import decode_event, encode, encode_posting
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +115,7 @@ def _apply_or_raise(state: _KeyState, event: ev.PlantEvent) -> list[bytes] | Non
         outcome = apply_order_event(state.order, event)
     except Unmatched:
         return None
-    return [encode(posting) for posting in outcome.postings]
+    return [encode_posting(posting) for posting in outcome.postings]
 
 
 def _step(

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 
 import msgspec
 
 from contracts.dead_letters import DeadLetter
 from contracts.events import PlantEvent
-from contracts.postings import Posting
+from contracts.postings import GoodsMovement, Posting
 
 __all__ = [
     "decode_dead_letter",
@@ -16,6 +17,7 @@ __all__ = [
     "decode_posting",
     "describe_decode_error",
     "encode",
+    "encode_posting",
 ]
 
 _event_decoder = msgspec.json.Decoder(PlantEvent)
@@ -40,6 +42,56 @@ def decode_dead_letter(data: bytes) -> DeadLetter:
 def encode(value: object) -> bytes:
     """Encode any contract Struct as JSON, with Decimals as exact strings."""
     return _encoder.encode(value)
+
+
+class _PlainDecimal(Decimal):
+    """A Decimal that `encode_posting` writes in plain notation.
+
+    msgspec writes a Decimal as str() does, which uses an exponent below 0.000001 and
+    for a value such as Decimal("1E+3"), and keeps the trailing zeros that arithmetic
+    leaves ("162.000000000"). An ERP field parser may reject the first and pad or cut
+    the second. msgspec hands a subclass of Decimal to the encoder's hook instead.
+    """
+
+    __slots__ = ()
+
+
+def _encode_plain(value: object) -> str:
+    if isinstance(value, _PlainDecimal):
+        return format(value, "f")
+    raise NotImplementedError(f"cannot encode {type(value).__name__} in a posting")
+
+
+_posting_encoder = msgspec.json.Encoder(enc_hook=_encode_plain, decimal_format="string")
+
+
+def _plain(value: Decimal) -> Decimal | None:
+    """Return `value` to write in plain notation, or None when str() writes it so."""
+    sign, digits, exponent = value.as_tuple()
+    if isinstance(exponent, int) and (
+        exponent > 0 or (exponent < 0 and digits[-1] == 0) or value.adjusted() < -6
+    ):
+        normal = value.normalize()
+        # normalize() keeps the sign of a negative zero; a posted quantity has none.
+        return _PlainDecimal(normal if normal else 0)
+    return None
+
+
+def encode_posting(posting: Posting) -> bytes:
+    """Encode a posting, with each quantity an exact decimal in plain notation."""
+    if isinstance(posting, GoodsMovement):
+        quantity = _plain(posting.quantity)
+        if quantity is not None:
+            posting = msgspec.structs.replace(posting, quantity=quantity)
+    else:
+        changes = {
+            name: plain
+            for name in ("yield_quantity", "scrap_quantity", "rework_quantity")
+            if (plain := _plain(getattr(posting, name))) is not None
+        }
+        if changes:
+            posting = msgspec.structs.replace(posting, **changes)
+    return _posting_encoder.encode(posting)
 
 
 _SCHEMA_HINT = "`plantstream schema events` prints the event contract"

@@ -15,7 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from decimal import Decimal
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -38,6 +38,15 @@ GOODS_ISSUE = "261"
 GOODS_ISSUE_REVERSAL = "262"
 TO_BLOCKED = "344"
 FROM_BLOCKED = "343"
+
+PostedQuantity = Annotated[
+    Decimal,
+    msgspec.Meta(
+        description="An exact decimal in plain notation, without an exponent or "
+        'trailing zeros, such as "1000", "0.25" or "0.00000001"'
+    ),
+]
+"""A quantity as `contracts.codec.encode_posting` writes it."""
 
 MovementType = Literal["101", "102", "261", "262", "343", "344"]
 StockType = Literal["unrestricted", "quality", "blocked"]
@@ -67,14 +76,15 @@ class GoodsMovement(
     """One goods movement item with the header fields an ERP needs to post it.
 
     `quantity` is always positive: the movement type gives the direction. `reverses` is
-    the key of the posting that a reversal (102, 262, and 343 after a 344) takes back.
+    the key of the posting that a reversal (102, 262) takes back. A 343 names none: it
+    moves the whole blocked stock of a lot back, which several 344s may have put there.
     """
 
     key: str
     plant: str
     movement_type: MovementType
     material: str
-    quantity: Decimal
+    quantity: PostedQuantity
     uom: str
     stock_type: StockType
     order: str | None
@@ -106,9 +116,9 @@ class OrderConfirmation(
     order: str
     operation: str | None
     work_center: str | None
-    yield_quantity: Decimal
-    scrap_quantity: Decimal
-    rework_quantity: Decimal
+    yield_quantity: PostedQuantity
+    scrap_quantity: PostedQuantity
+    rework_quantity: PostedQuantity
     uom: str
     final: bool
     started_at: dt.datetime | None

@@ -14,10 +14,16 @@ import pytest
 
 import contracts
 from cluster.nats_server import EmbeddedNatsServer
-from contracts.codec import decode_event, describe_decode_error, encode
+from contracts.codec import (
+    decode_event,
+    decode_posting,
+    describe_decode_error,
+    encode,
+    encode_posting,
+)
 from contracts.events import EVENT_TYPES, MaterialConsumed
 from contracts.keys import EventKey, decode_key, routing_key
-from contracts.postings import posting_key
+from contracts.postings import GoodsMovement, OrderConfirmation, posting_key
 from contracts.schema import event_schema, posting_schema
 from pipeline.settings import PipelineSettings
 from pipeline.streams import ensure_streams, stream_configs
@@ -119,6 +125,68 @@ def test_key_decode_and_routing() -> None:
     assert routing_key(key) == "order:O1"
     machine = EventKey("e2", "downtime_started", "P1", "O1", machine="M1")
     assert routing_key(machine) == "machine:M1"
+
+
+_POSTED_AT = dt.datetime(2026, 1, 5, 6, 0, tzinfo=dt.UTC)
+
+
+def _movement(quantity: Decimal) -> GoodsMovement:
+    return GoodsMovement(
+        key="P1-101-k",
+        plant="P1",
+        movement_type="101",
+        material="FG-1",
+        quantity=quantity,
+        uom="KG",
+        stock_type="unrestricted",
+        order="O1",
+        posting_date=_POSTED_AT.date(),
+        document_date=_POSTED_AT.date(),
+        occurred_at=_POSTED_AT,
+        reference="e1",
+        lineage=["e1"],
+    )
+
+
+@pytest.mark.parametrize(
+    ("quantity", "written"),
+    [
+        ("0.00000001", b'"quantity":"0.00000001"'),
+        ("1E+3", b'"quantity":"1000"'),
+        ("71.195000000", b'"quantity":"71.195"'),
+        ("162.000000000", b'"quantity":"162"'),
+        ("0E-9", b'"quantity":"0"'),
+        ("12.5", b'"quantity":"12.5"'),
+    ],
+)
+def test_posted_quantity_in_plain_notation(quantity: str, written: bytes) -> None:
+    data = encode_posting(_movement(Decimal(quantity)))
+    assert written in data
+    decoded = decode_posting(data)
+    assert isinstance(decoded, GoodsMovement)
+    assert decoded.quantity == Decimal(quantity)
+
+
+def test_confirmed_quantities_in_plain_notation() -> None:
+    confirmation = OrderConfirmation(
+        key="P1-conf-k",
+        plant="P1",
+        order="O1",
+        operation=None,
+        work_center=None,
+        yield_quantity=Decimal("1E+2"),
+        scrap_quantity=Decimal("0.000000"),
+        rework_quantity=Decimal("2"),
+        uom="EA",
+        final=True,
+        started_at=None,
+        finished_at=_POSTED_AT,
+        lineage=["e1"],
+    )
+    data = encode_posting(confirmation)
+    assert b'"yield_quantity":"100"' in data
+    assert b'"scrap_quantity":"0"' in data
+    assert b'"rework_quantity":"2"' in data
 
 
 def test_posting_key_deterministic() -> None:

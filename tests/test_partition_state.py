@@ -143,6 +143,16 @@ def test_receipt_issue_and_confirmation(apply: Apply) -> None:
     assert receipt.lineage == ["p1"]
 
 
+def test_posted_quantities_have_no_exponent(apply: Apply) -> None:
+    result = apply(
+        messages(release(), consume("c1", "0.00000001"), confirm("p1", "1000"))
+    )
+    by_movement = {p.movement: p.data for p in result.postings}
+    assert b'"quantity":"0.00000001"' in by_movement["261"]
+    assert b'"quantity":"1000"' in by_movement["101"]
+    assert b'"yield_quantity":"1000"' in by_movement["conf"]
+
+
 def test_duplicate_dropped(apply: Apply) -> None:
     result = apply(messages(release(), confirm("p1", "5"), confirm("p1", "5")))
     assert result.counts["duplicates"] == 1
