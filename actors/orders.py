@@ -227,6 +227,8 @@ class Receipt(msgspec.Struct, gc=False):
     occurred_at: dt.datetime
     ideal_cycle_time_s: Decimal | None
     cancelled_by: str | None = None
+    final: bool = False
+    """Whether the confirmation was final; its cancellation reopens the order."""
 
     def __post_init__(self) -> None:
         # Runs when _confirmed builds a receipt and when a checkpoint is decoded.
@@ -587,6 +589,7 @@ def _confirmed(order: OrderState, event: ev.ProductionConfirmed, out: Outcome) -
         work_center=work_center,
         occurred_at=event.occurred_at,
         ideal_cycle_time_s=operation.ideal_cycle_time_s if operation else None,
+        final=event.final,
     )
     if order.receipts is None:
         order.receipts = {}
@@ -690,7 +693,22 @@ def _cancelled(order: OrderState, event: ev.ProductionCancelled, out: Outcome) -
     order.good -= receipt.good
     order.scrap -= receipt.scrap
     order.rework -= receipt.rework
+    if receipt.final:
+        _reopen_unless_final(order)
     out.add_row("production", _production_row(order, event.cancels_event_id, receipt))
+
+
+def _reopen_unless_final(order: OrderState) -> None:
+    """After a final confirmation was cancelled, keep the order completed only by a
+    final confirmation still in force, as of the latest one; else reopen it."""
+    finals = [
+        receipt.occurred_at
+        for receipt in (order.receipts or {}).values()
+        if receipt.final and receipt.cancelled_by is None
+    ]
+    order.completed_at = max(finals, default=None)
+    if order.status != "on_hold":
+        order.status = "completed" if order.completed_at else "in_progress"
 
 
 def _consumed(order: OrderState, event: ev.MaterialConsumed, out: Outcome) -> None:

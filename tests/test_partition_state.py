@@ -187,6 +187,28 @@ def test_cancellation_inverts_once(apply: Apply) -> None:
     assert reversal[0].quantity == Decimal(5)
 
 
+def test_cancelled_final_confirmation_reopens_the_order() -> None:
+    state = PartitionState(0)
+    cancel = ev.ProductionCancelled(
+        event_id="x1", plant="P1", order="O1", occurred_at=at(40), source="mes",
+        cancels_event_id="p2",
+    )  # fmt: skip
+    first_final = msgspec.structs.replace(
+        confirm("p1", "5", final=True), occurred_at=at(20)
+    )
+    state.apply_batch(messages(release(), first_final, confirm("p2", "3", final=True)))
+    order = state.orders["P1\x1fO1"]
+    assert (order.status, order.completed_at) == ("completed", at(10))
+
+    # p1 is still final, so the order stays completed, as of p1.
+    state.apply_batch(messages(cancel))
+    assert (order.status, order.completed_at) == ("completed", at(20))
+
+    again = msgspec.structs.replace(cancel, event_id="x2", cancels_event_id="p1")
+    state.apply_batch(messages(again))
+    assert (order.status, order.completed_at) == ("in_progress", None)
+
+
 def test_hold_moves_stock_to_blocked_and_back(apply: Apply) -> None:
     result = apply(
         messages(
