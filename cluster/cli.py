@@ -194,9 +194,10 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     import asyncio
 
     from cluster.job import connect_nats
-    from pipeline.publish import publish_all
+    from pipeline.publish import PublishError, publish_all
     from pipeline.settings import PipelineSettings
     from pipeline.streams import ensure_streams
+    from pipeline.subjects import EVENTS_PREFIX, EVENTS_STREAM
 
     if bool(args.paths) == args.generated:
         raise SystemExit(
@@ -204,11 +205,27 @@ def _cmd_publish(args: argparse.Namespace) -> int:
             f"{'both' if args.generated else 'neither'}"
         )
 
+    site_stream: list[str | None] = []
+
     async def publish() -> tuple[int, int]:
         nc = await connect_nats(args.nats_url)
         try:
             js = nc.jetstream()
-            await ensure_streams(js, PipelineSettings.from_env())
+            try:
+                holder = await js.find_stream_name_by_subject(f"{EVENTS_PREFIX}.>")
+            except nats.js.errors.NotFoundError:
+                holder = None
+            site_stream.append(holder)
+            if holder in (None, EVENTS_STREAM):
+                await ensure_streams(js, PipelineSettings.from_env())
+            else:
+                # A plant site's nats-server keeps the plant's events in a buffer
+                # stream of its own, which the hub's streams would overlap.
+                logger.info(
+                    "stream %s takes plant events on %s; publishing to it",
+                    holder,
+                    args.nats_url,
+                )
             messages = (
                 _generated_messages(args)
                 if args.generated
@@ -218,7 +235,19 @@ def _cmd_publish(args: argparse.Namespace) -> int:
         finally:
             await nc.close()
 
-    stored, _ = asyncio.run(publish())
+    try:
+        stored, _ = asyncio.run(publish())
+    except PublishError as error:
+        holder = site_stream[0] if site_stream else None
+        if holder in (None, EVENTS_STREAM):
+            raise
+        print(
+            f"plantstream publish: {error}. Stream {holder} takes this server's plant "
+            "events, as at a plant site: publish only the events of the site's own "
+            "plant there, and the others to their own site or to the hub",
+            file=sys.stderr,
+        )
+        return 2
     print(f"published {stored} events to {args.nats_url}")
     return 0
 
@@ -331,6 +360,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValueError as error:
         # Input files that cannot be read raise ValueError with the path, the line and
         # the value; a traceback would only hide that message.
+        logger.debug("command failed", exc_info=True)
+        print(f"plantstream: {error}", file=sys.stderr)
+        return 2
+    except Exception as error:
+        # Imported here: the modules load pyarrow and DuckDB, which `--help` and the
+        # config commands do without.
+        from pipeline.publish import PublishError
+        from pipeline.sink import SinkError
+
+        if not isinstance(error, (PublishError, SinkError)):
+            raise
+        # Their messages name the subject or the file and the fix.
         logger.debug("command failed", exc_info=True)
         print(f"plantstream: {error}", file=sys.stderr)
         return 2

@@ -14,6 +14,7 @@ import nats
 
 from cluster.nats_server import EmbeddedNatsServer
 from pipeline.settings import PipelineSettings
+from pipeline.site_streams import ensure_site_stream
 from pipeline.streams import ensure_streams
 
 PLANTSTREAM = [sys.executable, "-m", "cluster.cli"]
@@ -272,3 +273,45 @@ def test_run_refuses_a_new_snapshot_file_behind_the_checkpoint(
 
     again = run_cli(*run, str(first_db))
     assert again.returncode == 0, again.stderr[-2000:]
+
+
+def test_publish_at_a_site_uses_the_site_stream(
+    nats_server: EmbeddedNatsServer,
+) -> None:
+    async def add_site_stream() -> None:
+        nc = await nats.connect(nats_server.url)
+        try:
+            await ensure_site_stream(nc.jetstream(), "P01")
+        finally:
+            await nc.close()
+
+    async def stream_names() -> list[str]:
+        nc = await nats.connect(nats_server.url)
+        try:
+            return sorted(
+                str(info.config.name) for info in await nc.jetstream().streams_info()
+            )
+        finally:
+            await nc.close()
+
+    asyncio.run(add_site_stream())
+    publish = ("publish", "--generated", "--orders", "3", "--nats-url")
+    own_plant = run_cli(*publish, nats_server.url, "--plants", "1")
+    assert own_plant.returncode == 0, own_plant.stderr[-2000:]
+    # Without the check, publish created the hub's streams, which the site stream
+    # overlaps, and failed with a traceback.
+    assert asyncio.run(stream_names()) == ["SITE_P01"]
+
+    two_plants = run_cli(*publish, nats_server.url, "--plants", "2")
+    assert two_plants.returncode == 2
+    assert "no JetStream stream captures this subject" in two_plants.stderr
+    assert "publish only the events of the site's own plant" in two_plants.stderr
+
+
+def test_snapshot_file_that_is_not_duckdb(tmp_path: Path) -> None:
+    db = tmp_path / "notes.duckdb"
+    db.write_text("not a database\n")
+    result = run_cli("demo", "--db", str(db), timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"cannot open DuckDB file {db}" in result.stderr
+    assert "Traceback" not in result.stderr
