@@ -292,6 +292,15 @@ def test_b2mml_performance_consumption(data_dir: Path) -> None:
     )
 
 
+def test_b2mml_material_use_in_any_case(data_dir: Path, tmp_path: Path) -> None:
+    path = tmp_path / "performance.xml"
+    text = (data_dir / PERFORMANCE).read_bytes()
+    path.write_bytes(text.replace(b"MaterialUse>Consumed<", b"MaterialUse> consumed <"))
+    (consumed,) = read_b2mml(path)
+    assert isinstance(consumed, MaterialConsumed)
+    assert consumed.quantity.value == Decimal("0.41")
+
+
 def test_b2mml_sub_lot_hold(data_dir: Path) -> None:
     (hold,) = read_b2mml(data_dir / SUB_LOT_STATUS)
     assert isinstance(hold, QualityHoldApplied)

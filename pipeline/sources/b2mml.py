@@ -374,7 +374,7 @@ class _Reader:
         number: int,
     ) -> PlantEvent | None:
         message = self.message
-        use = message.text(actual, "MaterialUse")
+        use = _material_use(message.text(actual, "MaterialUse"))
         material = message.required_text(actual, "MaterialDefinitionID")
         if use not in ("Consumed", "Produced"):
             logger.info(
@@ -515,7 +515,7 @@ class _RequestPlan:
     def _requirement(self, requirement: Element, operation: str | None) -> None:
         message = self.message
         material = message.required_text(requirement, "MaterialDefinitionID")
-        use = message.text(requirement, "MaterialUse")
+        use = _material_use(message.text(requirement, "MaterialUse"))
         if use == "Produced":
             self.produced.append((requirement, material, message.quantity(requirement)))
         elif use == "Consumed":
@@ -557,3 +557,14 @@ class _RequestPlan:
                 )
             total += other.value
         return material, Quantity(total, quantity.uom)
+
+
+_MATERIAL_USES = {use.casefold(): use for use in ("Consumed", "Produced")}
+
+
+def _material_use(text: str | None) -> str | None:
+    """Return "Consumed" or "Produced" for a MaterialUse written in any case, as lot
+    statuses are read; any other value unchanged, for the log line that skips it."""
+    if text is None:
+        return None
+    return _MATERIAL_USES.get(text.strip().casefold(), text)
