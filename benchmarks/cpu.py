@@ -4,7 +4,8 @@ The pipeline runs as several processes on the same cores: the driver (the ingest
 and the DuckDB writer thread), one process per partition actor, nats-server and Ray's
 own daemons. Reading each one's user and system time from /proc before and after a
 run gives the CPU each spends per event, and their sum bounds the rate the cores
-allow.
+allow. Only the driver and the processes it started count: the suite starts Ray and
+nats-server from the driver, and anything else on the machine is not the pipeline's.
 """
 
 from __future__ import annotations
@@ -21,7 +22,13 @@ from benchmarks.pipeline_run import PipelineRun, run_pipeline
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CpuShare", "CpuSplit", "measure_cpu_split", "process_cpu_seconds"]
+__all__ = [
+    "CpuShare",
+    "CpuSplit",
+    "measure_cpu_split",
+    "process_cpu_seconds",
+    "process_tree_cpu_seconds",
+]
 
 _TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
@@ -29,11 +36,15 @@ MIN_SHARE = 0.01
 """Processes with less than this share of the run's CPU time are left out."""
 
 
-def process_cpu_seconds(pid: int) -> float:
-    """Return the user plus system CPU seconds `pid` has used, from /proc/<pid>/stat."""
+def _stat_fields(pid: int) -> list[str]:
     with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
         # The command name in parentheses may contain spaces, so split after it.
-        fields = stat.read().rsplit(")", 1)[1].split()
+        return stat.read().rsplit(")", 1)[1].split()
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """Return the user plus system CPU seconds `pid` has used, from /proc/<pid>/stat."""
+    fields = _stat_fields(pid)
     return (int(fields[11]) + int(fields[12])) / _TICKS_PER_S
 
 
@@ -45,15 +56,35 @@ def _process_name(pid: int) -> str:
         return f"pid {pid}"
 
 
-def _all_cpu_seconds() -> dict[int, float]:
+def process_tree_cpu_seconds(root: int) -> dict[int, float]:
+    """Return the CPU seconds of `root` and of every process descended from it."""
+    parents: dict[int, int] = {}
     seconds: dict[int, float] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                seconds[int(entry)] = process_cpu_seconds(int(entry))
+                fields = _stat_fields(int(entry))
             except (OSError, IndexError, ValueError):
                 continue  # the process ended while the list was read
-    return seconds
+            parents[int(entry)] = int(fields[1])
+            seconds[int(entry)] = (int(fields[11]) + int(fields[12])) / _TICKS_PER_S
+    in_tree: dict[int, bool] = {root: True}
+
+    def descends(pid: int) -> bool:
+        chain = []
+        while pid not in in_tree:
+            chain.append(pid)
+            parent = parents.get(pid, 0)
+            if parent <= 1:
+                in_tree[pid] = False
+                break
+            pid = parent
+        found = in_tree[pid]
+        for link in chain:
+            in_tree[link] = found
+        return found
+
+    return {pid: value for pid, value in seconds.items() if descends(pid)}
 
 
 @dataclass(frozen=True)
@@ -83,12 +114,12 @@ async def measure_cpu_split(broker: Broker, partitions: int) -> CpuSplit:
         actor_pids.extend(
             await asyncio.gather(*(actor.pid.remote() for actor in actors))
         )
-        before.update(_all_cpu_seconds())
+        before.update(process_tree_cpu_seconds(os.getpid()))
         try:
             await asyncio.Event().wait()
         finally:
             # Cancelled once the stream is drained, before the actors are killed.
-            after.update(_all_cpu_seconds())
+            after.update(process_tree_cpu_seconds(os.getpid()))
 
     run = await run_pipeline(broker, partitions, during=watch)
     labels = {os.getpid(): "driver (ingest loop and DuckDB writer)"}

@@ -15,6 +15,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from benchmarks.cpu import process_tree_cpu_seconds
 from benchmarks.memory import RssTrace, read_rss
 from benchmarks.report import SECTIONS
 from benchmarks.stats import percentile, summarize
@@ -210,6 +211,20 @@ def test_trace_saved_before_the_shared_part_gives_the_whole_rss() -> None:
     del trace.__dict__["shared_by_pid"]
     assert not trace.has_shared
     assert trace.private(7) == [100]
+
+
+def test_cpu_split_counts_only_the_processes_this_one_started() -> None:
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        seconds = process_tree_cpu_seconds(os.getpid())
+    finally:
+        child.kill()
+        child.wait()
+    assert os.getpid() in seconds
+    assert child.pid in seconds
+    # init and everything else outside this tree, such as another user's benchmark.
+    assert 1 not in seconds
+    assert os.getppid() not in seconds
 
 
 def test_read_rss_of_this_process() -> None:
