@@ -61,6 +61,21 @@ class JobResult:
     db: Path
 
 
+RAY_DIRECT_CALL_BYTES = 4 << 20
+"""Task arguments and results below this size travel inside Ray's calls instead of
+through its object store (Ray's default is 100 KiB). A batch the ingest sends to an
+actor holds up to DISPATCH_MAX_BYTES (1 MiB) of messages, so batches and their results
+skip the store and the raylet. On the 2-core benchmark machine, in eight runs each,
+that took the median CPU per event from 75 to 67 µs and raised the median end-to-end
+rate from 24,600 to 27,700 events/s. Checkpoints, which are larger, still go through
+the store.
+
+Each process reads it from the environment variable RAY_max_direct_call_object_size:
+the caller's value decides for arguments, the callee's for results. `connect_ray` sets
+it for the driver and for a local Ray's workers, which inherit the driver's environment;
+a cluster's nodes need it in the environment of `ray start` (docs/deployment.md)."""
+
+
 def connect_ray(address: str | None) -> None:
     """Join a Ray cluster, or start Ray on this machine if `address` is None."""
     if ray.is_initialized():
@@ -68,10 +83,13 @@ def connect_ray(address: str | None) -> None:
     # Ray's token authentication and usage reporting are for shared clusters; a local
     # instance that only this process uses needs neither.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_max_direct_call_object_size", str(RAY_DIRECT_CALL_BYTES))
     if address is None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(
-            include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            log_to_driver=True,
         )
     else:
         ray.init(address=address, logging_level=logging.WARNING)
