@@ -45,7 +45,8 @@ __all__ = [
 
 ZERO = Decimal(0)
 
-QUANTUM = Decimal("1e-9")
+QUANTUM_PLACES = 9
+QUANTUM = Decimal(1).scaleb(-QUANTUM_PLACES)
 """A converted quantity is rounded once, half to even, to the tables' 9 places."""
 
 UNIT_FACTORS: dict[str, tuple[str, Decimal]] = {
@@ -85,7 +86,15 @@ def convert_quantity(quantity: ev.Quantity, uom: str, label: str) -> Decimal:
     with localcontext() as context:
         context.prec = 60
         exact = quantity.value * source[1] / target[1]
-    return exact.quantize(QUANTUM, rounding=ROUND_HALF_EVEN)
+    rounded = exact.quantize(QUANTUM, rounding=ROUND_HALF_EVEN)
+    if exact and not rounded:
+        # Posted as nothing, the event would be applied and leave no trace.
+        raise ValueError(
+            f"{label} of {quantity.value:f} {quantity.uom} is {exact:f} {uom}, which "
+            f"rounds to 0 at the {QUANTUM_PLACES} decimal places that postings keep; "
+            f"report quantities of at least {QUANTUM:f} {uom}"
+        )
+    return rounded
 
 
 # -- values shared between orders ----------------------------------------------------

@@ -276,6 +276,18 @@ def test_zero_consumption_posts_nothing() -> None:
     ]
 
 
+def test_consumption_that_converts_to_nothing_dead_lettered() -> None:
+    state = PartitionState(0)
+    tiny = msgspec.structs.replace(consume("c1", "1"), quantity=qty("0.000000001", "G"))
+    result = state.apply_batch(messages(release(), tiny, consume("c2", "2")))
+    (letter,) = result.dead_letters
+    assert letter.reason == "invalid"
+    assert "0.000000001 G is 0.000000000001 KG, which rounds to 0" in letter.detail
+    assert [(m.movement_type, m.quantity) for m in movements(result)] == [
+        ("261", Decimal(2))
+    ]
+
+
 def test_future_timestamp_rejected(apply: Apply) -> None:
     future = msgspec.structs.replace(
         consume("c1", "1"), occurred_at=dt.datetime.now(dt.UTC) + dt.timedelta(hours=2)
