@@ -80,22 +80,35 @@ class Quantity(msgspec.Struct, frozen=True, gc=False):
                 f"quantity must be a finite number, got {self.value}; send a decimal "
                 'number such as "12.5"'
             )
-        if self.value.as_tuple().exponent < -QUANTITY_SCALE:  # type: ignore[operator]
+        exponent = self.value.as_tuple().exponent
+        if (
+            isinstance(exponent, int)
+            and exponent < -QUANTITY_SCALE
+            and _decimal_places(self.value) > QUANTITY_SCALE
+        ):
             raise ValueError(
-                f"quantity {self.value} has more than {QUANTITY_SCALE} decimal places, "
-                "which the postings and snapshot tables cannot store exactly"
+                f"quantity {self.value:f} has more than {QUANTITY_SCALE} decimal "
+                "places, which the postings and snapshot tables cannot store exactly"
             )
         if self.value.adjusted() >= QUANTITY_INTEGER_DIGITS:
             raise ValueError(
-                f"quantity {self.value} has more than {QUANTITY_INTEGER_DIGITS} digits "
-                "before the decimal point; larger quantities would let an order's "
-                "totals outgrow the DECIMAL(38, 9) columns of postings and snapshots"
+                f"quantity {self.value:f} has more than {QUANTITY_INTEGER_DIGITS} "
+                "digits before the decimal point; larger quantities would let an "
+                "order's totals outgrow the DECIMAL(38, 9) columns of postings and "
+                "snapshots"
             )
         if self.value < 0:
             raise ValueError(
-                f"quantity must not be negative, got {self.value} {self.uom}; "
+                f"quantity must not be negative, got {self.value:f} {self.uom}; "
                 "send a reversal event to take a quantity back"
             )
+
+
+def _decimal_places(value: Decimal) -> int:
+    """Return the decimal places `value` needs: trailing zeros, as in "5.000000000000",
+    lose nothing when the tables store it at 9 places, so they do not count."""
+    exponent = value.normalize().as_tuple().exponent
+    return max(0, -exponent) if isinstance(exponent, int) else 0
 
 
 def _require_utc_offset(value: dt.datetime, field: str) -> None:
@@ -170,13 +183,13 @@ class OperationSpec(msgspec.Struct, frozen=True, gc=False, kw_only=True):
             not cycle_time.is_finite()
             or cycle_time <= 0
             or cycle_time.adjusted() >= QUANTITY_INTEGER_DIGITS
-            or cycle_time.as_tuple().exponent < -QUANTITY_SCALE  # type: ignore[operator]
+            or _decimal_places(cycle_time) > QUANTITY_SCALE
         ):
             raise ValueError(
                 f"ideal_cycle_time_s of operation {self.operation} must be a positive "
                 f"number of seconds with at most {QUANTITY_SCALE} decimal places and "
                 f"{QUANTITY_INTEGER_DIGITS} digits before the point, got "
-                f"{self.ideal_cycle_time_s}"
+                f"{self.ideal_cycle_time_s:f}"
             )
 
 

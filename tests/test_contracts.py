@@ -64,6 +64,20 @@ def test_json_number_exact() -> None:
     assert event.quantity.value == Decimal("9999999999.123456789")
 
 
+def test_trailing_zeros_past_nine_places_accepted() -> None:
+    # They lose nothing at the tables' 9 places.
+    event = decode_event(consumed(b'"5.000000000000"'))
+    assert isinstance(event, MaterialConsumed)
+    assert event.quantity.value == Decimal(5)
+
+
+def test_quantity_errors_write_the_value_in_plain_notation() -> None:
+    with pytest.raises(msgspec.ValidationError, match="quantity 0.0000000001 has"):
+        decode_event(consumed(b'"1E-10"'))
+    with pytest.raises(msgspec.ValidationError, match="quantity 1000000000000000 has"):
+        decode_event(consumed(b'"1E+15"'))
+
+
 def test_offset_kept_and_seven_digit_fraction() -> None:
     event = decode_event(consumed(b'"1.5"'))
     assert event.occurred_at.utcoffset() == dt.timedelta(hours=5, minutes=30)
