@@ -196,6 +196,7 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     from cluster.job import connect_nats
     from pipeline.publish import PublishError, publish_all
     from pipeline.settings import PipelineSettings
+    from pipeline.site_streams import SITE_DOMAIN_PREFIX
     from pipeline.streams import ensure_streams
     from pipeline.subjects import EVENTS_PREFIX, EVENTS_STREAM
 
@@ -216,6 +217,17 @@ def _cmd_publish(args: argparse.Namespace) -> int:
             except nats.js.errors.NotFoundError:
                 holder = None
             site_stream.append(holder)
+            if holder is None:
+                domain = (await js.account_info()).domain or ""
+                if domain.startswith(SITE_DOMAIN_PREFIX):
+                    raise ValueError(
+                        f"{args.nats_url} is the nats-server of plant site {domain} "
+                        "and has no buffer stream yet, and the hub's streams do not "
+                        "belong there: run plantstream site-init --plant "
+                        f"{domain.removeprefix(SITE_DOMAIN_PREFIX)} --nats-url "
+                        f"{args.nats_url} "
+                        "first"
+                    )
             if holder in (None, EVENTS_STREAM):
                 await ensure_streams(js, PipelineSettings.from_env())
             else:
@@ -244,7 +256,8 @@ def _cmd_publish(args: argparse.Namespace) -> int:
         print(
             f"plantstream publish: {error}. Stream {holder} takes this server's plant "
             "events, as at a plant site: publish only the events of the site's own "
-            "plant there, and the others to their own site or to the hub",
+            "plant there, and the others to their own site or to the hub. The events "
+            "before this one are stored",
             file=sys.stderr,
         )
         return 2

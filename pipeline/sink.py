@@ -335,10 +335,15 @@ def _connect(
             connection = duckdb.connect(str(path), read_only=read_only)
         except duckdb.IOException as exc:
             if not _is_lock_conflict(exc):
+                fix = (
+                    "pass the snapshot file plantstream run or demo writes"
+                    if read_only
+                    else "move it aside and let the writer create a new one. "
+                    f"{_NEW_FILE_NOTE}"
+                )
                 raise SinkError(
                     f"cannot open DuckDB file {path}: {exc}. If the file is not a "
-                    "DuckDB database, move it aside and let the writer create a new "
-                    f"one. {_NEW_FILE_NOTE}"
+                    f"DuckDB database, {fix}"
                 ) from exc
             attempts += 1
             remaining = deadline - time.monotonic()

@@ -18,7 +18,7 @@ from nats.js.api import (
     StreamConfig,
     StreamSource,
 )
-from nats.js.errors import NotFoundError
+from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
 from pipeline.subjects import EVENTS_PREFIX, validate_token
 
@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "SITE_BUFFER_MAX_AGE_S",
+    "SITE_DOMAIN_PREFIX",
     "ensure_site_stream",
     "site_domain",
     "site_sources",
@@ -37,8 +38,12 @@ SITE_BUFFER_MAX_AGE_S = 7 * 24 * 3600.0
 """Default retention of a site's events; a longer outage loses the oldest."""
 
 
+SITE_DOMAIN_PREFIX = "site-"
+"""The JetStream domain of a plant site's nats-server is this prefix and the plant."""
+
+
 def site_domain(plant: str) -> str:
-    return f"site-{validate_token(plant, 'plant')}"
+    return f"{SITE_DOMAIN_PREFIX}{validate_token(plant, 'plant')}"
 
 
 def site_stream_name(plant: str) -> str:
@@ -65,14 +70,22 @@ async def ensure_site_stream(
     js: JetStreamContext, plant: str, max_age_s: float = SITE_BUFFER_MAX_AGE_S
 ) -> None:
     """Create or update the buffer stream on a site's own nats-server."""
+    # Imported here: pipeline.streams imports this module for the hub's sources.
+    from pipeline.streams import refused_stream
+
     config = site_stream_config(plant, max_age_s)
     try:
-        await js.stream_info(site_stream_name(plant))
-    except NotFoundError:
-        await js.add_stream(config)
-        logger.info("created site stream %s on %s", config.name, config.subjects)
-    else:
-        await js.update_stream(config)
+        try:
+            await js.stream_info(site_stream_name(plant))
+        except NotFoundError:
+            await js.add_stream(config)
+            logger.info("created site stream %s on %s", config.name, config.subjects)
+        else:
+            await js.update_stream(config)
+    except ServiceUnavailableError:
+        raise
+    except APIError as error:
+        raise await refused_stream(js, config, error) from error
 
 
 def site_sources(plants: list[str]) -> list[StreamSource]:

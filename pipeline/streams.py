@@ -33,6 +33,7 @@ __all__ = [
     "StreamSetupError",
     "ensure_consumer",
     "ensure_streams",
+    "refused_stream",
     "stream_configs",
 ]
 
@@ -91,19 +92,42 @@ async def ensure_streams(js: JetStreamContext, settings: PipelineSettings) -> No
         except ServiceUnavailableError:
             raise
         except APIError as error:
-            raise StreamSetupError(
-                f"nats-server refused stream {config.name} on subjects "
-                f"{', '.join(config.subjects or [])}: {error.description} (code "
-                f"{error.code}, err_code {error.err_code}). Another stream may hold "
-                "these subjects already, or the existing stream has a setting the "
-                "server cannot change, such as its storage type; remove or rename "
-                "that stream, or point plantstream at another server"
-            ) from error
+            raise await refused_stream(js, config, error) from error
     try:
         await js.object_store(CHECKPOINT_BUCKET)
     except NotFoundError:
         await js.create_object_store(CHECKPOINT_BUCKET)
         logger.info("created object store %s for checkpoints", CHECKPOINT_BUCKET)
+
+
+async def refused_stream(
+    js: JetStreamContext, config: StreamConfig, error: APIError
+) -> StreamSetupError:
+    """Return the error for a stream the server refused, naming the stream that holds
+    its subjects if there is one."""
+    holders: set[str] = set()
+    for subject in config.subjects or []:
+        try:
+            holders.add(await js.find_stream_name_by_subject(subject))
+        except (APIError, TimeoutError):
+            continue
+    holders.discard(config.name or "")
+    if holders:
+        cause = (
+            f"Stream {', '.join(sorted(holders))} already takes these subjects: "
+            "remove or rename it"
+        )
+    else:
+        cause = (
+            "The existing stream may have a setting the server cannot change, such as "
+            "its storage type: remove or rename it"
+        )
+    return StreamSetupError(
+        f"nats-server refused stream {config.name} on subjects "
+        f"{', '.join(config.subjects or [])}: {error.description} (code "
+        f"{error.code}, err_code {error.err_code}). {cause}, or point plantstream at "
+        "another server"
+    )
 
 
 async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:

@@ -241,7 +241,7 @@ def test_run_stops_when_another_stream_holds_the_event_subjects(
     assert result.returncode == 2, result.stderr[-2000:]
     assert "refused stream PLANT_EVENTS" in result.stderr
     assert "subjects overlap with an existing stream" in result.stderr
-    assert "remove or rename that stream" in result.stderr
+    assert "Stream OTHER already takes these subjects" in result.stderr
 
 
 def test_run_refuses_a_new_snapshot_file_behind_the_checkpoint(
@@ -315,3 +315,35 @@ def test_snapshot_file_that_is_not_duckdb(tmp_path: Path) -> None:
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"cannot open DuckDB file {db}" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_site_init_names_the_stream_that_takes_the_subjects(
+    nats_server: EmbeddedNatsServer,
+) -> None:
+    async def add_hub_streams() -> None:
+        nc = await nats.connect(nats_server.url)
+        try:
+            await ensure_streams(nc.jetstream(), PipelineSettings())
+        finally:
+            await nc.close()
+
+    asyncio.run(add_hub_streams())
+    result = run_cli("site-init", "--plant", "P01", "--nats-url", nats_server.url)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "refused stream SITE_P01" in result.stderr
+    assert "Stream PLANT_EVENTS already takes these subjects" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_publish_at_a_site_before_site_init(tmp_path: Path) -> None:
+    config = (
+        "listen: 127.0.0.1:-1\n"
+        f"jetstream {{ store_dir: '{tmp_path / 'js'}', domain: site-P01 }}\n"
+    )
+    with EmbeddedNatsServer(config=config) as server:
+        result = run_cli(
+            "publish", "--generated", "--plants", "1", "--nats-url", server.url
+        )
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "plant site site-P01 and has no buffer stream yet" in result.stderr
+    assert "plantstream site-init --plant P01" in result.stderr
