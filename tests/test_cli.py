@@ -7,10 +7,13 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import duckdb
 import nats
+from nats.js import JetStreamContext
 
 from cluster.nats_server import EmbeddedNatsServer
 from pipeline.settings import PipelineSettings
@@ -28,6 +31,31 @@ def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess[str
         timeout=timeout,
         check=False,
     )
+
+
+_T = TypeVar("_T")
+
+
+def on_server(url: str, action: Callable[[JetStreamContext], Awaitable[_T]]) -> _T:
+    """Run `action` with a JetStream context of the server at `url`, then disconnect."""
+
+    async def connected() -> _T:
+        nc = await nats.connect(url)
+        try:
+            return await action(nc.jetstream())
+        finally:
+            await nc.close()
+
+    return asyncio.run(connected())
+
+
+def run_until_drained(
+    server: EmbeddedNatsServer, db: Path, *, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    return run_cli(
+        "run", "--nats-url", server.url, "--db", str(db), "--until-drained",
+        timeout=timeout,
+    )  # fmt: skip
 
 
 def test_demo_prints_summary(tmp_path: Path) -> None:
@@ -187,23 +215,12 @@ def test_closed_output_pipe_is_quiet() -> None:
 def test_run_reports_empty_edge_batches(
     nats_server: EmbeddedNatsServer, tmp_path: Path
 ) -> None:
-    async def publish() -> None:
-        nc = await nats.connect(nats_server.url)
-        try:
-            await ensure_streams(nc.jetstream(), PipelineSettings())
-            await nc.jetstream().publish("plant.events.P1.batch", b"[]")
-        finally:
-            await nc.close()
+    async def publish(js: JetStreamContext) -> None:
+        await ensure_streams(js, PipelineSettings())
+        await js.publish("plant.events.P1.batch", b"[]")
 
-    asyncio.run(publish())
-    result = run_cli(
-        "run",
-        "--nats-url",
-        nats_server.url,
-        "--db",
-        str(tmp_path / "run.duckdb"),
-        "--until-drained",
-    )
+    on_server(nats_server.url, publish)
+    result = run_until_drained(nats_server, tmp_path / "run.duckdb")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "empty edge batches   1" in result.stdout
     assert "messages published" not in result.stdout
@@ -220,24 +237,12 @@ def test_server_without_jetstream() -> None:
 def test_run_stops_when_another_stream_holds_the_event_subjects(
     nats_server: EmbeddedNatsServer, tmp_path: Path
 ) -> None:
-    async def add_other_stream() -> None:
-        nc = await nats.connect(nats_server.url)
-        try:
-            await nc.jetstream().add_stream(name="OTHER", subjects=["plant.events.>"])
-        finally:
-            await nc.close()
-
-    asyncio.run(add_other_stream())
-    # Without the check, the start retried this refusal with backoff until stopped.
-    result = run_cli(
-        "run",
-        "--nats-url",
+    on_server(
         nats_server.url,
-        "--db",
-        str(tmp_path / "run.duckdb"),
-        "--until-drained",
-        timeout=120,
+        lambda js: js.add_stream(name="OTHER", subjects=["plant.events.>"]),
     )
+    # Without the check, the start retried this refusal with backoff until stopped.
+    result = run_until_drained(nats_server, tmp_path / "run.duckdb", timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "refused stream PLANT_EVENTS" in result.stderr
     assert "subjects overlap with an existing stream" in result.stderr
@@ -259,48 +264,34 @@ def test_run_refuses_a_new_snapshot_file_behind_the_checkpoint(
     )
     assert published.returncode == 0, published.stderr[-2000:]
     first_db = tmp_path / "first.duckdb"
-    run = ("run", "--nats-url", nats_server.url, "--until-drained", "--db")
-    first = run_cli(*run, str(first_db))
+    first = run_until_drained(nats_server, first_db)
     assert first.returncode == 0, first.stderr[-2000:]
 
     # A file moved aside (or another --db) would miss every event the checkpoint
     # covers: without the check, the run went on and left it empty.
     other_db = tmp_path / "other.duckdb"
-    refused = run_cli(*run, str(other_db))
+    refused = run_until_drained(nats_server, other_db)
     assert refused.returncode == 2, refused.stderr[-2000:]
     assert f"{other_db} holds no snapshot rows yet" in refused.stderr
     assert "Pass the --db file the earlier runs wrote" in refused.stderr
 
-    again = run_cli(*run, str(first_db))
+    again = run_until_drained(nats_server, first_db)
     assert again.returncode == 0, again.stderr[-2000:]
 
 
 def test_publish_at_a_site_uses_the_site_stream(
     nats_server: EmbeddedNatsServer,
 ) -> None:
-    async def add_site_stream() -> None:
-        nc = await nats.connect(nats_server.url)
-        try:
-            await ensure_site_stream(nc.jetstream(), "P01")
-        finally:
-            await nc.close()
+    async def stream_names(js: JetStreamContext) -> list[str]:
+        return sorted(str(info.config.name) for info in await js.streams_info())
 
-    async def stream_names() -> list[str]:
-        nc = await nats.connect(nats_server.url)
-        try:
-            return sorted(
-                str(info.config.name) for info in await nc.jetstream().streams_info()
-            )
-        finally:
-            await nc.close()
-
-    asyncio.run(add_site_stream())
+    on_server(nats_server.url, lambda js: ensure_site_stream(js, "P01"))
     publish = ("publish", "--generated", "--orders", "3", "--nats-url")
     own_plant = run_cli(*publish, nats_server.url, "--plants", "1")
     assert own_plant.returncode == 0, own_plant.stderr[-2000:]
     # Without the check, publish created the hub's streams, which the site stream
     # overlaps, and failed with a traceback.
-    assert asyncio.run(stream_names()) == ["SITE_P01"]
+    assert on_server(nats_server.url, stream_names) == ["SITE_P01"]
 
     two_plants = run_cli(*publish, nats_server.url, "--plants", "2")
     assert two_plants.returncode == 2
@@ -320,14 +311,7 @@ def test_snapshot_file_that_is_not_duckdb(tmp_path: Path) -> None:
 def test_site_init_names_the_stream_that_takes_the_subjects(
     nats_server: EmbeddedNatsServer,
 ) -> None:
-    async def add_hub_streams() -> None:
-        nc = await nats.connect(nats_server.url)
-        try:
-            await ensure_streams(nc.jetstream(), PipelineSettings())
-        finally:
-            await nc.close()
-
-    asyncio.run(add_hub_streams())
+    on_server(nats_server.url, lambda js: ensure_streams(js, PipelineSettings()))
     result = run_cli("site-init", "--plant", "P01", "--nats-url", nats_server.url)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "refused stream SITE_P01" in result.stderr
