@@ -157,7 +157,14 @@ def test_ack_all_of_last_fetched_message_clears_pending(
         await batch[-1].ack()
         await nc.flush()
         await fetcher.close()
-        info = await nc.jetstream().consumer_info(STREAM, CONSUMER)
+        # flush() returns once the server has read the ack, which it applies to the
+        # consumer a moment later, so the pending count may lag for a little while.
+        deadline = time.monotonic() + 5.0
+        while True:
+            info = await nc.jetstream().consumer_info(STREAM, CONSUMER)
+            if info.num_ack_pending == 0 or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.05)
         assert info.num_ack_pending == 0
 
     _run(nats_server, body)
