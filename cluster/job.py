@@ -28,7 +28,12 @@ from cluster.nats_server import EmbeddedNatsServer
 from pipeline.ingest import Ingest, IngestReport
 from pipeline.publish import publish_all
 from pipeline.settings import PipelineSettings
-from pipeline.sink import SnapshotSource, SnapshotWriter, read_source
+from pipeline.sink import (
+    SnapshotBehindError,
+    SnapshotSource,
+    SnapshotWriter,
+    read_source,
+)
 from pipeline.streams import ensure_streams
 from pipeline.subjects import EVENTS_STREAM
 
@@ -210,6 +215,7 @@ async def run_job(
                     for index in range(config.partitions)
                 ]
                 config.db.parent.mkdir(parents=True, exist_ok=True)
+                created = not config.db.exists()
                 try:
                     with SnapshotWriter(config.db, source=source) as writer:
                         ingest = Ingest(
@@ -220,7 +226,15 @@ async def run_job(
                             commit_guard=None if lease is None else lease.check,
                             on_restore=None if lease is None else lease.restoring,
                         )
-                        await ingest.start_with_retry(stop)
+                        try:
+                            await ingest.start_with_retry(stop)
+                        except SnapshotBehindError:
+                            if created:
+                                # Only this run made the file, and it holds no rows.
+                                config.db.unlink(missing_ok=True)
+                                wal = config.db.with_name(f"{config.db.name}.wal")
+                                wal.unlink(missing_ok=True)
+                            raise
                         report = await _run_holding(
                             ingest.run(until_drained=until_drained, stop=stop), lease
                         )

@@ -274,6 +274,8 @@ def test_run_refuses_a_new_snapshot_file_behind_the_checkpoint(
     assert refused.returncode == 2, refused.stderr[-2000:]
     assert f"{other_db} holds no snapshot rows yet" in refused.stderr
     assert "Pass the --db file the earlier runs wrote" in refused.stderr
+    # The refused run made that file and leaves nothing of it behind.
+    assert not other_db.exists()
 
     again = run_until_drained(nats_server, first_db)
     assert again.returncode == 0, again.stderr[-2000:]
