@@ -708,8 +708,8 @@ def _cancelled(order: OrderState, event: ev.ProductionCancelled, out: Outcome) -
 
 
 def _reopen_unless_final(order: OrderState) -> None:
-    """After a final confirmation was cancelled, keep the order completed only by a
-    final confirmation still in force, as of the latest one; else reopen it."""
+    """Reopen the order after a final confirmation was cancelled, unless another final
+    confirmation is still in force. The order then stays completed as of the latest."""
     finals = [
         receipt.occurred_at
         for receipt in (order.receipts or {}).values()

@@ -787,7 +787,7 @@ def _bound_latency(results: Results) -> list[str]:
 
 
 def _ranges_overlap(results: Results) -> bool:
-    """Whether the in-memory runs of plantstream and of Bytewax overlap in speed."""
+    """Return whether the in-memory rates of plantstream and of Bytewax overlap."""
     assert results.state_rate is not None and results.bytewax is not None
     return (
         results.state_rate.high >= results.bytewax.low

@@ -206,7 +206,7 @@ def _cmd_publish(args: argparse.Namespace) -> int:
             f"{'both' if args.generated else 'neither'}"
         )
 
-    site_stream: list[str | None] = []
+    events_stream: list[str | None] = []
 
     async def publish() -> tuple[int, int]:
         nc = await connect_nats(args.nats_url)
@@ -216,7 +216,7 @@ def _cmd_publish(args: argparse.Namespace) -> int:
                 holder = await js.find_stream_name_by_subject(f"{EVENTS_PREFIX}.>")
             except nats.js.errors.NotFoundError:
                 holder = None
-            site_stream.append(holder)
+            events_stream.append(holder)
             if holder is None:
                 domain = (await js.account_info()).domain or ""
                 if domain.startswith(SITE_DOMAIN_PREFIX):
@@ -225,8 +225,7 @@ def _cmd_publish(args: argparse.Namespace) -> int:
                         "and has no buffer stream yet, and the hub's streams do not "
                         "belong there: run plantstream site-init --plant "
                         f"{domain.removeprefix(SITE_DOMAIN_PREFIX)} --nats-url "
-                        f"{args.nats_url} "
-                        "first"
+                        f"{args.nats_url} first"
                     )
             if holder in (None, EVENTS_STREAM):
                 await ensure_streams(js, PipelineSettings.from_env())
@@ -250,7 +249,7 @@ def _cmd_publish(args: argparse.Namespace) -> int:
     try:
         stored, _ = asyncio.run(publish())
     except PublishError as error:
-        holder = site_stream[0] if site_stream else None
+        holder = events_stream[0] if events_stream else None
         if holder in (None, EVENTS_STREAM):
             raise
         print(

@@ -77,8 +77,8 @@ the store.
 
 Each process reads it from the environment variable RAY_max_direct_call_object_size:
 the caller's value decides for arguments, the callee's for results. `connect_ray` sets
-it for the driver and for a local Ray's workers, which inherit the driver's environment;
-a cluster's nodes need it in the environment of `ray start` (docs/deployment.md)."""
+it for the driver and for a local Ray's workers, which inherit the driver's environment.
+A cluster's nodes need it in the environment of `ray start` (docs/deployment.md)."""
 
 
 def connect_ray(address: str | None) -> None:
@@ -230,7 +230,7 @@ async def run_job(
                             await ingest.start_with_retry(stop)
                         except SnapshotBehindError:
                             if created:
-                                # Only this run made the file, and it holds no rows.
+                                # This run created the file, so it has no rows.
                                 config.db.unlink(missing_ok=True)
                                 wal = config.db.with_name(f"{config.db.name}.wal")
                                 wal.unlink(missing_ok=True)

@@ -182,8 +182,8 @@ async def _delete_reader(js: JetStreamContext, stream: str, consumer: str) -> No
     try:
         await js.delete_consumer(stream, consumer)
     except (nats.errors.Error, OSError, TimeoutError) as error:
-        # A reader left behind costs nothing but a line in the consumer list until
-        # its inactive_threshold passes, so the command's result stands.
+        # A reader left behind only adds a line to the consumer list until its
+        # inactive_threshold passes, so the command's result is still valid.
         logger.debug("left reader %s on %s to the server: %r", consumer, stream, error)
 
 

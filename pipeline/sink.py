@@ -162,25 +162,26 @@ class SinkError(Exception):
 
 
 class SnapshotBehindError(ValueError):
-    """The file's snapshots end before the checkpoint the ingest resumes from.
+    """An error for a snapshot file whose rows end before the resumed checkpoint.
 
-    Not a SinkError, which the ingest retries: the rows between are missing from the
-    file for good, and only the operator can choose how to get them back.
+    Not a SinkError, which the ingest retries, because the rows in between are missing
+    from the file for good and only the operator can choose how to get them back.
     """
 
     def __init__(self, path: Path, through_seq: int, checkpoint_seq: int) -> None:
-        held = (
-            "holds no snapshot rows yet"
+        coverage = (
+            "contains no snapshot rows yet"
             if through_seq == 0
-            else f"holds snapshot rows up to stream sequence {through_seq} only"
+            else f"contains snapshot rows up to stream sequence {through_seq} only"
         )
         super().__init__(
-            f"{path} {held}, but the checkpoint in NATS covers the plant events up to "
-            f"sequence {checkpoint_seq}; the rows of the events in between would be "
-            "missing from it for good. Pass the --db file the earlier runs wrote. To "
-            "build this file from the whole stream instead, stop every run and use "
-            "`plantstream checkpoints reset --nats-url URL --yes` first (postings "
-            "older than the postings stream's duplicate window are then stored twice)"
+            f"{path} {coverage}, but the checkpoint in NATS covers the plant events "
+            f"up to sequence {checkpoint_seq}, so the rows of the events in between "
+            "would be missing from it for good. Pass the --db file the earlier runs "
+            "wrote. To build this file from the whole stream instead, stop every run "
+            "and use `plantstream checkpoints reset --nats-url URL --yes` first "
+            "(postings older than the postings stream's duplicate window are then "
+            "stored twice)"
         )
         self.path = path
         self.through_seq = through_seq
@@ -505,8 +506,8 @@ class SnapshotWriter:
                 f"CREATE TABLE IF NOT EXISTS {SOURCE_TABLE} "
                 "(stream VARCHAR NOT NULL, written_by VARCHAR NOT NULL)"
             )
-            # Files written before the column existed get it empty: their coverage is
-            # unknown until the next write records it.
+            # Files written before the column existed get it empty, so their coverage
+            # is unknown until the next write records it.
             connection.execute(
                 f"ALTER TABLE {SOURCE_TABLE} "
                 "ADD COLUMN IF NOT EXISTS through_seq BIGINT"

@@ -71,7 +71,7 @@ async def ensure_site_stream(
 ) -> None:
     """Create or update the buffer stream on a site's own nats-server."""
     # Imported here: pipeline.streams imports this module for the hub's sources.
-    from pipeline.streams import refused_stream
+    from pipeline.streams import stream_rejected_error
 
     config = site_stream_config(plant, max_age_s)
     try:
@@ -85,7 +85,7 @@ async def ensure_site_stream(
     except ServiceUnavailableError:
         raise
     except APIError as error:
-        raise await refused_stream(js, config, error) from error
+        raise await stream_rejected_error(js, config, error) from error
 
 
 def site_sources(plants: list[str]) -> list[StreamSource]:

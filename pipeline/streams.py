@@ -33,7 +33,7 @@ __all__ = [
     "StreamSetupError",
     "ensure_consumer",
     "ensure_streams",
-    "refused_stream",
+    "stream_rejected_error",
     "stream_configs",
 ]
 
@@ -42,7 +42,7 @@ CHECKPOINT_BUCKET = "plantstream-checkpoints"
 
 
 class StreamSetupError(ValueError):
-    """The server refused to create or update one of plantstream's streams.
+    """The server rejected the creation or update of one of plantstream's streams.
 
     Not among the errors the ingest retries: the server understood the request and
     will refuse it again until someone changes the streams on it.
@@ -92,7 +92,7 @@ async def ensure_streams(js: JetStreamContext, settings: PipelineSettings) -> No
         except ServiceUnavailableError:
             raise
         except APIError as error:
-            raise await refused_stream(js, config, error) from error
+            raise await stream_rejected_error(js, config, error) from error
     try:
         await js.object_store(CHECKPOINT_BUCKET)
     except NotFoundError:
@@ -100,11 +100,11 @@ async def ensure_streams(js: JetStreamContext, settings: PipelineSettings) -> No
         logger.info("created object store %s for checkpoints", CHECKPOINT_BUCKET)
 
 
-async def refused_stream(
+async def stream_rejected_error(
     js: JetStreamContext, config: StreamConfig, error: APIError
 ) -> StreamSetupError:
-    """Return the error for a stream the server refused, naming the stream that holds
-    its subjects if there is one."""
+    """Build the error for a stream the server rejected. It names the stream that
+    already takes the same subjects, if there is one."""
     holders: set[str] = set()
     for subject in config.subjects or []:
         try:
@@ -123,7 +123,7 @@ async def refused_stream(
             "its storage type: remove or rename it"
         )
     return StreamSetupError(
-        f"nats-server refused stream {config.name} on subjects "
+        f"nats-server rejected stream {config.name} on subjects "
         f"{', '.join(config.subjects or [])}: {error.description} (code "
         f"{error.code}, err_code {error.err_code}). {cause}, or point plantstream at "
         "another server"

@@ -194,7 +194,7 @@ def test_memory_rss_table(report: str) -> None:
     assert "actor 0" in names
     assert "driver" in names
     actor = rows[names.index("actor 0")]
-    # The shared part was sampled, so its column holds a size rather than "-".
+    # The shared part was sampled, so its column contains a size rather than "-".
     assert actor[6].endswith("MiB"), actor
 
 
@@ -205,7 +205,7 @@ def test_private_memory_leaves_out_the_shared_part() -> None:
     assert trace.private(7) == [90, 140]
 
 
-def test_trace_saved_before_the_shared_part_gives_the_whole_rss() -> None:
+def test_older_trace_private_is_whole_rss() -> None:
     trace = RssTrace(seconds=[0.0], by_pid={7: [100]})
     # As a trace unpickled from a results file of an older suite.
     del trace.__dict__["shared_by_pid"]
@@ -213,7 +213,7 @@ def test_trace_saved_before_the_shared_part_gives_the_whole_rss() -> None:
     assert trace.private(7) == [100]
 
 
-def test_cpu_split_counts_only_the_processes_this_one_started() -> None:
+def test_cpu_split_process_tree_only() -> None:
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
         seconds = process_tree_cpu_seconds(os.getpid())

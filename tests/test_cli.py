@@ -234,7 +234,7 @@ def test_server_without_jetstream() -> None:
     assert "JetStream is not available on the NATS server" in result.stderr
 
 
-def test_run_stops_when_another_stream_holds_the_event_subjects(
+def test_run_stream_subject_conflict(
     nats_server: EmbeddedNatsServer, tmp_path: Path
 ) -> None:
     on_server(
@@ -244,12 +244,12 @@ def test_run_stops_when_another_stream_holds_the_event_subjects(
     # Without the check, the start retried this refusal with backoff until stopped.
     result = run_until_drained(nats_server, tmp_path / "run.duckdb", timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "refused stream PLANT_EVENTS" in result.stderr
+    assert "rejected stream PLANT_EVENTS" in result.stderr
     assert "subjects overlap with an existing stream" in result.stderr
     assert "Stream OTHER already takes these subjects" in result.stderr
 
 
-def test_run_refuses_a_new_snapshot_file_behind_the_checkpoint(
+def test_run_rejects_snapshot_file_behind_checkpoint(
     nats_server: EmbeddedNatsServer, tmp_path: Path
 ) -> None:
     published = run_cli(
@@ -270,11 +270,11 @@ def test_run_refuses_a_new_snapshot_file_behind_the_checkpoint(
     # A file moved aside (or another --db) would miss every event the checkpoint
     # covers: without the check, the run went on and left it empty.
     other_db = tmp_path / "other.duckdb"
-    refused = run_until_drained(nats_server, other_db)
-    assert refused.returncode == 2, refused.stderr[-2000:]
-    assert f"{other_db} holds no snapshot rows yet" in refused.stderr
-    assert "Pass the --db file the earlier runs wrote" in refused.stderr
-    # The refused run made that file and leaves nothing of it behind.
+    rejected = run_until_drained(nats_server, other_db)
+    assert rejected.returncode == 2, rejected.stderr[-2000:]
+    assert f"{other_db} contains no snapshot rows yet" in rejected.stderr
+    assert "Pass the --db file the earlier runs wrote" in rejected.stderr
+    # The rejected run created that file, so it deletes it again.
     assert not other_db.exists()
 
     again = run_until_drained(nats_server, first_db)
@@ -310,13 +310,13 @@ def test_snapshot_file_that_is_not_duckdb(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_site_init_names_the_stream_that_takes_the_subjects(
+def test_site_init_subject_conflict(
     nats_server: EmbeddedNatsServer,
 ) -> None:
     on_server(nats_server.url, lambda js: ensure_streams(js, PipelineSettings()))
     result = run_cli("site-init", "--plant", "P01", "--nats-url", nats_server.url)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "refused stream SITE_P01" in result.stderr
+    assert "rejected stream SITE_P01" in result.stderr
     assert "Stream PLANT_EVENTS already takes these subjects" in result.stderr
     assert "Traceback" not in result.stderr
 

@@ -336,7 +336,7 @@ def test_writer_records_the_sequence_its_rows_cover(tmp_path: Path) -> None:
         assert unclaimed.through_seq() is None
 
 
-def test_writer_adds_the_coverage_column_to_an_older_file(tmp_path: Path) -> None:
+def test_writer_upgrades_older_source_table(tmp_path: Path) -> None:
     path = tmp_path / "snapshots.duckdb"
     connection = duckdb.connect(str(path))
     connection.execute(

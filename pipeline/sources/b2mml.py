@@ -563,8 +563,8 @@ _MATERIAL_USES = {use.casefold(): use for use in ("Consumed", "Produced")}
 
 
 def _material_use(text: str | None) -> str | None:
-    """Return "Consumed" or "Produced" for a MaterialUse written in any case, as lot
-    statuses are read; any other value unchanged, for the log line that skips it."""
+    """Return "Consumed" or "Produced" for a MaterialUse in any case, as lot statuses
+    are read. Any other value is returned unchanged for the log line that skips it."""
     if text is None:
         return None
     return _MATERIAL_USES.get(text.strip().casefold(), text)
