@@ -250,13 +250,24 @@ def _cmd_publish(args: argparse.Namespace) -> int:
         stored, _ = asyncio.run(publish())
     except PublishError as error:
         holder = events_stream[0] if events_stream else None
-        if holder in (None, EVENTS_STREAM):
-            raise
+        site_note = ""
+        if holder not in (None, EVENTS_STREAM):
+            site_note = (
+                f". Stream {holder} takes this server's plant events, as at a plant "
+                "site: publish only the events of the site's own plant there, and the "
+                "others to their own site or to the hub"
+            )
+        # Publishing the same input again is safe: the partitions drop the events
+        # stored the first time as duplicates of their event ids.
+        stored_note = (
+            ""
+            if error.stored is None
+            else f"{error.stored} events were stored before publishing stopped; "
+        )
         print(
-            f"plantstream publish: {error}. Stream {holder} takes this server's plant "
-            "events, as at a plant site: publish only the events of the site's own "
-            "plant there, and the others to their own site or to the hub. The events "
-            "before this one are stored",
+            f"plantstream publish: {error}{site_note}. {stored_note}after fixing the "
+            "cause, publish the same input again: the pipeline drops the repeated "
+            "events as duplicates",
             file=sys.stderr,
         )
         return 2

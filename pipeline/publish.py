@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable, Iterable
 
 import msgspec
+import nats.errors
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -30,6 +31,10 @@ ACK_TIMEOUT_S = 10.0
 """How long a publish waits for room in the window, or a settle for its acks, before
 the publish counts as failed."""
 
+FAILURE_DRAIN_S = 2.0
+"""After a failed publish, how long `publish_all` waits for the acks still in flight
+before it counts what was stored."""
+
 _NO_RESPONDERS = "503"
 
 
@@ -39,6 +44,9 @@ class PublishError(Exception):
     def __init__(self, subject: str, cause: BaseException | str) -> None:
         super().__init__(f"publishing to {subject} failed: {cause!s}")
         self.subject = subject
+        self.stored: int | None = None
+        """How many messages JetStream had stored when the publishing stopped, where
+        `publish_all` counted them; None otherwise."""
 
 
 class _ApiError(msgspec.Struct):
@@ -209,6 +217,19 @@ class Publisher:
         if self._done is not None and self._done():
             self._wake()
 
+    async def drain(self, timeout_s: float) -> None:
+        """Wait up to `timeout_s` for the acks of the messages in flight, whatever
+        they say; a failure already recorded is not raised again."""
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        try:
+            await self.nc.flush(timeout=max(1, int(timeout_s)))
+        except (nats.errors.Error, TimeoutError):
+            # A lost connection brings no more acks; the count stays as it is.
+            return
+        while self._waiting and asyncio.get_running_loop().time() < deadline:
+            # Acks arrive on the subscription's own task; a short sleep lets it run.
+            await asyncio.sleep(0.01)
+
     def _fail(self, subject: str, detail: str) -> None:
         if self._failure is None:
             logger.warning("publish to %s failed: %s", subject, detail)
@@ -234,6 +255,12 @@ async def publish_all(
         for subject, payload, message_id in messages:
             await publisher.publish(subject, payload, message_id)
         await publisher.settle()
+    except PublishError as error:
+        # Messages published after the failed one may still be stored: wait briefly
+        # for their acks, so the count tells the caller what a retry will repeat.
+        await publisher.drain(FAILURE_DRAIN_S)
+        error.stored = publisher.stored
+        raise
     finally:
         await publisher.close()
     return publisher.stored, publisher.duplicates

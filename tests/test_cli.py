@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
@@ -299,6 +300,7 @@ def test_publish_at_a_site_uses_the_site_stream(
     assert two_plants.returncode == 2
     assert "no JetStream stream captures this subject" in two_plants.stderr
     assert "publish only the events of the site's own plant" in two_plants.stderr
+    assert re.search(r"\d+ events were stored before publishing", two_plants.stderr)
 
 
 def test_snapshot_file_that_is_not_duckdb(tmp_path: Path) -> None:

@@ -228,6 +228,23 @@ def test_publish_to_uncaptured_subject_fails_on_settle(
     _run(nats_server, body)
 
 
+def test_publish_all_counts_stored_on_failure(
+    nats_server: EmbeddedNatsServer,
+) -> None:
+    async def body(nc: NATS) -> None:
+        messages = [
+            *[("io.s", b"before", None)] * 3,
+            ("nowhere.z", b"lost", None),
+            *[("io.s", b"after", None)] * 2,
+        ]
+        with pytest.raises(PublishError, match="nowhere.z") as raised:
+            await publish_all(nc, messages)
+        # The two sent after the failed one are in flight when it fails, and stored.
+        assert raised.value.stored == 5
+
+    _run(nats_server, body)
+
+
 def test_publish_error_names_jetstream_reason(nats_server: EmbeddedNatsServer) -> None:
     async def body(nc: NATS) -> None:
         js = nc.jetstream()
