@@ -29,7 +29,6 @@ from pipeline.ingest import Ingest, IngestReport
 from pipeline.publish import publish_all
 from pipeline.settings import PipelineSettings
 from pipeline.sink import (
-    SnapshotBehindError,
     SnapshotSource,
     SnapshotWriter,
     read_source,
@@ -228,9 +227,11 @@ async def run_job(
                         )
                         try:
                             await ingest.start_with_retry(stop)
-                        except SnapshotBehindError:
+                        except BaseException:
+                            # A start that failed or was stopped wrote no rows, so a
+                            # file this run created would only be an empty one to
+                            # mistake for a snapshot.
                             if created:
-                                # This run created the file, so it has no rows.
                                 config.db.unlink(missing_ok=True)
                                 wal = config.db.with_name(f"{config.db.name}.wal")
                                 wal.unlink(missing_ok=True)

@@ -44,7 +44,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 from nats.js.api import ConsumerConfig, DeliverPolicy
-from nats.js.errors import NotFoundError
+from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.object_store import ObjectStore
 
 from actors.partition import PartitionCheckpoint, partition_of
@@ -66,7 +66,12 @@ from pipeline.fetch import PullFetcher, stream_sequence
 from pipeline.publish import Publisher, PublishError
 from pipeline.settings import PipelineSettings
 from pipeline.sink import SinkError, SnapshotBehindError, SnapshotWriter, merge_tables
-from pipeline.streams import CHECKPOINT_BUCKET, consumer_config, ensure_streams
+from pipeline.streams import (
+    CHECKPOINT_BUCKET,
+    consumer_config,
+    consumer_rejected_error,
+    ensure_streams,
+)
 from pipeline.subjects import EVENTS_STREAM, dlq_subject, event_subject, validate_token
 
 logger = logging.getLogger(__name__)
@@ -366,7 +371,11 @@ class Ingest:
         config: ConsumerConfig = consumer_config(self.settings)
         config.deliver_policy = DeliverPolicy.BY_START_SEQUENCE
         config.opt_start_seq = max(start_seq, 1)
-        await self.js.add_consumer(EVENTS_STREAM, config)
+        try:
+            await self.js.add_consumer(EVENTS_STREAM, config)
+        except BadRequestError as error:
+            # Outside RECOVERABLE: retrying the same configuration fails the same way.
+            raise consumer_rejected_error(self.settings, config, error) from error
         if self._fetcher is not None:
             # What the old consumer delivered is delivered again by the new one.
             await self._fetcher.close()

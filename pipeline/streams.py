@@ -13,7 +13,12 @@ from nats.js.api import (
     StorageType,
     StreamConfig,
 )
-from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
+from nats.js.errors import (
+    APIError,
+    BadRequestError,
+    NotFoundError,
+    ServiceUnavailableError,
+)
 
 from pipeline.settings import PipelineSettings
 from pipeline.site_streams import site_sources
@@ -30,9 +35,11 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CHECKPOINT_BUCKET",
+    "ConsumerSetupError",
     "StreamSetupError",
     "ensure_consumer",
     "ensure_streams",
+    "consumer_rejected_error",
     "stream_rejected_error",
     "stream_configs",
 ]
@@ -47,6 +54,28 @@ class StreamSetupError(ValueError):
     Not among the errors the ingest retries: the server understood the request and
     will refuse it again until someone changes the streams on it.
     """
+
+
+class ConsumerSetupError(ValueError):
+    """The server rejected the ingest's durable consumer as configured.
+
+    Not retried, for the same reason as StreamSetupError: the same request fails
+    again until the settings or the server's limits change.
+    """
+
+
+def consumer_rejected_error(
+    settings: PipelineSettings, config: ConsumerConfig, error: APIError
+) -> ConsumerSetupError:
+    """Build the error for a consumer configuration the server rejected (code 400)."""
+    return ConsumerSetupError(
+        f"nats-server rejected consumer {settings.consumer} on {EVENTS_STREAM}: "
+        f"{error.description} (code {error.code}, err_code {error.err_code}). Its "
+        f"max_ack_pending is {config.max_ack_pending}, twice PLANTSTREAM_MAX_UNACKED "
+        f"({settings.max_unacked}), and its ack_wait {settings.ack_wait_s:g} s "
+        "(PLANTSTREAM_ACK_WAIT_S): lower them below the server's limits, or raise "
+        "those limits in the server's jetstream block"
+    )
 
 
 def stream_configs(settings: PipelineSettings) -> list[StreamConfig]:
@@ -163,7 +192,11 @@ async def ensure_consumer(js: JetStreamContext, settings: PipelineSettings) -> N
     try:
         await js.consumer_info(EVENTS_STREAM, settings.consumer)
     except NotFoundError:
-        await js.add_consumer(EVENTS_STREAM, consumer_config(settings))
+        config = consumer_config(settings)
+        try:
+            await js.add_consumer(EVENTS_STREAM, config)
+        except BadRequestError as error:
+            raise consumer_rejected_error(settings, config, error) from error
         logger.info(
             "created durable consumer %s on %s", settings.consumer, EVENTS_STREAM
         )

@@ -250,6 +250,26 @@ def test_run_stream_subject_conflict(
     assert "Stream OTHER already takes these subjects" in result.stderr
 
 
+def test_run_consumer_over_server_limit(tmp_path: Path) -> None:
+    config = (
+        "listen: 127.0.0.1:-1\n"
+        f"jetstream {{ store_dir: '{tmp_path / 'js'}', "
+        "limits { max_ack_pending: 1000 } }\n"
+    )
+    with EmbeddedNatsServer(config=config) as server:
+        # Without the check, the start retried this rejection with backoff until
+        # stopped, so the timeout here would end the run.
+        db = tmp_path / "run.duckdb"
+        result = run_until_drained(server, db, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "rejected consumer plantstream-ingest on PLANT_EVENTS" in result.stderr
+    assert "exceeds system limit of 1000" in result.stderr
+    assert "PLANTSTREAM_MAX_UNACKED (100000)" in result.stderr
+    assert "Traceback" not in result.stderr
+    # The failed start created the file, so it removed it again.
+    assert not db.exists()
+
+
 def test_run_rejects_snapshot_file_behind_checkpoint(
     nats_server: EmbeddedNatsServer, tmp_path: Path
 ) -> None:
