@@ -79,6 +79,16 @@ the caller's value decides for arguments, the callee's for results. `connect_ray
 it for the driver and for a local Ray's workers, which inherit the driver's environment.
 A cluster's nodes need it in the environment of `ray start` (docs/deployment.md)."""
 
+RAY_ARROW_SETTINGS = {"RAY_DISABLE_CUSTOM_ARROW_DATA_SERIALIZATION": "1"}
+"""Let pyarrow pickle the snapshot tables a checkpoint returns, not Ray's own Arrow
+serializer. Ray's copies each column's buffers so that a slice does not carry its
+parent's data, and converts each column's offsets with a compute call that looks for
+the optional dateutil package on every call. The tables are never slices, because each
+is built or combined anew, so both give the same bytes. In a Ray worker on the 2-core
+benchmark machine, a checkpoint of 20,000 events (6.5 MB) took 12 ms with Ray's
+serializer and 3 ms with pyarrow's. Like RAY_max_direct_call_object_size, a cluster's
+nodes need it in the environment of `ray start`."""
+
 
 def connect_ray(address: str | None) -> None:
     """Join a Ray cluster, or start Ray on this machine if `address` is None."""
@@ -88,6 +98,8 @@ def connect_ray(address: str | None) -> None:
     # instance that only this process uses needs neither.
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_max_direct_call_object_size", str(RAY_DIRECT_CALL_BYTES))
+    for name, value in RAY_ARROW_SETTINGS.items():
+        os.environ.setdefault(name, value)
     if address is None:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         ray.init(

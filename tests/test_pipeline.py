@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 from collections import Counter
 from decimal import Decimal
 from pathlib import Path
@@ -10,9 +11,17 @@ from pathlib import Path
 import duckdb
 import nats
 import pytest
+import ray
 from nats.js.api import AckPolicy, ConsumerConfig
 
-from cluster.job import JobConfig, JobResult, run_job
+from actors.partition import PartitionActor
+from cluster.job import (
+    RAY_ARROW_SETTINGS,
+    RAY_DIRECT_CALL_BYTES,
+    JobConfig,
+    JobResult,
+    run_job,
+)
 from cluster.nats_server import EmbeddedNatsServer
 from contracts.codec import decode_dead_letter, decode_posting
 from pipeline.settings import PipelineSettings
@@ -189,3 +198,20 @@ def test_quantities_exact(run: JobResult) -> None:
     assert kinds == [("DECIMAL(38,9)",)]
     assert sample is not None
     assert isinstance(sample[0], Decimal)
+
+
+def test_local_ray_actors_get_transfer_settings() -> None:
+    names = ("RAY_max_direct_call_object_size", *RAY_ARROW_SETTINGS)
+    actor = PartitionActor.remote(0)  # type: ignore[attr-defined]
+    try:
+        # A lambda, because Ray's workers cannot import this test module by name.
+        seen = ray.get(
+            actor.__ray_call__.remote(
+                lambda _: {name: os.environ.get(name) for name in names}
+            )
+        )
+    finally:
+        ray.kill(actor)
+    # Set by connect_ray for a local Ray, whose workers inherit the driver's variables.
+    assert seen["RAY_max_direct_call_object_size"] == str(RAY_DIRECT_CALL_BYTES)
+    assert seen["RAY_DISABLE_CUSTOM_ARROW_DATA_SERIALIZATION"] == "1"
