@@ -2,27 +2,41 @@
 
 The driver (the ingest loop in this process) is profiled with `StackSampler`, because a
 tracing profiler changes its batching; the ingest times its own steps
-(`IngestReport.seconds`). PartitionState runs
+(`IngestReport.seconds`). In the same run a `ThreadSampler` in each partition actor
+samples the actor's main thread, which runs its calls. PartitionState runs
 without I/O, so cProfile describes it faithfully apart from the overhead it adds to
 every call; its shares are of the profiled time.
 """
 
 from __future__ import annotations
 
+import asyncio
 import cProfile
 import logging
 import pstats
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
+
+import ray
 
 from actors.partition_state import PartitionState
 from benchmarks.broker import Broker
 from benchmarks.in_memory import apply_in_batches, source_messages
 from benchmarks.pipeline_run import PipelineRun, run_pipeline
-from benchmarks.sampler import Hotspot, StackSampler, short_path
+from benchmarks.sampler import (
+    Hotspot,
+    SampleCounts,
+    StackSampler,
+    short_path,
+    start_actor_sampler,
+    stop_actor_sampler,
+)
 
 logger = logging.getLogger(__name__)
+
+RAY_TASK_LOOP = "ray/_private/worker.py:main_loop"
+"""The innermost Python frame of a Ray worker's main thread between two calls."""
 
 __all__ = ["DriverProfile", "FunctionShare", "profile_driver", "profile_state"]
 
@@ -42,6 +56,9 @@ class DriverProfile:
     """Wall-clock seconds per phase of the ingest loop."""
     hotspots: list[Hotspot]
     samples: int
+    actor_hotspots: list[Hotspot] = field(default_factory=list)
+    """The partition actors' main threads, their samples added together."""
+    actor_samples: int = 0
 
 
 def profile_state(
@@ -82,6 +99,45 @@ async def profile_driver(broker: Broker, partitions: int) -> DriverProfile:
     The steps overlap (the next fetch runs while a batch is routed, checkpoints commit
     in the background), so their times add up to more than the run's wall time.
     """
+    actors_counts = SampleCounts()
+
+    async def sample_actors(actors: list[ray.actor.ActorHandle]) -> None:
+        await asyncio.gather(
+            *(actor.__ray_call__.remote(start_actor_sampler) for actor in actors)
+        )
+        try:
+            await asyncio.Event().wait()
+        finally:
+            # run_pipeline cancels this task once the stream is drained, and kills
+            # the actors only after it returns, so their counts are still there.
+            stopped: list[SampleCounts] = await asyncio.shield(
+                asyncio.gather(
+                    *(actor.__ray_call__.remote(stop_actor_sampler) for actor in actors)
+                )
+            )
+            for counts in stopped:
+                actors_counts.add(counts)
+
     with StackSampler() as sampler:
-        run = await run_pipeline(broker, partitions)
-    return DriverProfile(run, dict(run.phases), sampler.top(12), sampler.samples)
+        run = await run_pipeline(broker, partitions, during=sample_actors)
+    return DriverProfile(
+        run,
+        dict(run.phases),
+        sampler.top(12),
+        sampler.samples,
+        _actor_hotspots(actors_counts, 14),
+        actors_counts.samples,
+    )
+
+
+def _actor_hotspots(counts: SampleCounts, count: int) -> list[Hotspot]:
+    # By share on the stack, which nests: apply_batch, then what it calls. Ray's own
+    # frames wrap every call, so they add nothing. Only its task loop is shown, whose
+    # innermost share is the time between calls.
+    ranked = counts.top(count + 20, by="total")
+    shown = [
+        h
+        for h in ranked
+        if not h.function.startswith("ray/") or h.function == RAY_TASK_LOOP
+    ]
+    return shown[:count]

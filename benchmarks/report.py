@@ -9,7 +9,9 @@ from pathlib import Path
 from actors.settings import StateSettings
 from benchmarks.latency import LatencyRun
 from benchmarks.pipeline_run import PipelineRun
+from benchmarks.profiling import RAY_TASK_LOOP
 from benchmarks.results import GrowthRow, Results
+from benchmarks.sampler import Hotspot
 from benchmarks.stats import Figure, summarize
 from benchmarks.workload import EDGE_BATCH_EVENTS
 
@@ -621,14 +623,21 @@ def _profile(results: Results) -> str:
             "2 ms (`benchmarks/sampler.py`; innermost Python function, and anywhere on "
             "the stack):",
             "",
-            _table(
-                ["function", "innermost", "on stack"],
-                [
-                    [f"`{h.function}`", f"{h.self_share:.1%}", f"{h.total_share:.1%}"]
-                    for h in driver.hotspots
-                ],
-            ),
+            _hotspot_table(driver.hotspots),
         ]
+        if driver.actor_samples:
+            lines += [
+                "",
+                "Where the partition actors' main threads were in the same run, "
+                f"from {driver.actor_samples:,} samples every 2 ms taken by a thread "
+                "in each actor (`ThreadSampler` in `benchmarks/sampler.py`), by "
+                "share on the stack. Ray's frames around each call are left out. "
+                f"`{RAY_TASK_LOOP}` innermost is Ray's task loop: the actor "
+                "waited for its next call, or ran Ray's compiled code, which has no "
+                "Python frames:",
+                "",
+                _hotspot_table(driver.actor_hotspots),
+            ]
     for title, split in (
         ("one event per message", results.cpu_split),
         ("edge batches", results.edge_cpu_split),
@@ -675,6 +684,16 @@ def _profile(results: Results) -> str:
     return "\n".join(lines)
 
 
+def _hotspot_table(hotspots: list[Hotspot]) -> str:
+    return _table(
+        ["function", "innermost", "on stack"],
+        [
+            [f"`{h.function}`", f"{h.self_share:.1%}", f"{h.total_share:.1%}"]
+            for h in hotspots
+        ],
+    )
+
+
 def _bounds(results: Results) -> str:
     """Explain each missed target from what this run measured."""
     lines = ["## What bounds the missed targets", ""]
@@ -714,9 +733,34 @@ def _bound_throughput(results: Results) -> list[str]:
         "event in PartitionState alone), publishes its postings, builds the "
         "snapshot rows and writes them to DuckDB, and serialises each partition "
         "at every checkpoint. The profile tables above show that cost spread over "
-        "many functions, with no single hot spot left to remove.",
+        "many functions, with no single hot spot left to remove."
+        + _actor_busy(results),
         "",
     ]
+
+
+def _actor_busy(results: Results) -> str:
+    """Summarise where the actors' samples were, or return "" without them."""
+    profile = results.driver_profile
+    if profile is None or not profile.actor_samples:
+        return ""
+    shares = {h.function: h for h in profile.actor_hotspots}
+
+    def on_stack(function: str) -> float:
+        found = shares.get(function)
+        return 0.0 if found is None else found.total_share
+
+    waiting = shares.get(RAY_TASK_LOOP)
+    busy = 1.0 - (waiting.self_share if waiting is not None else 0.0)
+    apply = on_stack("actors/partition_state.py:apply_batch")
+    chunks = on_stack("actors/partition_state.py:_build_chunks")
+    checkpoint = on_stack("actors/partition.py:checkpoint")
+    return (
+        f" In the profiled run, {busy:.0%} of the partition actors' samples found "
+        f"them busy: {apply:.0%} of all samples in apply_batch ({chunks:.0%} in "
+        f"`_build_chunks`, which turns rows into Arrow) and {checkpoint:.0%} building "
+        "checkpoints."
+    )
 
 
 def _bound_edge(results: Results) -> list[str]:

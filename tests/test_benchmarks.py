@@ -244,6 +244,9 @@ def test_profile_names_functions(report: str) -> None:
     section = report.split("## Profile\n", 1)[1]
     assert "| fetch |" in section
     assert "apply_batch" in section
+    actors = section.split("partition actors' main threads", 1)[1].split("\n\n", 2)[1]
+    assert "`ray/_private/worker.py:main_loop`" in actors
+    assert "`actors/partition_state.py:apply_batch`" in actors
 
 
 def test_percentile_nearest_rank() -> None:
