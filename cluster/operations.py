@@ -38,7 +38,7 @@ from actors.partition_state import PartitionState, SourceMessage
 from actors.settings import StateSettings
 from cluster.cli import positive_int
 from cluster.lease import DEFAULT_TTL_S, lease_holder
-from contracts.codec import decode_dead_letter
+from contracts.codec import decode_dead_letter, decode_edge_batch
 from contracts.dead_letters import DeadLetter, DeadLetterReason
 from contracts.keys import decode_key, routing_key
 from pipeline.checkpoints import (
@@ -101,8 +101,6 @@ A running ingest almost always has a fetch waiting, since one lasts 0.5 s by def
 
 RETRIED_SUFFIX = "retried"
 """Retry records go to plantstream.dlq.<plant>.retried, beside the dead letters."""
-
-_edge_batch_decoder = msgspec.json.Decoder(list[msgspec.Raw])
 
 
 class OperationError(Exception):
@@ -341,7 +339,7 @@ def _split_message(subject: str, data: bytes) -> list[tuple[int, bytes]]:
     if not is_edge_batch(subject):
         return [(-1, data)]
     try:
-        items = _edge_batch_decoder.decode(data)
+        items = decode_edge_batch(data)
     except (msgspec.DecodeError, msgspec.ValidationError):
         return []  # the ingest dead-lettered the whole message
     return [(index, bytes(item)) for index, item in enumerate(items)]
@@ -661,9 +659,7 @@ async def _original_bytes(js: JetStreamContext, letter: DeadLetter) -> bytes:
         )
     if letter.batch_index is None:
         return stored.data
-    return bytes(
-        msgspec.json.decode(stored.data, type=list[msgspec.Raw])[letter.batch_index]
-    )
+    return bytes(decode_edge_batch(stored.data)[letter.batch_index])
 
 
 async def _retry_payload(js: JetStreamContext, letter: DeadLetter) -> bytes:

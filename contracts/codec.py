@@ -9,10 +9,12 @@ import msgspec
 
 from contracts.dead_letters import DeadLetter
 from contracts.events import PlantEvent
+from contracts.keys import nesting_error
 from contracts.postings import GoodsMovement, Posting
 
 __all__ = [
     "decode_dead_letter",
+    "decode_edge_batch",
     "decode_event",
     "decode_posting",
     "describe_decode_error",
@@ -23,12 +25,25 @@ __all__ = [
 _event_decoder = msgspec.json.Decoder(PlantEvent)
 _posting_decoder = msgspec.json.Decoder(Posting)
 _dead_letter_decoder = msgspec.json.Decoder(DeadLetter)
+_edge_batch_decoder = msgspec.json.Decoder(list[msgspec.Raw])
 _encoder = msgspec.json.Encoder(decimal_format="string")
 
 
 def decode_event(data: bytes) -> PlantEvent:
     """Decode and validate one event; raise msgspec.ValidationError or DecodeError."""
-    return _event_decoder.decode(data)
+    try:
+        return _event_decoder.decode(data)
+    except RecursionError:
+        raise nesting_error() from None
+
+
+def decode_edge_batch(data: bytes) -> list[msgspec.Raw]:
+    """Split an edge batch into the raw JSON of its events; raise msgspec.DecodeError
+    or ValidationError if it is not a JSON array."""
+    try:
+        return _edge_batch_decoder.decode(data)
+    except RecursionError:
+        raise nesting_error() from None
 
 
 def decode_posting(data: bytes) -> Posting:
@@ -246,7 +261,9 @@ def _bound_hint(message: str) -> str | None:
 def _value_at(data: bytes, path: str) -> tuple[bool, object]:
     try:
         value: object = msgspec.json.decode(data)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):
+        # The typed decode can fail at a shallow field before it meets the deep
+        # nesting elsewhere in the message, which this untyped one must walk.
         return False, None
     for name, index in _PATH_STEP.findall(path):
         if name and isinstance(value, dict) and name in value:

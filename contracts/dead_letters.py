@@ -7,7 +7,12 @@ from typing import Literal
 
 import msgspec
 
-__all__ = ["DeadLetter", "DeadLetterReason"]
+__all__ = ["MAX_DETAIL_CHARS", "DeadLetter", "DeadLetterReason", "shorten_detail"]
+
+MAX_DETAIL_CHARS = 4000
+"""Characters of a dead letter's detail kept; the rest is cut. Every detail plantstream
+writes is far shorter unless it quotes a hostile value at length, and a detail near the
+server's max_payload could not be published at all."""
 
 DeadLetterReason = Literal[
     "malformed",  # not valid JSON, or not an object
@@ -44,3 +49,15 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     event_id: str | None = None
     plant: str | None = None
     order: str | None = None
+
+
+def shorten_detail(letter: DeadLetter) -> DeadLetter:
+    """Return `letter` with its detail cut to MAX_DETAIL_CHARS and a note of the cut."""
+    if len(letter.detail) <= MAX_DETAIL_CHARS:
+        return letter
+    # The note takes at most 40 characters, so the result is within the limit too.
+    head = MAX_DETAIL_CHARS - 40
+    cut = len(letter.detail) - head
+    return msgspec.structs.replace(
+        letter, detail=f"{letter.detail[:head]}... ({cut:,} characters cut)"
+    )

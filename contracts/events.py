@@ -87,21 +87,48 @@ class Quantity(msgspec.Struct, frozen=True, gc=False):
             and _decimal_places(self.value) > QUANTITY_SCALE
         ):
             raise ValueError(
-                f"quantity {self.value:f} has more than {QUANTITY_SCALE} decimal "
-                "places, which the postings and snapshot tables cannot store exactly"
+                f"quantity {shown_decimal(self.value)} has more than {QUANTITY_SCALE} "
+                "decimal places, which the postings and snapshot tables cannot store "
+                "exactly"
             )
         if self.value.adjusted() >= QUANTITY_INTEGER_DIGITS:
             raise ValueError(
-                f"quantity {self.value:f} has more than {QUANTITY_INTEGER_DIGITS} "
-                "digits before the decimal point; larger quantities would let an "
-                "order's totals outgrow the DECIMAL(38, 9) columns of postings and "
-                "snapshots"
+                f"quantity {shown_decimal(self.value)} has more than "
+                f"{QUANTITY_INTEGER_DIGITS} digits before the decimal point; larger "
+                "quantities would let an order's totals outgrow the DECIMAL(38, 9) "
+                "columns of postings and snapshots"
             )
         if self.value < 0:
             raise ValueError(
-                f"quantity must not be negative, got {self.value:f} {self.uom}; "
-                "send a reversal event to take a quantity back"
+                f"quantity must not be negative, got {shown_decimal(self.value)} "
+                f"{self.uom}; send a reversal event to take a quantity back"
             )
+
+
+SHOWN_DIGITS = 30
+"""Digits of a quantity an error message writes out; longer values are abbreviated."""
+
+
+def shown_decimal(value: Decimal) -> str:
+    """Return `value` for an error message: in plain notation while that stays short,
+    else abbreviated in scientific notation.
+
+    A value such as "1e9999999" is 10 characters on the wire but ten million in plain
+    notation, which made one dead letter too large to publish.
+    """
+    _, digits, exponent = value.as_tuple()
+    if not isinstance(exponent, int):
+        return str(value)  # NaN or Infinity
+    if len(digits) <= SHOWN_DIGITS and -SHOWN_DIGITS <= exponent <= SHOWN_DIGITS:
+        return f"{value:f}"
+    if len(digits) <= SHOWN_DIGITS:
+        return str(value)
+    sign = "-" if value < 0 else ""
+    leading = "".join(map(str, digits[:SHOWN_DIGITS]))
+    return (
+        f"{sign}{leading[0]}.{leading[1:]}...E{value.adjusted():+d} "
+        f"({len(digits):,} digits)"
+    )
 
 
 def _decimal_places(value: Decimal) -> int:
@@ -189,7 +216,7 @@ class OperationSpec(msgspec.Struct, frozen=True, gc=False, kw_only=True):
                 f"ideal_cycle_time_s of operation {self.operation} must be a positive "
                 f"number of seconds with at most {QUANTITY_SCALE} decimal places and "
                 f"{QUANTITY_INTEGER_DIGITS} digits before the point, got "
-                f"{self.ideal_cycle_time_s:f}"
+                f"{shown_decimal(self.ideal_cycle_time_s)}"
             )
 
 

@@ -6,9 +6,11 @@ fraction of a full decode; the partition actor decodes the whole event once.
 
 from __future__ import annotations
 
+import sys
+
 import msgspec
 
-__all__ = ["EventKey", "decode_key", "routing_key"]
+__all__ = ["EventKey", "decode_key", "nesting_error", "routing_key"]
 
 
 class EventKey(msgspec.Struct, frozen=True, gc=False):
@@ -25,7 +27,24 @@ _key_decoder = msgspec.json.Decoder(EventKey)
 
 def decode_key(data: bytes) -> EventKey:
     """Decode the key fields of one JSON event; raise msgspec.DecodeError if invalid."""
-    return _key_decoder.decode(data)
+    try:
+        return _key_decoder.decode(data)
+    except RecursionError:
+        raise nesting_error() from None
+
+
+def nesting_error() -> msgspec.DecodeError:
+    """Return the error for JSON nested deeper than the decoder follows.
+
+    msgspec raises RecursionError there, which no handler of decode errors expects: a
+    2 KB message of nested arrays stopped the ingest. This DecodeError makes it a
+    malformed message like any other.
+    """
+    return msgspec.DecodeError(
+        "JSON nested too deeply to decode: msgspec stops at Python's recursion limit "
+        f"({sys.getrecursionlimit():,} levels here); an event is one object whose "
+        "values nest only a few levels"
+    )
 
 
 def routing_key(key: EventKey) -> str:

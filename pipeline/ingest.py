@@ -49,8 +49,8 @@ from nats.js.object_store import ObjectStore
 
 from actors.partition import PartitionCheckpoint, partition_of
 from actors.partition_state import BatchResult, CheckpointFormatError, SourceMessage
-from contracts.codec import describe_decode_error, encode
-from contracts.dead_letters import DeadLetter, DeadLetterReason
+from contracts.codec import decode_edge_batch, describe_decode_error, encode
+from contracts.dead_letters import DeadLetter, DeadLetterReason, shorten_detail
 from contracts.keys import decode_key, routing_key
 from contracts.snapshots import table_from_rows
 from pipeline.checkpoints import (
@@ -109,8 +109,6 @@ def is_edge_batch(subject: str) -> bool:
     """
     return subject.endswith(EDGE_BATCH_SUFFIX) and subject.count(".") == 3
 
-
-_edge_batch_decoder = msgspec.json.Decoder(list[msgspec.Raw])
 
 MAX_BATCHES_IN_FLIGHT = 2
 """Batches sent to the actors but not yet collected; two keep actors and driver busy."""
@@ -670,7 +668,7 @@ class Ingest:
             self._max_seq = max(self._max_seq, seq)
             if is_edge_batch(message.subject):
                 try:
-                    items = _edge_batch_decoder.decode(message.data)
+                    items = decode_edge_batch(message.data)
                 except (msgspec.DecodeError, msgspec.ValidationError) as error:
                     dead.append(
                         _key_dead_letter(
@@ -733,6 +731,7 @@ class Ingest:
             outgoing.extend((p.subject, p.data, p.key) for p in result.postings)
             dead.extend(result.dead_letters)
             self.report.counts.update(result.counts)
+        dead[:] = [shorten_detail(letter) for letter in dead]
         outgoing.extend(
             (
                 dlq_subject(d.plant or _subject_plant(d.subject)),

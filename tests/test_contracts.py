@@ -21,7 +21,8 @@ from contracts.codec import (
     encode,
     encode_posting,
 )
-from contracts.events import EVENT_TYPES, MaterialConsumed
+from contracts.dead_letters import MAX_DETAIL_CHARS, DeadLetter, shorten_detail
+from contracts.events import EVENT_TYPES, MaterialConsumed, shown_decimal
 from contracts.keys import EventKey, decode_key, routing_key
 from contracts.postings import GoodsMovement, OrderConfirmation, posting_key
 from contracts.schema import event_schema, posting_schema
@@ -467,3 +468,33 @@ def test_decode_error_cuts_a_long_value() -> None:
     detail = describe_decode_error(caught.value, data)
     assert "(got '" + "9" * 59 + "...)" in detail
     assert len(detail) < 300
+
+
+@pytest.mark.parametrize(
+    ("value", "shown"),
+    [
+        ("12.500", "12.500"),
+        ("1e9999999", "1E+9999999"),
+        ("1e-9999999", "1E-9999999"),
+        ("5." + "0" * 40, "5.00000000000000000000000000000...E+0 (41 digits)"),
+        ("-" + "9" * 35, "-9.99999999999999999999999999999...E+34 (35 digits)"),
+    ],
+)
+def test_shown_decimal_stays_short(value: str, shown: str) -> None:
+    assert shown_decimal(Decimal(value)) == shown
+
+
+def test_shorten_detail_cuts_long_details() -> None:
+    letter = DeadLetter(
+        reason="invalid",
+        detail="x" * (MAX_DETAIL_CHARS + 500),
+        subject="plant.events.P1.batch",
+        stream_seq=7,
+        data=b"{}",
+        rejected_at=dt.datetime(2026, 1, 5, tzinfo=dt.UTC),
+    )
+    short = shorten_detail(letter)
+    assert short.detail.endswith("... (540 characters cut)")
+    assert len(short.detail) <= MAX_DETAIL_CHARS
+    assert shorten_detail(short) is short
+    assert short.stream_seq == letter.stream_seq

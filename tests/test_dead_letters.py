@@ -44,3 +44,50 @@ def test_oversized_dead_letter_retried(
     assert entry.letter.data == b""
     assert entry.letter.stream_seq == 1
     assert republished == huge
+
+
+def test_hostile_json_becomes_dead_letters(
+    nats_server: EmbeddedNatsServer, tmp_path: Path
+) -> None:
+    deep = b"[" * 1000 + b"]" * 1000
+    good = (
+        b'{"event_type":"machine_state_changed","machine":"M1","state":"running",'
+        b'"event_id":"E-GOOD","plant":"P1","occurred_at":"2026-01-05T08:00:00Z",'
+        b'"source":"scada","work_center":"WC1"}'
+    )
+    huge_exponent = (
+        b'{"event_type":"production_confirmed","event_id":"E-EXP","plant":"P1",'
+        b'"occurred_at":"2026-01-05T08:00:00Z","source":"mes","order":"WO1",'
+        b'"operation":"0010","work_center":"WC1",'
+        b'"good":{"value":"1e9999999","uom":"EA"}}'
+    )
+    messages = [
+        ("plant.events.P1.machine_state_changed", b'{"a":' + deep + b"}"),
+        ("plant.events.P1.batch", b"[" + deep + b"]"),
+        # Splitting the batch walks every element, so the whole batch is rejected.
+        ("plant.events.P1.batch", b'[{"a":' + deep + b"}," + good + b"]"),
+        ("plant.events.P1.production_confirmed", huge_exponent),
+        ("plant.events.P1.machine_state_changed", good),
+    ]
+    config = JobConfig(db=tmp_path / "db.duckdb", nats_url=nats_server.url)
+    # Without the checks, the nesting stopped the run with a RecursionError, and the
+    # exponent made a 10 MB detail that no NATS message could carry.
+    result = asyncio.run(run_job(config, messages))
+    assert result.totals["dead_letter:malformed"] == 3
+    assert result.totals["dead_letter:invalid"] == 1
+    assert result.totals["applied"] == 1
+
+    async def letters() -> list:
+        nc = await nats.connect(nats_server.url)
+        try:
+            return await list_dead_letters(nc.jetstream())
+        finally:
+            await nc.close()
+
+    details = {
+        entry.letter.stream_seq: entry.letter.detail for entry in asyncio.run(letters())
+    }
+    for seq in (1, 2, 3):
+        assert "JSON nested too deeply to decode" in details[seq]
+    assert "quantity 1E+9999999 has more than 15 digits" in details[4]
+    assert max(len(detail) for detail in details.values()) < 1000
