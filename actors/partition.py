@@ -17,7 +17,21 @@ from actors.settings import StateSettings
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["PartitionActor", "PartitionCheckpoint", "partition_of"]
+__all__ = [
+    "PartitionActor",
+    "PartitionCheckpoint",
+    "PartitionRestartedError",
+    "partition_of",
+]
+
+
+class PartitionRestartedError(RuntimeError):
+    """The actor was restarted since its last restore, so its state is empty.
+
+    Ray restarts a dead actor by running its constructor again, and the next call
+    succeeds on the empty state. Calls that carry the token of the last restore fail
+    with this error instead, which the ingest recovers from like any actor failure.
+    """
 
 
 class PartitionCheckpoint(NamedTuple):
@@ -58,37 +72,62 @@ class PartitionActor:
         # Built here, in the actor's process: Ray cannot pickle msgspec codecs.
         self._batch_decoder = msgspec.msgpack.Decoder(list[SourceMessage])
         self._result_encoder = msgspec.msgpack.Encoder()
+        self._restore_token: str | None = None
+        """Set by `restore`. A restarted actor runs this constructor again, so the
+        token is gone and `_check_token` rejects the calls meant for the old state."""
+
+    def _check_token(self, token: str | None) -> None:
+        if token is not None and token != self._restore_token:
+            raise PartitionRestartedError(
+                f"partition {self._state.partition} was restarted by Ray since the "
+                f"ingest restored it (restore token {token}, this process has "
+                f"{self._restore_token}), so its state is empty; the ingest restores "
+                "it from the last checkpoint"
+            )
 
     def apply(self, messages: list[SourceMessage]) -> BatchResult:
         return self._state.apply_batch(messages)
 
-    def apply_packed(self, messages: bytes) -> bytes:
+    def apply_packed(self, messages: bytes, token: str | None = None) -> bytes:
         """Apply a MessagePack-encoded batch and return the encoded BatchResult.
 
         One bytes object each way costs Ray far less than pickling every message.
+        With `token`, fail unless it is the token of this process's last restore.
         """
+        self._check_token(token)
         batch = self._batch_decoder.decode(messages)
         return self._result_encoder.encode(self._state.apply_batch(batch))
 
-    def restore(self, checkpoint: bytes | None, orders: Sequence[bytes] = ()) -> int:
+    def restore(
+        self,
+        checkpoint: bytes | None,
+        orders: Sequence[bytes] = (),
+        token: str | None = None,
+    ) -> int:
         """Replace the state with a checkpoint, or an empty one; return its last seq.
 
         `orders` are the orders parts to apply, from the last base on; without them
         the checkpoint must hold its orders itself (`PartitionState.checkpoint`).
+        `token` is what later calls pass to show they expect this state.
         """
         if checkpoint is None:
             self._state = PartitionState(self._state.partition, self._settings)
         else:
             self._state = PartitionState.restore(checkpoint, self._settings, orders)
+        self._restore_token = token
         return self._state.last_seq
 
-    def checkpoint(self, base: bool = True) -> PartitionCheckpoint:
+    def checkpoint(
+        self, base: bool = True, token: str | None = None
+    ) -> PartitionCheckpoint:
         """Return the serialised state and the snapshot rows changed since the last
         call.
 
         With `base` the orders part contains every order, otherwise only those changed
-        since the previous call.
+        since the previous call. With `token`, fail unless it is the token of this
+        process's last restore: an empty state must not become a checkpoint.
         """
+        self._check_token(token)
         # The snapshot first: it hands its changed orders on to checkpoint_parts, which
         # then finds them in one set.
         started = time.perf_counter()

@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import secrets
 import time
 from collections import Counter, defaultdict, deque
 from collections.abc import Awaitable, Callable, Iterator, Sequence
@@ -262,6 +263,9 @@ class Ingest:
         self.report = IngestReport()
         self._store: ObjectStore | None = None
         self._chains = CheckpointChains(None, len(self.actors))
+        self._restore_token: str | None = None
+        """The token of the last restore, which every apply and checkpoint call
+        carries (see PartitionActor)."""
         self._fetcher: PullFetcher | None = None
         self._subject_checks: dict[str, tuple[str, str | None]] = {}
         """(plant, event type) each subject was checked for, so that each event of a
@@ -315,9 +319,14 @@ class Ingest:
         assert self._store is not None
         manifest = await read_manifest(self._store)
         self._chains = CheckpointChains(manifest, len(self.actors))
+        # A new token per restore: an actor that Ray restarts afterwards lacks it and
+        # rejects the next call, instead of applying it to an empty state.
+        token = self._restore_token = secrets.token_hex(8)
         if manifest is None:
             self._ingest_counts = Counter()
-            await asyncio.gather(*(actor.restore.remote(None) for actor in self.actors))
+            await asyncio.gather(
+                *(actor.restore.remote(None, (), token) for actor in self.actors)
+            )
             return 0
         self._ingest_counts = Counter(manifest.ingest_counts)
         if manifest.partitions != len(self.actors):
@@ -332,7 +341,7 @@ class Ingest:
         saved = await read_partitions(self._store, manifest)
         outcomes = await asyncio.gather(
             *(
-                actor.restore.remote(partition.state, partition.orders)
+                actor.restore.remote(partition.state, partition.orders, token)
                 for actor, partition in zip(self.actors, saved, strict=True)
             ),
             return_exceptions=True,
@@ -695,7 +704,9 @@ class Ingest:
                 self._route(groups, dead, seq, message.subject, message.data, -1)
         # One msgpack blob per actor: far cheaper for Ray than pickling each message.
         refs = [
-            self.actors[p].apply_packed.remote(_batch_encoder.encode(batch))
+            self.actors[p].apply_packed.remote(
+                _batch_encoder.encode(batch), self._restore_token
+            )
             for p, batch in groups.items()
         ]
         self._lap("route", clock)
@@ -803,7 +814,7 @@ class Ingest:
         bases = [self._chains.wants_base(index) for index in range(len(self.actors))]
         results: asyncio.Future[list[PartitionCheckpoint]] = asyncio.gather(
             *(
-                actor.checkpoint.remote(base)
+                actor.checkpoint.remote(base, self._restore_token)
                 for actor, base in zip(self.actors, bases, strict=True)
             )
         )

@@ -32,7 +32,7 @@ from pipeline.settings import PipelineSettings
 from pipeline.sink import SnapshotWriter
 from pipeline.sources.generated import Expected, StreamSpec, generate
 from pipeline.streams import CHECKPOINT_BUCKET, ensure_streams
-from pipeline.subjects import POSTINGS_STREAM
+from pipeline.subjects import EVENTS_STREAM, POSTINGS_STREAM
 
 pytestmark = pytest.mark.usefixtures("ray_local")
 
@@ -355,3 +355,66 @@ def test_keyless_dead_letter_filed_under_subject_plant(
     )
 
     assert [m.subject for m in _dlq_messages(nats_server)] == ["plantstream.dlq.P7"]
+
+
+async def _drained_and_acked(js: nats.js.JetStreamContext, consumer: str) -> None:
+    """Wait until the ingest consumer has nothing pending and nothing unacknowledged."""
+    for _ in range(1200):
+        info = await js.consumer_info(EVENTS_STREAM, consumer)
+        if info.num_pending == 0 and info.num_ack_pending == 0:
+            return
+        await asyncio.sleep(0.1)
+    raise AssertionError(f"consumer {consumer} still has messages after 120 s")
+
+
+async def _run_with_idle_kill(
+    server: EmbeddedNatsServer, db: Path, messages: list[tuple[str, bytes]]
+) -> tuple[IngestReport, Counter[str]]:
+    nc = await nats.connect(server.url)
+    actors = [PartitionActor.remote(i) for i in range(2)]  # type: ignore[attr-defined]
+    half = len(messages) // 2
+    try:
+        js = nc.jetstream()
+        await ensure_streams(js, SETTINGS)
+        await publish_all(nc, ((s, d, None) for s, d in messages[:half]))
+        with SnapshotWriter(db) as writer:
+            ingest = Ingest(nc, actors, writer, SETTINGS)
+            await ingest.start()
+            stop = asyncio.Event()
+            task = asyncio.create_task(ingest.run(until_drained=False, stop=stop))
+            await _drained_and_acked(js, SETTINGS.consumer)
+            # Killed while it waits for work: no call fails, and Ray restarts it with
+            # the constructor's empty state.
+            before = await actors[0].pid.remote()
+            ray.kill(actors[0], no_restart=False)
+            for _ in range(600):
+                try:
+                    if await actors[0].pid.remote() != before:
+                        break
+                except ray.exceptions.RayActorError:
+                    pass
+                await asyncio.sleep(0.1)
+            await publish_all(nc, ((s, d, None) for s, d in messages[half:]))
+            await _drained_and_acked(js, SETTINGS.consumer)
+            stop.set()
+            report = await asyncio.wait_for(task, timeout=120)
+            return report, await ingest.totals()
+    finally:
+        for actor in actors:
+            ray.kill(actor)
+        await nc.close()
+
+
+def test_actor_restarted_while_idle_is_restored(
+    nats_server: EmbeddedNatsServer, tmp_path: Path, stream: tuple[list, Expected]
+) -> None:
+    messages, expected = stream
+    db = tmp_path / "db.duckdb"
+    report, totals = asyncio.run(_run_with_idle_kill(nats_server, db, messages))
+    # Without the restore token, the restarted actor applied the second half to an
+    # empty state: its orders were unknown and its earlier events counted again.
+    assert report.recoveries >= 1
+    assert totals["applied"] == expected.events
+    assert movement_totals(db) == expected.movements
+    keys = asyncio.run(_posting_keys(nats_server.url))
+    assert len(keys) == len(set(keys))
