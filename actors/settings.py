@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import zoneinfo
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 __all__ = ["StateSettings", "parse_plant_timezones"]
@@ -24,15 +25,15 @@ def parse_plant_timezones(raw: str) -> dict[str, str]:
         plant, zone = plant.strip(), zone.strip()
         if not sep or not plant or not zone:
             raise ValueError(
-                f"plant time zone entry {entry!r} is not PLANT=Area/City; write it as "
-                "e.g. P01=Europe/Berlin"
+                f"plant_timezones entry {entry!r} is not PLANT=Area/City; write it "
+                "as e.g. P01=Europe/Berlin"
             )
         try:
             zoneinfo.ZoneInfo(zone)
         except (zoneinfo.ZoneInfoNotFoundError, ValueError):
             raise ValueError(
-                f"time zone {zone!r} of plant {plant} is not an IANA time zone name; "
-                "use a name such as Europe/Berlin or America/Chicago"
+                f"plant_timezones entry {entry!r}: {zone!r} is not an IANA time "
+                "zone name; use a name such as Europe/Berlin or America/Chicago"
             ) from None
         zones[plant] = zone
     return zones
@@ -142,8 +143,12 @@ class StateSettings:
 
     @classmethod
     def from_env(cls, environ: dict[str, str] | None = None) -> StateSettings:
+        """Build settings from PLANTSTREAM_* environment variables over the defaults."""
         import os
 
         from cluster.env import settings_from_env
+        from pipeline.settings import validate_number_variables
 
-        return settings_from_env(cls, os.environ if environ is None else environ)
+        variables: Mapping[str, str] = os.environ if environ is None else environ
+        validate_number_variables(cls, variables)
+        return settings_from_env(cls, variables)

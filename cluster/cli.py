@@ -27,6 +27,30 @@ OPERATION_MODULES: list[str] = [
 """Modules that each register one or more subcommands through `add_parser(commands)`."""
 
 
+SNAPSHOT_WRITING_COMMANDS = frozenset({"demo", "run", "replay"})
+"""Subcommands that write their --db file, whose path `main` checks first."""
+
+
+def _validate_shared_options(args: argparse.Namespace) -> None:
+    """Raise ValueError for a malformed --nats-url or an unwritable --db path.
+
+    Checked before the command starts Ray or publishes anything, which takes seconds.
+    """
+    nats_url = getattr(args, "nats_url", None)
+    db = (
+        getattr(args, "db", None) if args.command in SNAPSHOT_WRITING_COMMANDS else None
+    )
+    if nats_url is None and db is None:
+        return
+    # Imported here: the module loads Ray, which the other commands do without.
+    from cluster.job import validate_nats_url, validate_snapshot_path
+
+    if nats_url is not None:
+        validate_nats_url(nats_url)
+    if db is not None:
+        validate_snapshot_path(db)
+
+
 def _input_messages(args: argparse.Namespace) -> list[tuple[str, bytes]]:
     if args.input:
         return list(_iter_file_messages(args.input))
@@ -360,6 +384,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
+        _validate_shared_options(args)
         return int(args.handler(args))
     except BrokenPipeError:
         # The reader of the output (head, less) quit early, which is not a failure.
@@ -381,8 +406,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
     except ValueError as error:
-        # Input files that cannot be read raise ValueError with the path, the line and
-        # the value; a traceback would only hide that message.
+        # Unreadable input files and unusable options and settings raise ValueError
+        # with the value and the fix. A traceback would only hide that message.
         logger.debug("command failed", exc_info=True)
         print(f"plantstream: {error}", file=sys.stderr)
         return 2

@@ -9,11 +9,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import tempfile
 from collections import Counter
 from collections.abc import Coroutine, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import nats.aio.client
 import nats.errors
@@ -25,6 +27,7 @@ from actors.settings import StateSettings
 from cluster.connection_log import SUMMARY_INTERVAL_S, ConnectionLog, redact_url
 from cluster.lease import DEFAULT_TTL_S, IngestLease, LeaseLostError
 from cluster.nats_server import EmbeddedNatsServer
+from pipeline.checkpoints import CheckpointMismatchError, read_manifest
 from pipeline.ingest import Ingest, IngestReport
 from pipeline.publish import publish_all
 from pipeline.settings import PipelineSettings
@@ -33,12 +36,31 @@ from pipeline.sink import (
     SnapshotWriter,
     read_source,
 )
-from pipeline.streams import ensure_streams
+from pipeline.streams import CHECKPOINT_BUCKET, ensure_streams
 from pipeline.subjects import EVENTS_STREAM
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["JobConfig", "JobResult", "connect_nats", "connect_ray", "run_job"]
+__all__ = [
+    "MAX_PARTITIONS",
+    "JobConfig",
+    "JobResult",
+    "connect_nats",
+    "connect_ray",
+    "run_job",
+    "validate_nats_url",
+    "validate_snapshot_path",
+]
+
+MAX_PARTITIONS = 256
+"""Maximum number of partitions, which a run rejects at once. Each partition is a Ray
+actor in a worker process of its own, started before the run reads the checkpoint, and
+one ingest loop sends every batch to all of them. Each may also hold up to
+PLANTSTREAM_DEDUP_MAX_IDS event ids, about 50 MB at the default. A count in the
+thousands would start thousands of processes before any event is processed, which
+takes minutes and, as an estimate, several GB of memory."""
+# NOTE: 256 is a judgement, not a measured limit, because the benchmarks ran only 2
+# partitions.
 
 
 @dataclass
@@ -53,6 +75,17 @@ class JobConfig:
     state: StateSettings = field(default_factory=StateSettings)
     lease_ttl_s: float = DEFAULT_TTL_S
     """How long a standby run waits after this run stops renewing its ingest lease."""
+
+    def __post_init__(self) -> None:
+        # Checked here so that `plantstream run` fails before it starts Ray.
+        if not 1 <= self.partitions <= MAX_PARTITIONS:
+            raise ValueError(
+                f"--partitions {self.partitions} is out of range; use 1 to "
+                f"{MAX_PARTITIONS}, because each partition is a Ray actor in a worker "
+                "process of its own"
+            )
+        if self.nats_url is not None:
+            validate_nats_url(self.nats_url)
 
 
 @dataclass
@@ -112,6 +145,111 @@ def connect_ray(address: str | None) -> None:
     logger.info("ray connected: %s", ray.cluster_resources())
 
 
+NATS_URL_SCHEMES = ("nats", "tls", "ws", "wss")
+"""URL schemes that nats-py 2.16 connects with."""
+
+
+def _redacted_url(url: str) -> str:
+    """Return `url` without credentials, even when it is too malformed to parse."""
+    try:
+        return redact_url(url)
+    except ValueError:
+        scheme, separator, rest = url.rpartition("://")
+        return f"{scheme}{separator}{rest.rpartition('@')[2]}"
+
+
+def validate_nats_url(url: str) -> None:
+    """Raise ValueError naming `url` and its fault unless it is a NATS server URL.
+
+    The URL must start with a scheme of NATS_URL_SCHEMES and "://", name a host, and
+    have a port from 1 to 65535 if any. nats-py 2.16 would read "http://host:4222" or
+    "nats//host:4222" as the host "http" or "nats", wait for a failing name lookup, and
+    report only a timeout.
+    """
+    redacted = _redacted_url(url)
+    example = "write it as nats://HOST:PORT, e.g. nats://127.0.0.1:4222"
+    scheme, separator, _ = url.partition("://")
+    if not separator:
+        raise ValueError(f"NATS URL {redacted!r} has no scheme; {example}")
+    if scheme not in NATS_URL_SCHEMES:
+        schemes = ", ".join(f"{name}://" for name in NATS_URL_SCHEMES)
+        raise ValueError(
+            f"NATS URL {redacted!r} has the scheme {scheme!r}, which the NATS client "
+            f"does not accept; use {schemes} (lowercase), e.g. nats://127.0.0.1:4222"
+        )
+    try:
+        parts = urlsplit(url)
+    except ValueError as error:
+        raise ValueError(
+            f"NATS URL {redacted!r} is invalid ({error}); {example}"
+        ) from None
+    if not parts.hostname:
+        raise ValueError(f"NATS URL {redacted!r} has no host; {example}")
+    # The text after the host's last ":", skipping the colons of an IPv6 address.
+    host_port = parts.netloc.rpartition("@")[2]
+    port = host_port.rpartition("]")[2].partition(":")[2]
+    if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+        raise ValueError(
+            f"NATS URL {redacted!r} has the port {port!r}, which is not a number "
+            "from 1 to 65535; use a port in that range, e.g. nats://127.0.0.1:4222"
+        )
+
+
+def _is_duckdb_file(path: Path) -> bool:
+    # A DuckDB 2.0.1 database file starts with an 8-byte checksum and the magic
+    # bytes "DUCK". DuckDB rejects an empty file too.
+    with path.open("rb") as file:
+        return file.read(12)[8:] == b"DUCK"
+
+
+def validate_snapshot_path(path: Path) -> None:
+    """Raise ValueError naming `path` and its fault unless a run can write it.
+
+    The path must be a DuckDB file or not exist, in a folder where files can be
+    created, because DuckDB also writes a ".wal" file beside it. Missing parent folders
+    are created, as the snapshot writer would create them.
+    """
+    if path.is_dir():
+        raise ValueError(
+            f"snapshot file {path} is a folder, not a file; pass --db a file path, "
+            f"e.g. {path / 'plantstream.duckdb'}"
+        )
+    if path.exists() and not path.is_file():
+        raise ValueError(
+            f"snapshot file {path} is not a regular file; pass --db the path of a "
+            "DuckDB file, or of one to create"
+        )
+    folder = path.parent
+    existing = next(parent for parent in path.parents if parent.exists())
+    if not existing.is_dir():
+        raise ValueError(
+            f"{existing} in snapshot file path {path} is a file, not a folder; pass "
+            "--db a path in a folder you can write to"
+        )
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ValueError(
+            f"folder {folder} of snapshot file {path} cannot be created "
+            f"({error.strerror}); pass --db a path in a folder you can write to"
+        ) from None
+    # os.access cannot tell: for root it allows /proc and read-only mounts too.
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise ValueError(
+            f"folder {folder} of snapshot file {path} cannot be written (creating a "
+            f"test file there failed: {error.strerror}); pass --db a path in a "
+            "folder you can write to"
+        ) from None
+    if path.is_file() and not _is_duckdb_file(path):
+        raise ValueError(
+            f"cannot open DuckDB file {path}: it is not a DuckDB database. Pass --db "
+            "another path, or move the file aside so that the run creates a new one"
+        )
+
+
 NATS_CONNECT_TIMEOUT_S = 15.0
 """How long start-up waits for the first connection to NATS before it gives up. Once
 connected, the client reconnects without limit."""
@@ -126,10 +264,13 @@ async def connect_nats(
 ) -> nats.aio.client.Client:
     """Connect to NATS, failing with a clear error if the server cannot be reached.
 
+    A malformed `url` raises ValueError before any connection attempt.
+
     A lost connection is logged once at WARNING, then at most once per
     `summary_interval_s` until it is back (`ConnectionLog`). nats-py 2.16's default
     error callback would log an ERROR with a traceback for every failed attempt.
     """
+    validate_nats_url(url)
     client = nats.aio.client.Client()
     log = ConnectionLog(client, url, summary_interval_s=summary_interval_s)
     try:
@@ -166,6 +307,27 @@ async def _snapshot_source(
     )
 
 
+async def _check_checkpoint_partitions(
+    js: nats.js.JetStreamContext, partitions: int
+) -> None:
+    """Raise CheckpointMismatchError if the committed checkpoint has another
+    partition count, before the run starts one Ray actor per partition."""
+    # ensure_streams created the bucket. The ingest checks the count again when it
+    # restores the partitions, in case another run committed a checkpoint since.
+    store = await js.object_store(CHECKPOINT_BUCKET)
+    manifest = await read_manifest(store)
+    if manifest is None or manifest.partitions == partitions:
+        return
+    raise CheckpointMismatchError(
+        f"--partitions {partitions} does not match the checkpoint in object store "
+        f"bucket {CHECKPOINT_BUCKET}, which has {manifest.partitions} partitions; "
+        f"start with --partitions {manifest.partitions}. To change the count, stop "
+        "every run and delete the checkpoint with `plantstream checkpoints reset "
+        "--nats-url URL --yes`, after which the next run processes the stream again "
+        "from sequence 1"
+    )
+
+
 def _replace_earlier_demo(db: Path, source: SnapshotSource) -> None:
     """Delete `db` if an earlier demo wrote it from its own embedded server.
 
@@ -194,6 +356,7 @@ async def run_job(
     With `until_drained` the job ends once the stream has nothing pending; without it,
     it runs as a service until `stop` is set.
     """
+    validate_snapshot_path(config.db)
     server = None
     url = config.nats_url
     if url is None:
@@ -219,6 +382,7 @@ async def run_job(
             if lease is not None:
                 await lease.acquire(stop)
             try:
+                await _check_checkpoint_partitions(js, config.partitions)
                 source = await _snapshot_source(js, embedded=server is not None)
                 _replace_earlier_demo(config.db, source)
                 actors = [

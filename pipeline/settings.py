@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
-__all__ = ["PipelineSettings"]
+from pipeline.subjects import validate_token
+
+__all__ = ["PipelineSettings", "validate_number_variables"]
 
 _CONSUMER_NAME = re.compile(r"[A-Za-z0-9_-]+")
 _MAX_COUNT = 1_000_000_000
@@ -15,6 +19,32 @@ and low enough that the consumer's max_ack_pending, twice max_unacked, is a numb
 server takes."""
 _MIN_SECONDS = 0.001
 _MAX_SECONDS = 100 * 365 * 24 * 3600.0
+
+
+_NUMBER_PARSERS = {"int": int, "float": float}
+
+
+def validate_number_variables(cls: type, environ: Mapping[str, str]) -> None:
+    """Raise ValueError for a PLANTSTREAM_* variable of a numeric field of dataclass
+    `cls` that is not a number, naming the variable, its value and the expected form.
+    """
+    for field in dataclasses.fields(cls):
+        name = f"PLANTSTREAM_{field.name.upper()}"
+        raw = environ.get(name)
+        type_name = field.type if isinstance(field.type, str) else field.type.__name__
+        parse = _NUMBER_PARSERS.get(type_name)
+        if raw is None or parse is None:
+            continue
+        try:
+            parse(raw)
+        except ValueError:
+            form = "a whole number" if type_name == "int" else "a number"
+            if field.name.endswith("_s"):
+                form += " of seconds"
+            raise ValueError(
+                f"environment variable {name}={raw!r} is not {form}; set it to "
+                f"{form}, e.g. {field.default!r} (the default), or unset it"
+            ) from None
 
 
 @dataclass(frozen=True)
@@ -71,6 +101,15 @@ class PipelineSettings:
     sources each one's buffer stream SITE_<plant> from JetStream domain site-<plant>."""
 
     def __post_init__(self) -> None:
+        for plant in self.site_plants():
+            try:
+                validate_token(plant, "plant")
+            except ValueError:
+                raise ValueError(
+                    f"sites contains the plant id {plant!r}, which cannot be a NATS "
+                    "subject token; use letters, digits, '_' and '-' in plant ids and "
+                    "separate them with commas, e.g. P01,P02"
+                ) from None
         if not _CONSUMER_NAME.fullmatch(self.consumer):
             raise ValueError(
                 f"consumer {self.consumer!r} is not a JetStream consumer name; use "
@@ -118,4 +157,6 @@ class PipelineSettings:
 
         from cluster.env import settings_from_env
 
-        return settings_from_env(cls, os.environ if environ is None else environ)
+        variables: Mapping[str, str] = os.environ if environ is None else environ
+        validate_number_variables(cls, variables)
+        return settings_from_env(cls, variables)

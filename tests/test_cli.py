@@ -6,14 +6,17 @@ import asyncio
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
 
 import duckdb
 import nats
+import pytest
 from nats.js import JetStreamContext
 
 from cluster.nats_server import EmbeddedNatsServer
@@ -355,3 +358,193 @@ def test_publish_at_a_site_before_site_init(tmp_path: Path) -> None:
     assert result.returncode == 2, result.stderr[-2000:]
     assert "plant site site-P01 and has no buffer stream yet" in result.stderr
     assert "plantstream site-init --plant P01" in result.stderr
+
+
+QUICK_FAILURE_S = 10.0
+"""Maximum seconds for a command that rejects its options before connecting. A
+connection attempt waits 15 s (NATS_CONNECT_TIMEOUT_S), and starting Ray takes
+seconds too."""
+
+
+def closed_port_url() -> str:
+    """Return a NATS URL of a loopback port that nothing listens on."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return f"nats://127.0.0.1:{probe.getsockname()[1]}"
+
+
+def run_timed(*args: str) -> tuple[subprocess.CompletedProcess[str], float]:
+    started = time.monotonic()
+    result = run_cli(*args, timeout=60)
+    return result, time.monotonic() - started
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://127.0.0.1:1", "has the scheme 'http'"),
+        ("nats//127.0.0.1:1", "has no scheme"),
+        ("127.0.0.1:4222", "has no scheme"),
+        ("nats://127.0.0.1:99999", "has the port '99999', which is not a number"),
+        ("nats://127.0.0.1:0", "has the port '0', which is not a number"),
+        ("nats://[::1]:-1", "has the port '-1', which is not a number"),
+        ("nats://[::1", "is invalid (Invalid IPv6 URL)"),
+        ("nats://:4222", "has no host"),
+    ],
+)
+def test_run_rejects_malformed_nats_url(tmp_path: Path, url: str, problem: str) -> None:
+    # Without the check, the run waited 15 s for the connection and then reported
+    # only "(TimeoutError)" or "(Error)".
+    db = str(tmp_path / "x.duckdb")
+    result, elapsed = run_timed("run", "--nats-url", url, "--db", db)
+
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"NATS URL {url!r} {problem}" in result.stderr
+    assert "e.g. nats://127.0.0.1:4222" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert elapsed < QUICK_FAILURE_S
+
+
+def test_malformed_nats_url_in_every_command(tmp_path: Path) -> None:
+    url = "nats//127.0.0.1:1"
+    commands = [
+        ("demo", "--db", str(tmp_path / "x.duckdb"), "--nats-url", url),
+        ("publish", "--generated", "--nats-url", url),
+        ("site-init", "--plant", "P01", "--nats-url", url),
+        ("dlq", "list", "--nats-url", url),
+        ("checkpoints", "reset", "--yes", "--nats-url", url),
+        ("replay", "--plant", "P01", "--from-seq", "1", "--nats-url", url),
+    ]
+    for command in commands:
+        result, elapsed = run_timed(*command)
+
+        assert result.returncode == 2, (command, result.stderr[-2000:])
+        assert f"NATS URL {url!r} has no scheme" in result.stderr, command
+        assert elapsed < QUICK_FAILURE_S, command
+
+
+def test_nats_url_password_not_shown(tmp_path: Path) -> None:
+    url = "http://user:secret@127.0.0.1:4222"
+    result, _ = run_timed("run", "--nats-url", url, "--db", str(tmp_path / "x"))
+
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "'http://127.0.0.1:4222' has the scheme 'http'" in result.stderr
+    assert "secret" not in result.stderr
+
+
+def snapshot_commands(db: Path) -> list[tuple[str, ...]]:
+    """Return every command that writes a --db file, with a NATS URL that nothing
+    serves: the path must be rejected before any connection."""
+    url = closed_port_url()
+    return [
+        ("demo", "--db", str(db)),
+        ("run", "--nats-url", url, "--db", str(db)),
+        ("replay", "--plant", "P01", "--from-seq", "1", "--nats-url", url, "--db",
+         str(db)),
+    ]  # fmt: skip
+
+
+def test_db_that_is_a_folder(tmp_path: Path) -> None:
+    # Without the check, the commands processed the stream and then reported the
+    # existing folder as "snapshot file ... not found".
+    for command in snapshot_commands(tmp_path):
+        result, elapsed = run_timed(*command)
+
+        assert result.returncode == 2, (command, result.stderr[-2000:])
+        assert f"snapshot file {tmp_path} is a folder, not a file" in result.stderr
+        assert str(tmp_path / "plantstream.duckdb") in result.stderr
+        assert elapsed < QUICK_FAILURE_S, command
+
+    reconcile = run_cli("reconcile", "--db", str(tmp_path), timeout=60)
+    assert reconcile.returncode == 2
+    assert f"snapshot file {tmp_path} is a folder, not a file" in reconcile.stderr
+
+
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux /proc")
+@pytest.mark.parametrize(
+    ("db", "problem"),
+    [
+        # procfs rejects new files even from root, although os.access allows them.
+        ("/proc/plantstream-test.duckdb", "folder /proc of snapshot file"),
+        ("/proc/plantstream-test/x.duckdb", "folder /proc/plantstream-test of"),
+    ],
+)
+def test_db_in_folder_not_writable(db: str, problem: str) -> None:
+    for command in snapshot_commands(Path(db)):
+        result, elapsed = run_timed(*command)
+
+        assert result.returncode == 2, (command, result.stderr[-2000:])
+        assert problem in result.stderr, command
+        assert "pass --db a path in a folder you can write to" in result.stderr
+        assert elapsed < QUICK_FAILURE_S, command
+
+
+def test_db_below_a_file(tmp_path: Path) -> None:
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not a folder\n")
+    for command in snapshot_commands(notes / "x.duckdb"):
+        result, _ = run_timed(*command)
+
+        assert result.returncode == 2, (command, result.stderr[-2000:])
+        assert f"{notes} in snapshot file path" in result.stderr, command
+        assert "is a file, not a folder" in result.stderr, command
+
+
+def test_db_json_file_rejected(tmp_path: Path) -> None:
+    # DuckDB 2.0.1 opens a .json file as data on an in-memory database, so a run
+    # would have written its snapshots to memory only.
+    db = tmp_path / "x.json"
+    db.write_text('{"not": "a database"}\n')
+    for command in snapshot_commands(db):
+        result, _ = run_timed(*command)
+
+        assert result.returncode == 2, (command, result.stderr[-2000:])
+        assert f"cannot open DuckDB file {db}: it is not a DuckDB" in result.stderr
+    assert db.read_text() == '{"not": "a database"}\n'
+
+
+def test_reconcile_file_that_is_not_duckdb(tmp_path: Path) -> None:
+    for name in ("x.json", "notes.duckdb"):
+        db = tmp_path / name
+        db.write_text("not a database\n")
+        result = run_cli("reconcile", "--db", str(db), timeout=60)
+
+        assert result.returncode == 2, result.stderr[-2000:]
+        assert "Traceback" not in result.stderr, name
+        assert f"reconcile: cannot open DuckDB file {db}" in result.stderr, name
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+def test_partitions_above_maximum(tmp_path: Path) -> None:
+    # Without the bound, the run started Ray and one actor per partition first.
+    db = str(tmp_path / "x.duckdb")
+    url = closed_port_url()
+    result, elapsed = run_timed("run", "--partitions", "100000", "--nats-url", url,
+                                "--db", db)  # fmt: skip
+
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "--partitions 100000 is out of range; use 1 to 256" in result.stderr
+    assert elapsed < QUICK_FAILURE_S
+
+
+def test_partitions_differ_from_checkpoint(
+    nats_server: EmbeddedNatsServer, tmp_path: Path
+) -> None:
+    published = run_cli(
+        "publish", "--generated", "--plants", "1", "--orders", "3",
+        "--nats-url", nats_server.url, timeout=60,
+    )  # fmt: skip
+    assert published.returncode == 0, published.stderr[-2000:]
+    db = tmp_path / "run.duckdb"
+    first = run_until_drained(nats_server, db, timeout=60)
+    assert first.returncode == 0, first.stderr[-2000:]
+
+    # The ingest's own check came only after one actor per partition had started.
+    result = run_cli(
+        "run", "--partitions", "3", "--nats-url", nats_server.url, "--db", str(db),
+        "--until-drained", timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "--partitions 3 does not match the checkpoint" in result.stderr
+    assert "start with --partitions 2" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -119,7 +119,7 @@ def test_missing_file_exit_code(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert _cli(tmp_path / "absent.duckdb") == 2
-    assert "not found" in capsys.readouterr().out
+    assert "not found" in capsys.readouterr().err
 
 
 def test_file_without_events_does_not_pass(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import subprocess
@@ -104,3 +105,93 @@ def test_events_window_within_max_age() -> None:
                 "PLANTSTREAM_EVENTS_DUPLICATE_WINDOW_S": "120",
             }
         )
+
+
+def numeric_variables(cls: type) -> list[tuple[type, str, str]]:
+    """Return (class, variable, expected form) for each int and float field."""
+    forms = {"int": "a whole number", "float": "a number"}
+    cases = []
+    for field in dataclasses.fields(cls):
+        type_name = field.type if isinstance(field.type, str) else field.type.__name__
+        if type_name in forms:
+            name = f"PLANTSTREAM_{field.name.upper()}"
+            cases.append((cls, name, forms[type_name]))
+    return cases
+
+
+@pytest.mark.parametrize(
+    ("cls", "name", "form"),
+    numeric_variables(PipelineSettings) + numeric_variables(StateSettings),
+)
+def test_setting_not_a_number(cls: type, name: str, form: str) -> None:
+    # Without the check, the message ended in Python's "invalid literal for int()"
+    # and did not name the expected form.
+    with pytest.raises(ValueError) as caught:
+        cls.from_env({name: "abc"})  # type: ignore[attr-defined]
+
+    message = str(caught.value)
+    assert f"environment variable {name}='abc' is not {form}" in message
+    assert "(the default), or unset it" in message
+    assert "invalid literal" not in message
+
+
+@pytest.mark.parametrize("raw", ["P 01", "P01,P.2", "P01,P>"])
+def test_sites_names_variable(raw: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        PipelineSettings.from_env({"PLANTSTREAM_SITES": raw})
+
+    message = str(caught.value)
+    assert f"PLANTSTREAM_SITES={raw!r} is invalid" in message
+    assert "separate them with commas, e.g. P01,P02" in message
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        ("P01", "is not PLANT=Area/City"),
+        ("P01=Mars/Base", "'Mars/Base' is not an IANA time zone name"),
+    ],
+)
+def test_plant_timezones_names_variable(raw: str, problem: str) -> None:
+    with pytest.raises(ValueError) as caught:
+        StateSettings.from_env({"PLANTSTREAM_PLANT_TIMEZONES": raw})
+
+    message = str(caught.value)
+    assert f"PLANTSTREAM_PLANT_TIMEZONES={raw!r} is invalid" in message
+    assert problem in message
+
+
+@pytest.mark.parametrize(
+    ("name", "raw", "expected"),
+    [
+        ("PLANTSTREAM_FETCH_BATCH", "abc", "is not a whole number"),
+        ("PLANTSTREAM_SITES", "P 01", "plant id 'P 01', which cannot be a NATS"),
+    ],
+)
+def test_run_names_bad_variable(
+    tmp_path: Path, name: str, raw: str, expected: str
+) -> None:
+    # Nothing listens on the port: the settings must be checked before any connection.
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "cluster.cli",
+            "run",
+            "--until-drained",
+            "--nats-url",
+            f"nats://127.0.0.1:{closed_port()}",
+            "--db",
+            str(tmp_path / "x.duckdb"),
+        ],
+        cwd=REPO_ROOT,
+        env={**os.environ, name: raw},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    assert completed.returncode == 2, completed.stderr[-2000:]
+    assert f"environment variable {name}={raw!r}" in completed.stderr
+    assert expected in completed.stderr
+    assert "Traceback" not in completed.stderr
