@@ -183,7 +183,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # handlers below replace it, so a stop ends with a final checkpoint and a summary.
     from cluster.job import connect_ray
 
+    # A stop requested while Ray starts (a second or more) was lost: the run went on
+    # as if nothing had been asked. Until the event loop's handlers take over, the
+    # signal is only recorded.
+    early: list[signal.Signals] = []
+
+    def record(signum: int, frame: object) -> None:
+        early.append(signal.Signals(signum))
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, record)
     connect_ray(args.ray_address)
+    if early:
+        print(
+            f"plantstream run: received {early[0].name} while Ray started; stopped "
+            "before processing anything",
+            file=sys.stderr,
+        )
+        return 0
 
     from cluster.lease import LeaseLostError, StoppedWaitingError
     from pipeline.ingest import StartStoppedError
@@ -198,6 +215,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, on_signal, signum)
+        if early:
+            on_signal(early[0])
         try:
             result = await run_job(
                 config, None, until_drained=args.until_drained, stop=stop

@@ -6,6 +6,7 @@ import asyncio
 import json
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -548,3 +549,53 @@ def test_partitions_differ_from_checkpoint(
     assert "--partitions 3 does not match the checkpoint" in result.stderr
     assert "start with --partitions 2" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_run_stops_on_sigint_during_ray_start(
+    nats_server: EmbeddedNatsServer, tmp_path: Path
+) -> None:
+    process = subprocess.Popen(
+        [
+            *PLANTSTREAM,
+            "run",
+            "--nats-url",
+            nats_server.url,
+            "--db",
+            str(tmp_path / "db.duckdb"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    # Ray's first processes are the run's children, so once one exists Ray is
+    # starting, which takes seconds more. On a fast machine the signal may still land
+    # in the running service, which stops as well.
+    deadline = time.monotonic() + 60
+    while not _children(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    try:
+        _, stderr = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        # Without the early handler, the signal was lost and the run went on.
+        process.kill()
+        process.communicate()
+        raise AssertionError("plantstream run ignored SIGINT for 60 s") from None
+    assert process.returncode == 0, stderr[-2000:]
+    assert (
+        "received SIGINT while Ray started" in stderr
+        or "received SIGINT: stopping after a last checkpoint" in stderr
+    )
+
+
+def _children(pid: int) -> list[int]:
+    """Return the ids of the processes whose parent is `pid`, from /proc."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended meanwhile
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
