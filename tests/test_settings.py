@@ -55,25 +55,7 @@ def test_valid_settings_are_kept() -> None:
 
 def test_run_stops_on_infinite_setting(tmp_path: Path) -> None:
     # Nothing listens on the port: the settings must be checked before any connection.
-    environ = {**os.environ, "PLANTSTREAM_MAX_FUTURE_S": "inf"}
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "cluster.cli",
-            "run",
-            "--until-drained",
-            "--nats-url",
-            f"nats://127.0.0.1:{closed_port()}",
-            "--db",
-            str(tmp_path / "x.duckdb"),
-        ],
-        cwd=REPO_ROOT,
-        env=environ,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    completed = _run_with(tmp_path, {"PLANTSTREAM_MAX_FUTURE_S": "inf"})
 
     assert completed.returncode == 2
     assert "PLANTSTREAM_MAX_FUTURE_S='inf' is invalid" in completed.stderr
@@ -172,7 +154,19 @@ def test_run_names_bad_variable(
     tmp_path: Path, name: str, raw: str, expected: str
 ) -> None:
     # Nothing listens on the port: the settings must be checked before any connection.
-    completed = subprocess.run(
+    completed = _run_with(tmp_path, {name: raw})
+
+    assert completed.returncode == 2, completed.stderr[-2000:]
+    assert f"environment variable {name}={raw!r}" in completed.stderr
+    assert expected in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
+def _run_with(
+    tmp_path: Path, variables: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    """Run `plantstream run` with extra environment variables, against a closed port."""
+    return subprocess.run(
         [
             sys.executable,
             "-m",
@@ -185,13 +179,8 @@ def test_run_names_bad_variable(
             str(tmp_path / "x.duckdb"),
         ],
         cwd=REPO_ROOT,
-        env={**os.environ, name: raw},
+        env={**os.environ, **variables},
         capture_output=True,
         text=True,
         timeout=60,
     )
-
-    assert completed.returncode == 2, completed.stderr[-2000:]
-    assert f"environment variable {name}={raw!r}" in completed.stderr
-    assert expected in completed.stderr
-    assert "Traceback" not in completed.stderr
