@@ -7,12 +7,22 @@ from typing import Literal
 
 import msgspec
 
-__all__ = ["MAX_DETAIL_CHARS", "DeadLetter", "DeadLetterReason", "shorten_detail"]
+__all__ = [
+    "MAX_DETAIL_CHARS",
+    "MAX_NAME_CHARS",
+    "DeadLetter",
+    "DeadLetterReason",
+    "shorten_letter",
+]
 
 MAX_DETAIL_CHARS = 4000
 """Characters of a dead letter's detail kept; the rest is cut. Every detail plantstream
 writes is far shorter unless it quotes a hostile value at length, and a detail near the
 server's max_payload could not be published at all."""
+
+MAX_NAME_CHARS = 300
+"""Characters of a dead letter's event id, plant and order kept. The event contract
+allows 256, so only a name that already broke it is cut."""
 
 DeadLetterReason = Literal[
     "malformed",  # not valid JSON, or not an object
@@ -51,13 +61,24 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     order: str | None = None
 
 
-def shorten_detail(letter: DeadLetter) -> DeadLetter:
-    """Return `letter` with its detail cut to MAX_DETAIL_CHARS and a note of the cut."""
-    if len(letter.detail) <= MAX_DETAIL_CHARS:
-        return letter
+def shorten_letter(letter: DeadLetter) -> DeadLetter:
+    """Return `letter` with its detail cut to MAX_DETAIL_CHARS and its event id, plant
+    and order to MAX_NAME_CHARS, each with a note of the cut.
+
+    The names come from the rejected message, unchecked, so a hostile one of a
+    megabyte made the dead letter too large to publish even without the body.
+    """
+    changes: dict[str, str] = {}
+    if len(letter.detail) > MAX_DETAIL_CHARS:
+        changes["detail"] = _cut(letter.detail, MAX_DETAIL_CHARS)
+    for name in ("event_id", "plant", "order"):
+        value = getattr(letter, name)
+        if value is not None and len(value) > MAX_NAME_CHARS:
+            changes[name] = _cut(value, MAX_NAME_CHARS)
+    return msgspec.structs.replace(letter, **changes) if changes else letter
+
+
+def _cut(text: str, limit: int) -> str:
     # The note takes at most 40 characters, so the result is within the limit too.
-    head = MAX_DETAIL_CHARS - 40
-    cut = len(letter.detail) - head
-    return msgspec.structs.replace(
-        letter, detail=f"{letter.detail[:head]}... ({cut:,} characters cut)"
-    )
+    head = limit - 40
+    return f"{text[:head]}... ({len(text) - head:,} characters cut)"

@@ -134,8 +134,13 @@ def shown_decimal(value: Decimal) -> str:
 def _decimal_places(value: Decimal) -> int:
     """Return the decimal places `value` needs: trailing zeros, as in "5.000000000000",
     lose nothing when the tables store it at 9 places, so they do not count."""
-    exponent = value.normalize().as_tuple().exponent
-    return max(0, -exponent) if isinstance(exponent, int) else 0
+    # Counted from the digits, not with normalize(), which rounds a value below the
+    # context's smallest exponent, such as 1e-9999999, to 0.
+    _, digits, exponent = value.as_tuple()
+    if not isinstance(exponent, int) or not any(digits):
+        return 0
+    trailing_zeros = len(digits) - len("".join(map(str, digits)).rstrip("0"))
+    return max(0, -(exponent + trailing_zeros))
 
 
 def _require_utc_offset(value: dt.datetime, field: str) -> None:

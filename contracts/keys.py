@@ -41,9 +41,9 @@ def nesting_error() -> msgspec.DecodeError:
     malformed message like any other.
     """
     return msgspec.DecodeError(
-        "JSON nested too deeply to decode: msgspec stops at Python's recursion limit "
-        f"({sys.getrecursionlimit():,} levels here); an event is one object whose "
-        "values nest only a few levels"
+        "JSON nested too deeply to decode: msgspec stops near Python's recursion "
+        f"limit (about {sys.getrecursionlimit():,} levels here); an event is one "
+        "object whose values nest only a few levels"
     )
 
 

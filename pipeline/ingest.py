@@ -51,7 +51,7 @@ from nats.js.object_store import ObjectStore
 from actors.partition import PartitionCheckpoint, partition_of
 from actors.partition_state import BatchResult, CheckpointFormatError, SourceMessage
 from contracts.codec import decode_edge_batch, describe_decode_error, encode
-from contracts.dead_letters import DeadLetter, DeadLetterReason, shorten_detail
+from contracts.dead_letters import DeadLetter, DeadLetterReason, shorten_letter
 from contracts.keys import decode_key, routing_key
 from contracts.snapshots import table_from_rows
 from pipeline.checkpoints import (
@@ -686,7 +686,8 @@ class Ingest:
                             seq,
                             None,
                             "malformed",
-                            f"an edge batch must be a JSON array of events: {error}",
+                            f"cannot split the edge batch into events: {error}; an "
+                            "edge batch is a JSON array of event objects",
                         )
                     )
                     continue
@@ -742,7 +743,7 @@ class Ingest:
             outgoing.extend((p.subject, p.data, p.key) for p in result.postings)
             dead.extend(result.dead_letters)
             self.report.counts.update(result.counts)
-        dead[:] = [shorten_detail(letter) for letter in dead]
+        dead[:] = [shorten_letter(letter) for letter in dead]
         outgoing.extend(
             (
                 dlq_subject(d.plant or _subject_plant(d.subject)),

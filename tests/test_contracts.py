@@ -21,7 +21,12 @@ from contracts.codec import (
     encode,
     encode_posting,
 )
-from contracts.dead_letters import MAX_DETAIL_CHARS, DeadLetter, shorten_detail
+from contracts.dead_letters import (
+    MAX_DETAIL_CHARS,
+    MAX_NAME_CHARS,
+    DeadLetter,
+    shorten_letter,
+)
 from contracts.events import EVENT_TYPES, MaterialConsumed, shown_decimal
 from contracts.keys import EventKey, decode_key, routing_key
 from contracts.postings import GoodsMovement, OrderConfirmation, posting_key
@@ -77,6 +82,13 @@ def test_quantity_errors_write_the_value_in_plain_notation() -> None:
         decode_event(consumed(b'"1E-10"'))
     with pytest.raises(msgspec.ValidationError, match="quantity 1000000000000000 has"):
         decode_event(consumed(b'"1E+15"'))
+
+
+def test_quantity_below_decimal_context_rejected() -> None:
+    # Decimal.normalize() rounded this to 0, so it passed and posted a receipt of 0.
+    with pytest.raises(msgspec.ValidationError, match="quantity 1E-9999999 has more"):
+        decode_event(consumed(b'"1e-9999999"'))
+    assert decode_event(consumed(b'"0E-9999999"')).quantity.value == 0
 
 
 def test_offset_kept_and_seven_digit_fraction() -> None:
@@ -484,7 +496,7 @@ def test_shown_decimal_stays_short(value: str, shown: str) -> None:
     assert shown_decimal(Decimal(value)) == shown
 
 
-def test_shorten_detail_cuts_long_details() -> None:
+def test_shorten_letter_cuts_long_fields() -> None:
     letter = DeadLetter(
         reason="invalid",
         detail="x" * (MAX_DETAIL_CHARS + 500),
@@ -492,9 +504,15 @@ def test_shorten_detail_cuts_long_details() -> None:
         stream_seq=7,
         data=b"{}",
         rejected_at=dt.datetime(2026, 1, 5, tzinfo=dt.UTC),
+        event_id="E" * 1_000_000,
+        plant="P1",
     )
-    short = shorten_detail(letter)
+    short = shorten_letter(letter)
     assert short.detail.endswith("... (540 characters cut)")
     assert len(short.detail) <= MAX_DETAIL_CHARS
-    assert shorten_detail(short) is short
+    assert short.event_id is not None
+    assert short.event_id.endswith("... (999,740 characters cut)")
+    assert len(short.event_id) <= MAX_NAME_CHARS
+    assert short.plant == "P1"
+    assert shorten_letter(short) is short
     assert short.stream_seq == letter.stream_seq

@@ -68,13 +68,19 @@ def test_hostile_json_becomes_dead_letters(
         ("plant.events.P1.batch", b'[{"a":' + deep + b"}," + good + b"]"),
         ("plant.events.P1.production_confirmed", huge_exponent),
         ("plant.events.P1.machine_state_changed", good),
+        # An event id near the server's max_payload, which the dead letter repeats.
+        (
+            "plant.events.P1.machine_state_changed",
+            b'{"event_id":"' + b"A" * 1_040_000 + b'","event_type":'
+            b'"machine_state_changed","plant":"P1"}',
+        ),
     ]
     config = JobConfig(db=tmp_path / "db.duckdb", nats_url=nats_server.url)
     # Without the checks, the nesting stopped the run with a RecursionError, and the
     # exponent made a 10 MB detail that no NATS message could carry.
     result = asyncio.run(run_job(config, messages))
     assert result.totals["dead_letter:malformed"] == 3
-    assert result.totals["dead_letter:invalid"] == 1
+    assert result.totals["dead_letter:invalid"] == 2
     assert result.totals["applied"] == 1
 
     async def letters() -> list:
@@ -84,10 +90,13 @@ def test_hostile_json_becomes_dead_letters(
         finally:
             await nc.close()
 
-    details = {
-        entry.letter.stream_seq: entry.letter.detail for entry in asyncio.run(letters())
-    }
+    found = {entry.letter.stream_seq: entry.letter for entry in asyncio.run(letters())}
+    details = {seq: letter.detail for seq, letter in found.items()}
     for seq in (1, 2, 3):
         assert "JSON nested too deeply to decode" in details[seq]
     assert "quantity 1E+9999999 has more than 15 digits" in details[4]
     assert max(len(detail) for detail in details.values()) < 1000
+    # Without the cut, that dead letter exceeded max_payload and the run stopped.
+    long_id = found[6].event_id
+    assert long_id is not None
+    assert long_id.endswith("characters cut)")
