@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import logging
 import os
+import signal
 import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -161,9 +163,30 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _ray_keeps_signal_handlers() -> Iterator[None]:
+    """Keep Ray from replacing this process's SIGTERM handler while it starts.
+
+    Ray's handler raises SystemExit, and a SIGTERM in the seconds of Ray's start then
+    ended the run from the middle of it, leaving two of Ray's agent processes running.
+    Ray installs it through `ray._private.utils.set_sigterm_handler`, a private
+    function, so the patch is skipped if a Ray version lacks it.
+    """
+    import ray._private.utils as ray_utils
+
+    original = getattr(ray_utils, "set_sigterm_handler", None)
+    if original is None:
+        yield
+        return
+    ray_utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        ray_utils.set_sigterm_handler = original
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     import asyncio
-    import signal
 
     from actors.settings import StateSettings
     from cluster.job import JobConfig, run_job
@@ -179,24 +202,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
         state=StateSettings.from_env(),
     )
 
-    # Ray installs its own SIGTERM handler when it starts. Starting Ray first lets the
-    # handlers below replace it, so a stop ends with a final checkpoint and a summary.
     from cluster.job import connect_ray
 
     # A stop requested while Ray starts (a second or more) was lost: the run went on
-    # as if nothing had been asked. Until the event loop's handlers take over, the
-    # signal is only recorded.
-    early: list[signal.Signals] = []
-
-    def record(signum: int, frame: object) -> None:
-        early.append(signal.Signals(signum))
-
+    # as if nothing had been asked. Until the event loop's handlers take over, so that
+    # a stop ends with a last checkpoint and a summary, the signal is only recorded.
+    early = _early_signals
     for signum in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(signum, record)
-    connect_ray(args.ray_address)
+        signal.signal(signum, _record_signal)
+    with _ray_keeps_signal_handlers():
+        connect_ray(args.ray_address)
     if early:
         print(
-            f"plantstream run: received {early[0].name} while Ray started; stopped "
+            f"plantstream run: received {early[0].name} while starting; stopped "
             "before processing anything",
             file=sys.stderr,
         )
@@ -396,13 +414,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_early_signals: list[signal.Signals] = []
+"""SIGINT and SIGTERM received before a command's own handlers took over."""
+
+
+def _record_signal(signum: int, frame: object) -> None:
+    _early_signals.append(signal.Signals(signum))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    # Recorded from the start: a Ctrl-C while Ray's modules were imported was lost
+    # inside them, and `plantstream run` went on. Other commands get the usual
+    # handlers back once the command is known, and any signal recorded till then.
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, _record_signal)
     args = build_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:
+        if args.command != "run":
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            for signum in _early_signals:
+                signal.raise_signal(signum)
         _validate_shared_options(args)
         return int(args.handler(args))
     except BrokenPipeError:
@@ -410,6 +446,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Point stdout at /dev/null so that the flush at exit does not fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except KeyboardInterrupt:
+        # Ctrl-C before a command's own handlers are in place, such as while the
+        # modules load; a traceback of the import machinery tells the user nothing.
+        print(f"plantstream {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (FileNotFoundError, ConnectionError) as error:
         print(f"plantstream: {error}", file=sys.stderr)
         return 2

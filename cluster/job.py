@@ -187,8 +187,10 @@ def validate_nats_url(url: str) -> None:
         raise ValueError(f"NATS URL {redacted!r} has no host; {example}")
     # The text after the host's last ":", skipping the colons of an IPv6 address.
     host_port = parts.netloc.rpartition("@")[2]
-    port = host_port.rpartition("]")[2].partition(":")[2]
-    if port and not (port.isdigit() and 1 <= int(port) <= 65535):
+    port_separator, port = host_port.rpartition("]")[2].partition(":")[1:]
+    # An empty port after the ":" would make nats-py fall back to 4222, a server the
+    # user did not name.
+    if port_separator and not (port.isdigit() and 1 <= int(port) <= 65535):
         raise ValueError(
             f"NATS URL {redacted!r} has the port {port!r}, which is not a number "
             "from 1 to 65535; use a port in that range, e.g. nats://127.0.0.1:4222"

@@ -387,6 +387,7 @@ def run_timed(*args: str) -> tuple[subprocess.CompletedProcess[str], float]:
         ("nats//127.0.0.1:1", "has no scheme"),
         ("127.0.0.1:4222", "has no scheme"),
         ("nats://127.0.0.1:99999", "has the port '99999', which is not a number"),
+        ("nats://127.0.0.1:", "has the port '', which is not a number"),
         ("nats://127.0.0.1:0", "has the port '0', which is not a number"),
         ("nats://[::1]:-1", "has the port '-1', which is not a number"),
         ("nats://[::1", "is invalid (Invalid IPv6 URL)"),
@@ -551,8 +552,9 @@ def test_partitions_differ_from_checkpoint(
     assert "Traceback" not in result.stderr
 
 
-def test_run_stops_on_sigint_during_ray_start(
-    nats_server: EmbeddedNatsServer, tmp_path: Path
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=str)
+def test_run_stops_on_signal_during_ray_start(
+    nats_server: EmbeddedNatsServer, tmp_path: Path, signum: signal.Signals
 ) -> None:
     process = subprocess.Popen(
         [
@@ -573,18 +575,21 @@ def test_run_stops_on_sigint_during_ray_start(
     deadline = time.monotonic() + 60
     while not _children(process.pid) and time.monotonic() < deadline:
         time.sleep(0.05)
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signum)
     try:
         _, stderr = process.communicate(timeout=60)
     except subprocess.TimeoutExpired:
-        # Without the early handler, the signal was lost and the run went on.
+        # Without the early handler, SIGINT was lost and the run went on.
         process.kill()
         process.communicate()
-        raise AssertionError("plantstream run ignored SIGINT for 60 s") from None
+        message = f"plantstream run ignored {signum.name} for 60 s"
+        raise AssertionError(message) from None
+    # Without it, SIGTERM met Ray's own handler, which exited with code 15 from the
+    # middle of Ray's start and left two of Ray's agent processes running.
     assert process.returncode == 0, stderr[-2000:]
     assert (
-        "received SIGINT while Ray started" in stderr
-        or "received SIGINT: stopping after a last checkpoint" in stderr
+        f"received {signum.name} while starting" in stderr
+        or f"received {signum.name}: stopping after a last checkpoint" in stderr
     )
 
 
