@@ -34,6 +34,7 @@ from pipeline.settings import PipelineSettings
 from pipeline.sink import (
     SnapshotSource,
     SnapshotWriter,
+    check_not_folder,
     read_source,
 )
 from pipeline.streams import CHECKPOINT_BUCKET, ensure_streams
@@ -205,22 +206,14 @@ def _is_duckdb_file(path: Path) -> bool:
 
 
 def validate_snapshot_path(path: Path) -> None:
-    """Raise ValueError naming `path` and its fault unless a run can write it.
+    """Raise ValueError or SinkError naming `path` and its fault unless a run can
+    write it.
 
     The path must be a DuckDB file or not exist, in a folder where files can be
     created, because DuckDB also writes a ".wal" file beside it. Missing parent folders
     are created, as the snapshot writer would create them.
     """
-    if path.is_dir():
-        raise ValueError(
-            f"snapshot file {path} is a folder, not a file; pass --db a file path, "
-            f"e.g. {path / 'plantstream.duckdb'}"
-        )
-    if path.exists() and not path.is_file():
-        raise ValueError(
-            f"snapshot file {path} is not a regular file; pass --db the path of a "
-            "DuckDB file, or of one to create"
-        )
+    check_not_folder(path, "the path of a DuckDB file, or of one to create")
     folder = path.parent
     existing = next(parent for parent in path.parents if parent.exists())
     if not existing.is_dir():

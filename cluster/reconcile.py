@@ -258,33 +258,10 @@ def _summary(connection: duckdb.DuckDBPyConnection) -> list[str]:
     return lines
 
 
-def _open(db: Path) -> duckdb.DuckDBPyConnection:
-    """Open the snapshot file `db` read-only, or raise ValueError with the fix."""
-    if db.is_dir():
-        raise ValueError(
-            f"snapshot file {db} is a folder, not a file; pass --db the file that "
-            f"plantstream run or demo writes, e.g. {db / 'plantstream.duckdb'}"
-        )
-    if db.exists() and not db.is_file():
-        raise ValueError(
-            f"snapshot file {db} is not a regular file; pass --db the file that "
-            "plantstream run or demo writes"
-        )
-    try:
-        return open_for_reading(db)
-    except duckdb.Error as error:
-        # DuckDB 2.0.1 opens a file it does not recognise, such as a .json one, as a
-        # data file on an in-memory database, which it rejects in read-only mode.
-        raise ValueError(
-            f"cannot open DuckDB file {db} ({error}); pass --db the snapshot "
-            "file that plantstream run or demo writes"
-        ) from error
-
-
 def _run(args: argparse.Namespace) -> int:
     try:
-        connection = _open(args.db)
-    except (FileNotFoundError, SinkError, ValueError) as error:
+        connection = open_for_reading(args.db)
+    except (FileNotFoundError, SinkError) as error:
         print(f"plantstream reconcile: {error}", file=sys.stderr)
         return 2
     try:

@@ -58,6 +58,7 @@ __all__ = [
     "SnapshotSource",
     "SnapshotWriter",
     "SourceMismatchError",
+    "check_not_folder",
     "duckdb_type",
     "merge_tables",
     "open_for_reading",
@@ -334,8 +335,10 @@ def _connect(
     while True:
         try:
             connection = duckdb.connect(str(path), read_only=read_only)
-        except duckdb.IOException as exc:
-            if not _is_lock_conflict(exc):
+        except duckdb.Error as exc:
+            # A file DuckDB does not recognise raises other errors than IOException:
+            # read-only, a JSON file fails with a CatalogException.
+            if not (isinstance(exc, duckdb.IOException) and _is_lock_conflict(exc)):
                 fix = (
                     "pass the snapshot file plantstream run or demo writes"
                     if read_only
@@ -343,7 +346,8 @@ def _connect(
                     f"{_NEW_FILE_NOTE}"
                 )
                 raise SinkError(
-                    f"cannot open DuckDB file {path}: {exc}. If the file is not a "
+                    f"cannot open DuckDB file {path}: {str(exc).rstrip('.!')}. If "
+                    "the file is not a "
                     f"DuckDB database, {fix}"
                 ) from exc
             attempts += 1
@@ -381,12 +385,29 @@ def open_for_reading(
     cannot write and waits, up to its own lock timeout.
     """
     path = Path(path)
+    check_not_folder(path, "the file that plantstream run or demo writes")
     if not path.is_file():
         raise FileNotFoundError(
             f"snapshot file {path} not found; start the pipeline or pass the path of "
             "an existing file"
         )
     return _connect(path, read_only=True, timeout_s=timeout_s)
+
+
+def check_not_folder(path: Path, expected: str) -> None:
+    """Raise SinkError if `path` exists but is a folder or another non-regular file.
+
+    `expected` describes the file to pass instead, for the message.
+    """
+    if path.is_dir():
+        raise SinkError(
+            f"snapshot file {path} is a folder, not a file; pass --db {expected}, "
+            f"e.g. {path / 'plantstream.duckdb'}"
+        )
+    if path.exists() and not path.is_file():
+        raise SinkError(
+            f"snapshot file {path} is not a regular file; pass --db {expected}"
+        )
 
 
 def _as_table(
