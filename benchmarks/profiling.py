@@ -135,9 +135,9 @@ def _actor_hotspots(counts: SampleCounts, count: int) -> list[Hotspot]:
     # frames wrap every call, so they add nothing. Only its task loop is shown, whose
     # innermost share is the time between calls.
     ranked = counts.top(count + 20, by="total")
-    shown = [
+    without_ray = [
         h
         for h in ranked
         if not h.function.startswith("ray/") or h.function == RAY_TASK_LOOP
     ]
-    return shown[:count]
+    return without_ray[:count]

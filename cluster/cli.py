@@ -204,9 +204,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     from cluster.job import connect_ray
 
-    # A stop requested while Ray starts (a second or more) was lost: the run went on
-    # as if nothing had been asked. Until the event loop's handlers take over, so that
-    # a stop ends with a last checkpoint and a summary, the signal is only recorded.
+    # Ray takes a second or more to start. Until the event loop's handlers take over,
+    # a signal is only recorded, and a run that received one stops before it
+    # processes anything. Later, a stop ends with a last checkpoint and a summary.
     early = _early_signals
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _record_signal)
@@ -423,9 +423,9 @@ def _record_signal(signum: int, frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # Recorded from the start: a Ctrl-C while Ray's modules were imported was lost
-    # inside them, and `plantstream run` went on. Other commands get the usual
-    # handlers back once the command is known, and any signal recorded till then.
+    # Signals are recorded from the start, because a SIGINT while Ray's modules load
+    # ended in a traceback or, in some runs, was lost. Other commands get the default
+    # handlers back once the command is known, and any signal recorded by then.
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _record_signal)
     args = build_parser().parse_args(argv)
@@ -448,7 +448,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     except KeyboardInterrupt:
         # Ctrl-C before a command's own handlers are in place, such as while the
-        # modules load; a traceback of the import machinery tells the user nothing.
+        # modules load. A traceback of the import machinery would not help the user.
         print(f"plantstream {args.command}: interrupted", file=sys.stderr)
         return 130
     except (FileNotFoundError, ConnectionError) as error:

@@ -54,12 +54,12 @@ __all__ = [
 ]
 
 MAX_PARTITIONS = 256
-"""Maximum number of partitions, which a run rejects at once. Each partition is a Ray
-actor in a worker process of its own, started before the run reads the checkpoint, and
-one ingest loop sends every batch to all of them. Each may also hold up to
-PLANTSTREAM_DEDUP_MAX_IDS event ids, about 50 MB at the default. A count in the
-thousands would start thousands of processes before any event is processed, which
-takes minutes and, as an estimate, several GB of memory."""
+"""Maximum number of partitions; a run rejects more at once. Each partition is a Ray
+actor in a worker process of its own, all started before any event is processed, and
+the one ingest loop calls nearly every partition for every fetched batch. Each may also
+keep up to PLANTSTREAM_DEDUP_MAX_IDS event ids, about 40 MiB at the default (21 bytes
+per id in BENCHMARKS.md). A count in the thousands would take minutes to start and, as
+an estimate, several GB of memory."""
 # NOTE: 256 is a judgement, not a measured limit, because the benchmarks ran only 2
 # partitions.
 

@@ -16,12 +16,12 @@ __all__ = [
 ]
 
 MAX_DETAIL_CHARS = 4000
-"""Characters of a dead letter's detail kept; the rest is cut. Every detail plantstream
-writes is far shorter unless it quotes a hostile value at length, and a detail near the
-server's max_payload could not be published at all."""
+"""Characters kept of a dead letter's detail, which is cut after them. The details
+plantstream writes are far shorter unless they quote a hostile value at length, and a
+detail near the server's max_payload could not be published at all."""
 
 MAX_NAME_CHARS = 300
-"""Characters of a dead letter's event id, plant and order kept. The event contract
+"""Characters kept of a dead letter's event id, plant and order. The event contract
 allows 256, so only a name that already broke it is cut."""
 
 DeadLetterReason = Literal[
@@ -65,8 +65,8 @@ def shorten_letter(letter: DeadLetter) -> DeadLetter:
     """Return `letter` with its detail cut to MAX_DETAIL_CHARS and its event id, plant
     and order to MAX_NAME_CHARS, each with a note of the cut.
 
-    The names come from the rejected message, unchecked, so a hostile one of a
-    megabyte made the dead letter too large to publish even without the body.
+    The names come from the rejected message, unchecked, so a hostile name of a
+    megabyte would make the dead letter too large to publish even without the body.
     """
     changes: dict[str, str] = {}
     if len(letter.detail) > MAX_DETAIL_CHARS:

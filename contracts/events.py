@@ -106,7 +106,8 @@ class Quantity(msgspec.Struct, frozen=True, gc=False):
 
 
 SHOWN_DIGITS = 30
-"""Digits of a quantity an error message writes out; longer values are abbreviated."""
+"""Digits of a quantity that an error message writes out in full. Longer values are
+abbreviated."""
 
 
 def shown_decimal(value: Decimal) -> str:
@@ -114,7 +115,7 @@ def shown_decimal(value: Decimal) -> str:
     else abbreviated in scientific notation.
 
     A value such as "1e9999999" is 10 characters on the wire but ten million in plain
-    notation, which made one dead letter too large to publish.
+    notation, which would make its dead letter too large to publish.
     """
     _, digits, exponent = value.as_tuple()
     if not isinstance(exponent, int):

@@ -36,9 +36,9 @@ def decode_key(data: bytes) -> EventKey:
 def nesting_error() -> msgspec.DecodeError:
     """Return the error for JSON nested deeper than the decoder follows.
 
-    msgspec raises RecursionError there, which no handler of decode errors expects: a
-    2 KB message of nested arrays stopped the ingest. This DecodeError makes it a
-    malformed message like any other.
+    msgspec raises RecursionError there, which handlers of decode errors do not catch.
+    As this DecodeError, a 2 KB message of nested arrays becomes a malformed dead
+    letter like any other.
     """
     return msgspec.DecodeError(
         "JSON nested too deeply to decode: msgspec stops near Python's recursion "

@@ -381,7 +381,7 @@ class Ingest:
         try:
             await self.js.add_consumer(EVENTS_STREAM, config)
         except BadRequestError as error:
-            # Outside RECOVERABLE: retrying the same configuration fails the same way.
+            # Not among RECOVERABLE, because the same configuration fails again.
             raise consumer_rejected_error(self.settings, config, error) from error
         if self._fetcher is not None:
             # What the old consumer delivered is delivered again by the new one.

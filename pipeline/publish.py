@@ -218,16 +218,16 @@ class Publisher:
             self._wake()
 
     async def drain(self, timeout_s: float) -> None:
-        """Wait up to `timeout_s` for the acks of the messages in flight, whatever
-        they say; a failure already recorded is not raised again."""
+        """Wait up to `timeout_s` for the acks of the messages in flight, stored or
+        failed. A failure already recorded is not raised again."""
         deadline = asyncio.get_running_loop().time() + timeout_s
         try:
             await self.nc.flush(timeout=max(1, int(timeout_s)))
         except (nats.errors.Error, TimeoutError):
-            # A lost connection brings no more acks; the count stays as it is.
+            # A lost connection brings no more acks, so the count stays as it is.
             return
         while self._waiting and asyncio.get_running_loop().time() < deadline:
-            # Acks arrive on the subscription's own task; a short sleep lets it run.
+            # Acks arrive on the subscription's own task, which a short sleep lets run.
             await asyncio.sleep(0.01)
 
     def _fail(self, subject: str, detail: str) -> None:
@@ -257,7 +257,7 @@ async def publish_all(
         await publisher.settle()
     except PublishError as error:
         # Messages published after the failed one may still be stored: wait briefly
-        # for their acks, so the count tells the caller what a retry will repeat.
+        # for their acks, so the count gives the caller what a retry will repeat.
         await publisher.drain(FAILURE_DRAIN_S)
         error.stored = publisher.stored
         raise

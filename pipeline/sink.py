@@ -336,7 +336,7 @@ def _connect(
         try:
             connection = duckdb.connect(str(path), read_only=read_only)
         except duckdb.Error as exc:
-            # A file DuckDB does not recognise raises other errors than IOException:
+            # A file DuckDB does not recognise can raise more than IOException. Opened
             # read-only, a JSON file fails with a CatalogException.
             if not (isinstance(exc, duckdb.IOException) and _is_lock_conflict(exc)):
                 fix = (
@@ -345,9 +345,9 @@ def _connect(
                     else "move it aside and let the writer create a new one. "
                     f"{_NEW_FILE_NOTE}"
                 )
+                detail = str(exc).rstrip(".!")
                 raise SinkError(
-                    f"cannot open DuckDB file {path}: {str(exc).rstrip('.!')}. If "
-                    "the file is not a "
+                    f"cannot open DuckDB file {path}: {detail}. If the file is not a "
                     f"DuckDB database, {fix}"
                 ) from exc
             attempts += 1

@@ -407,7 +407,7 @@ def test_run_rejects_malformed_nats_url(tmp_path: Path, url: str, problem: str) 
     assert elapsed < QUICK_FAILURE_S
 
 
-def test_malformed_nats_url_in_every_command(tmp_path: Path) -> None:
+def test_every_command_checks_nats_url(tmp_path: Path) -> None:
     url = "nats//127.0.0.1:1"
     commands = [
         ("demo", "--db", str(tmp_path / "x.duckdb"), "--nats-url", url),
@@ -553,7 +553,7 @@ def test_partitions_differ_from_checkpoint(
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=str)
-def test_run_stops_on_signal_during_ray_start(
+def test_run_stops_on_early_signal(
     nats_server: EmbeddedNatsServer, tmp_path: Path, signum: signal.Signals
 ) -> None:
     process = subprocess.Popen(
@@ -569,6 +569,7 @@ def test_run_stops_on_signal_during_ray_start(
         stderr=subprocess.PIPE,
         text=True,
     )
+
     # Ray's first processes are the run's children, so once one exists Ray is
     # starting, which takes seconds more. On a fast machine the signal may still land
     # in the running service, which stops as well.
@@ -576,6 +577,7 @@ def test_run_stops_on_signal_during_ray_start(
     while not _children(process.pid) and time.monotonic() < deadline:
         time.sleep(0.05)
     process.send_signal(signum)
+
     try:
         _, stderr = process.communicate(timeout=60)
     except subprocess.TimeoutExpired:
@@ -584,6 +586,7 @@ def test_run_stops_on_signal_during_ray_start(
         process.communicate()
         message = f"plantstream run ignored {signum.name} for 60 s"
         raise AssertionError(message) from None
+
     # Without it, SIGTERM met Ray's own handler, which exited with code 15 from the
     # middle of Ray's start and left two of Ray's agent processes running.
     assert process.returncode == 0, stderr[-2000:]
