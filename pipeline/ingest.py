@@ -119,6 +119,17 @@ DISPATCH_MAX_BYTES = 1 << 20
 contains a hundred times as many events as one of single events. Split into parts of
 this size, the driver routes one part while the actors apply the one before."""
 
+COMMIT_DEFER_S = 0.4
+"""Seconds a checkpoint's commit waits, once the partitions have handed over their
+state, before it writes DuckDB and the object store. The partitions apply nothing while
+they serialise, so events queue up behind the checkpoint. The commit's CPU work waits
+until the ingest has worked through them. At half the maximum rate on the 2-core
+benchmark machine, the p99 from publish to posting stored was 150 ms (108 to 173) with
+the wait and 185 ms (144 to 208) without, medians of five runs each. In an earlier
+comparison waits of 0.25 s and 0.7 s gave 160 and 165 ms, against 120 ms for 0.4 s
+(medians of three). The wait is at most a quarter of checkpoint_interval_s, and ends at
+once when the ingest loop itself waits for the commit."""
+
 PUBLISH_STALL_S = 10.0
 """How long a posting may wait for JetStream's ack, or for room among the publishes
 in flight, before the ingest treats NATS as failed and recovers."""
@@ -276,6 +287,9 @@ class Ingest:
         self._dead_rows: list[dict[str, object]] = []
         self._ingest_counts: Counter[str] = Counter()
         self._commit_task: asyncio.Task[None] | None = None
+        self._commit_hurried = False
+        """Set when the commit in flight should skip or end its COMMIT_DEFER_S wait."""
+        self._commit_deferral: asyncio.Future[None] | None = None
         self._recoveries_without_progress = 0
         self._dead_logged: Counter[str] = Counter()
         self._fetch_task: asyncio.Task[list[Msg]] | None = None
@@ -807,8 +821,9 @@ class Ingest:
         Step 5a is sent to the actors at once, behind the batches already sent, and the
         loop goes on: each actor serialises its state between those batches and the
         next, while the driver routes the next batch. Once the batches before it are
-        collected, the rest (DuckDB, object store, acks) runs in the background; the
-        next checkpoint's commit waits for it, so commits stay in order. `wait` waits
+        collected, the rest (DuckDB, object store, acks) runs in the background after
+        COMMIT_DEFER_S; the next checkpoint's commit waits for it, so commits stay in
+        order. `wait` waits
         for this one too.
         """
         # 5a. Every partition's state and changed rows, all partitions at once.
@@ -829,6 +844,7 @@ class Ingest:
     async def _start_commit(self, barrier: _Barrier) -> None:
         """Start the commit of a checkpoint whose earlier batches are all collected."""
         await self._finish_commit()
+        self._commit_hurried = False
         # Taken now: the batches collected so far are exactly those before the barrier.
         covered = self._unacked
         dead_rows = self._dead_rows
@@ -848,7 +864,29 @@ class Ingest:
         """Wait for the checkpoint in flight; its failure is raised here, to recover."""
         task, self._commit_task = self._commit_task, None
         if task is not None:
+            # The loop waits for this commit now, so deferring it would only stall.
+            self._hurry_commit()
             await task
+
+    async def _defer_commit(self) -> None:
+        """Wait up to COMMIT_DEFER_S, a quarter of the checkpoint interval at most,
+        unless `_hurry_commit` ends the wait."""
+        delay = min(COMMIT_DEFER_S, self.settings.checkpoint_interval_s / 4)
+        if self._commit_hurried or delay <= 0:
+            return
+        self._commit_deferral = asyncio.get_running_loop().create_future()
+        try:
+            await asyncio.wait_for(self._commit_deferral, delay)
+        except TimeoutError:
+            pass
+        finally:
+            self._commit_deferral = None
+
+    def _hurry_commit(self) -> None:
+        self._commit_hurried = True
+        deferral = self._commit_deferral
+        if deferral is not None and not deferral.done():
+            deferral.set_result(None)
 
     async def _commit(
         self,
@@ -861,7 +899,9 @@ class Ingest:
         assert self._store is not None
         clock = time.perf_counter()
         results: list[PartitionCheckpoint] = await barrier.results
-        clock = self._lap("collect", clock)
+        self._lap("collect", clock)
+        await self._defer_commit()
+        clock = time.perf_counter()
         # The partitions serialise at once, each in its own process.
         self.report.seconds["serialise"] += max(r.seconds for r in results)
         # 4, finished: every posting and dead letter of the covered batches is stored.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import nats
 import pytest
 import ray
 
+import pipeline.ingest as ingest_module
 from actors.partition import PartitionActor, PartitionCheckpoint
 from actors.partition_state import OrdersCheckpoint, PartitionState
 from cluster.nats_server import EmbeddedNatsServer
@@ -55,6 +57,14 @@ async def _publish(
     events = [(m.subject, m.data, None) for m in generate(SPEC)[0]]
     await publish_all(nc, events[:count])
     return events
+
+
+async def _committed_seq(nc: nats.NATS) -> int:
+    """Return the stream sequence that the committed manifest covers."""
+    store = await nc.jetstream().object_store(CHECKPOINT_BUCKET)
+    manifest = await read_manifest(store)
+    assert manifest is not None
+    return manifest.stream_seq
 
 
 def test_restart_restores_base_and_deltas(
@@ -210,33 +220,66 @@ def test_damaged_checkpoint_named_at_start(nats_server: EmbeddedNatsServer) -> N
     asyncio.run(scenario())
 
 
-def test_stop_commits_a_last_checkpoint(nats_server: EmbeddedNatsServer) -> None:
-    # No checkpoint falls due during the run, so only the one on stop can commit.
-    settings = PipelineSettings(fetch_batch=50, checkpoint_interval_s=600)
+@pytest.mark.parametrize("ending", ["stop", "drained"])
+def test_last_checkpoint_committed_at_end(
+    nats_server: EmbeddedNatsServer, monkeypatch: pytest.MonkeyPatch, ending: str
+) -> None:
+    # No checkpoint falls due during the run, so only the last one can commit. Its
+    # commit is deferred for longer than the test, so the run must end that wait.
+    monkeypatch.setattr(ingest_module, "COMMIT_DEFER_S", 600.0)
+    settings = PipelineSettings(fetch_batch=50, checkpoint_interval_s=3600)
 
     async def scenario() -> None:
         nc = await nats.connect(nats_server.url)
         actors = [PartitionActor.remote(i) for i in range(2)]  # type: ignore[attr-defined]
         try:
-            js = nc.jetstream()
             published = 200
             await _publish(nc, settings, published)
             ingest = Ingest(nc, actors, None, settings)
             await ingest.start()
-            stop = asyncio.Event()
-            task = asyncio.create_task(ingest.run(until_drained=False, stop=stop))
-            async with asyncio.timeout(60):
-                while ingest.report.counts["events_in"] < published:
-                    await asyncio.sleep(0.05)
-            stop.set()
-            await task
-            store = await js.object_store(CHECKPOINT_BUCKET)
-            manifest = await read_manifest(store)
-            assert manifest is not None
-            assert manifest.stream_seq == published
+            if ending == "drained":
+                report = await asyncio.wait_for(ingest.run(until_drained=True), 60)
+                assert report.checkpoints == 1
+            else:
+                stop = asyncio.Event()
+                task = asyncio.create_task(ingest.run(until_drained=False, stop=stop))
+                async with asyncio.timeout(60):
+                    while ingest.report.counts["events_in"] < published:
+                        await asyncio.sleep(0.05)
+                stop.set()
+                await asyncio.wait_for(task, 60)
+            assert await _committed_seq(nc) == published
         finally:
             for actor in actors:
                 ray.kill(actor)
+            await nc.close()
+
+    asyncio.run(scenario())
+
+
+def test_commit_deferral_waits_until_hurried(
+    nats_server: EmbeddedNatsServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = PipelineSettings(checkpoint_interval_s=3600)
+
+    async def scenario() -> None:
+        nc = await nats.connect(nats_server.url)
+        try:
+            ingest = Ingest(nc, [], None, settings)
+            monkeypatch.setattr(ingest_module, "COMMIT_DEFER_S", 0.2)
+            started = time.monotonic()
+            await ingest._defer_commit()
+            assert time.monotonic() - started >= 0.2
+
+            monkeypatch.setattr(ingest_module, "COMMIT_DEFER_S", 600.0)
+            deferred = asyncio.create_task(ingest._defer_commit())
+            await asyncio.sleep(0.1)
+            assert not deferred.done()
+            ingest._hurry_commit()
+            await asyncio.wait_for(deferred, 5)
+            # Hurried before it starts, the next wait is skipped altogether.
+            await asyncio.wait_for(ingest._defer_commit(), 5)
+        finally:
             await nc.close()
 
     asyncio.run(scenario())
