@@ -63,7 +63,7 @@ from pipeline.checkpoints import (
     read_manifest,
     read_partitions,
 )
-from pipeline.fetch import PullFetcher, stream_sequence
+from pipeline.fetch import PullFetcher, pending_after, stream_sequence
 from pipeline.publish import Publisher, PublishError
 from pipeline.settings import PipelineSettings
 from pipeline.sink import SinkError, SnapshotBehindError, SnapshotWriter, merge_tables
@@ -121,14 +121,16 @@ this size, the driver routes one part while the actors apply the one before."""
 
 COMMIT_DEFER_S = 0.4
 """Seconds a checkpoint's commit waits, once the partitions have handed over their
-state, before it writes DuckDB and the object store. The partitions apply nothing while
-they serialise, so events queue up behind the checkpoint. The commit's CPU work waits
-until the ingest has worked through them. At half the maximum rate on the 2-core
-benchmark machine, the p99 from publish to posting stored was 150 ms (108 to 173) with
-the wait and 185 ms (144 to 208) without, medians of five runs each. In an earlier
-comparison waits of 0.25 s and 0.7 s gave 160 and 165 ms, against 120 ms for 0.4 s
-(medians of three). The wait is at most a quarter of checkpoint_interval_s, and ends at
-once when the ingest loop itself waits for the commit."""
+state, before it writes DuckDB and the object store. The partitions apply nothing
+while they serialise, so events queue up behind the checkpoint. The commit's CPU work
+waits until the ingest has worked through them. At half the maximum rate on the
+2-core benchmark machine, the p99 from publish to posting stored was 150 ms (108 to
+173) with the wait and 185 ms (144 to 208) without, medians of five runs each. In an
+earlier comparison waits of 0.25 s and 0.7 s gave 160 and 165 ms, against 120 ms for
+0.4 s (medians of three). The wait is at most a quarter of checkpoint_interval_s. It
+ends at once when the ingest loop itself waits for the commit, and is skipped while
+the ingest is more than a fetch behind the stream, which would keep it busy for the
+whole wait."""
 
 PUBLISH_STALL_S = 10.0
 """How long a posting may wait for JetStream's ack, or for room among the publishes
@@ -450,6 +452,10 @@ class Ingest:
             # only at the next checkpoint, which an idle stream may not reach for long.
             await self._finish_commit()
         messages = await self._next_fetch()
+        if messages and pending_after(messages[-1]) > self.settings.fetch_batch:
+            # More than another full fetch waits on the server, so the ingest is
+            # behind the stream and deferring the commit would only delay it.
+            self._hurry_commit()
         if messages:
             await self.process(messages)
         else:

@@ -14,7 +14,7 @@ from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, StreamConfig
 
 from cluster.nats_server import EmbeddedNatsServer
-from pipeline.fetch import FetchError, PullFetcher, stream_sequence
+from pipeline.fetch import FetchError, PullFetcher, pending_after, stream_sequence
 from pipeline.publish import Publisher, PublishError, publish_all
 
 STREAM = "IO_TEST"
@@ -60,23 +60,28 @@ def test_fetch_returns_every_message_in_order(nats_server: EmbeddedNatsServer) -
     _run(nats_server, body)
 
 
-def test_stream_sequence_matches_metadata(nats_server: EmbeddedNatsServer) -> None:
+def test_reply_numbers_match_metadata(nats_server: EmbeddedNatsServer) -> None:
     async def body(nc: NATS) -> None:
-        await _fill(nc, 5)
+        await _fill(nc, 8)
         fetcher = PullFetcher(nc, STREAM, CONSUMER)
         batch = await fetcher.fetch(5, 0.5)
         await fetcher.close()
-        ours = [stream_sequence(m) for m in batch]
-        theirs = [m.metadata.sequence.stream for m in batch]
-        assert ours == theirs
+        assert [stream_sequence(m) for m in batch] == [
+            m.metadata.sequence.stream for m in batch
+        ]
+        assert [pending_after(m) for m in batch] == [7, 6, 5, 4, 3]
+        assert [pending_after(m) for m in batch] == [
+            m.metadata.num_pending for m in batch
+        ]
 
     _run(nats_server, body)
 
 
-def test_stream_sequence_of_domain_reply() -> None:
+def test_reply_numbers_of_domain_reply() -> None:
     reply = "$JS.ACK.hub.ACCHASH.PLANT_EVENTS.ingest.1.4711.17.1733300000000000000.3.x"
     msg = Msg(_client=None, subject="s", reply=reply)  # type: ignore[arg-type]
     assert stream_sequence(msg) == 4711
+    assert pending_after(msg) == 3
 
 
 def test_stream_sequence_rejects_plain_message() -> None:
