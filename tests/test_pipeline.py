@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from collections import Counter
 from decimal import Decimal
@@ -24,8 +25,11 @@ from cluster.job import (
 )
 from cluster.nats_server import EmbeddedNatsServer
 from contracts.codec import decode_dead_letter, decode_posting
+from pipeline.ingest import Ingest
+from pipeline.publish import publish_all
 from pipeline.settings import PipelineSettings
 from pipeline.sources.generated import Expected, StreamSpec, generate
+from pipeline.streams import ensure_streams
 from pipeline.subjects import DLQ_STREAM, EVENTS_STREAM, POSTINGS_STREAM
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -215,3 +219,37 @@ def test_local_ray_actors_get_transfer_settings() -> None:
     # Set by connect_ray for a local Ray, whose workers inherit the driver's variables.
     assert seen["RAY_max_direct_call_object_size"] == str(RAY_DIRECT_CALL_BYTES)
     assert seen["RAY_DISABLE_CUSTOM_ARROW_DATA_SERIALIZATION"] == "1"
+
+
+def test_quiet_stream_posts_before_next_message(
+    nats_server: EmbeddedNatsServer, generated: tuple[list, Expected]
+) -> None:
+    # A few events and then nothing. The fetch waits up to fetch_timeout_s for more,
+    # and the postings of the events already applied must not wait with it.
+    settings = PipelineSettings(fetch_timeout_s=120.0, checkpoint_interval_s=3600)
+
+    async def scenario() -> int:
+        nc = await nats.connect(nats_server.url)
+        actors = [PartitionActor.remote(0)]  # type: ignore[attr-defined]
+        try:
+            js = nc.jetstream()
+            await ensure_streams(js, settings)
+            await publish_all(nc, [(s, d, None) for s, d in generated[0][:300]])
+            ingest = Ingest(nc, actors, None, settings)
+            await ingest.start()
+            running = asyncio.create_task(ingest.run(until_drained=False))
+            try:
+                async with asyncio.timeout(30):
+                    while not (await js.stream_info(POSTINGS_STREAM)).state.messages:
+                        await asyncio.sleep(0.1)
+                return (await js.stream_info(POSTINGS_STREAM)).state.messages
+            finally:
+                # A stop would wait for the fetch to time out first.
+                running.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await running
+        finally:
+            ray.kill(actors[0])
+            await nc.close()
+
+    assert asyncio.run(scenario()) > 0
