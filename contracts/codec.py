@@ -43,7 +43,58 @@ def decode_edge_batch(data: bytes) -> list[msgspec.Raw]:
     try:
         return _edge_batch_decoder.decode(data)
     except RecursionError:
-        raise nesting_error() from None
+        # msgspec walks into every element to find where it ends. Split by hand
+        # instead, so that only the element nested too deeply fails, when decoded.
+        elements = _split_array(data)
+        if elements is None:
+            raise nesting_error() from None
+        return [msgspec.Raw(element) for element in elements]
+
+
+_QUOTE, _BACKSLASH, _COMMA = ord('"'), ord("\\"), ord(",")
+_OPENING, _CLOSING = frozenset(b"[{"), frozenset(b"]}")
+
+
+def _split_array(data: bytes) -> list[bytes] | None:
+    """Return the bytes of each element of the JSON array `data`, undecoded, or None
+    if its brackets and quotes do not make one array.
+
+    It loops over every byte in Python, so it runs only for batches msgspec cannot
+    split.
+    """
+    text = data.strip(b" \t\r\n")
+    if len(text) < 2 or text[0] != ord("[") or text[-1] != ord("]"):
+        return None
+    elements: list[bytes] = []
+    depth, start = 0, 1
+    in_string = escaped = False
+    for index in range(1, len(text) - 1):
+        byte = text[index]
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == _BACKSLASH:
+                escaped = True
+            elif byte == _QUOTE:
+                in_string = False
+        elif byte == _QUOTE:
+            in_string = True
+        elif byte in _OPENING:
+            depth += 1
+        elif byte in _CLOSING:
+            depth -= 1
+            if depth < 0:
+                return None
+        elif byte == _COMMA and depth == 0:
+            elements.append(text[start:index].strip(b" \t\r\n"))
+            start = index + 1
+    if in_string or depth:
+        return None
+    last = text[start:-1].strip(b" \t\r\n")
+    if last or elements:
+        # An empty last element after a comma stays, to become its own dead letter.
+        elements.append(last)
+    return elements
 
 
 def decode_posting(data: bytes) -> Posting:

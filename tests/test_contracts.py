@@ -15,6 +15,7 @@ import pytest
 import contracts
 from cluster.nats_server import EmbeddedNatsServer
 from contracts.codec import (
+    decode_edge_batch,
     decode_event,
     decode_posting,
     describe_decode_error,
@@ -518,3 +519,33 @@ def test_shorten_letter_cuts_long_fields() -> None:
     assert short.plant == "P1"
     assert shorten_letter(short) is short
     assert short.stream_seq == letter.stream_seq
+
+
+DEEP = b"[" * 1000 + b"]" * 1000
+"""An array nested past the depth msgspec decodes."""
+
+
+@pytest.mark.parametrize(
+    ("batch", "elements"),
+    [
+        (
+            b'[{"a":' + DEEP + b'}, {"b":"x,]\\"}"}]',
+            [b'{"a":' + DEEP + b"}", b'{"b":"x,]\\"}"}'],
+        ),
+        (b' [ {"a":' + DEEP + b"} ]\n", [b'{"a":' + DEEP + b"}"]),
+        (b"[" + DEEP + b",]", [DEEP, b""]),
+    ],
+)
+def test_edge_batch_split_around_deep_element(
+    batch: bytes, elements: list[bytes]
+) -> None:
+    assert [bytes(raw) for raw in decode_edge_batch(batch)] == elements
+
+
+@pytest.mark.parametrize(
+    "batch",
+    [b'[{"a":' + DEEP + b"}", b"[" + DEEP + b"]]", b'[{"a":' + DEEP + b', "b]'],
+)
+def test_edge_batch_unbalanced_deep_rejected(batch: bytes) -> None:
+    with pytest.raises(msgspec.DecodeError, match="nested too deeply"):
+        decode_edge_batch(batch)
