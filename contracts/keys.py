@@ -10,7 +10,7 @@ import sys
 
 import msgspec
 
-__all__ = ["EventKey", "decode_key", "nesting_error", "routing_key"]
+__all__ = ["EventKey", "check_no_nul", "decode_key", "nesting_error", "routing_key"]
 
 
 class EventKey(msgspec.Struct, frozen=True, gc=False):
@@ -31,6 +31,55 @@ def decode_key(data: bytes) -> EventKey:
         return _key_decoder.decode(data)
     except RecursionError:
         raise nesting_error() from None
+
+
+_NUL_ESCAPE = b"\\u0000"
+"""The JSON escape of a NUL character; a raw NUL byte in a string is not valid JSON."""
+
+
+def check_no_nul(data: bytes) -> None:
+    """Raise ValueError if a string in the JSON event `data` contains a NUL character.
+
+    ERP interfaces, C libraries and many text tools end a string at NUL, so a material
+    or batch number with one would be posted as a different value than the one stored.
+    The byte search costs little on every event. The decode runs only when it finds
+    the escape, which may also be an escaped backslash before the text "u0000".
+    """
+    if _NUL_ESCAPE not in data:
+        return
+    try:
+        value = msgspec.json.decode(data)
+    except (msgspec.DecodeError, RecursionError):
+        return  # the partition's full decode rejects it with its own reason
+    try:
+        path = _nul_path(value, "")
+    except RecursionError:
+        path = "a deeply nested value"
+    if path is not None:
+        raise ValueError(
+            f"field {path!r} contains a NUL character (\\u0000), which ERP interfaces "
+            "and text tools treat as the end of the text; remove it at the source and "
+            "publish the event again"
+        )
+
+
+def _nul_path(value: object, path: str) -> str | None:
+    """Return the path (`good.value`, `lots[0]`) of a string or field name in `value`
+    that contains NUL, or None."""
+    if isinstance(value, str):
+        return path if "\x00" in value else None
+    if isinstance(value, dict):
+        for name, item in value.items():
+            where = f"{path}.{name}" if path else name
+            found = where if "\x00" in name else _nul_path(item, where)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            found = _nul_path(item, f"{path}[{index}]")
+            if found is not None:
+                return found
+    return None
 
 
 def nesting_error() -> msgspec.DecodeError:

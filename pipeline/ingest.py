@@ -52,7 +52,7 @@ from actors.partition import PartitionCheckpoint, partition_of
 from actors.partition_state import BatchResult, CheckpointFormatError, SourceMessage
 from contracts.codec import decode_edge_batch, describe_decode_error, encode
 from contracts.dead_letters import DeadLetter, DeadLetterReason, shorten_letter
-from contracts.keys import decode_key, routing_key
+from contracts.keys import check_no_nul, decode_key, routing_key
 from contracts.snapshots import table_from_rows
 from pipeline.checkpoints import (
     MANIFEST,
@@ -639,6 +639,7 @@ class Ingest:
         """Step 2 for one event: decode its key and add it to its partition's share."""
         try:
             key = decode_key(data)
+            check_no_nul(data)
             # Events of an edge batch (index >= 0) carry many types on one subject.
             checked = (key.plant, key.event_type if index < 0 else None)
             if self._subject_checks.get(subject) != checked:

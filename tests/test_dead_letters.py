@@ -18,6 +18,14 @@ pytestmark = pytest.mark.usefixtures("ray_local")
 SUBJECT = "plant.events.P1.material_consumed"
 
 
+async def _dead_letters(url: str) -> list:
+    nc = await nats.connect(url)
+    try:
+        return await list_dead_letters(nc.jetstream())
+    finally:
+        await nc.close()
+
+
 def test_oversized_dead_letter_retried(
     nats_server: EmbeddedNatsServer, tmp_path: Path
 ) -> None:
@@ -86,14 +94,10 @@ def test_hostile_json_becomes_dead_letters(
     assert result.totals["dead_letter:invalid"] == 3
     assert result.totals["applied"] == 2
 
-    async def letters() -> list:
-        nc = await nats.connect(nats_server.url)
-        try:
-            return await list_dead_letters(nc.jetstream())
-        finally:
-            await nc.close()
-
-    found = {entry.letter.stream_seq: entry.letter for entry in asyncio.run(letters())}
+    found = {
+        entry.letter.stream_seq: entry.letter
+        for entry in asyncio.run(_dead_letters(nats_server.url))
+    }
     details = {seq: letter.detail for seq, letter in found.items()}
     for seq in (1, 3):
         assert "JSON nested too deeply to decode" in details[seq]
@@ -106,3 +110,27 @@ def test_hostile_json_becomes_dead_letters(
     long_id = found[6].event_id
     assert long_id is not None
     assert long_id.endswith("characters cut)")
+
+
+def test_nul_character_becomes_dead_letter(
+    nats_server: EmbeddedNatsServer, tmp_path: Path
+) -> None:
+    event = (
+        b'{"event_type":"machine_state_changed","machine":"M1","state":"running",'
+        b'"event_id":"E-1","plant":"P1","occurred_at":"2026-01-05T08:00:00Z",'
+        b'"source":"scada","work_center":"WC1"}'
+    )
+    subject = "plant.events.P1.machine_state_changed"
+    messages = [
+        (subject, event.replace(b'"M1"', b'"M\\u00001"')),
+        # An escaped backslash before the text u0000 is no NUL character.
+        (subject, event.replace(b"E-1", b"E-2").replace(b"scada", b"C:\\\\u0000")),
+    ]
+    config = JobConfig(db=tmp_path / "db.duckdb", nats_url=nats_server.url)
+    result = asyncio.run(run_job(config, messages))
+    assert result.totals["dead_letter:invalid"] == 1
+    assert result.totals["applied"] == 1
+
+    [entry] = asyncio.run(_dead_letters(nats_server.url))
+    assert entry.letter.event_id == "E-1"
+    assert "field 'machine' contains a NUL character" in entry.letter.detail
