@@ -47,7 +47,11 @@ def decode_edge_batch(data: bytes) -> list[msgspec.Raw]:
         # instead, so that only the element nested too deeply fails, when decoded.
         elements = _split_array(data)
         if elements is None:
-            raise nesting_error() from None
+            raise msgspec.DecodeError(
+                f"{nesting_error()}. The batch is not one JSON array either: its "
+                "brackets or quotes do not close, or an element is missing between "
+                "commas"
+            ) from None
         return [msgspec.Raw(element) for element in elements]
 
 
@@ -92,9 +96,10 @@ def _split_array(data: bytes) -> list[bytes] | None:
         return None
     last = text[start:-1].strip(b" \t\r\n")
     if last or elements:
-        # An empty last element after a comma stays, to become its own dead letter.
         elements.append(last)
-    return elements
+    # Like msgspec, reject "[1,]" and "[1,,2]". An element that is not one JSON value
+    # ("1 2") is left for its own decode to reject.
+    return None if b"" in elements else elements
 
 
 def decode_posting(data: bytes) -> Posting:

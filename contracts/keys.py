@@ -49,12 +49,10 @@ def check_no_nul(data: bytes) -> None:
         return
     try:
         value = msgspec.json.decode(data)
-    except (msgspec.DecodeError, RecursionError):
-        return  # the partition's full decode rejects it with its own reason
-    try:
         path = _nul_path(value, "")
     except RecursionError:
-        path = "a deeply nested value"
+        # Passing it on would leave the NUL check to a decode at another stack depth.
+        raise nesting_error() from None
     if path is not None:
         raise ValueError(
             f"field {path!r} contains a NUL character (\\u0000), which ERP interfaces "
@@ -70,7 +68,10 @@ def _nul_path(value: object, path: str) -> str | None:
         return path if "\x00" in value else None
     if isinstance(value, dict):
         for name, item in value.items():
-            where = f"{path}.{name}" if path else name
+            # A name that is not a plain word is quoted, so that "a.b" and "a[0]" do
+            # not read as a path.
+            step = name if name.isidentifier() else f"[{name!r}]"
+            where = f"{path}.{step}" if path and step[0] != "[" else f"{path}{step}"
             found = where if "\x00" in name else _nul_path(item, where)
             if found is not None:
                 return found

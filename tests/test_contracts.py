@@ -29,7 +29,7 @@ from contracts.dead_letters import (
     shorten_letter,
 )
 from contracts.events import EVENT_TYPES, MaterialConsumed, shown_decimal
-from contracts.keys import EventKey, decode_key, routing_key
+from contracts.keys import EventKey, check_no_nul, decode_key, routing_key
 from contracts.postings import GoodsMovement, OrderConfirmation, posting_key
 from contracts.schema import event_schema, posting_schema
 from pipeline.settings import PipelineSettings
@@ -533,7 +533,6 @@ DEEP = b"[" * 1000 + b"]" * 1000
             [b'{"a":' + DEEP + b"}", b'{"b":"x,]\\"}"}'],
         ),
         (b' [ {"a":' + DEEP + b"} ]\n", [b'{"a":' + DEEP + b"}"]),
-        (b"[" + DEEP + b",]", [DEEP, b""]),
     ],
 )
 def test_edge_batch_split_around_deep_element(
@@ -544,8 +543,41 @@ def test_edge_batch_split_around_deep_element(
 
 @pytest.mark.parametrize(
     "batch",
-    [b'[{"a":' + DEEP + b"}", b"[" + DEEP + b"]]", b'[{"a":' + DEEP + b', "b]'],
+    [
+        b'[{"a":' + DEEP + b"}",
+        b"[" + DEEP + b"]]",
+        b'[{"a":' + DEEP + b', "b]',
+        b"[" + DEEP + b",]",
+        b"[" + DEEP + b",,1]",
+    ],
 )
 def test_edge_batch_unbalanced_deep_rejected(batch: bytes) -> None:
-    with pytest.raises(msgspec.DecodeError, match="nested too deeply"):
+    with pytest.raises(msgspec.DecodeError, match="nested too deeply") as caught:
         decode_edge_batch(batch)
+    assert "not one JSON array either" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("event", "field"),
+    [
+        (b'{"material":"R\\u0000M"}', "material"),
+        (b'{"a.b":{"c":"\\u0000"}}', "['a.b'].c"),
+        (b'{"a":{"b.c":"\\u0000"}}', "a['b.c']"),
+        (b'{"lots":[["x","\\u0000"]]}', "lots[0][1]"),
+        (b'{"a\\u0000":1}', "['a\\x00']"),
+    ],
+)
+def test_nul_character_named(event: bytes, field: str) -> None:
+    with pytest.raises(ValueError, match="contains a NUL character") as caught:
+        check_no_nul(event)
+    assert f"field {field!r} " in str(caught.value)
+
+
+def test_nul_check_passes_escaped_backslash() -> None:
+    check_no_nul(b'{"source":"C:\\\\u0000"}')
+
+
+def test_nul_check_too_deep_rejected() -> None:
+    event = b'{"material":"R\\u0000M","z":' + DEEP + b"}"
+    with pytest.raises(msgspec.DecodeError, match="nested too deeply"):
+        check_no_nul(event)
