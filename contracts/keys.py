@@ -70,8 +70,12 @@ def _nul_path(value: object, path: str) -> str | None:
         for name, item in value.items():
             # A name that is not a plain word is quoted, so that "a.b" and "a[0]" do
             # not read as a path.
-            step = name if name.isidentifier() else f"[{name!r}]"
-            where = f"{path}.{step}" if path and step[0] != "[" else f"{path}{step}"
+            if not name.isidentifier():
+                where = f"{path}[{name!r}]"
+            elif path:
+                where = f"{path}.{name}"
+            else:
+                where = name
             found = where if "\x00" in name else _nul_path(item, where)
             if found is not None:
                 return found

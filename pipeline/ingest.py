@@ -484,19 +484,15 @@ class Ingest:
         self._fetch_task = task
         while not task.done() and self._in_flight:
             oldest = self._in_flight[0]
-            if isinstance(oldest, _Barrier):
-                self._in_flight.popleft()
-                await self._start_commit(oldest)
-                continue
-            started = time.perf_counter()
-            await asyncio.wait(
-                (task, oldest.results), return_when=asyncio.FIRST_COMPLETED
-            )
-            self.report.seconds["fetch"] += time.perf_counter() - started
-            if not oldest.results.done():
-                break
-            self._in_flight.popleft()
-            await self._complete(oldest)
+            if isinstance(oldest, _InFlight) and not oldest.results.done():
+                started = time.perf_counter()
+                await asyncio.wait(
+                    (task, oldest.results), return_when=asyncio.FIRST_COMPLETED
+                )
+                self.report.seconds["fetch"] += time.perf_counter() - started
+                if not oldest.results.done():
+                    break
+            await self._complete_oldest()
         started = time.perf_counter()
         messages = await task
         self.report.seconds["fetch"] += time.perf_counter() - started
@@ -761,11 +757,15 @@ class Ingest:
         """Finish the oldest batches in flight until at most `keep` remain, and start
         the commit of each checkpoint barrier reached on the way."""
         while len(self._in_flight) > keep:
-            item = self._in_flight.popleft()
-            if isinstance(item, _Barrier):
-                await self._start_commit(item)
-            else:
-                await self._complete(item)
+            await self._complete_oldest()
+
+    async def _complete_oldest(self) -> None:
+        """Finish the oldest batch in flight, or start its commit if it is a barrier."""
+        item = self._in_flight.popleft()
+        if isinstance(item, _Barrier):
+            await self._start_commit(item)
+        else:
+            await self._complete(item)
 
     async def _complete(self, flight: _InFlight) -> None:
         """Finish step 3 and start step 4: collect the actors' output, publish it."""
@@ -852,9 +852,8 @@ class Ingest:
         loop goes on: each actor serialises its state between those batches and the
         next, while the driver routes the next batch. Once the batches before it are
         collected, the rest (DuckDB, object store, acks) runs in the background after
-        COMMIT_DEFER_S; the next checkpoint's commit waits for it, so commits stay in
-        order. `wait` waits
-        for this one too.
+        COMMIT_DEFER_S. The next checkpoint's commit waits for it, so commits stay in
+        order. `wait` waits for this one too.
         """
         # 5a. Every partition's state and changed rows, all partitions at once.
         bases = [self._chains.wants_base(index) for index in range(len(self.actors))]
@@ -913,6 +912,7 @@ class Ingest:
             self._commit_deferral = None
 
     def _hurry_commit(self) -> None:
+        """End the commit's COMMIT_DEFER_S wait, or skip it if it has not begun."""
         self._commit_hurried = True
         deferral = self._commit_deferral
         if deferral is not None and not deferral.done():
