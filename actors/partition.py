@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import msgspec
@@ -23,6 +24,15 @@ __all__ = [
     "PartitionRestartedError",
     "partition_of",
 ]
+
+
+def _load_malloc_trim() -> Callable[[int], int] | None:
+    """Return glibc's malloc_trim, or None where the C library is not glibc."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        # macOS and musl: those allocators hand memory back on their own.
+        return None
 
 
 class PartitionRestartedError(RuntimeError):
@@ -75,6 +85,8 @@ class PartitionActor:
         self._restore_token: str | None = None
         """Set by `restore`. A restarted actor runs this constructor again, so the
         token is gone and `_check_token` rejects the calls meant for the old state."""
+        # Looked up here, in the actor's process: Ray cannot pickle ctypes pointers.
+        self._malloc_trim = _load_malloc_trim()
 
     def _check_token(self, token: str | None) -> None:
         if token is not None and token != self._restore_token:
@@ -131,6 +143,12 @@ class PartitionActor:
         # The snapshot first: it hands its changed orders on to checkpoint_parts, which
         # then finds them in one set.
         started = time.perf_counter()
+        if self._malloc_trim is not None:
+            # glibc keeps freed heap pages for reuse, and in a long run the pages it
+            # keeps drift upward by several percent as the heap fragments. The last
+            # checkpoint's serialised copy is freed by now, so return the free pages:
+            # resident memory then follows the state. About 2 ms at 200 MiB.
+            self._malloc_trim(0)
         tables = self._state.take_snapshot()
         state, orders = self._state.checkpoint_parts(base=base)
         elapsed = time.perf_counter() - started
