@@ -909,9 +909,10 @@ def _bound_rss(results: Results) -> list[str]:
         "`closed_order_retention_s` of event time, so the state stops growing once "
         "both are reached, apart from orders that stay open (the generated stream "
         "leaves about 2 orders per 1,000 messages under a hold that is never "
-        "released). RSS can still move by more than the state does, because "
-        "CPython keeps freed memory in its own pools and checkpoints allocate "
-        "their serialised copy of the state; the run measured "
+        "released). RSS can still move by more than the state does. Each actor "
+        "hands glibc's free heap pages back at every checkpoint (`malloc_trim`), "
+        "but CPython keeps the memory of freed objects in its own pools, and a "
+        "checkpoint allocates its serialised copy of the state; the run measured "
         f"{flat[1]}.",
         "",
     ]
