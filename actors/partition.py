@@ -144,10 +144,9 @@ class PartitionActor:
         # then finds them in one set.
         started = time.perf_counter()
         if self._malloc_trim is not None:
-            # glibc keeps freed heap pages for reuse, and in a long run the pages it
-            # keeps drift upward by several percent as the heap fragments. The last
-            # checkpoint's serialised copy is freed by now, so return the free pages:
-            # resident memory then follows the state. About 2 ms at 200 MiB.
+            # glibc keeps freed heap pages, and in a long run they drift upward as
+            # the heap fragments. The last checkpoint's copy is freed by now, so
+            # return the free pages (about 2 ms at 200 MiB resident).
             self._malloc_trim(0)
         tables = self._state.take_snapshot()
         state, orders = self._state.checkpoint_parts(base=base)

@@ -213,6 +213,12 @@ class IngestReport:
     seconds: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
     """Wall time in seconds per step: fetch, route, apply, publish, snapshot, ack."""
     started: float = field(default_factory=time.monotonic)
+    committed_seq: int = 0
+    """The stream sequence the last committed checkpoint covers, restored or new."""
+    stop_error: str | None = None
+    """Why the checkpoint on stop failed, if it did. Then a partition may have lost
+    its state, so `Ingest.totals()` can leave out its counts, and the next start
+    processes the messages after `committed_seq` again."""
 
     @property
     def dead_letters(self) -> dict[str, int]:
@@ -383,6 +389,7 @@ class Ingest:
                 raise outcome
         logger.info("restored %d partitions from checkpoint at seq %d",
                     len(self.actors), manifest.stream_seq)  # fmt: skip
+        self.report.committed_seq = manifest.stream_seq
         return manifest.stream_seq
 
     async def _recreate_consumer(self, start_seq: int) -> None:
@@ -434,9 +441,13 @@ class Ingest:
             await self._complete_in_flight(0)
             await self._finish_commit()
         except RECOVERABLE as error:
-            # The next start resumes from the previous checkpoint and replays them.
+            self.report.stop_error = f"{type(error).__name__}: {error}"
             logger.warning(
-                "last checkpoint failed on stop: %s: %s", type(error).__name__, error
+                "the checkpoint on stop failed (%s). Nothing is lost: the next start "
+                "restores the checkpoint through stream sequence %d and processes the "
+                "messages after it again",
+                self.report.stop_error,
+                self.report.committed_seq,
             )
         return self.report
 
@@ -844,6 +855,12 @@ class Ingest:
             letter.event_id,
             letter.detail[:300],
         )
+        if seen == DEAD_LETTER_LOG_FIRST:
+            logger.warning(
+                "further dead letters of reason %s are logged at DEBUG, with every "
+                "1,000th at WARNING. `plantstream dlq list` shows them all",
+                letter.reason,
+            )
 
     async def checkpoint(self, *, wait: bool = False) -> None:
         """Steps 5 and 6: make the state durable, then acknowledge what it covers.
@@ -962,6 +979,7 @@ class Ingest:
             barrier.covered_seq, len(self.actors), time.time(), ingest_counts, objects
         )
         await self._chains.commit(self._store, manifest)
+        self.report.committed_seq = barrier.covered_seq
         clock = self._lap("commit", clock)
         # 6. Acknowledge. The consumer acknowledges all: acking the message delivered
         # last acknowledges every message delivered before it, which this checkpoint

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,9 @@ import ray
 import pipeline.ingest as ingest_module
 from actors.partition import PartitionActor, PartitionCheckpoint
 from actors.partition_state import OrdersCheckpoint, PartitionState
+from cluster.job import JobResult
 from cluster.nats_server import EmbeddedNatsServer
+from cluster.summary import format_summary
 from pipeline.checkpoints import (
     MANIFEST,
     MAX_DELTAS,
@@ -25,7 +28,7 @@ from pipeline.checkpoints import (
     read_manifest,
     read_partitions,
 )
-from pipeline.ingest import Ingest, StartStoppedError
+from pipeline.ingest import Ingest, IngestReport, StartStoppedError
 from pipeline.publish import publish_all
 from pipeline.settings import PipelineSettings
 from pipeline.sink import SinkError, SnapshotWriter
@@ -255,6 +258,51 @@ def test_last_checkpoint_committed_at_end(
             await nc.close()
 
     asyncio.run(scenario())
+
+
+def test_failed_stop_checkpoint_reported(
+    nats_server: EmbeddedNatsServer, tmp_path: Path
+) -> None:
+    # A partition dies just before the stop, so the checkpoint on stop fails. The run
+    # must still end, say where the next start resumes, and mark its summary partial.
+    settings = PipelineSettings(fetch_batch=50, checkpoint_interval_s=3600)
+
+    async def scenario() -> IngestReport:
+        nc = await nats.connect(nats_server.url)
+        actors = [PartitionActor.remote(i) for i in range(2)]  # type: ignore[attr-defined]
+        try:
+            events = await _publish(nc, settings, 100)
+            first = Ingest(nc, actors, None, settings)
+            await first.start()
+            await asyncio.wait_for(first.run(until_drained=True), 60)
+            await publish_all(nc, events[100:200])
+            ingest = Ingest(nc, actors, None, settings)
+            await ingest.start()
+            assert ingest.report.committed_seq == 100
+            stop = asyncio.Event()
+            task = asyncio.create_task(ingest.run(until_drained=False, stop=stop))
+            async with asyncio.timeout(60):
+                while ingest.report.counts["events_in"] < 100:
+                    await asyncio.sleep(0.05)
+            ray.kill(actors[0], no_restart=True)
+            stop.set()
+            report = await asyncio.wait_for(task, 60)
+            assert await _committed_seq(nc) == 100
+            return report
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+            await nc.close()
+
+    report = asyncio.run(scenario())
+    assert report.stop_error is not None
+    assert report.committed_seq == 100
+    db = tmp_path / "db.duckdb"
+    with SnapshotWriter(db):
+        pass
+    summary = format_summary(JobResult(report, Counter(), 0, [], db), db)
+    assert "incomplete: the checkpoint on stop failed" in summary
+    assert "through stream sequence 100 " in summary
 
 
 def test_commit_deferral_waits_until_hurried(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import logging
 from pathlib import Path
 
 import nats
@@ -11,6 +13,9 @@ import pytest
 from cluster.job import JobConfig, run_job
 from cluster.nats_server import EmbeddedNatsServer
 from cluster.operations import list_dead_letters, retry_dead_letters
+from contracts.dead_letters import DeadLetter
+from pipeline.ingest import DEAD_LETTER_LOG_FIRST, Ingest
+from pipeline.settings import PipelineSettings
 from pipeline.subjects import EVENTS_STREAM
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -134,3 +139,33 @@ def test_nul_character_becomes_dead_letter(
     [entry] = asyncio.run(_dead_letters(nats_server.url))
     assert entry.letter.event_id == "E-1"
     assert "field 'machine' contains a NUL character" in entry.letter.detail
+
+
+def test_dead_letter_log_notes_sampling(
+    nats_server: EmbeddedNatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    # After the first few of a reason, only every 1,000th is logged at WARNING. The
+    # log must note this once, or an operator takes the few for the whole count.
+    async def scenario() -> None:
+        nc = await nats.connect(nats_server.url)
+        try:
+            ingest = Ingest(nc, [], None, PipelineSettings())
+            for seq in range(1, DEAD_LETTER_LOG_FIRST + 3):
+                ingest._log_dead_letter(
+                    DeadLetter(
+                        reason="malformed",
+                        detail="cut short",
+                        subject="plant.events.P01.order_released",
+                        stream_seq=seq,
+                        data=b"{",
+                        rejected_at=dt.datetime.now(dt.UTC),
+                    )
+                )
+        finally:
+            await nc.close()
+
+    with caplog.at_level(logging.WARNING, logger="pipeline.ingest"):
+        asyncio.run(scenario())
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == DEAD_LETTER_LOG_FIRST + 1
+    assert warnings[-1].startswith("further dead letters of reason malformed")
