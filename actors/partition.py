@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import time
 import zlib
 from collections.abc import Callable, Sequence
@@ -127,6 +128,14 @@ class PartitionActor:
         else:
             self._state = PartitionState.restore(checkpoint, self._settings, orders)
         self._restore_token = token
+        # With the process id an operator can find the process to watch, or the one
+        # Ray started in place of a dead actor.
+        logger.info(
+            "partition %d restored to stream sequence %d in process %d",
+            self._state.partition,
+            self._state.last_seq,
+            os.getpid(),
+        )
         return self._state.last_seq
 
     def checkpoint(
@@ -157,6 +166,4 @@ class PartitionActor:
         return self._state.stats()
 
     def pid(self) -> int:
-        import os
-
         return os.getpid()
