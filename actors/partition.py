@@ -128,14 +128,6 @@ class PartitionActor:
         else:
             self._state = PartitionState.restore(checkpoint, self._settings, orders)
         self._restore_token = token
-        # With the process id an operator can find the process to watch, or the one
-        # Ray started in place of a dead actor.
-        logger.info(
-            "partition %d restored to stream sequence %d in process %d",
-            self._state.partition,
-            self._state.last_seq,
-            os.getpid(),
-        )
         return self._state.last_seq
 
     def checkpoint(
@@ -162,7 +154,10 @@ class PartitionActor:
         elapsed = time.perf_counter() - started
         return PartitionCheckpoint(state, orders, tables, elapsed)
 
-    def stats(self) -> dict[str, object]:
+    def stats(self, token: str | None = None) -> dict[str, object]:
+        """Return the state's counts; with `token`, fail unless it is the last
+        restore's, so that the counts of a restarted, empty state are not taken."""
+        self._check_token(token)
         return self._state.stats()
 
     def pid(self) -> int:

@@ -88,11 +88,10 @@ def format_summary(result: JobResult, db: Path, *, top: int = 5) -> str:
         # A partition that died just before the stop restarted empty, so its counts
         # are missing above. They return with its state at the next start.
         lines.append(
-            "  incomplete: the checkpoint on stop failed "
-            f"({result.report.stop_error[:200]}), so the counts above can leave out "
-            "a partition that lost its state. The next start restores the checkpoint "
-            f"through stream sequence {result.report.committed_seq} and processes "
-            "the messages after it again"
+            f"  incomplete: {result.report.stop_error}, so the counts above can "
+            "leave out a partition that lost its state. The next start restores the "
+            f"checkpoint through stream sequence {result.report.committed_seq} and "
+            "processes the messages after it again"
         )
     lines.append("postings by movement type")
     lines += _table(

@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
+import re
 import secrets
 import time
 from collections import Counter, defaultdict, deque
@@ -216,9 +217,10 @@ class IngestReport:
     committed_seq: int = 0
     """The stream sequence the last committed checkpoint covers, restored or new."""
     stop_error: str | None = None
-    """Why the checkpoint on stop failed, if it did. Then a partition may have lost
-    its state, so `Ingest.totals()` can leave out its counts, and the next start
-    processes the messages after `committed_seq` again."""
+    """Why the run may have lost a partition's state at its end: the checkpoint on
+    stop failed, or a partition was restarted empty. `Ingest.totals()` then leaves
+    out its counts, and the next start processes the messages after
+    `committed_seq` again."""
 
     @property
     def dead_letters(self) -> dict[str, int]:
@@ -321,6 +323,15 @@ class Ingest:
         if self.on_restore is not None:
             self.on_restore()
         resumed = await self._restore_partitions()
+        # Logged here, not in the actors: Ray merges similar lines from several actors
+        # into one, which would hide all but one process id.
+        pids: list[int] = await asyncio.gather(
+            *(actor.pid.remote() for actor in self.actors)
+        )
+        logger.info(
+            "partition processes: %s",
+            ", ".join(f"{index}={pid}" for index, pid in enumerate(pids)),
+        )
         if self.writer is not None and resumed > 0:
             # The file is written before each checkpoint commits, so it covers at
             # least the checkpoint unless it is another file than the runs before
@@ -441,9 +452,11 @@ class Ingest:
             await self._complete_in_flight(0)
             await self._finish_commit()
         except RECOVERABLE as error:
-            self.report.stop_error = f"{type(error).__name__}: {error}"
+            self.report.stop_error = (
+                f"the checkpoint on stop failed: {brief_error(error)}"
+            )
             logger.warning(
-                "the checkpoint on stop failed (%s). Nothing is lost: the next start "
+                "%s. Nothing is lost: the next start "
                 "restores the checkpoint through stream sequence %d and processes the "
                 "messages after it again",
                 self.report.stop_error,
@@ -995,7 +1008,38 @@ class Ingest:
         self._recoveries_without_progress = 0
 
     async def partition_stats(self) -> list[dict[str, object]]:
-        return await asyncio.gather(*(actor.stats.remote() for actor in self.actors))
+        """Return the stats of every partition that still has its restored state.
+
+        A partition that Ray restarted since the last restore is empty, so its stats
+        are left out, and `report.stop_error` records why.
+        """
+        token = self._restore_token
+        outcomes = await asyncio.gather(
+            *(actor.stats.remote(token) for actor in self.actors),
+            return_exceptions=True,
+        )
+        stats: list[dict[str, object]] = []
+        for index, outcome in enumerate(outcomes):
+            if isinstance(outcome, RECOVERABLE):
+                # totals() calls this again, so the warning is logged once.
+                if self.report.stop_error is None:
+                    self.report.stop_error = (
+                        f"partition {index} lost its state after the last checkpoint "
+                        f"({brief_error(outcome)})"
+                    )
+                    logger.warning(
+                        "partition %d lost its state after the last checkpoint, so "
+                        "its counts are left out of the totals. Nothing is lost: the "
+                        "next start restores the checkpoint through stream sequence "
+                        "%d and processes the messages after it again",
+                        index,
+                        self.report.committed_seq,
+                    )
+                continue
+            if isinstance(outcome, BaseException):
+                raise outcome
+            stats.append(outcome)
+        return stats
 
     async def totals(self) -> Counter[str]:
         """Return exact counts over the whole stream, replays after a recovery included.
@@ -1007,6 +1051,22 @@ class Ingest:
         for stats in await self.partition_stats():
             totals.update(cast(dict[str, int], stats["counts"]))
         return totals
+
+
+def brief_error(error: BaseException) -> str:
+    """Return the first line of an error, without Ray's traceback and colour codes.
+
+    For an exception raised in an actor, RayTaskError's text starts with Ray's own
+    frames, so the actor's exception is named instead.
+    """
+    if isinstance(error, ray.exceptions.RayTaskError) and error.cause is not None:
+        error = error.cause
+    lines = _TERMINAL_COLOUR.sub("", str(error)).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    return text if len(text) <= 200 else text[:199] + "…"
+
+
+_TERMINAL_COLOUR = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _key_dead_letter(

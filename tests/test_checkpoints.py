@@ -28,7 +28,7 @@ from pipeline.checkpoints import (
     read_manifest,
     read_partitions,
 )
-from pipeline.ingest import Ingest, IngestReport, StartStoppedError
+from pipeline.ingest import Ingest, IngestReport, StartStoppedError, brief_error
 from pipeline.publish import publish_all
 from pipeline.settings import PipelineSettings
 from pipeline.sink import SinkError, SnapshotWriter
@@ -296,6 +296,8 @@ def test_failed_stop_checkpoint_reported(
 
     report = asyncio.run(scenario())
     assert report.stop_error is not None
+    assert "\n" not in report.stop_error
+    assert "\x1b" not in report.stop_error
     assert report.committed_seq == 100
     db = tmp_path / "db.duckdb"
     with SnapshotWriter(db):
@@ -303,6 +305,48 @@ def test_failed_stop_checkpoint_reported(
     summary = format_summary(JobResult(report, Counter(), 0, [], db), db)
     assert "incomplete: the checkpoint on stop failed" in summary
     assert "through stream sequence 100 " in summary
+
+
+def test_totals_skip_partition_restarted_while_idle(
+    nats_server: EmbeddedNatsServer,
+) -> None:
+    # Ray restarts a partition killed while the stream is quiet, so nothing notices
+    # before the stop. Its empty state must not pass for its counts.
+    settings = PipelineSettings(fetch_batch=50, checkpoint_interval_s=0.2)
+
+    async def scenario() -> tuple[IngestReport, Counter[str], int]:
+        nc = await nats.connect(nats_server.url)
+        actors = [PartitionActor.remote(i) for i in range(2)]  # type: ignore[attr-defined]
+        try:
+            await _publish(nc, settings, 100)
+            ingest = Ingest(nc, actors, None, settings)
+            await ingest.start()
+            stop = asyncio.Event()
+            task = asyncio.create_task(ingest.run(until_drained=False, stop=stop))
+            async with asyncio.timeout(60):
+                while ingest.report.committed_seq < 100:
+                    await asyncio.sleep(0.05)
+            whole = await ingest.totals()
+            ray.kill(actors[0], no_restart=False)
+            stop.set()
+            report = await asyncio.wait_for(task, 60)
+            partial = await ingest.totals()
+            assert ingest.report.stop_error is not None
+            return report, partial, whole["events_in"]
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+            await nc.close()
+
+    report, partial, events_in = asyncio.run(scenario())
+    assert report.stop_error is not None
+    assert report.stop_error.startswith("partition 0 lost its state")
+    # Restarting or restarted: the empty state is found either way.
+    assert any(
+        name in report.stop_error
+        for name in ("PartitionRestartedError", "ActorUnavailableError")
+    )
+    assert 0 < partial["events_in"] < events_in
 
 
 def test_commit_deferral_waits_until_hurried(
@@ -410,3 +454,13 @@ def test_start_retry_ends_on_stop(nats_server: EmbeddedNatsServer) -> None:
             await nc.close()
 
     asyncio.run(scenario())
+
+
+def test_brief_error_one_plain_line() -> None:
+    error = ValueError(
+        "\x1b[36mpartition 0 failed\x1b[0m\nTraceback (most recent call)"
+    )
+    assert brief_error(error) == "ValueError: partition 0 failed"
+    long = brief_error(ValueError("x" * 500))
+    assert len(long) == 200
+    assert long.endswith("…")
