@@ -87,12 +87,13 @@ def format_summary(result: JobResult, db: Path, *, top: int = 5) -> str:
     if result.report.stop_error:
         # A partition that died just before the stop restarted empty, so its counts
         # are missing above. They return with its state at the next start.
-        lines.append(
-            f"  incomplete: {result.report.stop_error}, so the counts above can "
-            "leave out a partition that lost its state. The next start restores the "
-            f"checkpoint through stream sequence {result.report.committed_seq} and "
-            "processes the messages after it again"
-        )
+        lines += [
+            f"  incomplete: {result.report.stop_error}",
+            "    The counts above leave out any partition that lost its state. The "
+            "next start restores the checkpoint through stream sequence "
+            f"{result.report.committed_seq} and processes the messages after it "
+            "again.",
+        ]
     lines.append("postings by movement type")
     lines += _table(
         ["type", "meaning", "count"],

@@ -1024,15 +1024,16 @@ class Ingest:
                 # totals() calls this again, so the warning is logged once.
                 if self.report.stop_error is None:
                     self.report.stop_error = (
-                        f"partition {index} lost its state after the last checkpoint "
-                        f"({brief_error(outcome)})"
+                        f"partition {index} was restarted after the last checkpoint "
+                        "and lost its state"
                     )
                     logger.warning(
-                        "partition %d lost its state after the last checkpoint, so "
-                        "its counts are left out of the totals. Nothing is lost: the "
-                        "next start restores the checkpoint through stream sequence "
-                        "%d and processes the messages after it again",
+                        "partition %d lost its state after the last checkpoint (%s), "
+                        "so its counts are left out of the totals. Nothing is lost: "
+                        "the next start restores the checkpoint through stream "
+                        "sequence %d and processes the messages after it again",
                         index,
+                        type(outcome).__name__,
                         self.report.committed_seq,
                     )
                 continue
