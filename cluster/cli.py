@@ -422,6 +422,12 @@ def _record_signal(signum: int, frame: object) -> None:
     _early_signals.append(signal.Signals(signum))
 
 
+def _ray_running() -> bool:
+    # Looked up, not imported: commands that never use Ray should not load it.
+    ray = sys.modules.get("ray")
+    return ray is not None and bool(ray.is_initialized())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     # Signals are recorded from the start, because a SIGINT while Ray's modules load
     # ended in a traceback or, in some runs, was lost. Other commands get the default
@@ -440,7 +446,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             for signum in _early_signals:
                 signal.raise_signal(signum)
         _validate_shared_options(args)
-        return int(args.handler(args))
+        ray_was_running = _ray_running()
+        code = int(args.handler(args))
+        if not ray_was_running and _ray_running():
+            # Shut down here rather than in Ray's exit hook, where a Ctrl-C during
+            # its waits printed a traceback after the command's work was done.
+            sys.modules["ray"].shutdown()
+        return code
     except BrokenPipeError:
         # The reader of the output (head, less) quit early, which is not a failure.
         # Point stdout at /dev/null so that the flush at exit does not fail again.

@@ -18,6 +18,7 @@ from typing import TypeVar
 import duckdb
 import nats
 import pytest
+import ray
 from nats.js import JetStreamContext
 
 from cluster.nats_server import EmbeddedNatsServer
@@ -607,3 +608,13 @@ def _children(pid: int) -> list[int]:
         if int(fields[1]) == pid:
             found.append(int(stat.parent.name))
     return found
+
+
+@pytest.mark.usefixtures("ray_local")
+def test_command_leaves_callers_ray_running() -> None:
+    # main() shuts down only a Ray instance that its command started: a caller's own
+    # instance, such as this session's, must outlive the command.
+    from cluster.cli import main
+
+    assert main(["schema", "events"]) == 0
+    assert ray.is_initialized()
