@@ -85,8 +85,8 @@ def format_summary(result: JobResult, db: Path, *, top: int = 5) -> str:
     if result.report.recoveries:
         lines.append(f"  recoveries           {result.report.recoveries}")
     if result.report.stop_error:
-        # A partition that died just before the stop restarted empty, so its counts
-        # are missing above. They return with its state at the next start.
+        # A partition that died near the stop restarted empty, so its counts are
+        # missing above. They return with its state at the next start.
         lines += [
             f"  incomplete: {result.report.stop_error}",
             "    The counts above leave out any partition that lost its state. The "

@@ -1011,7 +1011,8 @@ class Ingest:
         """Return the stats of every partition that still has its restored state.
 
         A partition that Ray restarted since the last restore is empty, so its stats
-        are left out, and `report.stop_error` records why.
+        are left out, and `report.stop_error` records why. So are those of a partition
+        that does not answer at all.
         """
         token = self._restore_token
         outcomes = await asyncio.gather(
@@ -1022,18 +1023,20 @@ class Ingest:
         for index, outcome in enumerate(outcomes):
             if isinstance(outcome, RECOVERABLE):
                 # totals() calls this again, so the warning is logged once.
+                # NOTE: an actor that is only unreachable for a while, which Ray reports
+                # with the same ActorUnavailableError as a restarting one, is also
+                # counted as lost here.
                 if self.report.stop_error is None:
                     self.report.stop_error = (
-                        f"partition {index} was restarted after the last checkpoint "
-                        "and lost its state"
+                        f"partition {index} returned no counts "
+                        f"({type(outcome).__name__}), because Ray restarted it after "
+                        "the last checkpoint or it is unavailable"
                     )
                     logger.warning(
-                        "partition %d lost its state after the last checkpoint (%s), "
-                        "so its counts are left out of the totals. Nothing is lost: "
-                        "the next start restores the checkpoint through stream "
+                        "%s, so its counts are left out of the totals. Nothing is "
+                        "lost: the next start restores the checkpoint through stream "
                         "sequence %d and processes the messages after it again",
-                        index,
-                        type(outcome).__name__,
+                        self.report.stop_error,
                         self.report.committed_seq,
                     )
                 continue

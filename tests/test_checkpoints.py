@@ -340,9 +340,12 @@ def test_totals_skip_partition_restarted_while_idle(
 
     report, partial, events_in = asyncio.run(scenario())
     assert report.stop_error is not None
-    assert report.stop_error == (
-        "partition 0 was restarted after the last checkpoint and lost its state"
-    )
+    # Restarting or restarted: either way the empty state is found.
+    assert report.stop_error in {
+        f"partition 0 returned no counts ({name}), because Ray restarted it after "
+        "the last checkpoint or it is unavailable"
+        for name in ("PartitionRestartedError", "ActorUnavailableError")
+    }
     assert 0 < partial["events_in"] < events_in
 
 
