@@ -1,4 +1,4 @@
-"""The Ray actor around `PartitionState`, and the stable hash that picks a partition."""
+"""The Ray actor around `PartitionState`."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import ctypes
 import logging
 import os
 import time
-import zlib
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
@@ -14,7 +13,13 @@ import msgspec
 import pyarrow as pa
 import ray
 
-from actors.partition_state import BatchResult, PartitionState, SourceMessage
+from actors.partition_state import (
+    BatchResult,
+    CheckpointFormatError,
+    PartitionState,
+    SourceMessage,
+)
+from actors.repartition import take_share
 from actors.settings import StateSettings
 
 logger = logging.getLogger(__name__)
@@ -23,7 +28,6 @@ __all__ = [
     "PartitionActor",
     "PartitionCheckpoint",
     "PartitionRestartedError",
-    "partition_of",
 ]
 
 
@@ -56,15 +60,6 @@ class PartitionCheckpoint(NamedTuple):
     """Snapshot rows changed since the previous checkpoint."""
     seconds: float
     """How long the actor took to build all this, during which it applied nothing."""
-
-
-def partition_of(plant: str, routing_key: str, partitions: int) -> int:
-    """Return the partition that owns (plant, routing key).
-
-    CRC-32 is stable across processes and Python versions, unlike hash(), so a key keeps
-    its partition across restarts and its checkpoint stays valid.
-    """
-    return zlib.crc32(f"{plant}\x1f{routing_key}".encode()) % partitions
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0)
@@ -127,6 +122,35 @@ class PartitionActor:
             self._state = PartitionState(self._state.partition, self._settings)
         else:
             self._state = PartitionState.restore(checkpoint, self._settings, orders)
+        self._restore_token = token
+        return self._state.last_seq
+
+    def restore_share(
+        self,
+        saved: Sequence[tuple[bytes, Sequence[bytes]]],
+        partitions: int,
+        last_seq: int,
+        token: str | None = None,
+    ) -> int:
+        """Restore this partition's share of a checkpoint with another partition
+        count; return its last seq.
+
+        `saved` contains each of the checkpoint's partitions as `restore` takes it (the
+        state part and the orders parts) and `last_seq` the stream sequence the
+        checkpoint covers. The actor's own index among the run's `partitions` decides
+        its share (`actors.repartition`).
+        """
+        states = []
+        for index, (state, orders) in enumerate(saved):
+            try:
+                states.append(PartitionState.restore(state, self._settings, orders))
+            except CheckpointFormatError as error:
+                raise CheckpointFormatError(
+                    str(error), part=error.part, partition=index
+                ) from error
+        self._state = take_share(
+            states, self._state.partition, partitions, last_seq, self._settings
+        )
         self._restore_token = token
         return self._state.last_seq
 

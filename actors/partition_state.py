@@ -1114,8 +1114,7 @@ class PartitionState:
         if parts:
             saved.orders = _merge_orders(parts, saved)
         state = cls(saved.partition, settings)
-        state.last_seq = saved.last_seq
-        state._position = (saved.last_seq, sys.maxsize)
+        state.resume_after(saved.last_seq)
         state.seen = _merge_seen(parts, saved, state.settings.dedup_max_ids)
         state.closed_orders = _merge_closed(
             parts, saved, state.settings.closed_order_max_keys
@@ -1131,10 +1130,28 @@ class PartitionState:
         state.plant_holds = saved.plant_holds
         state.counts = Counter(saved.counts)
         state.clocks = saved.clocks
-        # Snapshot rows not yet written were lost with the old process; rewriting every
-        # order brings the tables back in step with the restored state.
-        state._rewrite_orders = set(saved.orders)
+        state.rewrite_rows()
         return state
+
+    def resume_after(self, last_seq: int) -> None:
+        """Take every message up to stream sequence `last_seq` as applied, so that a
+        redelivery of one is dropped."""
+        self.last_seq = last_seq
+        # Checkpoints fall between whole messages, so every event of the last one
+        # was taken.
+        self._position = (last_seq, sys.maxsize)
+
+    def rewrite_rows(self) -> None:
+        """Write every order's and every plant clock's snapshot rows, and each plant's
+        calendar, again at the next snapshot.
+
+        A restored state needs it: the rows an old process collected after its last
+        checkpoint were lost with it, and DuckDB may hold rows of a later state than
+        the checkpoint's. Rewriting them brings the tables back in step.
+        """
+        self._rewrite_orders = set(self.orders)
+        for plant in self.clocks:
+            self._clock(plant)
 
     def parked_count(self) -> int:
         return sum(len(v) for v in self.parked.values())
@@ -1482,11 +1499,16 @@ def _ledger_table(rows: list[tuple[object, ...]]) -> pa.Table:
 class CheckpointFormatError(ValueError):
     """A checkpoint written by an incompatible version of the partition state."""
 
-    def __init__(self, message: str, *, part: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, part: int | None = None, partition: int | None = None
+    ) -> None:
         super().__init__(message)
         self.part = part
         """Which data passed to `restore` failed: 0 for the state, 1 for the first
         orders part. None when each part decodes but the parts do not fit together."""
+        self.partition = partition
+        """The checkpoint's partition the data belongs to, where it differs from the
+        restoring actor's (a checkpoint split among another partition count)."""
 
 
 class _Park(Exception):

@@ -18,12 +18,12 @@ import msgspec
 import ray
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from actors.partition import PartitionCheckpoint, partition_of
+from actors.partition import PartitionCheckpoint
 from actors.partition_state import BatchResult, SourceMessage
 from benchmarks.broker import Broker
 from benchmarks.pipeline_run import start_actors
 from contracts.codec import encode
-from contracts.keys import decode_key, routing_key
+from contracts.keys import decode_key, partition_of, routing_key
 from pipeline.publish import publish_all
 from pipeline.sink import SnapshotWriter, merge_tables
 from pipeline.subjects import EVENTS_PREFIX, EVENTS_STREAM, dlq_subject

@@ -27,7 +27,6 @@ from actors.settings import StateSettings
 from cluster.connection_log import SUMMARY_INTERVAL_S, ConnectionLog, redact_url
 from cluster.lease import DEFAULT_TTL_S, IngestLease, LeaseLostError
 from cluster.nats_server import EmbeddedNatsServer
-from pipeline.checkpoints import CheckpointMismatchError, read_manifest
 from pipeline.ingest import Ingest, IngestReport
 from pipeline.publish import publish_all
 from pipeline.settings import PipelineSettings
@@ -37,7 +36,7 @@ from pipeline.sink import (
     check_not_folder,
     read_source,
 )
-from pipeline.streams import CHECKPOINT_BUCKET, ensure_streams
+from pipeline.streams import ensure_streams
 from pipeline.subjects import EVENTS_STREAM
 
 logger = logging.getLogger(__name__)
@@ -302,27 +301,6 @@ async def _snapshot_source(
     )
 
 
-async def _check_checkpoint_partitions(
-    js: nats.js.JetStreamContext, partitions: int
-) -> None:
-    """Raise CheckpointMismatchError if the committed checkpoint has another
-    partition count, before the run starts one Ray actor per partition."""
-    # ensure_streams created the bucket. The ingest checks the count again when it
-    # restores the partitions, in case another run committed a checkpoint since.
-    store = await js.object_store(CHECKPOINT_BUCKET)
-    manifest = await read_manifest(store)
-    if manifest is None or manifest.partitions == partitions:
-        return
-    raise CheckpointMismatchError(
-        f"--partitions {partitions} does not match the checkpoint in object store "
-        f"bucket {CHECKPOINT_BUCKET}, which has {manifest.partitions} partitions; "
-        f"start with --partitions {manifest.partitions}. To change the count, stop "
-        "every run and delete the checkpoint with `plantstream checkpoints reset "
-        "--nats-url URL --yes`, after which the next run processes the stream again "
-        "from sequence 1"
-    )
-
-
 def _replace_earlier_demo(db: Path, source: SnapshotSource) -> None:
     """Delete `db` if an earlier demo wrote it from its own embedded server.
 
@@ -377,7 +355,6 @@ async def run_job(
             if lease is not None:
                 await lease.acquire(stop)
             try:
-                await _check_checkpoint_partitions(js, config.partitions)
                 source = await _snapshot_source(js, embedded=server is not None)
                 _replace_earlier_demo(config.db, source)
                 actors = [

@@ -33,14 +33,13 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import NotFoundError
 
-from actors.partition import partition_of
 from actors.partition_state import PartitionState, SourceMessage
 from actors.settings import StateSettings
 from cluster.cli import positive_int
 from cluster.lease import DEFAULT_TTL_S, lease_holder
 from contracts.codec import decode_dead_letter, decode_edge_batch
 from contracts.dead_letters import DeadLetter, DeadLetterReason
-from contracts.keys import decode_key, routing_key
+from contracts.keys import decode_key, is_plant_wide, partition_of, routing_key
 from pipeline.checkpoints import (
     CheckpointChains,
     CheckpointManifest,
@@ -49,7 +48,7 @@ from pipeline.checkpoints import (
     read_manifest,
     read_partitions,
 )
-from pipeline.ingest import PLANT_WIDE_EVENTS, check_event_subject, is_edge_batch
+from pipeline.ingest import check_event_subject, is_edge_batch
 from pipeline.publish import publish_all
 from pipeline.settings import PipelineSettings
 from pipeline.sink import SnapshotWriter, merge_tables
@@ -373,7 +372,7 @@ class _Router:
             self.groups.setdefault(partition, []).append(
                 SourceMessage(seq, subject, event, True, index)
             )
-            if key.order is None and key.event_type in PLANT_WIDE_EVENTS:
+            if is_plant_wide(key):
                 for other in range(self.partitions):
                     if other != partition:
                         self.groups.setdefault(other, []).append(

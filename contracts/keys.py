@@ -7,10 +7,23 @@ fraction of a full decode; the partition actor decodes the whole event once.
 from __future__ import annotations
 
 import sys
+import zlib
 
 import msgspec
 
-__all__ = ["EventKey", "check_no_nul", "decode_key", "nesting_error", "routing_key"]
+__all__ = [
+    "PLANT_WIDE_EVENTS",
+    "EventKey",
+    "check_no_nul",
+    "decode_key",
+    "is_plant_wide",
+    "nesting_error",
+    "partition_of",
+    "routing_key",
+]
+
+PLANT_WIDE_EVENTS = frozenset({"quality_hold_applied", "quality_hold_released"})
+"""Event types that every partition applies when they name no order."""
 
 
 class EventKey(msgspec.Struct, frozen=True, gc=False):
@@ -109,9 +122,39 @@ def routing_key(key: EventKey) -> str:
     production order go to that order, shipments without an order to their delivery.
     """
     if key.machine:
-        return f"machine:{key.machine}"
+        return machine_routing_key(key.machine)
     if key.order:
-        return f"order:{key.order}"
+        return order_routing_key(key.order)
     if key.delivery:
         return f"delivery:{key.delivery}"
-    return "plant"
+    return PLANT_ROUTING_KEY
+
+
+PLANT_ROUTING_KEY = "plant"
+"""The routing key of an event that names no machine, order or delivery, such as a
+plant-wide hold."""
+
+
+def order_routing_key(order: str) -> str:
+    """Return the routing key of a production order's events."""
+    return f"order:{order}"
+
+
+def machine_routing_key(machine: str) -> str:
+    """Return the routing key of a machine's events."""
+    return f"machine:{machine}"
+
+
+def is_plant_wide(key: EventKey) -> bool:
+    """Return whether every partition applies the event: a hold that names no order
+    blocks stock in orders of every partition."""
+    return key.order is None and key.event_type in PLANT_WIDE_EVENTS
+
+
+def partition_of(plant: str, routing_key: str, partitions: int) -> int:
+    """Return the partition that owns (plant, routing key).
+
+    CRC-32 is stable across processes and Python versions, unlike hash(), so a key keeps
+    its partition across restarts and its checkpoint stays valid.
+    """
+    return zlib.crc32(f"{plant}\x1f{routing_key}".encode()) % partitions

@@ -211,17 +211,31 @@ class CheckpointChains:
     next one."""
 
     def __init__(self, manifest: CheckpointManifest | None, partitions: int) -> None:
-        self._committed: list[PartitionObjects | None] = (
-            list(manifest.objects)
-            if manifest is not None and manifest.objects
-            else [None] * partitions
-        )
+        committed: list[PartitionObjects | None] = [None] * partitions
+        if manifest is not None and manifest.objects:
+            # With another partition count the run splits the committed partitions
+            # (`actors.repartition`). Their objects stay until the next manifest
+            # replaces them, so the new ones take the other slots, and every chain
+            # starts with a base.
+            for index, objects in enumerate(manifest.objects[:partitions]):
+                committed[index] = objects
+        self._committed = committed
+        self._rebase = manifest is not None and manifest.partitions != partitions
+        self._shrunk = manifest is not None and manifest.partitions > partitions
+        """Whether objects of partitions beyond this run's count are left, to delete
+        once a manifest without them is committed."""
         self._legacy = manifest is not None and not manifest.objects
+
+    @property
+    def rebasing(self) -> bool:
+        """Whether the committed checkpoint has another partition count than this
+        run, until the first checkpoint of this run is committed."""
+        return self._rebase
 
     def wants_base(self, partition: int) -> bool:
         """Return whether the next orders part of `partition` is a base."""
         objects = self._committed[partition]
-        if objects is None:
+        if objects is None or self._rebase:
             return True
         deltas = objects.sizes[1:]
         return (
@@ -282,6 +296,7 @@ class CheckpointChains:
         """Put the manifest, the commit point, and make its objects the current ones."""
         await store.put(MANIFEST, msgspec.json.encode(manifest))
         self._committed = list(manifest.objects)
+        self._rebase = False
         if self._legacy:
             # Objects of a version that stored each partition whole are named by no
             # manifest any more.
@@ -295,6 +310,41 @@ class CheckpointChains:
                 "deleted the %d checkpoint objects of the one-object format",
                 manifest.partitions,
             )
+        if self._shrunk:
+            self._shrunk = False
+            await self._delete_beyond(store, manifest.partitions)
+
+    async def _delete_beyond(self, store: ObjectStore, partitions: int) -> None:
+        """Delete the objects of partitions at or above `partitions`: each partition
+        keeps objects in two slots, and the manifest names only one of them."""
+        try:
+            infos = await store.list(ignore_deletes=True)
+        except NotFoundError:
+            return
+        names = [
+            info.name
+            for info in infos
+            if (index := _partition_of_name(info.name)) is not None
+            and index >= partitions
+        ]
+        for name in names:
+            try:
+                await store.delete(name)
+            except NotFoundError:
+                pass
+        logger.info(
+            "deleted %d checkpoint objects of partitions beyond the %d of this run",
+            len(names),
+            partitions,
+        )
+
+
+def _partition_of_name(name: str) -> int | None:
+    """Return the partition of an object named "partition-<index>..." or None."""
+    fields = name.split("-")
+    if len(fields) < 2 or fields[0] != "partition" or not fields[1].isdigit():
+        return None
+    return int(fields[1])
 
 
 def _legacy_name(partition: int) -> str:

@@ -49,11 +49,17 @@ from nats.js.api import ConsumerConfig, DeliverPolicy
 from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.object_store import ObjectStore
 
-from actors.partition import PartitionCheckpoint, partition_of
+from actors.partition import PartitionCheckpoint
 from actors.partition_state import BatchResult, CheckpointFormatError, SourceMessage
 from contracts.codec import decode_edge_batch, describe_decode_error, encode
 from contracts.dead_letters import DeadLetter, DeadLetterReason, shorten_letter
-from contracts.keys import check_no_nul, decode_key, routing_key
+from contracts.keys import (
+    check_no_nul,
+    decode_key,
+    is_plant_wide,
+    partition_of,
+    routing_key,
+)
 from contracts.snapshots import table_from_rows
 from pipeline.checkpoints import (
     MANIFEST,
@@ -156,9 +162,6 @@ RECONNECT_POLL_S = 0.1
 MAX_RECOVERIES_WITHOUT_PROGRESS = 8
 """Recoveries in a row with no checkpoint committed before the ingest gives up; with the
 backoff above that is about 45 s of retrying, longer than a nats-server restart."""
-
-PLANT_WIDE_EVENTS = frozenset({"quality_hold_applied", "quality_hold_released"})
-"""Event types that every partition applies when they name no order."""
 
 SUBJECT_CACHE_SIZE = 65_536
 """Subjects whose plant and event type check is remembered; the cache starts over when
@@ -363,37 +366,48 @@ class Ingest:
             )
             return 0
         self._ingest_counts = Counter(manifest.ingest_counts)
-        if manifest.partitions != len(self.actors):
-            # TODO: repartition a checkpoint by re-hashing its orders and machines.
-            raise CheckpointMismatchError(
-                f"the checkpoint has {manifest.partitions} partitions but this run has "
-                f"{len(self.actors)}; start with --partitions {manifest.partitions}. "
-                "To change the count, delete the object store bucket "
-                f"{CHECKPOINT_BUCKET} with `plantstream checkpoints reset`, which "
-                "replays the stream from sequence 1"
-            )
         saved = await read_partitions(self._store, manifest)
-        outcomes = await asyncio.gather(
-            *(
+        partitions = len(self.actors)
+        if manifest.partitions == partitions:
+            calls = [
                 actor.restore.remote(partition.state, partition.orders, token)
                 for actor, partition in zip(self.actors, saved, strict=True)
-            ),
-            return_exceptions=True,
-        )
+            ]
+        else:
+            logger.info(
+                "splitting the checkpoint's %d partitions among %d; the first "
+                "checkpoint of this run stores them in the new layout",
+                manifest.partitions,
+                partitions,
+            )
+            # One copy in Ray's object store, which every actor reads its share from.
+            shared = ray.put(
+                [(partition.state, partition.orders) for partition in saved]
+            )
+            calls = [
+                actor.restore_share.remote(
+                    shared, partitions, manifest.stream_seq, token
+                )
+                for actor in self.actors
+            ]
+        outcomes = await asyncio.gather(*calls, return_exceptions=True)
         for index, outcome in enumerate(outcomes):
             # Retrying cannot help with a damaged checkpoint or one of another
             # format, so this one is not among the RECOVERABLE errors.
             if isinstance(outcome, ray.exceptions.RayTaskError) and isinstance(
                 outcome.cause, CheckpointFormatError
             ):
-                names = object_names(manifest, index)
+                stored = outcome.cause.partition
+                if stored is None:
+                    stored = index
+                names = object_names(manifest, stored)
                 part = outcome.cause.part
                 if part is not None and part < len(names):
                     place = f"object {names[part]}"
                 else:
                     place = f"objects {', '.join(names)}"
                 raise CheckpointMismatchError(
-                    f"partition {index}, {place}: {outcome.cause}"
+                    f"partition {stored}, {place}: {outcome.cause}"
                 ) from outcome
         for outcome in outcomes:
             if isinstance(outcome, BaseException):
@@ -712,7 +726,7 @@ class Ingest:
         groups.setdefault(partition, []).append(
             SourceMessage(seq, subject, data, True, index)
         )
-        if key.order is None and key.event_type in PLANT_WIDE_EVENTS:
+        if is_plant_wide(key):
             # A lot or material hold blocks stock in orders of every partition.
             for other in range(partitions):
                 if other != partition:
@@ -973,8 +987,12 @@ class Ingest:
             tables = merge_tables([result.tables for result in results])
             if dead_rows:
                 tables["dead_letters"] = table_from_rows("dead_letters", dead_rows)
+            # After a split into fewer partitions, the rows of the ones beyond the
+            # new count go with the first write.
             await self.writer.write_in_background(
-                tables, through_seq=barrier.covered_seq
+                tables,
+                through_seq=barrier.covered_seq,
+                partitions=len(self.actors) if self._chains.rebasing else None,
             )
         clock = self._lap("snapshot", clock)
         if self.commit_guard is not None:

@@ -82,6 +82,10 @@ _MAX_BACKOFF_S = 0.5
 # kept open. The difference is mostly the open (about 11 ms, loading the catalog and the
 # primary key index). The close, with its checkpoint, takes 2 to 3 ms. At one write per
 # second the writer holds the file under 3% of the time, which leaves readers the rest.
+PER_PARTITION_TABLES = ("plant_clocks",)
+"""Tables whose primary key includes the partition: each partition writes its own
+rows."""
+
 _ROW_INDEX = "__plantstream_row"
 
 _NEW_ROWS: dict[str, str] = {"events": "stream_seq", "postings": "insert_first"}
@@ -599,13 +603,16 @@ class SnapshotWriter:
         tables: Mapping[str, pa.Table | pa.RecordBatch | Sequence[pa.RecordBatch]],
         *,
         through_seq: int | None = None,
+        partitions: int | None = None,
     ) -> None:
         """Upsert every table's rows by primary key, all in one transaction.
 
         Rows whose key already exists replace the stored row; within one batch, the last
         row of a key wins. Nothing is written if any batch fails validation. With
         `through_seq`, the same transaction records that the rows now cover the plant
-        events up to that stream sequence.
+        events up to that stream sequence. With `partitions`, it deletes the rows of
+        partitions at or above that count from the tables kept per partition, which a
+        run with fewer partitions than the one before leaves behind.
         """
         if self._closed:
             raise SinkError(
@@ -622,19 +629,23 @@ class SnapshotWriter:
             _check_keys(name, table)
             if table.num_rows:
                 staged[name] = table
-        if not staged and through_seq is None:
+        if not staged and through_seq is None and partitions is None:
             return
 
         started = time.perf_counter()
         try:
-            self._write_staged(staged, insert_new=True, through_seq=through_seq)
+            self._write_staged(
+                staged, insert_new=True, through_seq=through_seq, partitions=partitions
+            )
         except duckdb.ConstraintException as error:
             # A row inserted as new was stored already: a restart or a replay wrote
             # it before. Nothing of this write was committed, so write it all again
             # with upserts, which replace such rows.
             logger.debug("writing again with upserts to %s: %s", self.path, error)
             self._high_seq.clear()
-            self._write_staged(staged, insert_new=False, through_seq=through_seq)
+            self._write_staged(
+                staged, insert_new=False, through_seq=through_seq, partitions=partitions
+            )
         if logger.isEnabledFor(logging.DEBUG):
             counts = ", ".join(
                 f"{name}={table.num_rows}" for name, table in staged.items()
@@ -651,6 +662,7 @@ class SnapshotWriter:
         tables: Mapping[str, pa.Table | pa.RecordBatch | Sequence[pa.RecordBatch]],
         *,
         through_seq: int | None = None,
+        partitions: int | None = None,
     ) -> None:
         """Run `write` in the writer's own thread, so the event loop goes on meanwhile.
 
@@ -666,7 +678,10 @@ class SnapshotWriter:
             )
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(
-            self._thread, functools.partial(self.write, tables, through_seq=through_seq)
+            self._thread,
+            functools.partial(
+                self.write, tables, through_seq=through_seq, partitions=partitions
+            ),
         )
 
     def _write_staged(
@@ -675,6 +690,7 @@ class SnapshotWriter:
         *,
         insert_new: bool,
         through_seq: int | None = None,
+        partitions: int | None = None,
     ) -> None:
         high_seq: dict[str, int] = {}
         connection = self._open()
@@ -689,6 +705,13 @@ class SnapshotWriter:
                         self._insert(connection, name, table)
                     else:
                         self._upsert(connection, name, table)
+                if partitions is not None:
+                    for name in PER_PARTITION_TABLES:
+                        connection.execute(
+                            f"DELETE FROM {_quote(name)} "  # noqa: S608
+                            f"WHERE {_quote('partition')} >= ?",
+                            [partitions],
+                        )
                 if through_seq is not None:
                     # A file without a source row (written by replay or a test) has
                     # nothing to update, and nothing checks its coverage either.

@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import duckdb
 import msgspec
 import nats
 import pytest
@@ -17,7 +18,7 @@ import ray
 
 import pipeline.ingest as ingest_module
 from actors.partition import PartitionActor, PartitionCheckpoint
-from actors.partition_state import OrdersCheckpoint, PartitionState
+from actors.partition_state import OrdersCheckpoint, PartitionState, SourceMessage
 from cluster.job import JobResult
 from cluster.nats_server import EmbeddedNatsServer
 from cluster.summary import format_summary
@@ -129,6 +130,65 @@ def test_restart_restores_base_and_deltas(
             await nc.close()
 
     asyncio.run(scenario())
+
+
+def test_partition_count_changed_between_runs(
+    nats_server: EmbeddedNatsServer, tmp_path: Path
+) -> None:
+    # Two partitions, then three, then one, each run on a third of the stream: each
+    # splits the checkpoint it finds. The result must match one state that applied
+    # the whole stream.
+    db = tmp_path / "runs.duckdb"
+    truth = PartitionState(0)
+    truth_keys: set[str] = set()
+
+    async def scenario() -> list[Counter[str]]:
+        nc = await nats.connect(nats_server.url)
+        runs = [[PartitionActor.remote(i) for i in range(n)] for n in (2, 3, 1)]  # type: ignore[attr-defined]
+        totals: list[Counter[str]] = []
+        try:
+            events = await _publish(nc, SETTINGS, 0)
+            for start in range(0, len(events), 50):
+                batch = [
+                    SourceMessage(seq, subject, data)
+                    for seq, (subject, data, _) in enumerate(
+                        events[start : start + 50], start=start + 1
+                    )
+                ]
+                truth_keys.update(p.key for p in truth.apply_batch(batch).postings)
+            third = len(events) // 3
+            with SnapshotWriter(db) as writer:
+                for index, actors in enumerate(runs):
+                    end = len(events) if index == 2 else third * (index + 1)
+                    await publish_all(nc, events[third * index : end])
+                    ingest = Ingest(nc, actors, writer, SETTINGS)
+                    await ingest.start()
+                    await ingest.run(until_drained=True)
+                    totals.append(await ingest.totals())
+            store = await nc.jetstream().object_store(CHECKPOINT_BUCKET)
+            manifest = await read_manifest(store)
+            assert manifest is not None and manifest.partitions == 1
+            names = {info.name for info in await store.list(ignore_deletes=True)}
+            assert {name.split("-")[1] for name in names - {MANIFEST}} == {"0"}
+        finally:
+            for actor in [actor for run in runs for actor in run]:
+                ray.kill(actor)
+            await nc.close()
+        return totals
+
+    totals = asyncio.run(scenario())
+
+    for name in ("applied", "duplicates", "parked", "unparked"):
+        assert totals[-1][name] == truth.counts[name], name
+    with duckdb.connect(str(db), read_only=True) as connection:
+        postings = connection.execute("SELECT key FROM postings").fetchall()
+        orders = connection.execute("SELECT count(*) FROM orders").fetchall()
+        clock_partitions = connection.execute(
+            "SELECT DISTINCT partition FROM plant_clocks"
+        ).fetchall()
+    assert {key for (key,) in postings} == truth_keys
+    assert orders == [(len(truth.orders),)]
+    assert clock_partitions == [(0,)]
 
 
 def test_damaged_checkpoint_named_at_start(nats_server: EmbeddedNatsServer) -> None:
@@ -383,11 +443,15 @@ class _FailingWriter(SnapshotWriter):
     failing = False
 
     def write(
-        self, tables: Mapping[str, Any], *, through_seq: int | None = None
+        self,
+        tables: Mapping[str, Any],
+        *,
+        through_seq: int | None = None,
+        partitions: int | None = None,
     ) -> None:
         if self.failing:
             raise SinkError(f"write to {self.path} failed on purpose")
-        super().write(tables, through_seq=through_seq)
+        super().write(tables, through_seq=through_seq, partitions=partitions)
 
 
 def test_failed_commit_recovered_while_idle(

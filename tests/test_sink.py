@@ -127,6 +127,22 @@ def test_upsert_replaces_row(tmp_path: Path) -> None:
     assert rows == [("O1", "completed"), ("O2", "released")]
 
 
+def test_rows_of_removed_partitions_deleted(tmp_path: Path) -> None:
+    path = tmp_path / "snapshots.duckdb"
+    clocks = [
+        {"plant": plant, "partition": partition, "events": 1}
+        for plant in ("P1", "P2")
+        for partition in range(3)
+    ]
+    with SnapshotWriter(path) as writer:
+        writer.write({"plant_clocks": table("plant_clocks", clocks)})
+        writer.write({"orders": table("orders", [order("O1")])}, partitions=2)
+
+    rows = fetch(path, "SELECT plant, partition FROM plant_clocks ORDER BY ALL")
+    assert rows == [("P1", 0), ("P1", 1), ("P2", 0), ("P2", 1)]
+    assert fetch(path, "SELECT order_id FROM orders") == [("O1",)]
+
+
 def test_write_in_background_thread_priority(tmp_path: Path) -> None:
     path = tmp_path / "snapshots.duckdb"
     seen: dict[str, object] = {}
@@ -134,7 +150,10 @@ def test_write_in_background_thread_priority(tmp_path: Path) -> None:
         write = writer.write
 
         def recording_write(
-            tables: dict[str, pa.Table], *, through_seq: int | None = None
+            tables: dict[str, pa.Table],
+            *,
+            through_seq: int | None = None,
+            partitions: int | None = None,
         ) -> None:
             seen["thread"] = threading.current_thread().name
             if sys.platform == "linux":
@@ -164,7 +183,10 @@ def test_write_in_background_after_cancel_waits(tmp_path: Path) -> None:
         write = writer.write
 
         def slow_write(
-            tables: dict[str, pa.Table], *, through_seq: int | None = None
+            tables: dict[str, pa.Table],
+            *,
+            through_seq: int | None = None,
+            partitions: int | None = None,
         ) -> None:
             started = time.monotonic()
             time.sleep(0.3)
