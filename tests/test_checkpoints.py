@@ -195,6 +195,7 @@ def test_damaged_checkpoint_named_at_start(nats_server: EmbeddedNatsServer) -> N
     async def scenario() -> None:
         nc = await nats.connect(nats_server.url)
         actors = [PartitionActor.remote(i) for i in range(2)]  # type: ignore[attr-defined]
+        extra = PartitionActor.remote(2)  # type: ignore[attr-defined]
         try:
             js = nc.jetstream()
             await _publish(nc, SETTINGS, 300)
@@ -264,6 +265,15 @@ def test_damaged_checkpoint_named_at_start(nats_server: EmbeddedNatsServer) -> N
             assert objects.orders[0] not in message
             assert "damaged" in message
             await store.put(objects.state, state)
+            # A run with another partition count names the stored partition whose
+            # object failed, not the actor that read it.
+            other = manifest.objects[1]
+            other_state = (await store.get(other.state)).data or b""
+            await store.put(other.state, b"\x93junk")
+            with pytest.raises(CheckpointMismatchError) as caught:
+                await Ingest(nc, [*actors, extra], None, SETTINGS).start()
+            assert f"partition 1, object {other.state}: " in str(caught.value)
+            await store.put(other.state, other_state)
             last = objects.orders[-1]
             delta = (await store.get(last)).data or b""
             # Of the recorded size, so that only decoding finds the damage.
@@ -276,7 +286,7 @@ def test_damaged_checkpoint_named_at_start(nats_server: EmbeddedNatsServer) -> N
             restarted = Ingest(nc, actors, None, SETTINGS)
             assert await restarted.start() == manifest.stream_seq
         finally:
-            for actor in actors:
+            for actor in [*actors, extra]:
                 ray.kill(actor)
             await nc.close()
 
