@@ -103,8 +103,8 @@ def _add_job_options(
         "--partitions",
         type=positive_int,
         default=2,
-        help="number of partition actors; keep it the same while a checkpoint exists "
-        "(default: %(default)s)",
+        help="number of partition actors; a run with another number than the last "
+        "checkpoint's splits that checkpoint among its own (default: %(default)s)",
     )
     parser.add_argument(
         "--nats-url",
