@@ -73,34 +73,49 @@ class DowntimeNotStarted(Exception):
         self.downtime_id = downtime_id
 
 
+def _trim_history(track: MachineTrack, history_limit: int) -> None:
+    """Drop the oldest closed intervals beyond `history_limit` (their rows are kept)."""
+    if len(track.history) > history_limit:
+        del track.history[: len(track.history) - history_limit]
+        track.history_trimmed = True
+
+
 def _insert_late(
-    track: MachineTrack, interval: OpenInterval, event_id: str
+    track: MachineTrack, interval: OpenInterval, event_id: str, history_limit: int
 ) -> list[dict[str, object]]:
     """Insert a state interval that starts before the current one into the history."""
     history = track.history
     at = interval.started_at
     if not history or at < history[0].started_at:
         if track.history_trimmed:
+            # A restored interval's time is in UTC; shown in the event's offset, the
+            # two times compare at a glance.
+            oldest = history[0].started_at.astimezone(at.tzinfo)
             raise ValueError(
                 f"state change {event_id} at {at.isoformat()} is older than the "
                 f"{len(history)} state intervals machine {track.machine} keeps (the "
-                f"oldest starts {history[0].started_at.isoformat()}); raise "
+                f"oldest starts {oldest.isoformat()}); raise "
                 "PLANTSTREAM_MACHINE_HISTORY or replay the machine's events in time "
                 "order"
             )
         following = history[0] if history else track.current
         assert following is not None
         history.insert(0, interval)
-        return [interval_row(track, interval, following.started_at)]
-    position = bisect.bisect_right(history, at, key=lambda i: i.started_at)
-    previous = history[position - 1]
-    following = history[position] if position < len(history) else track.current
-    assert following is not None
-    history.insert(position, interval)
-    return [
-        interval_row(track, previous, at),
-        interval_row(track, interval, following.started_at),
-    ]
+        rows = [interval_row(track, interval, following.started_at)]
+    else:
+        position = bisect.bisect_right(history, at, key=lambda i: i.started_at)
+        previous = history[position - 1]
+        following = history[position] if position < len(history) else track.current
+        assert following is not None
+        history.insert(position, interval)
+        rows = [
+            interval_row(track, previous, at),
+            interval_row(track, interval, following.started_at),
+        ]
+    # Late state changes add intervals too, so without this a machine's history
+    # grew past the limit.
+    _trim_history(track, history_limit)
+    return rows
 
 
 def apply_machine_event(
@@ -119,13 +134,11 @@ def apply_machine_event(
             )
             current = track.current
             if current is not None and event.occurred_at < current.started_at:
-                return _insert_late(track, interval, event.event_id)
+                return _insert_late(track, interval, event.event_id, history_limit)
             if current is not None:
                 rows.append(interval_row(track, current, event.occurred_at))
                 track.history.append(current)
-                if len(track.history) > history_limit:
-                    del track.history[: len(track.history) - history_limit]
-                    track.history_trimmed = True
+                _trim_history(track, history_limit)
             track.current = interval
             rows.append(interval_row(track, interval, None))
         case ev.DowntimeStarted():
@@ -143,10 +156,11 @@ def apply_machine_event(
             if started is None:
                 raise DowntimeNotStarted(event.downtime_id)
             if event.occurred_at < started.started_at:
+                started_at = started.started_at.astimezone(event.occurred_at.tzinfo)
                 raise ValueError(
                     f"down time {event.downtime_id} ends at "
                     f"{event.occurred_at.isoformat()}, before it started at "
-                    f"{started.started_at.isoformat()}"
+                    f"{started_at.isoformat()}"
                 )
             rows.append(interval_row(track, started, event.occurred_at))
         case _:

@@ -142,6 +142,39 @@ def test_machine_state_before_history_rejected() -> None:
     assert at(0) < changes[0].occurred_at
 
 
+def test_late_state_changes_keep_history_bounded() -> None:
+    state = PartitionState(0, StateSettings(machine_history=3))
+    changes = [_state(f"m{n}", 10 * n, "running") for n in range(1, 6)]
+    late = [_state(f"late{n}", 10 * n + 5, "idle") for n in (2, 3, 4)]
+    events = [*changes, *late]
+    batch = [SourceMessage(n + 1, *message(e)) for n, e in enumerate(events)]
+
+    result = state.apply_batch(batch)
+
+    assert result.dead_letters == []
+    history = state.machines["P1\x1fM1"].history
+    # Each late change was inserted, then the oldest interval dropped.
+    assert [interval.started_at for interval in history] == [at(35), at(40), at(45)]
+
+
+def test_history_limit_detail_in_event_offset() -> None:
+    # A restored state keeps its times in UTC. The detail shows the oldest kept
+    # interval in the late event's own offset, as the event's time is shown.
+    state = PartitionState(0, StateSettings(machine_history=1))
+    changes = [_state(f"m{n}", 10 * n, "running") for n in range(1, 5)]
+    state.apply_batch(
+        [SourceMessage(n + 1, *message(e)) for n, e in enumerate(changes)]
+    )
+    state_part, orders = state.checkpoint_parts(base=True)
+    restored = PartitionState.restore(state_part, orders=[orders])
+
+    late = _state("m0", 0, "down")
+    result = restored.apply_batch([SourceMessage(10, *message(late))])
+
+    [letter] = result.dead_letters
+    assert f"the oldest starts {at(30).isoformat()}" in letter.detail
+
+
 def test_closed_order_event_dead_lettered() -> None:
     state = PartitionState(0, StateSettings(closed_order_retention_s=3600))
     done: list[ev.PlantEvent] = [
