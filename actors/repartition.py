@@ -12,9 +12,10 @@ partition:
   newest ids of each old partition, and an order's own ids still catch its duplicates;
 - plant-wide holds, which every partition applies already.
 
-Counts go to new partition 0, so totals over the partitions stay the same. Each plant's
-clock takes the latest watermark of the old ones. Its counters go to one partition: the
-one that the plant's plant-wide events route to.
+Counts go to new partition 0, so totals over the partitions stay the same. A plant's
+clock in a new partition takes the earliest watermark of the old partitions it took
+the plant's state from. The clock's counters go to one partition: the one that the
+plant's plant-wide events route to.
 """
 
 from __future__ import annotations
@@ -65,15 +66,20 @@ def take_share(
     def owns(plant: str, key: str) -> bool:
         return partition_of(plant, key, partitions) == partition
 
-    for state in states:
+    # Per plant, the old partitions that this one takes orders, machines or parked
+    # events from. The plant's clock here starts from their clocks.
+    sources: dict[str, set[int]] = {}
+    for index, state in enumerate(states):
         for key, order in state.orders.items():
             if owns(order.plant, order_routing_key(order.order_id)):
                 share.orders[key] = order
+                sources.setdefault(order.plant, set()).add(index)
         for key, track in state.machines.items():
             if owns(track.plant, machine_routing_key(track.machine)):
                 share.machines[key] = track
+                sources.setdefault(track.plant, set()).add(index)
         share.plant_holds.update(state.plant_holds)
-    _share_parked(share, states, partitions)
+    _share_parked(share, states, partitions, sources)
 
     share.seen = _union((state.seen for state in states), share.settings.dedup_max_ids)
     plants = sorted({plant for state in states for plant in state.closed_orders})
@@ -89,7 +95,7 @@ def take_share(
     if partition == 0:
         for state in states:
             share.counts.update(state.counts)
-    _share_clocks(share, states, partitions)
+    _share_clocks(share, states, partitions, sources)
     share.rewrite_rows()
     logger.debug(
         "partition %d of %d keeps %d orders, %d machines and %d parked events",
@@ -103,7 +109,10 @@ def take_share(
 
 
 def _share_parked(
-    share: PartitionState, states: Sequence[PartitionState], partitions: int
+    share: PartitionState,
+    states: Sequence[PartitionState],
+    partitions: int,
+    sources: dict[str, set[int]],
 ) -> None:
     """Move each parked event to the partition its key routes to now.
 
@@ -112,7 +121,7 @@ def _share_parked(
     are read here, so each event is placed once, with silent copies in the other new
     partitions.
     """
-    for state in states:
+    for index, state in enumerate(states):
         for waiting_for, waiting in state.parked.items():
             for parked in waiting:
                 if not parked.primary:
@@ -121,6 +130,7 @@ def _share_parked(
                 home = partition_of(key.plant, routing_key(key), partitions)
                 if home == share.partition:
                     share.parked.setdefault(waiting_for, []).append(parked)
+                    sources.setdefault(key.plant, set()).add(index)
                 elif is_plant_wide(key):
                     copy = Parked(
                         parked.stream_seq,
@@ -138,32 +148,39 @@ def _share_parked(
 
 
 def _share_clocks(
-    share: PartitionState, states: Sequence[PartitionState], partitions: int
+    share: PartitionState,
+    states: Sequence[PartitionState],
+    partitions: int,
+    sources: dict[str, set[int]],
 ) -> None:
-    plants = {plant for state in states for plant in state.clocks}
-    plants_with_state = {order.plant for order in share.orders.values()}
-    plants_with_state |= {track.plant for track in share.machines.values()}
-    plants_with_state |= {
-        decode_key(parked.data).plant
-        for waiting in share.parked.values()
-        for parked in waiting
-    }
-    for plant in sorted(plants):
-        clocks = [state.clocks[plant] for state in states if plant in state.clocks]
-        watermarks = [c.watermark for c in clocks if c.watermark is not None]
-        watermark = max(watermarks) if watermarks else None
-        if partition_of(plant, PLANT_ROUTING_KEY, partitions) == share.partition:
-            share.clocks[plant] = PlantClock(
-                watermark,
-                sum(c.events for c in clocks),
-                sum(c.late_events for c in clocks),
-                max(c.max_lateness_us for c in clocks),
-                sum(c.future_rejected for c in clocks),
-            )
-        elif plant in plants_with_state:
-            # The watermark decides when completed orders are evicted and which events
-            # count as late, so a partition with state of the plant needs it.
+    """Give the share a clock for each plant it has state of, and the plant's
+    counters to the partition its plant-wide events route to."""
+    for plant in sorted({plant for state in states for plant in state.clocks}):
+        home = partition_of(plant, PLANT_ROUTING_KEY, partitions) == share.partition
+        if plant not in sources and not home:
+            continue
+        # The earliest watermark of the old partitions the state came from. The
+        # watermark decides evictions, so no order is evicted sooner than it would
+        # have been in its old partition.
+        taken_from = sources.get(plant) or range(len(states))
+        watermarks = [
+            clock.watermark
+            for index in taken_from
+            if (clock := states[index].clocks.get(plant)) is not None
+            and clock.watermark is not None
+        ]
+        watermark = min(watermarks) if watermarks else None
+        if not home:
             share.clocks[plant] = PlantClock(watermark)
+            continue
+        clocks = [state.clocks[plant] for state in states if plant in state.clocks]
+        share.clocks[plant] = PlantClock(
+            watermark,
+            sum(clock.events for clock in clocks),
+            sum(clock.late_events for clock in clocks),
+            max(clock.max_lateness_us for clock in clocks),
+            sum(clock.future_rejected for clock in clocks),
+        )
 
 
 def _union(tables: Iterable[IdTable], max_entries: int) -> IdTable:

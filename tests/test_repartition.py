@@ -178,6 +178,28 @@ def test_split_rewrites_rows_and_resumes_after_checkpoint(
         assert state.counts["applied"] == before["applied"]
 
 
+def test_split_takes_earliest_source_watermark(
+    stream: tuple[list[tuple[str, bytes]], int],
+) -> None:
+    messages, split_at = stream
+    pair = [PartitionState(0), PartitionState(1)]
+    _apply(pair, messages[:split_at], 1)
+    single = PartitionState(0)
+    _apply([single], messages[:split_at], 1)
+
+    merged = take_share(pair, 0, 1, split_at)
+    spread = [take_share([single], p, 3, split_at) for p in range(3)]
+
+    for plant, clock in merged.clocks.items():
+        watermarks = [s.clocks[plant].watermark for s in pair if plant in s.clocks]
+        assert clock.watermark == min(w for w in watermarks if w), plant
+        assert max(w for w in watermarks if w) > clock.watermark, plant
+    # Split into more partitions, each keeps the one old partition's watermark.
+    for share in spread:
+        for plant, clock in share.clocks.items():
+            assert clock.watermark == single.clocks[plant].watermark, plant
+
+
 def test_share_index_checked() -> None:
     with pytest.raises(ValueError, match="partition 3 is outside 0 to 2"):
         take_share([PartitionState(0)], 3, 3, 0)
