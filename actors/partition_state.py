@@ -274,6 +274,9 @@ class PartitionState:
         # Orders whose snapshot rows a restore rewrites. Unlike _dirty_orders they are
         # in the checkpoint already, so the next delta leaves them out.
         self._rewrite_orders: set[str] = set()
+        self._evicted_unwritten: list[OrderState] = []
+        """Orders evicted before take_snapshot wrote their latest rows, which it
+        writes from here."""
         self._dirty_clocks: set[str] = set()
         # Plants whose closed-order table forget_plant dropped since the last
         # checkpoint_parts.
@@ -876,27 +879,29 @@ class PartitionState:
         """Drop completed orders that lie `closed_order_retention_s` of event time
         behind their plant's watermark; return how many were dropped.
 
-        An order with blocked stock, an active hold, or a change not yet taken by
-        take_snapshot is kept. Each dropped order is remembered in `closed_orders`, so
-        that a later event for it becomes an `order_closed` dead letter.
+        An order with blocked stock or an active hold is kept. Each dropped order is
+        remembered in `closed_orders`, so that a later event for it becomes an
+        `order_closed` dead letter. The next take_snapshot writes the rows of a
+        dropped order whose latest rows it has not written yet.
         """
         retention = dt.timedelta(seconds=self.settings.closed_order_retention_s)
-        # TODO: restored orders wait in _rewrite_orders until the first snapshot after
-        # a restart, so a late event before it still applies to an order past its
-        # retention instead of becoming an order_closed dead letter.
         evicted = [
             key
             for key, order in self.orders.items()
             if order.status == "completed"
             and not order.holds
-            and key not in self._dirty_orders
-            and key not in self._rewrite_orders
             and self._retention_passed(order, retention)
             and not order.blocked_quantity()
         ]
         for key in evicted:
             order = self.orders.pop(key)
             self._dropped_orders.add(key)
+            if key in self._dirty_orders or key in self._rewrite_orders:
+                # Its latest rows are not written yet: it changed since the last
+                # snapshot, or a restore left its rows to rewrite.
+                self._dirty_orders.discard(key)
+                self._rewrite_orders.discard(key)
+                self._evicted_unwritten.append(order)
             completed_at = order.completed_at or order.last_event_at
             assert completed_at is not None  # _retention_passed checked last_event_at
             table = self.closed_orders.get(order.plant)
@@ -980,11 +985,14 @@ class PartitionState:
                 for plant in sorted(self._dirty_clocks)
             ]
             self._dirty_clocks = set()
-        orders = [
+        # Evicted orders first: the sink keeps the last row of a key, and an order
+        # released again under an evicted key is the newer one.
+        orders = self._evicted_unwritten + [
             self.orders[key]
             for key in sorted(self._dirty_orders | self._rewrite_orders)
             if key in self.orders
         ]
+        self._evicted_unwritten = []
         self._unsaved_orders |= self._dirty_orders
         self._dirty_orders = set()
         self._rewrite_orders = set()
@@ -1186,6 +1194,9 @@ class PartitionState:
                 if entities is self.orders:
                     self._dropped_orders.add(key)
         self._dirty_orders = {k for k in self._dirty_orders if not k.startswith(prefix)}
+        self._evicted_unwritten = [
+            order for order in self._evicted_unwritten if order.plant != plant
+        ]
         # Prerequisite keys name their plant second: "release:P1:4711".
         for key in [key for key in self.parked if key.split(":", 2)[1:2] == [plant]]:
             del self.parked[key]

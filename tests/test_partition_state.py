@@ -883,7 +883,7 @@ def test_order_with_blocked_stock_kept() -> None:
     assert state.evict_closed_orders() == 0
 
 
-def test_order_with_unsaved_change_kept() -> None:
+def test_order_with_unsaved_change_evicted_with_rows() -> None:
     state = PartitionState(0)
     state.apply_batch(
         messages(
@@ -892,9 +892,36 @@ def test_order_with_unsaved_change_kept() -> None:
             release("O2", minutes=30 * DAY_MIN),
         )
     )
-    assert state.evict_closed_orders() == 0
-    state.take_snapshot()
     assert state.evict_closed_orders() == 1
+    rows = state.take_snapshot()["orders"].to_pylist()
+    assert [(row["order_id"], row["status"]) for row in rows] == [
+        ("O1", "completed"),
+        ("O2", "released"),
+    ]
+
+
+def test_restored_order_past_retention_evicted() -> None:
+    # A late event right after a restart must find the order closed, as it would
+    # without the restart, and the order's rows are still rewritten.
+    state = PartitionState(0)
+    state.apply_batch(
+        messages(release(), confirm("p1", "5", final=True), release("O2", minutes=0))
+    )
+    state.take_snapshot()
+    state_part, orders = state.checkpoint_parts(base=True)
+    restored = PartitionState.restore(state_part, orders=[orders])
+    restored._last_expiry_scan = 0.0  # the next batch scans
+    aging = SourceMessage(
+        10, "plant.events.P1.x", encode(release("O3", minutes=30 * DAY_MIN))
+    )
+    assert restored.apply_batch([aging]).counts["orders_evicted"] == 1
+
+    late = SourceMessage(11, "plant.events.P1.x", encode(confirm("p2", "1")))
+    result = restored.apply_batch([late])
+
+    assert [letter.reason for letter in result.dead_letters] == ["order_closed"]
+    rows = restored.take_snapshot()["orders"].to_pylist()
+    assert sorted(row["order_id"] for row in rows) == ["O1", "O2", "O3"]
 
 
 def test_eviction_runs_on_scan() -> None:
