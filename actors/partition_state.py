@@ -300,6 +300,8 @@ class PartitionState:
         """Ledger rows that make apply_batch turn the collected rows into Arrow."""
         self._rows: dict[str, list[dict[str, object]]] = {}
         self._last_expiry_scan = time.time()
+        self._evict_first = False
+        """Set by resume_after: the next batch evicts before it applies anything."""
         self._max_ahead = dt.timedelta(seconds=self.settings.max_future_s)
         self._now = dt.datetime.now(dt.UTC)
         """The host clock, read once per batch by apply_batch."""
@@ -315,6 +317,12 @@ class PartitionState:
         self._postings = []
         self._dead = []
         before = self.counts.copy()
+        if self._evict_first:
+            # A resumed state holds the orders its old process had not evicted yet.
+            # Evicting them before the first event keeps a late event for one an
+            # order_closed dead letter, as it is in a run without the restart.
+            self._evict_first = False
+            self.evict_closed_orders()
         # One reading of the host clock per batch, because a batch takes milliseconds,
         # far less than max_future_s, and a reading per event showed in the profile.
         self._now = dt.datetime.now(dt.UTC)
@@ -1143,11 +1151,13 @@ class PartitionState:
 
     def resume_after(self, last_seq: int) -> None:
         """Take every message up to stream sequence `last_seq` as applied, so that a
-        redelivery of one is dropped."""
+        redelivery of one is dropped, and evict completed orders before the next
+        batch."""
         self.last_seq = last_seq
         # Checkpoints fall between whole messages, so every event of the last one
         # was taken.
         self._position = (last_seq, sys.maxsize)
+        self._evict_first = True
 
     def rewrite_rows(self) -> None:
         """Write every order's and every plant clock's snapshot rows, and each plant's

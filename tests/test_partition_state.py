@@ -901,27 +901,24 @@ def test_order_with_unsaved_change_evicted_with_rows() -> None:
 
 
 def test_restored_order_past_retention_evicted() -> None:
-    # A late event right after a restart must find the order closed, as it would
-    # without the restart, and the order's rows are still rewritten.
+    # The old process had not scanned for evictions since the order aged past its
+    # retention. A late event in the first batch after the restart must find the
+    # order closed, as it would without the restart, and the order's rows are still
+    # rewritten.
     state = PartitionState(0)
-    state.apply_batch(
-        messages(release(), confirm("p1", "5", final=True), release("O2", minutes=0))
-    )
-    state.take_snapshot()
+    completed_and_aged(state)
     state_part, orders = state.checkpoint_parts(base=True)
     restored = PartitionState.restore(state_part, orders=[orders])
-    restored._last_expiry_scan = 0.0  # the next batch scans
-    aging = SourceMessage(
-        10, "plant.events.P1.x", encode(release("O3", minutes=30 * DAY_MIN))
+    late = SourceMessage(
+        10, "plant.events.P1.production_confirmed", encode(confirm("O1-p2", "1"))
     )
-    assert restored.apply_batch([aging]).counts["orders_evicted"] == 1
 
-    late = SourceMessage(11, "plant.events.P1.x", encode(confirm("p2", "1")))
     result = restored.apply_batch([late])
 
     assert [letter.reason for letter in result.dead_letters] == ["order_closed"]
+    assert result.counts["orders_evicted"] == 1
     rows = restored.take_snapshot()["orders"].to_pylist()
-    assert sorted(row["order_id"] for row in rows) == ["O1", "O2", "O3"]
+    assert sorted(row["order_id"] for row in rows) == ["O1", "O1-later"]
 
 
 def test_eviction_runs_on_scan() -> None:
