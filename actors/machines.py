@@ -88,7 +88,7 @@ def _insert_late(
     at = interval.started_at
     if not history or at < history[0].started_at:
         if track.history_trimmed:
-            # A restored interval's time is in UTC; shown in the event's offset, the
+            # A restored interval's time is in UTC. Shown in the event's offset, the
             # two times compare at a glance.
             oldest = history[0].started_at.astimezone(at.tzinfo)
             raise ValueError(
@@ -112,8 +112,8 @@ def _insert_late(
             interval_row(track, previous, at),
             interval_row(track, interval, following.started_at),
         ]
-    # Late state changes add intervals too, so without this a machine's history
-    # grew past the limit.
+    # Late state changes add intervals too, so they trim the history as in-order
+    # changes do.
     _trim_history(track, history_limit)
     return rows
 

@@ -318,7 +318,7 @@ class PartitionState:
         self._dead = []
         before = self.counts.copy()
         if self._evict_first:
-            # A resumed state holds the orders its old process had not evicted yet.
+            # A resumed state contains the orders its old process had not evicted yet.
             # Evicting them before the first event keeps a late event for one an
             # order_closed dead letter, as it is in a run without the restart.
             self._evict_first = False

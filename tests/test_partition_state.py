@@ -761,7 +761,7 @@ def test_delta_after_restore_skips_unchanged() -> None:
 
 
 def test_restore_rewrites_clock_rows() -> None:
-    # DuckDB may hold a later watermark than the checkpoint, written just before a
+    # DuckDB may contain a later watermark than the checkpoint, written just before a
     # crash: the restored state writes its own again before any new event.
     state = PartitionState(0)
     state.apply_batch(numbered(1, release("O1"), consume("c1", "2")))
@@ -883,7 +883,7 @@ def test_order_with_blocked_stock_kept() -> None:
     assert state.evict_closed_orders() == 0
 
 
-def test_order_with_unsaved_change_evicted_with_rows() -> None:
+def test_unsaved_order_evicted_with_rows() -> None:
     state = PartitionState(0)
     state.apply_batch(
         messages(

@@ -27,10 +27,10 @@ SPEC = StreamSpec(plants=3, orders_per_plant=50, seed=23)
 
 
 def _stream() -> tuple[list[tuple[str, bytes]], int]:
-    """The generated stream, changed so that events are parked when the states are
-    split: an order's release moved behind the split, and a plant-wide lot hold
-    whose release comes first, parked in every partition. A machine event is
-    repeated after the split."""
+    """Return the generated stream and where to split it, changed so that events
+    are parked at the split: an order's release moved behind the split, and a
+    plant-wide lot hold whose release comes first, parked in every partition. A
+    machine event is repeated after the split."""
     messages = [(m.subject, m.data) for m in generate(SPEC)[0]]
     half = len(messages) // 2
     late_release = next(
@@ -38,6 +38,7 @@ def _stream() -> tuple[list[tuple[str, bytes]], int]:
     )
     messages.remove(late_release)
     messages.insert(half + 50, late_release)
+
     sample = decode_event(messages[half][1])
     occurred_at = sample.occurred_at
     hold = ev.QualityHoldApplied(
@@ -52,6 +53,7 @@ def _stream() -> tuple[list[tuple[str, bytes]], int]:
     machine_event = next(
         m for m in messages[:half] if decode_key(m[1]).machine is not None
     )
+
     first = [
         *messages[: half // 2],
         (event_subject(sample.plant, "quality_hold_released"), encode(release)),
@@ -69,13 +71,14 @@ def _stream() -> tuple[list[tuple[str, bytes]], int]:
 def _route(
     messages: Sequence[tuple[str, bytes]], partitions: int, first_seq: int
 ) -> list[list[SourceMessage]]:
-    """Group messages by partition as the ingest does, plant-wide holds copied."""
+    """Group messages by partition as the ingest does, with a copy of each
+    plant-wide hold for every other partition."""
     groups: list[list[SourceMessage]] = [[] for _ in range(partitions)]
     for seq, (subject, data) in enumerate(messages, start=first_seq):
         try:
             key = decode_key(data)
         except (msgspec.DecodeError, msgspec.ValidationError):
-            continue  # the ingest dead-letters it before any partition
+            continue  # The ingest dead-letters it before any partition sees it.
         home = partition_of(key.plant, routing_key(key), partitions)
         groups[home].append(SourceMessage(seq, subject, data, True))
         if is_plant_wide(key):
@@ -97,13 +100,14 @@ def _apply(
 
 
 def _entities(states: Sequence[PartitionState]) -> tuple[dict[str, bytes], ...]:
-    """Every order and machine, encoded, checking that each is in one state only."""
+    """Return every order and machine, encoded, and check that each is in one state
+    only."""
     orders: dict[str, bytes] = {}
     machines: dict[str, bytes] = {}
     for state in states:
-        for found, held in ((orders, state.orders), (machines, state.machines)):
-            assert not found.keys() & held.keys()
-            found.update({key: msgspec.msgpack.encode(v) for key, v in held.items()})
+        for found, owned in ((orders, state.orders), (machines, state.machines)):
+            assert not found.keys() & owned.keys()
+            found.update({key: msgspec.msgpack.encode(v) for key, v in owned.items()})
     return orders, machines
 
 
@@ -151,7 +155,7 @@ def test_split_states_give_same_results(
         assert max(c.watermark for c in clocks if c.watermark) == clock.watermark
 
 
-def test_split_rewrites_rows_and_resumes_after_checkpoint(
+def test_split_rewrites_rows_and_resumes(
     stream: tuple[list[tuple[str, bytes]], int],
 ) -> None:
     messages, split_at = stream
@@ -194,7 +198,8 @@ def test_split_takes_earliest_source_watermark(
         watermarks = [s.clocks[plant].watermark for s in pair if plant in s.clocks]
         assert clock.watermark == min(w for w in watermarks if w), plant
         assert max(w for w in watermarks if w) > clock.watermark, plant
-    # Split into more partitions, each keeps the one old partition's watermark.
+    # Split among more partitions, each new one keeps the single old partition's
+    # watermark.
     for share in spread:
         for plant, clock in share.clocks.items():
             assert clock.watermark == single.clocks[plant].watermark, plant
