@@ -78,7 +78,7 @@ def _route(
         try:
             key = decode_key(data)
         except (msgspec.DecodeError, msgspec.ValidationError):
-            continue  # The ingest dead-letters it before any partition sees it.
+            continue  # The ingest dead-letters it before routing.
         home = partition_of(key.plant, routing_key(key), partitions)
         groups[home].append(SourceMessage(seq, subject, data, True))
         if is_plant_wide(key):
@@ -97,6 +97,15 @@ def _apply(
             result = state.apply_batch(group[start : start + 500])
             keys |= {posting.key for posting in result.postings}
     return keys
+
+
+def _before_split(
+    messages: Sequence[tuple[str, bytes]], split_at: int, partitions: int
+) -> tuple[list[PartitionState], set[str]]:
+    """Return `partitions` states that applied the stream up to the split, and the
+    keys of the postings they made."""
+    states = [PartitionState(partition) for partition in range(partitions)]
+    return states, _apply(states, messages[:split_at], 1)
 
 
 def _entities(states: Sequence[PartitionState]) -> tuple[dict[str, bytes], ...]:
@@ -133,8 +142,7 @@ def test_split_states_give_same_results(
 ) -> None:
     messages, split_at = stream
     truth, truth_keys = reference
-    old = [PartitionState(0), PartitionState(1)]
-    keys = _apply(old, messages[:split_at], 1)
+    old, keys = _before_split(messages, split_at, 2)
     # The split must move parked events: one waits for its order's release, and the
     # plant-wide release waits for its hold in both old partitions.
     parked = [p for state in old for waiting in state.parked.values() for p in waiting]
@@ -159,8 +167,7 @@ def test_split_rewrites_rows_and_resumes(
     stream: tuple[list[tuple[str, bytes]], int],
 ) -> None:
     messages, split_at = stream
-    old = [PartitionState(0), PartitionState(1)]
-    _apply(old, messages[:split_at], 1)
+    old, _ = _before_split(messages, split_at, 2)
     for state in old:
         state.take_snapshot()
 
@@ -186,10 +193,8 @@ def test_split_takes_earliest_source_watermark(
     stream: tuple[list[tuple[str, bytes]], int],
 ) -> None:
     messages, split_at = stream
-    pair = [PartitionState(0), PartitionState(1)]
-    _apply(pair, messages[:split_at], 1)
-    single = PartitionState(0)
-    _apply([single], messages[:split_at], 1)
+    pair, _ = _before_split(messages, split_at, 2)
+    [single], _ = _before_split(messages, split_at, 1)
 
     merged = take_share(pair, 0, 1, split_at)
     spread = [take_share([single], p, 3, split_at) for p in range(3)]
