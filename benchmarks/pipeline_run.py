@@ -8,6 +8,7 @@ is drained and the last checkpoint (DuckDB write and acks) is done.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import tempfile
 import time
@@ -82,18 +83,26 @@ async def run_pipeline(
     *,
     during: DuringRun | None = None,
     state: StateSettings | None = None,
+    sink: bool = True,
 ) -> PipelineRun:
     """Run the ingest over the whole stream with `partitions` fresh actors.
 
     `during`, when given, runs alongside the ingest (a memory sampler) and is cancelled
     when the stream is drained. `state` configures the actors (defaults when None).
+    Without `sink` the ingest writes nothing to DuckDB, which shows what the snapshot
+    writes cost; the actors still build the snapshot rows.
     """
     await broker.reset_outputs(settings.consumer)
     actors = start_actors(partitions, state)
     helper: asyncio.Task[None] | None = None
     try:
         with tempfile.TemporaryDirectory(prefix="plantstream-bench-") as folder:
-            with SnapshotWriter(Path(folder) / "bench.duckdb") as writer:
+            with contextlib.ExitStack() as stack:
+                writer = (
+                    stack.enter_context(SnapshotWriter(Path(folder) / "bench.duckdb"))
+                    if sink
+                    else None
+                )
                 ingest = Ingest(broker.client, actors, writer, settings)
                 await ingest.start()
                 if during is not None:

@@ -69,9 +69,14 @@ class Results:
     ceiling: Figure | None = None
     pipeline: dict[int, Figure] = field(default_factory=dict)
     pipeline_runs: list[PipelineRun] = field(default_factory=list)
+    without_sink: Figure | None = None
+    """The pipeline at `without_sink_partitions` with no DuckDB writes; None in
+    results saved before it was measured."""
+    without_sink_partitions: int = 2
     edge_supported: bool = False
     edge_ceiling: Figure | None = None
     edge_pipeline: dict[int, Figure] = field(default_factory=dict)
+    edge_without_sink: Figure | None = None
     edge_note: str = ""
     naive: Figure | None = None
     naive_partitions: int = 2

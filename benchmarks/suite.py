@@ -123,6 +123,7 @@ async def _throughput(results: Results, sizes: Sizes) -> None:
         # way such a change shifts both alike.
         ceiling: list[float] = []
         rates: dict[int, list[float]] = {p: [] for p in sizes.partitions}
+        without_sink: list[float] = []
         for _ in range(sizes.repeats):
             events, seconds = await run_ceiling(
                 broker.client,
@@ -135,8 +136,13 @@ async def _throughput(results: Results, sizes: Sizes) -> None:
                 run = await run_pipeline(broker, partitions)
                 results.pipeline_runs.append(run)
                 rates[partitions].append(run.rate)
+            run = await run_pipeline(
+                broker, results.without_sink_partitions, sink=False
+            )
+            without_sink.append(run.rate)
         results.ceiling = summarize(ceiling)
         results.pipeline = {p: summarize(r) for p, r in rates.items()}
+        results.without_sink = summarize(without_sink)
         naive = []
         for _ in range(sizes.repeats):
             events, seconds = await run_naive(
@@ -180,6 +186,7 @@ async def _edge(
         # Alternated like the runs with one event per message.
         ceiling: list[float] = []
         rates: dict[int, list[float]] = {p: [] for p in sizes.partitions}
+        without_sink: list[float] = []
         for _ in range(sizes.repeats):
             decoded, seconds = await run_ceiling(
                 broker.client,
@@ -193,6 +200,10 @@ async def _edge(
             for partitions in sizes.partitions:
                 run = await run_pipeline(broker, partitions)
                 rates[partitions].append(run.rate)
+            run = await run_pipeline(
+                broker, results.without_sink_partitions, sink=False
+            )
+            without_sink.append(run.rate)
         results.edge_ceiling = summarize(ceiling)
         if not results.edge_supported:
             results.edge_note = (
@@ -201,6 +212,7 @@ async def _edge(
             )
             return
         results.edge_pipeline = {p: summarize(r) for p, r in rates.items()}
+        results.edge_without_sink = summarize(without_sink)
         results.edge_cpu_split = await measure_cpu_split(broker, 2)
 
 

@@ -127,6 +127,7 @@ def test_throughput_figures_positive(report: str) -> None:
     assert consumers[0].startswith("ceiling")
     for partitions in (1, 2, 4, 8):
         assert f"pipeline, {partitions} partition actor(s)" in consumers
+    assert "pipeline, 2 partition actor(s), no DuckDB writes" in consumers
     for row in rows:
         median = re.match(_NUMBER, row[1])
         assert median is not None, row
@@ -145,6 +146,8 @@ def test_edge_batches_figure_or_note(report: str) -> None:
     rows = _rows(report, "Throughput: edge batches")
     pipeline = [row for row in rows if row[0].startswith("pipeline")]
     assert pipeline
+    if "not yet supported" not in pipeline[0][1]:
+        assert pipeline[-1][0].endswith("no DuckDB writes"), pipeline
     for row in pipeline:
         assert re.match(_NUMBER, row[1]) or "not yet supported" in row[1], row
 
