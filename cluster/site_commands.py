@@ -6,7 +6,7 @@ import argparse
 import asyncio
 
 from cluster.job import connect_nats
-from cluster.sites import hub_server_config, site_server_config
+from cluster.sites import LeafTls, hub_server_config, site_server_config
 from pipeline.site_streams import (
     SITE_BUFFER_MAX_AGE_S,
     ensure_site_stream,
@@ -16,10 +16,18 @@ from pipeline.site_streams import (
 __all__ = ["add_parser"]
 
 
+def _tls(args: argparse.Namespace) -> LeafTls | None:
+    tls = LeafTls(args.tls_cert, args.tls_key, args.tls_ca)
+    return None if tls == LeafTls() else tls
+
+
 def _hub_config(args: argparse.Namespace) -> int:
     print(
         hub_server_config(
-            store_dir=args.store_dir, listen=args.listen, leaf_listen=args.leaf_listen
+            store_dir=args.store_dir,
+            listen=args.listen,
+            leaf_listen=args.leaf_listen,
+            tls=_tls(args),
         ),
         end="",
     )
@@ -33,10 +41,36 @@ def _site_config(args: argparse.Namespace) -> int:
             store_dir=args.store_dir,
             listen=args.listen,
             hub_leaf_url=args.hub_leaf_url,
+            tls=_tls(args),
         ),
         end="",
     )
     return 0
+
+
+def _add_tls_arguments(parser: argparse.ArgumentParser, *, side: str) -> None:
+    group = parser.add_argument_group(
+        "TLS of the leaf connection",
+        "PEM files; the paths go into the config as absolute paths, so write it on "
+        "the host that runs the server",
+    )
+    if side == "hub":
+        group.add_argument("--tls-cert", help="the hub's certificate")
+        group.add_argument("--tls-key", help="the private key of --tls-cert")
+        group.add_argument(
+            "--tls-ca",
+            help="CA that signed the sites' certificates; the hub then accepts only "
+            "sites that present one",
+        )
+    else:
+        group.add_argument(
+            "--tls-ca",
+            help="CA that signed the hub's certificate (default: the system's roots)",
+        )
+        group.add_argument(
+            "--tls-cert", help="the site's certificate, for a hub that verifies sites"
+        )
+        group.add_argument("--tls-key", help="the private key of --tls-cert")
 
 
 def _site_init(args: argparse.Namespace) -> int:
@@ -66,6 +100,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         default="0.0.0.0:7422",
         help="address plant sites connect to as leaf nodes (default: %(default)s)",
     )
+    _add_tls_arguments(hub, side="hub")
     hub.set_defaults(handler=_hub_config)
 
     site = commands.add_parser(
@@ -80,6 +115,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     site.add_argument(
         "--listen", default="0.0.0.0:4222", help="client address (default: %(default)s)"
     )
+    _add_tls_arguments(site, side="site")
     site.set_defaults(handler=_site_config)
 
     init = commands.add_parser(

@@ -9,16 +9,85 @@ back, in order and without duplicates.
 
 The site config denies exporting `plant.events.>` over the leaf connection. Without
 that, a live publish would reach the hub twice, once forwarded and once sourced.
+
+The leaf connection usually crosses a network the plant does not control, so both
+configs can secure it with TLS (`LeafTls`). With a CA on the hub, the hub accepts only
+sites that present a certificate signed by it, which is then the sites' credential.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import NamedTuple
+
 from pipeline.site_streams import site_domain
 from pipeline.subjects import EVENTS_PREFIX
 
-__all__ = ["HUB_DOMAIN", "hub_server_config", "site_server_config"]
+__all__ = ["HUB_DOMAIN", "LeafTls", "hub_server_config", "site_server_config"]
 
 HUB_DOMAIN = "hub"
+
+
+class LeafTls(NamedTuple):
+    """PEM files that secure the leaf connection between the hub and a site.
+
+    On the hub, `cert` and `key` are the hub's own and are required; `ca`, when given,
+    makes the hub verify each site's certificate against it. At a site, `ca` verifies
+    the hub's certificate (the system's roots when None), and `cert` and `key` are the
+    site's certificate for a hub that verifies its sites.
+    """
+
+    cert: str | None = None
+    key: str | None = None
+    ca: str | None = None
+
+    def checked(self, side: str) -> LeafTls:
+        """Return the files as absolute paths, or raise ValueError naming the file
+        that is missing or the option left out.
+
+        `side` is "hub" or "site". The paths go into the config as given here, so the
+        config is meant to be written on the host that runs the server.
+        """
+        if (self.cert is None) != (self.key is None):
+            given, missing = ("cert", "key") if self.key is None else ("key", "cert")
+            raise ValueError(
+                f"the {side}'s TLS {given} file is given without its {missing} file; "
+                f"pass both --tls-cert and --tls-key"
+            )
+        if side == "hub" and self.cert is None:
+            raise ValueError(
+                "the hub's leaf listener needs its own certificate for TLS; pass "
+                "--tls-cert and --tls-key (and --tls-ca to verify the sites)"
+            )
+        files = {}
+        for name in ("cert", "key", "ca"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            path = Path(value).expanduser()
+            if not path.is_file():
+                raise ValueError(
+                    f"TLS {name} file {value} of the {side} does not exist or is not a "
+                    "file; write the config on the host that runs the server, where "
+                    "its PEM files are"
+                )
+            files[name] = str(path.resolve())
+        return LeafTls(**files)
+
+    def block(self, indent: str, *, verify: bool) -> str:
+        """Return the nats-server `tls` block with these files."""
+        fields = [
+            f"{key}: {_quote(value)}"
+            for key, value in (
+                ("cert_file", self.cert),
+                ("key_file", self.key),
+                ("ca_file", self.ca),
+            )
+            if value is not None
+        ]
+        if verify:
+            fields.append("verify: true")
+        return f"{indent}tls {{ {', '.join(fields)} }}"
 
 
 def _quote(value: str) -> str:
@@ -29,27 +98,53 @@ def _quote(value: str) -> str:
     return f'"{value}"'
 
 
-def hub_server_config(*, store_dir: str, listen: str, leaf_listen: str) -> str:
-    """Return the nats-server config of the hub: JetStream plus a leaf node listener."""
+def hub_server_config(
+    *, store_dir: str, listen: str, leaf_listen: str, tls: LeafTls | None = None
+) -> str:
+    """Return the nats-server config of the hub: JetStream plus a leaf node listener,
+    over TLS with `tls`."""
+    leafnodes = f"leafnodes {{ listen: {_quote(leaf_listen)} }}\n"
+    if tls is not None:
+        tls = tls.checked("hub")
+        leafnodes = (
+            "leafnodes {\n"
+            f"  listen: {_quote(leaf_listen)}\n"
+            f"{tls.block('  ', verify=tls.ca is not None)}\n"
+            "}\n"
+        )
     return (
         f"listen: {_quote(listen)}\n"
         f"jetstream {{ store_dir: {_quote(store_dir)}, domain: {HUB_DOMAIN} }}\n"
-        f"leafnodes {{ listen: {_quote(leaf_listen)} }}\n"
+        + leafnodes
     )
 
 
 def site_server_config(
-    plant: str, *, store_dir: str, listen: str, hub_leaf_url: str
+    plant: str,
+    *,
+    store_dir: str,
+    listen: str,
+    hub_leaf_url: str,
+    tls: LeafTls | None = None,
 ) -> str:
-    """Return the nats-server config of a plant site's leaf node."""
+    """Return the nats-server config of a plant site's leaf node, connecting to the
+    hub over TLS with `tls`."""
+    remote = [
+        f"url: {_quote(hub_leaf_url)}",
+        f"deny_exports: [{_quote(EVENTS_PREFIX + '.>')}]",
+    ]
+    if tls is not None:
+        remote.append(tls.checked("site").block("", verify=False))
+    lines = "".join(f"      {line}\n" for line in remote)
     return (
         f"listen: {_quote(listen)}\n"
         f"jetstream {{ store_dir: {_quote(store_dir)}, "
         f"domain: {_quote(site_domain(plant))} }}\n"
         "leafnodes {\n"
         "  remotes: [\n"
-        f"    {{ url: {_quote(hub_leaf_url)}, "
-        f"deny_exports: [{_quote(EVENTS_PREFIX + '.>')}] }}\n"
+        "    {\n"
+        f"{lines}"
+        "    }\n"
         "  ]\n"
         "}\n"
     )

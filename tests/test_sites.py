@@ -12,7 +12,7 @@ import pytest
 
 from cluster.job import JobConfig, run_job
 from cluster.nats_server import EmbeddedNatsServer
-from cluster.sites import hub_server_config, site_server_config
+from cluster.sites import LeafTls, hub_server_config, site_server_config
 from pipeline.publish import publish_all
 from pipeline.settings import PipelineSettings
 from pipeline.site_streams import ensure_site_stream, site_domain, site_stream_name
@@ -128,3 +128,200 @@ def test_backlog_from_offline_site(tmp_path: Path) -> None:
         ).fetchall()
     assert {(p, m, t): q for p, m, t, q in rows} == expected.movements
     assert site_stream_name(plant) == f"SITE_{plant}"
+
+
+def _write_certificates(folder: Path) -> dict[str, str]:
+    """Write a CA, a hub certificate for 127.0.0.1 and a site certificate, all signed
+    by the CA, and return their PEM paths by name."""
+    import datetime as dt
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = dt.datetime.now(dt.UTC)
+    paths: dict[str, str] = {}
+
+    def save(name: str, data: bytes) -> None:
+        path = folder / f"{name}.pem"
+        path.write_bytes(data)
+        paths[name] = str(path)
+
+    def key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+        return key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+    def name(common: str) -> x509.Name:
+        return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("plantstream test CA"))
+        .issuer_name(name("plantstream test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()),
+            critical=False,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    save("ca", ca.public_bytes(serialization.Encoding.PEM))
+    for role, usage in (
+        ("hub", ExtendedKeyUsageOID.SERVER_AUTH),
+        ("site", ExtendedKeyUsageOID.CLIENT_AUTH),
+    ):
+        key = ec.generate_private_key(ec.SECP256R1())
+        certificate = (
+            x509.CertificateBuilder()
+            .subject_name(name(f"{role}.plantstream.test"))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(minutes=5))
+            .not_valid_after(now + dt.timedelta(days=1))
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [
+                        x509.DNSName("localhost"),
+                        x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    ]
+                ),
+                critical=False,
+            )
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                critical=False,
+            )
+            .sign(ca_key, hashes.SHA256())
+        )
+        save(role, certificate.public_bytes(serialization.Encoding.PEM))
+        save(f"{role}-key", key_pem(key))
+    return paths
+
+
+def test_tls_configs_reject_incomplete_files(tmp_path: Path) -> None:
+    pem = tmp_path / "hub.pem"
+    pem.write_text("not checked here")
+    with pytest.raises(ValueError, match="without its key file"):
+        hub_server_config(
+            store_dir="/js", listen="x", leaf_listen="y", tls=LeafTls(cert=str(pem))
+        )
+    with pytest.raises(ValueError, match="needs its own certificate"):
+        hub_server_config(
+            store_dir="/js", listen="x", leaf_listen="y", tls=LeafTls(ca=str(pem))
+        )
+    missing = tmp_path / "nope.pem"
+    with pytest.raises(ValueError, match=f"TLS ca file {missing} of the site"):
+        site_server_config(
+            "P01",
+            store_dir="/js",
+            listen="x",
+            hub_leaf_url="tls://hub:7422",
+            tls=LeafTls(ca=str(missing)),
+        )
+    site = site_server_config(
+        "P01",
+        store_dir="/js",
+        listen="x",
+        hub_leaf_url="tls://hub:7422",
+        tls=LeafTls(ca=str(pem)),
+    )
+    assert f'tls {{ ca_file: "{pem.resolve()}" }}' in site
+    assert "verify" not in site
+
+
+def _site_seen_from_hub(
+    tmp_path: Path, certificates: dict[str, str], site_tls: LeafTls
+) -> bool:
+    """Start a hub that verifies sites and a site with `site_tls`; return whether the
+    hub reaches the site's JetStream over the leaf connection."""
+    plant = "P01"
+    leaf_port = free_port()
+    hub = EmbeddedNatsServer(
+        store_dir=tmp_path / "hub",
+        config=hub_server_config(
+            store_dir=str(tmp_path / "hub"),
+            listen="127.0.0.1:4222",
+            leaf_listen=f"127.0.0.1:{leaf_port}",
+            tls=LeafTls(
+                certificates["hub"], certificates["hub-key"], certificates["ca"]
+            ),
+        ),
+    ).start()
+    site = EmbeddedNatsServer(
+        store_dir=tmp_path / "site",
+        config=site_server_config(
+            plant,
+            store_dir=str(tmp_path / "site"),
+            listen="127.0.0.1:4222",
+            hub_leaf_url=f"tls://127.0.0.1:{leaf_port}",
+            tls=site_tls,
+        ),
+    ).start()
+
+    async def look() -> bool:
+        local = await nats.connect(site.url)
+        try:
+            await ensure_site_stream(local.jetstream(), plant)
+        finally:
+            await local.close()
+        nc = await nats.connect(hub.url)
+        try:
+            site_api = nc.jetstream(domain=site_domain(plant), timeout=0.5)
+            # On loopback the link came up within a second in these tests; six
+            # seconds leave room for a loaded machine.
+            for _ in range(12):
+                try:
+                    await site_api.stream_info(site_stream_name(plant))
+                    return True
+                except (nats.errors.Error, nats.js.errors.Error):
+                    await asyncio.sleep(0.5)
+            return False
+        finally:
+            await nc.close()
+
+    try:
+        return asyncio.run(look())
+    finally:
+        site.stop()
+        hub.stop()
+
+
+def test_tls_leaf_connection_with_site_certificate(tmp_path: Path) -> None:
+    certificates = _write_certificates(tmp_path)
+    site_tls = LeafTls(
+        certificates["site"], certificates["site-key"], certificates["ca"]
+    )
+    assert _site_seen_from_hub(tmp_path, certificates, site_tls)
+
+
+def test_tls_hub_refuses_site_without_certificate(tmp_path: Path) -> None:
+    certificates = _write_certificates(tmp_path)
+    assert not _site_seen_from_hub(
+        tmp_path, certificates, LeafTls(ca=certificates["ca"])
+    )
