@@ -108,8 +108,7 @@ CHUNK_ROWS = 1000
 are turned into Arrow tables."""
 
 EXPIRY_SCAN_INTERVAL_S = 5.0
-"""Seconds between scans for expired parked events and for completed orders to evict;
-every batch would cost more."""
+"""Seconds between scans for expired parked events; every batch would cost more."""
 
 PAYLOAD_HASH_BITS = 30
 """Bits of the payload hash kept per event id. 30 bits keep each hash in one 28-byte
@@ -300,8 +299,9 @@ class PartitionState:
         """Ledger rows that make apply_batch turn the collected rows into Arrow."""
         self._rows: dict[str, list[dict[str, object]]] = {}
         self._last_expiry_scan = time.time()
-        self._evict_first = False
-        """Set by resume_after: the next batch evicts before it applies anything."""
+        self._eviction_block = 0
+        """The stream sequence block (stream_seq // eviction_interval_seqs) of the last
+        scan for completed orders to evict."""
         self._max_ahead = dt.timedelta(seconds=self.settings.max_future_s)
         self._now = dt.datetime.now(dt.UTC)
         """The host clock, read once per batch by apply_batch."""
@@ -317,12 +317,7 @@ class PartitionState:
         self._postings = []
         self._dead = []
         before = self.counts.copy()
-        if self._evict_first:
-            # A resumed state contains the orders its old process had not evicted yet.
-            # Evicting them before the first event keeps a late event for one an
-            # order_closed dead letter, as it is in a run without the restart.
-            self._evict_first = False
-            self.evict_closed_orders()
+        interval = self.settings.eviction_interval_seqs
         # One reading of the host clock per batch, because a batch takes milliseconds,
         # far less than max_future_s, and a reading per event showed in the profile.
         self._now = dt.datetime.now(dt.UTC)
@@ -330,6 +325,11 @@ class PartitionState:
         primaries = 0
         for message in messages:
             primaries += message.primary
+            if message.stream_seq // interval > self._eviction_block:
+                # At fixed stream positions, so that a restored state evicts before
+                # the same messages as the process before it.
+                self._eviction_block = message.stream_seq // interval
+                self.evict_closed_orders()
             try:
                 self._accept(message)
             except Exception as error:
@@ -359,7 +359,6 @@ class PartitionState:
         if now - self._last_expiry_scan >= EXPIRY_SCAN_INTERVAL_S:
             if self.parked:
                 self._expire_parked(now)
-            self.evict_closed_orders()
             self._last_expiry_scan = now
         delta = {
             k: v - before.get(k, 0)
@@ -1151,13 +1150,14 @@ class PartitionState:
 
     def resume_after(self, last_seq: int) -> None:
         """Take every message up to stream sequence `last_seq` as applied, so that a
-        redelivery of one is dropped, and evict completed orders before the next
-        batch."""
+        redelivery of one is dropped, and its block as scanned for evictions."""
         self.last_seq = last_seq
         # Checkpoints fall between whole messages, so every event of the last one
         # was taken.
         self._position = (last_seq, sys.maxsize)
-        self._evict_first = True
+        # The process that wrote the checkpoint scanned when its last message entered
+        # this block, so the next scan is at the next block, as it would have been.
+        self._eviction_block = last_seq // self.settings.eviction_interval_seqs
 
     def rewrite_rows(self) -> None:
         """Write every order's and every plant clock's snapshot rows, and each plant's

@@ -57,6 +57,13 @@ class StateSettings:
     active hold is kept. An evicted order stays in DuckDB, and a later event for it
     becomes an `order_closed` dead letter."""
 
+    eviction_interval_seqs: int = 10_000
+    """Stream sequences between two scans for completed orders to evict
+    (PLANTSTREAM_EVICTION_INTERVAL_SEQS). A scan runs before the first message whose
+    stream sequence enters the next multiple of this. Stream positions rather than
+    wall-clock time decide it, so a state restored after a crash scans before the same
+    messages as the process that died, and evicts the same orders."""
+
     closed_order_max_keys: int = 1_000_000
     """Evicted orders each partition remembers per plant, to dead-letter their later
     events (PLANTSTREAM_CLOSED_ORDER_MAX_KEYS). The oldest are forgotten first, and a
@@ -102,7 +109,11 @@ class StateSettings:
                 f"shift_hours must divide 24 (1, 2, 3, 4, 6, 8, 12 or 24), got "
                 f"{self.shift_hours}"
             )
-        for name in ("dedup_max_ids", "closed_order_max_keys"):
+        for name in (
+            "dedup_max_ids",
+            "closed_order_max_keys",
+            "eviction_interval_seqs",
+        ):
             value = getattr(self, name)
             if not 1 <= value < 2**32 - 1:
                 raise ValueError(

@@ -900,33 +900,55 @@ def test_unsaved_order_evicted_with_rows() -> None:
     ]
 
 
-def test_restored_order_past_retention_evicted() -> None:
-    # The old process had not scanned for evictions since the order aged past its
-    # retention. A late event in the first batch after the restart must find the
-    # order closed, as it would without the restart, and the order's rows are still
-    # rewritten.
-    state = PartitionState(0)
+def at_seq(seq: int, event: ev.PlantEvent) -> SourceMessage:
+    subject = event_subject(event.plant, str(event.__struct_config__.tag))
+    return SourceMessage(seq, subject, encode(event))
+
+
+def test_eviction_waits_for_next_block() -> None:
+    # The order is past its retention from seq 3 on, but the scan runs only before
+    # the first message of the next block of ten stream sequences.
+    state = PartitionState(0, StateSettings(eviction_interval_seqs=10))
     completed_and_aged(state)
-    state_part, orders = state.checkpoint_parts(base=True)
-    restored = PartitionState.restore(state_part, orders=[orders])
-    late = SourceMessage(
-        10, "plant.events.P1.production_confirmed", encode(confirm("O1-p2", "1"))
-    )
 
-    result = restored.apply_batch([late])
+    inside = state.apply_batch([at_seq(9, confirm("O1-p2", "1"))])
+    crossing = state.apply_batch([at_seq(10, confirm("O1-p3", "1"))])
 
-    assert [letter.reason for letter in result.dead_letters] == ["order_closed"]
-    assert result.counts["orders_evicted"] == 1
+    assert inside.dead_letters == []
+    assert "orders_evicted" not in inside.counts
+    assert [letter.reason for letter in crossing.dead_letters] == ["order_closed"]
+    assert crossing.counts["orders_evicted"] == 1
+
+
+def test_restored_state_evicts_at_same_messages() -> None:
+    # A crash after seq 3 and a restore must not change which late events are
+    # applied: their postings may already be with the ERP.
+    settings = StateSettings(eviction_interval_seqs=10)
+    events = [
+        at_seq(1, release()),
+        at_seq(2, confirm("O1-p1", "5", final=True)),
+        at_seq(3, release("O1-later", minutes=8 * DAY_MIN)),
+        at_seq(8, confirm("O1-p2", "1")),
+        at_seq(12, confirm("O1-p3", "1")),
+    ]
+    whole = PartitionState(0, settings)
+    unbroken = whole.apply_batch(events)
+    first = PartitionState(0, settings)
+    before = first.apply_batch(events[:3])
+    state_part, orders = first.checkpoint_parts(base=True)
+    restored = PartitionState.restore(state_part, settings, [orders])
+    after = restored.apply_batch(events[3:])
+
+    def keys(*results: BatchResult) -> list[str | None]:
+        return [p.key for r in results for p in r.postings]
+
+    def reasons(*results: BatchResult) -> list[tuple[str, int]]:
+        return [(d.reason, d.stream_seq) for r in results for d in r.dead_letters]
+
+    assert keys(before, after) == keys(unbroken)
+    assert reasons(before, after) == reasons(unbroken) == [("order_closed", 12)]
     rows = restored.take_snapshot()["orders"].to_pylist()
     assert sorted(row["order_id"] for row in rows) == ["O1", "O1-later"]
-
-
-def test_eviction_runs_on_scan() -> None:
-    state = PartitionState(0)
-    completed_and_aged(state)
-    state._last_expiry_scan = 0.0  # the next batch scans
-    result = state.apply_batch([])
-    assert result.counts == {"orders_evicted": 1}
 
 
 def test_closed_orders_bounded() -> None:

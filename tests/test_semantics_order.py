@@ -176,7 +176,10 @@ def test_history_limit_detail_in_event_offset() -> None:
 
 
 def test_closed_order_event_dead_lettered() -> None:
-    state = PartitionState(0, StateSettings(closed_order_retention_s=3600))
+    # Seq 4 starts a new block of four stream sequences, so the scan for orders to
+    # evict runs just before it.
+    settings = StateSettings(closed_order_retention_s=3600, eviction_interval_seqs=4)
+    state = PartitionState(0, settings)
     done: list[ev.PlantEvent] = [
         release("O1"),
         confirm("O1-c1", "O1", "10", final=True),
@@ -185,12 +188,11 @@ def test_closed_order_event_dead_lettered() -> None:
     ]
     state.apply_batch([SourceMessage(n, *message(e)) for n, e in enumerate(done, 1)])
     state.take_snapshot()
-    state._last_expiry_scan = 0.0  # the next batch scans for orders to evict
-    assert state.apply_batch([]).counts == {"orders_evicted": 1}
     late = confirm("O1-c2", "O1", "2", minutes=72)
     result = state.apply_batch([SourceMessage(4, *message(late))])
     reasons = [letter.reason for letter in result.dead_letters]
     assert reasons == ["order_closed"]
+    assert result.counts["orders_evicted"] == 1
     assert result.postings == []
     ledger = state.take_snapshot()["events"].to_pylist()
     assert [(row["status"], row["reason"]) for row in ledger] == [
