@@ -48,7 +48,7 @@ from pipeline.checkpoints import (
     read_manifest,
     read_partitions,
 )
-from pipeline.ingest import check_event_subject, is_edge_batch
+from pipeline.ingest import KeyChecker, is_edge_batch
 from pipeline.publish import publish_all
 from pipeline.settings import PipelineSettings
 from pipeline.sink import SnapshotWriter, merge_tables
@@ -352,6 +352,7 @@ class _Router:
         self.partitions = partitions
         self.event_ids: set[str] = set()
         self.groups: dict[int, list[SourceMessage]] = {}
+        self._keys = KeyChecker()
 
     def add(self, seq: int, subject: str, data: bytes) -> None:
         # NOTE: this mirrors `Ingest._route` and the edge batch split in
@@ -359,10 +360,7 @@ class _Router:
         for index, event in _split_message(subject, data):
             try:
                 key = decode_key(event)
-                validate_token(key.plant, "plant")
-                check_event_subject(
-                    subject, key.plant, key.event_type if index < 0 else None
-                )
+                self._keys.check(subject, event, key, index)
             except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
                 continue  # dead-lettered by the ingest, never reached a partition
             if key.plant != self.plant:

@@ -54,6 +54,7 @@ from actors.partition_state import BatchResult, CheckpointFormatError, SourceMes
 from contracts.codec import decode_edge_batch, describe_decode_error, encode
 from contracts.dead_letters import DeadLetter, DeadLetterReason, shorten_letter
 from contracts.keys import (
+    EventKey,
     check_no_nul,
     decode_key,
     is_plant_wide,
@@ -90,6 +91,7 @@ __all__ = [
     "CheckpointMismatchError",
     "Ingest",
     "IngestReport",
+    "KeyChecker",
     "StartStoppedError",
     "check_event_subject",
     "is_edge_batch",
@@ -116,6 +118,36 @@ def is_edge_batch(subject: str) -> bool:
     token, which the subject check rejects.
     """
     return subject.endswith(EDGE_BATCH_SUFFIX) and subject.count(".") == 3
+
+
+class KeyChecker:
+    """Run every check the ingest makes on an event before it routes it, beyond
+    decoding its key: no NUL in any string, a valid plant token and a subject that
+    names the event's plant and type.
+
+    Replay routes with the same checks, so an event the ingest dead-lettered never
+    reaches a replayed partition.
+    """
+
+    def __init__(self) -> None:
+        self._subjects: dict[str, tuple[str, str | None]] = {}
+        """(plant, event type) each subject was checked for, so that each event of a
+        busy subject skips the token and subject checks. The event type is None for
+        an edge batch subject, whose type token is not checked."""
+
+    def check(self, subject: str, data: bytes, key: EventKey, index: int) -> None:
+        """Raise ValueError if the event `data` with the decoded `key`, at `index` of
+        an edge batch or -1, must not be routed; msgspec.DecodeError if it nests too
+        deeply to search for NUL characters."""
+        check_no_nul(data)
+        # Events of an edge batch (index >= 0) carry many types on one subject.
+        checked = (key.plant, key.event_type if index < 0 else None)
+        if self._subjects.get(subject) != checked:
+            validate_token(key.plant, "plant")
+            check_event_subject(subject, key.plant, checked[1])
+            if len(self._subjects) >= SUBJECT_CACHE_SIZE:
+                self._subjects.clear()
+            self._subjects[subject] = checked
 
 
 MAX_BATCHES_IN_FLIGHT = 2
@@ -292,10 +324,7 @@ class Ingest:
         """The token of the last restore, which every apply and checkpoint call
         carries (see PartitionActor)."""
         self._fetcher: PullFetcher | None = None
-        self._subject_checks: dict[str, tuple[str, str | None]] = {}
-        """(plant, event type) each subject was checked for, so that each event of a
-        busy subject skips the token and subject checks. The event type is None for an
-        edge batch subject, whose type token is not checked."""
+        self._keys = KeyChecker()
         self._unacked: list[Msg] = []
         self._max_seq = 0
         self._dead_rows: list[dict[str, object]] = []
@@ -673,15 +702,7 @@ class Ingest:
         """Step 2 for one event: decode its key and add it to its partition's share."""
         try:
             key = decode_key(data)
-            check_no_nul(data)
-            # Events of an edge batch (index >= 0) carry many types on one subject.
-            checked = (key.plant, key.event_type if index < 0 else None)
-            if self._subject_checks.get(subject) != checked:
-                validate_token(key.plant, "plant")
-                check_event_subject(subject, key.plant, checked[1])
-                if len(self._subject_checks) >= SUBJECT_CACHE_SIZE:
-                    self._subject_checks.clear()
-                self._subject_checks[subject] = checked
+            self._keys.check(subject, data, key, index)
         except msgspec.ValidationError as error:
             dead.append(
                 _key_dead_letter(

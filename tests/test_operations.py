@@ -389,6 +389,30 @@ def test_replay_skips_event_on_other_type_subject(
     assert replayed.new == 0
 
 
+def test_replay_skips_event_with_nul(
+    nats_server: EmbeddedNatsServer, tmp_path: Path
+) -> None:
+    report = ProductionConfirmed(
+        event_id="p-1",
+        plant="P01",
+        occurred_at=_RELEASED_AT + dt.timedelta(hours=1),
+        source="mes\x00line",
+        order="4711",
+        good=Quantity(value=Decimal(4), uom="EA"),
+    )
+    messages = [
+        (event_subject("P01", "work_order_released"), encode(_release())),
+        (event_subject("P01", "production_confirmed"), encode(report)),
+    ]
+    result = _run(nats_server, tmp_path / "db.duckdb", messages)
+    assert result.totals["dead_letter:invalid"] == 1
+
+    # The ingest dead-lettered the report for its NUL, so replay must not post it.
+    replayed = asyncio.run(_replay(nats_server.url, from_seq=1))
+    assert replayed.regenerated == 0
+    assert replayed.new == 0
+
+
 # -- dead letters ----------------------------------------------------------------------
 
 
