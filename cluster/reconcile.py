@@ -5,13 +5,19 @@ material and stock type should have from the event ledger (`events`), with rules
 own that are simpler than the actors' (docs/semantics.md, "Reconciliation"), and
 compares the result with the `stock` view, which sums the postings. It also checks that
 every event has exactly one outcome: applied once, parked, or dead-lettered.
+
+With `--nats-url` it also compares the postings in the file with those in ERP_POSTINGS,
+by idempotency key, so that a posting the ERP received but the file lacks, or the
+reverse, shows up too.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +25,7 @@ from typing import Any
 import duckdb
 
 from pipeline.sink import SinkError, open_for_reading
-from pipeline.subjects import DLQ_STREAM
+from pipeline.subjects import DLQ_STREAM, POSTINGS_STREAM
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +136,13 @@ OUTCOME_CHECKS: dict[str, str] = {
                 AND coalesce(d.batch_index, -1) = e.batch_index
         )
     """,
+    "dead letter of an applied event": """
+        SELECT e.plant, e.event_id, e.stream_seq, d.reason FROM events AS e
+        JOIN dead_letters AS d
+            ON d.stream_seq = e.stream_seq
+            AND coalesce(d.batch_index, -1) = e.batch_index
+        WHERE e.status = 'applied'
+    """,
     "parked but not reported": """
         SELECT e.plant, e.event_id, e.stream_seq FROM events AS e
         WHERE e.status = 'parked' AND NOT EXISTS (
@@ -215,6 +228,36 @@ def reconcile(connection: duckdb.DuckDBPyConnection) -> list[Difference]:
     return differences
 
 
+def stream_differences(
+    connection: duckdb.DuckDBPyConnection, stream_keys: Iterable[str]
+) -> list[Difference]:
+    """Compare the posting keys in the file with `stream_keys`, the keys of every
+    posting in ERP_POSTINGS."""
+    in_file = {
+        key for (key,) in connection.execute("SELECT key FROM postings").fetchall()
+    }
+    in_stream = set(stream_keys)
+    return [
+        Difference(f"posting in {POSTINGS_STREAM} but not in the file", key)
+        for key in sorted(in_stream - in_file)
+    ] + [
+        Difference(f"posting in the file but not in {POSTINGS_STREAM}", key)
+        for key in sorted(in_file - in_stream)
+    ]
+
+
+async def _stream_keys(url: str) -> list[str]:
+    # Imported here: reconcile without --nats-url needs no NATS client.
+    from cluster.job import connect_nats
+    from cluster.operations import posting_keys
+
+    nc = await connect_nats(url)
+    try:
+        return await posting_keys(nc.jetstream())
+    finally:
+        await nc.close()
+
+
 def _text(value: Any) -> str:
     return "null" if value is None else str(value)
 
@@ -268,6 +311,13 @@ def _run(args: argparse.Namespace) -> int:
         differences = reconcile(connection)
         summary = _summary(connection)
         [(events,)] = connection.execute("SELECT count(*) FROM events").fetchall()
+        if args.nats_url is not None:
+            stream_keys = asyncio.run(_stream_keys(args.nats_url))
+            summary.append(
+                f"{POSTINGS_STREAM} on {args.nats_url}: {len(stream_keys)} postings, "
+                "compared with the file by key"
+            )
+            differences += stream_differences(connection, stream_keys)
     except duckdb.CatalogException as error:
         print(
             f"plantstream reconcile: {args.db} lacks a table or view the check needs "
@@ -306,14 +356,21 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="check that the postings in a snapshot file agree with its events",
         description="Recompute stock per plant, material and stock type from the event "
         "ledger, compare it with the posted stock, and check that every event was "
-        "applied once, parked or dead-lettered. Prints each difference; exits 1 if "
-        "there is any or if the file holds no events, 2 if it cannot be read.",
+        "applied once, parked or dead-lettered. With --nats-url, also compare the "
+        "file's postings with ERP_POSTINGS. Prints each difference; exits 1 if there "
+        "is any or if the file holds no events, 2 if it cannot be read.",
     )
     parser.add_argument(
         "--db",
         type=Path,
         default=Path("out/plantstream.duckdb"),
         help="DuckDB snapshot file to check (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--nats-url",
+        help="also compare the file's postings with those in ERP_POSTINGS on this "
+        "server, by key; run it while the ingest is stopped or has drained the "
+        "stream, because the file lags the stream until the next checkpoint",
     )
     parser.add_argument(
         "--max-differences",

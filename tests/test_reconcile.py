@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import shutil
 from pathlib import Path
 
 import duckdb
+import nats
 import pytest
-from test_semantics_support import run_on_own_server
+from test_semantics_support import run, run_on_own_server
 
 from cluster import reconcile
+from cluster.nats_server import EmbeddedNatsServer
 from pipeline.sink import SnapshotWriter
 from pipeline.sources.generated import StreamSpec, generate
+from pipeline.subjects import posting_subject
 
 
-def _cli(db: Path) -> int:
+def _cli(db: Path, *options: str) -> int:
     parser = argparse.ArgumentParser()
     reconcile.add_parser(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(["reconcile", "--db", str(db)])
+    args = parser.parse_args(["reconcile", "--db", str(db), *options])
     return int(args.handler(args))
 
 
@@ -91,6 +95,51 @@ def test_double_apply_reported(
     out = capsys.readouterr().out
     assert "DIFFERENCE applied more than once" in out
     assert "DIFFERENCE stock" in out
+
+
+def test_dead_letter_of_applied_event_reported(
+    db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A dead letter for a message the ledger shows applied: the event was posted
+    # although it was also rejected, as a replay without the ingest's checks did.
+    tampered = _tampered(
+        db,
+        tmp_path,
+        "INSERT INTO dead_letters SELECT * REPLACE "
+        "(e.stream_seq AS stream_seq, -1 AS batch_index) "
+        "FROM (SELECT * FROM dead_letters LIMIT 1), "
+        "(SELECT stream_seq FROM events WHERE status = 'applied' "
+        "AND batch_index = -1 LIMIT 1) AS e",
+    )
+    assert _cli(tampered) == 1
+    assert "DIFFERENCE dead letter of an applied event" in capsys.readouterr().out
+
+
+def test_stream_postings_compared_by_key(
+    ray_local: None,
+    nats_server: EmbeddedNatsServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    messages, _ = generate(StreamSpec(plants=1, orders_per_plant=5, seed=9))
+    path = tmp_path / "run.duckdb"
+    run(nats_server, path, [(m.subject, m.data) for m in messages])
+    assert _cli(path, "--nats-url", nats_server.url) == 0
+    assert "compared with the file by key" in capsys.readouterr().out
+
+    async def post_stray() -> None:
+        nc = await nats.connect(nats_server.url)
+        try:
+            await nc.jetstream().publish(
+                posting_subject("P01"), b"{}", headers={"Nats-Msg-Id": "stray-key"}
+            )
+        finally:
+            await nc.close()
+
+    asyncio.run(post_stray())
+    assert _cli(path, "--nats-url", nats_server.url) == 1
+    out = capsys.readouterr().out
+    assert "DIFFERENCE posting in ERP_POSTINGS but not in the file: stray-key" in out
 
 
 def test_duplicate_of_dead_letter_agrees(
