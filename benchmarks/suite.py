@@ -87,6 +87,8 @@ QUICK = Sizes(
     remembered_ids=(20_000,),
 )
 
+SAVED_RESULTS_HINT = "make bench writes out/bench-results.pickle"
+
 SOAK_STATE = StateSettings(dedup_max_ids=50_000, closed_order_retention_s=6 * 3600.0)
 """Actor settings of the soak run, sized so that memory reaches its steady state early.
 
@@ -399,9 +401,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not os.access(path.parent, os.W_OK):
             parser.error(f"cannot write {path}: its folder is not writable")
     if args.render_from is not None and not args.render_from.is_file():
+        state = "is a folder" if args.render_from.is_dir() else "does not exist"
         parser.error(
-            f"--render-from {args.render_from} does not exist; pass the file that "
-            "--save-results wrote (make bench writes out/bench-results.pickle)"
+            f"--render-from {args.render_from} {state}; pass the file that "
+            f"--save-results wrote ({SAVED_RESULTS_HINT})"
         )
 
     logging.basicConfig(
@@ -414,7 +417,22 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if args.render_from is not None:
         # Only files this suite wrote are meant here; pickle runs code from the file.
-        results = pickle.loads(args.render_from.read_bytes())  # noqa: S301
+        try:
+            results = pickle.loads(args.render_from.read_bytes())  # noqa: S301
+        except Exception as error:
+            # Bytes that are not a pickle this suite wrote fail in many ways:
+            # UnpicklingError, EOFError, ImportError, IndexError among them.
+            parser.error(
+                f"--render-from {args.render_from} holds no results this suite saved "
+                f"({type(error).__name__}: {error}); pass the file that "
+                f"--save-results wrote ({SAVED_RESULTS_HINT})"
+            )
+        if not isinstance(results, Results):
+            parser.error(
+                f"--render-from {args.render_from} holds a {type(results).__name__}, "
+                f"not the results this suite saves; pass the file that --save-results "
+                f"wrote ({SAVED_RESULTS_HINT})"
+            )
         write_report(results, args.output)
         return 0
 

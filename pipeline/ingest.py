@@ -1066,9 +1066,17 @@ class Ingest:
                 # with the same ActorUnavailableError as a restarting one, is also
                 # counted as lost here.
                 if self.report.stop_error is None:
+                    # The actor's own exception, not Ray's wrapper around it, whose
+                    # name reads RayTaskError(PartitionRestartedError).
+                    cause: BaseException = outcome
+                    if (
+                        isinstance(outcome, ray.exceptions.RayTaskError)
+                        and outcome.cause
+                    ):
+                        cause = outcome.cause
                     self.report.stop_error = (
                         f"partition {index} returned no counts "
-                        f"({type(outcome).__name__}), because Ray restarted it after "
+                        f"({type(cause).__name__}), because Ray restarted it after "
                         "the last checkpoint or it is unavailable"
                     )
                     logger.warning(

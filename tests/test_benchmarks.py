@@ -90,6 +90,21 @@ def test_render_from_checks_its_files(tmp_path: Path) -> None:
     assert saved.read_bytes() == b""
 
 
+def test_render_from_garbage_rejected(tmp_path: Path) -> None:
+    garbage = tmp_path / "garbage.pickle"
+    garbage.write_bytes(b"\xfa not a pickle at all")
+    completed = _suite("--render-from", str(garbage), "--output", str(tmp_path / "r"))
+    assert completed.returncode == 2
+    assert "holds no results this suite saved" in completed.stderr
+    assert "Traceback" not in completed.stderr
+
+
+def test_render_from_folder_named(tmp_path: Path) -> None:
+    completed = _suite("--render-from", str(tmp_path), "--output", str(tmp_path / "r"))
+    assert completed.returncode == 2
+    assert f"--render-from {tmp_path} is a folder" in completed.stderr
+
+
 def _rows(report: str, section: str) -> list[list[str]]:
     body = report.split(f"## {section}\n", 1)[1].split("\n## ", 1)[0]
     rows = []
