@@ -139,7 +139,10 @@ def _add_generated_options(parser: argparse.ArgumentParser) -> None:
         "--seed",
         type=int,
         default=7,
-        help="generated stream: random seed (default: %(default)s)",
+        help="generated stream: random seed (default: %(default)s). Every seed uses "
+        "the same plants, machines and event times, so a second stream on the same "
+        "server reports the machines' state changes as far behind their history "
+        "and dead-letters them; publish each seed to a fresh server",
     )
 
 

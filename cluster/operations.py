@@ -958,8 +958,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "reset",
         help="delete every partition's state, so the next run starts from sequence 1",
         description="Stop plantstream run first. Deletes the object store bucket "
-        f"{CHECKPOINT_BUCKET}: the fix for a damaged checkpoint, or for one of another "
-        "partition count. The next run applies every event still in PLANT_EVENTS "
+        f"{CHECKPOINT_BUCKET}: the fix for a damaged checkpoint. A run with another "
+        "partition count needs no reset, because it splits the checkpoint at start. "
+        "The next run applies every event still in PLANT_EVENTS "
         "again; postings stored within the postings stream's duplicate window (24 h by "
         "default) are not stored twice.",
     )
