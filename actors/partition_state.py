@@ -853,6 +853,8 @@ class PartitionState:
             self._apply(event, message)
 
     def _expire_parked(self, now: float) -> None:
+        # NOTE: wall-clock time decides this, unlike the evictions, so a state restored
+        # after a crash may apply an event its old process had just expired.
         deadline = now - self.settings.park_timeout_s
         for key in [k for k, v in self.parked.items() if v[0].parked_at < deadline]:
             keep: list[Parked] = []
