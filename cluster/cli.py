@@ -467,6 +467,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"plantstream {args.command}: interrupted", file=sys.stderr)
         return 130
     except (FileNotFoundError, ConnectionError) as error:
+        logger.debug("command failed", exc_info=True)
         print(f"plantstream: {error}", file=sys.stderr)
         return 2
     except nats.js.errors.ServiceUnavailableError:

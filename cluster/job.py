@@ -7,6 +7,7 @@ cluster, given a NATS URL and a Ray address.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import tempfile
@@ -398,7 +399,10 @@ async def run_job(
                     await lease.release()
             return JobResult(report, totals, published, stats, config.db)
         finally:
-            await nc.close()
+            # nats-py 2.16 raises ConnectionResetError when it closes a client whose
+            # server went away, and the run's result must not be lost to that.
+            with contextlib.suppress(ConnectionError):
+                await nc.close()
     finally:
         if server is not None:
             server.stop()

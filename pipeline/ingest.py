@@ -482,7 +482,24 @@ class Ingest:
             try:
                 drained = await self._step(until_drained)
             except RECOVERABLE as error:
-                await self._recover(error)
+                try:
+                    await self._recover(error, stop)
+                except StartStoppedError:
+                    # The recovery dropped everything after the last checkpoint, so
+                    # there is nothing left to commit.
+                    self.report.stop_error = (
+                        "stopped while recovering from "
+                        f"{brief_error(error)}, before NATS and the partitions were "
+                        "back"
+                    )
+                    logger.warning(
+                        "%s. Nothing is lost: the next start restores the checkpoint "
+                        "through stream sequence %d and processes the messages after "
+                        "it again",
+                        self.report.stop_error,
+                        self.report.committed_seq,
+                    )
+                    return self.report
                 continue
             if drained:
                 break
@@ -581,12 +598,15 @@ class Ingest:
             self._fetch_task.cancel()
             self._fetch_task = None
 
-    async def _recover(self, error: BaseException) -> None:
+    async def _recover(
+        self, error: BaseException, stop: asyncio.Event | None = None
+    ) -> None:
         """Drop everything since the last checkpoint and resume from it.
 
         A failure that comes back after every recovery is not transient: after
         `MAX_RECOVERIES_WITHOUT_PROGRESS` recoveries with no checkpoint committed in
-        between, the error is raised instead of looping forever.
+        between, the error is raised instead of looping forever. Raises
+        StartStoppedError if `stop` is set while it waits for NATS or an actor.
         """
         self.report.recoveries += 1
         self._recoveries_without_progress += 1
@@ -596,11 +616,12 @@ class Ingest:
                 "without committing a checkpoint; the last error is attached. Fix its "
                 "cause and start again: processing resumes from the last checkpoint"
             ) from error
-        await asyncio.sleep(
+        await _sleep_unless_stopped(
             min(
                 RECOVERY_FIRST_DELAY_S * 2 ** (self._recoveries_without_progress - 1),
                 RECOVERY_MAX_DELAY_S,
-            )
+            ),
+            stop,
         )
         # No count of messages to replay here: batches still with the actors or in a
         # commit are not in _unacked, so it would undercount.
@@ -623,7 +644,9 @@ class Ingest:
             with contextlib.suppress(asyncio.CancelledError, *RECOVERABLE):
                 await self._commit_task
             self._commit_task = None
-        resumed = await self.start_with_retry()
+        if stop is not None and stop.is_set():
+            raise StartStoppedError("stopped before the recovery restarted the ingest")
+        resumed = await self.start_with_retry(stop)
         logger.info(
             "recovered: processing again from stream sequence %d, the first one the "
             "last committed checkpoint does not cover",
@@ -640,7 +663,7 @@ class Ingest:
             try:
                 return await self.start()
             except RECOVERABLE as error:
-                if await self._wait_for_connection():
+                if await self._wait_for_connection(stop):
                     # The NATS client logs its own outage and reconnect, so this
                     # retries at once without a line per attempt.
                     continue
@@ -662,11 +685,20 @@ class Ingest:
                         ) from error
                 delay = min(delay * 2, RECOVERY_MAX_DELAY_S)
 
-    async def _wait_for_connection(self) -> bool:
-        """Wait while the NATS client reconnects; return whether it had to wait."""
+    async def _wait_for_connection(self, stop: asyncio.Event | None = None) -> bool:
+        """Wait while the NATS client reconnects; return whether it had to wait.
+
+        Raises StartStoppedError if `stop` is set meanwhile: a stopped run must not
+        wait for a server that may stay down.
+        """
         if self.nc.is_connected or self.nc.is_closed:
             return False
         while not self.nc.is_connected and not self.nc.is_closed:
+            if stop is not None and stop.is_set():
+                raise StartStoppedError(
+                    "stopped while waiting for NATS to come back; this run committed "
+                    "nothing since its last checkpoint"
+                )
             await asyncio.sleep(RECONNECT_POLL_S)
         return True
 
@@ -1102,6 +1134,15 @@ class Ingest:
         for stats in await self.partition_stats():
             totals.update(cast(dict[str, int], stats["counts"]))
         return totals
+
+
+async def _sleep_unless_stopped(seconds: float, stop: asyncio.Event | None) -> None:
+    """Sleep for `seconds`, or until `stop` is set."""
+    if stop is None:
+        await asyncio.sleep(seconds)
+        return
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
 
 
 def brief_error(error: BaseException) -> str:

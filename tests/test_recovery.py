@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections import Counter
 from collections.abc import Awaitable, Callable
@@ -418,3 +419,46 @@ def test_actor_restarted_while_idle_is_restored(
     assert movement_totals(db) == expected.movements
     keys = asyncio.run(_posting_keys(nats_server.url))
     assert len(keys) == len(set(keys))
+
+
+def test_stop_while_nats_down_ends_run(
+    nats_server: EmbeddedNatsServer, stream: tuple[list[tuple[str, bytes]], Expected]
+) -> None:
+    # A stop must not wait for a server that may stay down: the run ends with what it
+    # committed, and the next start processes the rest again.
+    messages, _ = stream
+
+    async def scenario() -> IngestReport:
+        nc = await nats.connect(
+            nats_server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.2
+        )
+        actors = [PartitionActor.remote(i) for i in range(2)]  # type: ignore[attr-defined]
+        try:
+            await ensure_streams(nc.jetstream(), SETTINGS)
+            await publish_all(nc, ((s, d, None) for s, d in messages))
+            ingest = Ingest(nc, actors, None, SETTINGS)
+            await ingest.start()
+            stop = asyncio.Event()
+            task = asyncio.create_task(ingest.run(until_drained=False, stop=stop))
+            async with asyncio.timeout(60):
+                while ingest.report.committed_seq == 0:
+                    await asyncio.sleep(0.01)
+            # A graceful shutdown ends the open pull request, which starts a recovery
+            # that then waits for the server.
+            nats_server.stop()
+            async with asyncio.timeout(60):
+                while ingest.report.recoveries == 0:
+                    await asyncio.sleep(0.05)
+            stop.set()
+            # Without the stop check, the recovery waits for as long as the server
+            # stays down, and this times out.
+            return await asyncio.wait_for(task, 60)
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+            with contextlib.suppress(ConnectionError):
+                await nc.close()
+
+    report = asyncio.run(scenario())
+    assert report.stop_error is not None
+    assert report.stop_error.startswith("stopped while recovering from ")
