@@ -333,14 +333,15 @@ async def _require_stopped(
         )
 
 
-def _split_message(subject: str, data: bytes) -> list[tuple[int, bytes]]:
-    """Return the (batch index, event bytes) pairs of a message, as ingest does."""
+def _split_message(subject: str, data: bytes) -> list[tuple[int, bytes]] | None:
+    """Return the (batch index, event bytes) pairs of a message, as ingest does, or
+    None for an edge batch the ingest dead-lettered whole."""
     if not is_edge_batch(subject):
         return [(-1, data)]
     try:
         items = decode_edge_batch(data)
     except (msgspec.DecodeError, msgspec.ValidationError):
-        return []  # the ingest dead-lettered the whole message
+        return None
     return [(index, bytes(item)) for index, item in enumerate(items)]
 
 
@@ -353,16 +354,34 @@ class _Router:
         self.event_ids: set[str] = set()
         self.groups: dict[int, list[SourceMessage]] = {}
         self._keys = KeyChecker()
+        self.rejected: Counter[str] = Counter()
+        """Dead letters the ingest sent before routing, by reason."""
 
     def add(self, seq: int, subject: str, data: bytes) -> None:
         # NOTE: this mirrors `Ingest._route` and the edge batch split in
         # `Ingest.process`; a change to routing there must be made here too.
-        for index, event in _split_message(subject, data):
+        events = _split_message(subject, data)
+        if events is None:
+            self.rejected["malformed"] += 1
+            return
+        for index, event in events:
+            # Dead-lettered by the ingest, so they never reach a partition.
             try:
                 key = decode_key(event)
+            except msgspec.ValidationError:
+                self.rejected["invalid"] += 1
+                continue
+            except msgspec.DecodeError:
+                self.rejected["malformed"] += 1
+                continue
+            try:
                 self._keys.check(subject, event, key, index)
-            except (msgspec.DecodeError, msgspec.ValidationError, ValueError):
-                continue  # dead-lettered by the ingest, never reached a partition
+            except msgspec.DecodeError:
+                self.rejected["malformed"] += 1
+                continue
+            except ValueError:
+                self.rejected["invalid"] += 1
+                continue
             if key.plant != self.plant:
                 continue  # belongs to the state of the plant the event names
             self.event_ids.add(key.event_id)
@@ -492,6 +511,8 @@ async def replay_plant(
     )
     for seq, message_subject, data, _ in stored:
         routers[seq >= start].add(seq, message_subject, data)
+    for router in routers:
+        report.dead_letters.update(router.rejected)
     all_ids = routers[0].event_ids | routers[1].event_ids
     report.events_forgotten = len(all_ids)
     for state in states:

@@ -411,6 +411,7 @@ def test_replay_skips_event_with_nul(
     replayed = asyncio.run(_replay(nats_server.url, from_seq=1))
     assert replayed.regenerated == 0
     assert replayed.new == 0
+    assert replayed.dead_letters == {"invalid": 1}
 
 
 # -- dead letters ----------------------------------------------------------------------
