@@ -291,13 +291,19 @@ async def connect_nats(
     return client
 
 
+async def events_stream_identity(js: nats.js.JetStreamContext) -> str:
+    """Return the plant events stream's name and creation time, as a snapshot file
+    records the stream its rows come from."""
+    info = await js.stream_info(EVENTS_STREAM)
+    created = info.created.isoformat() if info.created else "at an unknown time"
+    return f"{EVENTS_STREAM} created {created}"
+
+
 async def _snapshot_source(
     js: nats.js.JetStreamContext, *, embedded: bool
 ) -> SnapshotSource:
-    info = await js.stream_info(EVENTS_STREAM)
-    created = info.created.isoformat() if info.created else "at an unknown time"
     return SnapshotSource(
-        stream=f"{EVENTS_STREAM} created {created}",
+        stream=await events_stream_identity(js),
         written_by="demo" if embedded else "run",
     )
 

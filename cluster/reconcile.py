@@ -24,8 +24,8 @@ from typing import Any
 
 import duckdb
 
-from pipeline.sink import SinkError, open_for_reading
-from pipeline.subjects import DLQ_STREAM, POSTINGS_STREAM
+from pipeline.sink import SinkError, open_for_reading, recorded_source
+from pipeline.subjects import DLQ_STREAM, EVENTS_STREAM, POSTINGS_STREAM
 
 logger = logging.getLogger(__name__)
 
@@ -246,14 +246,24 @@ def stream_differences(
     ]
 
 
-async def _stream_keys(url: str) -> list[str]:
+async def _stream_keys(url: str) -> tuple[str, list[str]]:
+    """Return the server's plant events stream identity and its posting keys."""
     # Imported here: reconcile without --nats-url needs no NATS client.
-    from cluster.job import connect_nats
+    import nats.js.errors
+
+    from cluster.job import connect_nats, events_stream_identity
     from cluster.operations import posting_keys
 
     nc = await connect_nats(url)
     try:
-        return await posting_keys(nc.jetstream())
+        js = nc.jetstream()
+        try:
+            return await events_stream_identity(js), await posting_keys(js)
+        except nats.js.errors.NotFoundError:
+            raise ValueError(
+                f"{url} has no {EVENTS_STREAM} or {POSTINGS_STREAM} stream, so no "
+                "plantstream run wrote there; pass the server the file was written from"
+            ) from None
     finally:
         await nc.close()
 
@@ -312,7 +322,18 @@ def _run(args: argparse.Namespace) -> int:
         summary = _summary(connection)
         [(events,)] = connection.execute("SELECT count(*) FROM events").fetchall()
         if args.nats_url is not None:
-            stream_keys = asyncio.run(_stream_keys(args.nats_url))
+            identity, stream_keys = asyncio.run(_stream_keys(args.nats_url))
+            recorded = recorded_source(connection)
+            if recorded is not None and recorded.stream != identity:
+                # Generated streams repeat their posting keys, so the keys alone
+                # would agree with another server's postings.
+                print(
+                    f"plantstream reconcile: {args.db} holds the snapshots of "
+                    f"{recorded.stream}, but {args.nats_url} has {identity}; pass "
+                    "the server the file was written from",
+                    file=sys.stderr,
+                )
+                return 2
             summary.append(
                 f"{POSTINGS_STREAM} on {args.nats_url}: {len(stream_keys)} postings, "
                 "compared with the file by key"

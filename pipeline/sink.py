@@ -63,6 +63,7 @@ __all__ = [
     "merge_tables",
     "open_for_reading",
     "read_source",
+    "recorded_source",
 ]
 
 logger = logging.getLogger(__name__)
@@ -137,7 +138,8 @@ class SnapshotSource:
     """The command that writes the file: "run" or "demo"."""
 
 
-def _read_source(connection: duckdb.DuckDBPyConnection) -> SnapshotSource | None:
+def recorded_source(connection: duckdb.DuckDBPyConnection) -> SnapshotSource | None:
+    """Return the source recorded in the open snapshot file, or None if it has none."""
     row = connection.execute(
         f"SELECT stream, written_by FROM {SOURCE_TABLE} LIMIT 1"  # noqa: S608
     ).fetchone()
@@ -157,7 +159,7 @@ def read_source(path: Path) -> SnapshotSource | None:
         ).fetchone()
         if not found or not found[0]:
             return None
-        return _read_source(connection)
+        return recorded_source(connection)
     finally:
         connection.close()
 
@@ -547,7 +549,7 @@ class SnapshotWriter:
     ) -> None:
         # Snapshot rows are keyed by stream sequence among others, so the rows of a
         # second stream would overwrite and mix with those of the first.
-        recorded = _read_source(connection)
+        recorded = recorded_source(connection)
         if recorded is None:
             connection.execute(
                 f"INSERT INTO {SOURCE_TABLE} (stream, written_by, through_seq) "  # noqa: S608

@@ -142,6 +142,23 @@ def test_stream_postings_compared_by_key(
     assert "DIFFERENCE posting in ERP_POSTINGS but not in the file: stray-key" in out
 
 
+def test_stream_of_other_server_refused(
+    ray_local: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The same generated stream on two servers gives the same posting keys, so only
+    # the stream's identity tells the file's server from the other.
+    messages, _ = generate(StreamSpec(plants=1, orders_per_plant=3, seed=9))
+    inputs = [(m.subject, m.data) for m in messages]
+    path, _ = run_on_own_server(tmp_path / "first", inputs)
+    other = EmbeddedNatsServer(store_dir=tmp_path / "other").start()
+    try:
+        run(other, tmp_path / "other.duckdb", inputs)
+        assert _cli(path, "--nats-url", other.url) == 2
+    finally:
+        other.stop()
+    assert "pass the server the file was written from" in capsys.readouterr().err
+
+
 def test_duplicate_of_dead_letter_agrees(
     db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
