@@ -28,6 +28,18 @@ __all__ = ["HUB_DOMAIN", "LeafTls", "hub_server_config", "site_server_config"]
 HUB_DOMAIN = "hub"
 
 
+_PEM_MARKERS = {
+    "cert": b"-----BEGIN CERTIFICATE-----",
+    "key": b"PRIVATE KEY-----",
+    "ca": b"-----BEGIN CERTIFICATE-----",
+}
+_PEM_KINDS = {
+    "cert": "certificate",
+    "key": "private key",
+    "ca": "CA certificate",
+}
+
+
 class LeafTls(NamedTuple):
     """PEM files that secure the leaf connection between the hub and a site.
 
@@ -70,6 +82,14 @@ class LeafTls(NamedTuple):
                     f"TLS {name} file {value} of the {side} does not exist or is not a "
                     "file; write the config on the host that runs the server, where "
                     "its PEM files are"
+                )
+            # A swapped cert and key, or a signing request, would fail only when
+            # nats-server starts at the site.
+            marker = _PEM_MARKERS[name]
+            if marker not in path.read_bytes():
+                raise ValueError(
+                    f"TLS {name} file {value} of the {side} holds no PEM block with "
+                    f"{marker.decode()}; pass the {_PEM_KINDS[name]} in PEM form"
                 )
             files[name] = str(path.resolve())
         return LeafTls(**files)

@@ -226,7 +226,7 @@ def _write_certificates(folder: Path) -> dict[str, str]:
 
 def test_tls_configs_reject_incomplete_files(tmp_path: Path) -> None:
     pem = tmp_path / "hub.pem"
-    pem.write_text("not checked here")
+    pem.write_text("-----BEGIN CERTIFICATE-----\nnot parsed here\n")
     with pytest.raises(ValueError, match="without its key file"):
         hub_server_config(
             store_dir="/js", listen="x", leaf_listen="y", tls=LeafTls(cert=str(pem))
@@ -253,6 +253,13 @@ def test_tls_configs_reject_incomplete_files(tmp_path: Path) -> None:
     )
     assert f'tls {{ ca_file: "{pem.resolve()}" }}' in site
     assert "verify" not in site
+
+
+def test_tls_key_given_as_cert_rejected(tmp_path: Path) -> None:
+    certificates = _write_certificates(tmp_path)
+    swapped = LeafTls(certificates["hub-key"], certificates["hub"], certificates["ca"])
+    with pytest.raises(ValueError, match="TLS cert file .* holds no PEM block"):
+        hub_server_config(store_dir="/js", listen="x", leaf_listen="y", tls=swapped)
 
 
 def _site_seen_from_hub(
