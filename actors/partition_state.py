@@ -1197,6 +1197,9 @@ class PartitionState:
         that they are applied instead of dropped as duplicates. Return the number of
         orders, machines and plant-wide holds dropped.
         """
+        # The replayed messages lie at or before the restored position, which would
+        # count a repeated id as a redelivery rather than a duplicate or a reused id.
+        self._position = (0, -1)
         prefix = f"{plant}\x1f"
         dropped = 0
         for entities in (self.orders, self.machines, self.plant_holds):

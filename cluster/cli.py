@@ -231,7 +231,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         loop = asyncio.get_running_loop()
 
         def on_signal(signum: signal.Signals) -> None:
-            logger.info("received %s: stopping after a last checkpoint", signum.name)
+            logger.info(
+                "received %s: stopping, after a last checkpoint if NATS is reachable",
+                signum.name,
+            )
             stop.set()
 
         for signum in (signal.SIGINT, signal.SIGTERM):

@@ -511,8 +511,8 @@ async def replay_plant(
     )
     for seq, message_subject, data, _ in stored:
         routers[seq >= start].add(seq, message_subject, data)
-    for router in routers:
-        report.dead_letters.update(router.rejected)
+    # Like the postings, the dead letters count from the start of the replay on.
+    report.dead_letters.update(routers[1].rejected)
     all_ids = routers[0].event_ids | routers[1].event_ids
     report.events_forgotten = len(all_ids)
     for state in states:
@@ -523,8 +523,9 @@ async def replay_plant(
     for phase, router in enumerate(routers):
         for partition, batch in sorted(router.take().items()):
             result = states[partition].apply_batch(batch)
-            for letter in result.dead_letters:
-                report.dead_letters[letter.reason] += 1
+            if phase == 1:
+                for letter in result.dead_letters:
+                    report.dead_letters[letter.reason] += 1
             for posting in result.postings:
                 known = posting.key in existing
                 if phase == 0:

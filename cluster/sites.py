@@ -77,19 +77,22 @@ class LeafTls(NamedTuple):
             if value is None:
                 continue
             path = Path(value).expanduser()
+            if path.is_dir():
+                raise ValueError(
+                    f"TLS {name} file {value} of the {side} is a folder; pass the PEM "
+                    "file itself"
+                )
             if not path.is_file():
                 raise ValueError(
-                    f"TLS {name} file {value} of the {side} does not exist or is not a "
-                    "file; write the config on the host that runs the server, where "
-                    "its PEM files are"
+                    f"TLS {name} file {value} of the {side} does not exist; write the "
+                    "config on the host that runs the server, where its PEM files are"
                 )
             # A swapped cert and key, or a signing request, would fail only when
             # nats-server starts at the site.
-            marker = _PEM_MARKERS[name]
-            if marker not in path.read_bytes():
+            if _PEM_MARKERS[name] not in path.read_bytes():
                 raise ValueError(
-                    f"TLS {name} file {value} of the {side} holds no PEM block with "
-                    f"{marker.decode()}; pass the {_PEM_KINDS[name]} in PEM form"
+                    f"TLS {name} file {value} of the {side} holds no PEM "
+                    f"{_PEM_KINDS[name]}; pass the {_PEM_KINDS[name]} in PEM form"
                 )
             files[name] = str(path.resolve())
         return LeafTls(**files)

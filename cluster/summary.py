@@ -89,8 +89,9 @@ def format_summary(result: JobResult, db: Path, *, top: int = 5) -> str:
         # missing above. They return with its state at the next start.
         lines += [
             f"  incomplete: {result.report.stop_error}",
-            "    The counts above leave out any partition that lost its state. The "
-            "next start restores the checkpoint through stream sequence "
+            "    The counts above are what the partitions held at the stop, and leave "
+            "out any partition that lost its state. The next start restores the "
+            "checkpoint through stream sequence "
             f"{result.report.committed_seq} and processes the messages after it "
             "again.",
         ]

@@ -596,7 +596,7 @@ def test_run_stops_on_early_signal(
     assert process.returncode == 0, stderr[-2000:]
     assert (
         f"received {signum.name} while starting" in stderr
-        or f"received {signum.name}: stopping after a last checkpoint" in stderr
+        or f"received {signum.name}: stopping, after a last checkpoint" in stderr
     )
 
 

@@ -414,6 +414,34 @@ def test_replay_skips_event_with_nul(
     assert replayed.dead_letters == {"invalid": 1}
 
 
+def test_replay_counts_reused_id_again(
+    nats_server: EmbeddedNatsServer, tmp_path: Path
+) -> None:
+    def report(good: int) -> ProductionConfirmed:
+        return ProductionConfirmed(
+            event_id="p-1",
+            plant="P01",
+            occurred_at=_RELEASED_AT + dt.timedelta(hours=1),
+            source="mes",
+            order="4711",
+            good=Quantity(value=Decimal(good), uom="EA"),
+        )
+
+    subject = event_subject("P01", "production_confirmed")
+    messages = [
+        (event_subject("P01", "work_order_released"), encode(_release())),
+        (subject, encode(report(4))),
+        (subject, encode(report(5))),
+    ]
+    result = _run(nats_server, tmp_path / "db.duckdb", messages)
+    assert result.totals["dead_letter:reused_id"] == 1
+
+    # The replay applies the plant's messages again, so it meets the reuse again.
+    replayed = asyncio.run(_replay(nats_server.url, from_seq=1))
+    assert replayed.dead_letters == {"reused_id": 1}
+    assert replayed.new == 0
+
+
 # -- dead letters ----------------------------------------------------------------------
 
 

@@ -258,7 +258,7 @@ def test_tls_configs_reject_incomplete_files(tmp_path: Path) -> None:
 def test_tls_key_given_as_cert_rejected(tmp_path: Path) -> None:
     certificates = _write_certificates(tmp_path)
     swapped = LeafTls(certificates["hub-key"], certificates["hub"], certificates["ca"])
-    with pytest.raises(ValueError, match="TLS cert file .* holds no PEM block"):
+    with pytest.raises(ValueError, match="TLS cert file .* holds no PEM certificate"):
         hub_server_config(store_dir="/js", listen="x", leaf_listen="y", tls=swapped)
 
 
