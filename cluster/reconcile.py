@@ -328,7 +328,7 @@ def _run(args: argparse.Namespace) -> int:
                 # Generated streams repeat their posting keys, so the keys alone
                 # would agree with another server's postings.
                 print(
-                    f"plantstream reconcile: {args.db} holds the snapshots of "
+                    f"plantstream reconcile: {args.db} contains the snapshots of "
                     f"{recorded.stream}, but {args.nats_url} has {identity}; pass "
                     "the server the file was written from",
                     file=sys.stderr,

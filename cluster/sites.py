@@ -91,7 +91,7 @@ class LeafTls(NamedTuple):
             # nats-server starts at the site.
             if _PEM_MARKERS[name] not in path.read_bytes():
                 raise ValueError(
-                    f"TLS {name} file {value} of the {side} holds no PEM "
+                    f"TLS {name} file {value} of the {side} contains no PEM "
                     f"{_PEM_KINDS[name]}; pass the {_PEM_KINDS[name]} in PEM form"
                 )
             files[name] = str(path.resolve())

@@ -136,9 +136,9 @@ class KeyChecker:
         an edge batch subject, whose type token is not checked."""
 
     def check(self, subject: str, data: bytes, key: EventKey, index: int) -> None:
-        """Raise ValueError if the event `data` with the decoded `key`, at `index` of
-        an edge batch or -1, must not be routed; msgspec.DecodeError if it nests too
-        deeply to search for NUL characters."""
+        """Raise ValueError if the event `data` with the decoded `key` must not be
+        routed. `index` is its position in an edge batch, or -1. An event nested too
+        deeply to search for NUL characters raises msgspec.DecodeError."""
         check_no_nul(data)
         # Events of an edge batch (index >= 0) carry many types on one subject.
         checked = (key.plant, key.event_type if index < 0 else None)

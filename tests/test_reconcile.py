@@ -142,11 +142,11 @@ def test_stream_postings_compared_by_key(
     assert "DIFFERENCE posting in ERP_POSTINGS but not in the file: stray-key" in out
 
 
-def test_stream_of_other_server_refused(
+def test_stream_of_other_server_rejected(
     ray_local: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     # The same generated stream on two servers gives the same posting keys, so only
-    # the stream's identity tells the file's server from the other.
+    # the stream's identity distinguishes the file's server from the other.
     messages, _ = generate(StreamSpec(plants=1, orders_per_plant=3, seed=9))
     inputs = [(m.subject, m.data) for m in messages]
     path, _ = run_on_own_server(tmp_path / "first", inputs)

@@ -258,7 +258,9 @@ def test_tls_configs_reject_incomplete_files(tmp_path: Path) -> None:
 def test_tls_key_given_as_cert_rejected(tmp_path: Path) -> None:
     certificates = _write_certificates(tmp_path)
     swapped = LeafTls(certificates["hub-key"], certificates["hub"], certificates["ca"])
-    with pytest.raises(ValueError, match="TLS cert file .* holds no PEM certificate"):
+    with pytest.raises(
+        ValueError, match="TLS cert file .* contains no PEM certificate"
+    ):
         hub_server_config(store_dir="/js", listen="x", leaf_listen="y", tls=swapped)
 
 
@@ -327,7 +329,7 @@ def test_tls_leaf_connection_with_site_certificate(tmp_path: Path) -> None:
     assert _site_seen_from_hub(tmp_path, certificates, site_tls)
 
 
-def test_tls_hub_refuses_site_without_certificate(tmp_path: Path) -> None:
+def test_tls_hub_rejects_site_without_certificate(tmp_path: Path) -> None:
     certificates = _write_certificates(tmp_path)
     assert not _site_seen_from_hub(
         tmp_path, certificates, LeafTls(ca=certificates["ca"])
