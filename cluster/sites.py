@@ -61,9 +61,9 @@ class LeafTls(NamedTuple):
         config is meant to be written on the host that runs the server.
         """
         if (self.cert is None) != (self.key is None):
-            given, missing = ("cert", "key") if self.key is None else ("key", "cert")
+            present, missing = ("cert", "key") if self.key is None else ("key", "cert")
             raise ValueError(
-                f"the {side}'s TLS {given} file is given without its {missing} file; "
+                f"the {side}'s TLS {present} file is given without its {missing} file; "
                 f"pass both --tls-cert and --tls-key"
             )
         if side == "hub" and self.cert is None:
