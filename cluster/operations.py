@@ -48,7 +48,7 @@ from pipeline.checkpoints import (
     read_manifest,
     read_partitions,
 )
-from pipeline.ingest import KeyChecker, is_edge_batch
+from pipeline.ingest import KeyChecker, is_edge_batch, key_rejection_reason
 from pipeline.publish import publish_all
 from pipeline.settings import PipelineSettings
 from pipeline.sink import SnapshotWriter, merge_tables
@@ -365,22 +365,12 @@ class _Router:
             self.rejected["malformed"] += 1
             return
         for index, event in events:
-            # Dead-lettered by the ingest, so they never reach a partition.
             try:
                 key = decode_key(event)
-            except msgspec.ValidationError:
-                self.rejected["invalid"] += 1
-                continue
-            except msgspec.DecodeError:
-                self.rejected["malformed"] += 1
-                continue
-            try:
                 self._keys.check(subject, event, key, index)
-            except msgspec.DecodeError:
-                self.rejected["malformed"] += 1
-                continue
-            except ValueError:
-                self.rejected["invalid"] += 1
+            except ValueError as error:  # msgspec's errors among them
+                # Dead-lettered by the ingest, so it never reaches a partition.
+                self.rejected[key_rejection_reason(error)] += 1
                 continue
             if key.plant != self.plant:
                 continue  # belongs to the state of the plant the event names

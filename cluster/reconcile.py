@@ -257,12 +257,15 @@ async def _stream_keys(url: str) -> tuple[str, list[str]]:
     nc = await connect_nats(url)
     try:
         js = nc.jetstream()
+        stream = EVENTS_STREAM
         try:
-            return await events_stream_identity(js), await posting_keys(js)
+            identity = await events_stream_identity(js)
+            stream = POSTINGS_STREAM
+            return identity, await posting_keys(js)
         except nats.js.errors.NotFoundError:
             raise ValueError(
-                f"{url} has no {EVENTS_STREAM} or {POSTINGS_STREAM} stream, so no "
-                "plantstream run wrote there; pass the server the file was written from"
+                f"{url} has no {stream} stream, so no plantstream run wrote there; "
+                "pass the server the file was written from"
             ) from None
     finally:
         await nc.close()

@@ -28,16 +28,12 @@ __all__ = ["HUB_DOMAIN", "LeafTls", "hub_server_config", "site_server_config"]
 HUB_DOMAIN = "hub"
 
 
-_PEM_MARKERS = {
-    "cert": b"-----BEGIN CERTIFICATE-----",
-    "key": b"PRIVATE KEY-----",
-    "ca": b"-----BEGIN CERTIFICATE-----",
+_PEM_CONTENTS = {
+    "cert": (b"-----BEGIN CERTIFICATE-----", "certificate"),
+    "key": (b"PRIVATE KEY-----", "private key"),
+    "ca": (b"-----BEGIN CERTIFICATE-----", "CA certificate"),
 }
-_PEM_KINDS = {
-    "cert": "certificate",
-    "key": "private key",
-    "ca": "CA certificate",
-}
+"""The text each TLS file must contain, and what it is, by LeafTls field."""
 
 
 class LeafTls(NamedTuple):
@@ -89,15 +85,16 @@ class LeafTls(NamedTuple):
                 )
             # A swapped cert and key, or a signing request, would fail only when
             # nats-server starts at the site.
-            if _PEM_MARKERS[name] not in path.read_bytes():
+            marker, kind = _PEM_CONTENTS[name]
+            if marker not in path.read_bytes():
                 raise ValueError(
-                    f"TLS {name} file {value} of the {side} contains no PEM "
-                    f"{_PEM_KINDS[name]}; pass the {_PEM_KINDS[name]} in PEM form"
+                    f"TLS {name} file {value} of the {side} contains no PEM {kind}; "
+                    f"pass the {kind} in PEM form"
                 )
             files[name] = str(path.resolve())
         return LeafTls(**files)
 
-    def block(self, indent: str, *, verify: bool) -> str:
+    def block(self, *, verify: bool) -> str:
         """Return the nats-server `tls` block with these files."""
         fields = [
             f"{key}: {_quote(value)}"
@@ -110,7 +107,7 @@ class LeafTls(NamedTuple):
         ]
         if verify:
             fields.append("verify: true")
-        return f"{indent}tls {{ {', '.join(fields)} }}"
+        return f"tls {{ {', '.join(fields)} }}"
 
 
 def _quote(value: str) -> str:
@@ -132,7 +129,7 @@ def hub_server_config(
         leafnodes = (
             "leafnodes {\n"
             f"  listen: {_quote(leaf_listen)}\n"
-            f"{tls.block('  ', verify=tls.ca is not None)}\n"
+            f"  {tls.block(verify=tls.ca is not None)}\n"
             "}\n"
         )
     return (
@@ -157,7 +154,7 @@ def site_server_config(
         f"deny_exports: [{_quote(EVENTS_PREFIX + '.>')}]",
     ]
     if tls is not None:
-        remote.append(tls.checked("site").block("", verify=False))
+        remote.append(tls.checked("site").block(verify=False))
     lines = "".join(f"      {line}\n" for line in remote)
     return (
         f"listen: {_quote(listen)}\n"

@@ -95,6 +95,7 @@ __all__ = [
     "StartStoppedError",
     "check_event_subject",
     "is_edge_batch",
+    "key_rejection_reason",
 ]
 
 RECOVERABLE: tuple[type[BaseException], ...] = (
@@ -148,6 +149,16 @@ class KeyChecker:
             if len(self._subjects) >= SUBJECT_CACHE_SIZE:
                 self._subjects.clear()
             self._subjects[subject] = checked
+
+
+def key_rejection_reason(error: ValueError) -> DeadLetterReason:
+    """Return the dead-letter reason for an error of `decode_key` or
+    `KeyChecker.check`: malformed for unreadable JSON, invalid for the rest."""
+    if isinstance(error, msgspec.DecodeError) and not isinstance(
+        error, msgspec.ValidationError
+    ):
+        return "malformed"
+    return "invalid"
 
 
 MAX_BATCHES_IN_FLIGHT = 2

@@ -365,49 +365,34 @@ def test_replay_plant_after_checkpoint_rejected(
     assert asyncio.run(_manifest(nats_server.url)) == before
 
 
-def test_replay_skips_event_on_other_type_subject(
-    nats_server: EmbeddedNatsServer, tmp_path: Path
-) -> None:
-    report = ProductionConfirmed(
+def _report(good: int = 4, source: str = "mes") -> ProductionConfirmed:
+    """Return a production report of order 4711, an hour after its release."""
+    return ProductionConfirmed(
         event_id="p-1",
         plant="P01",
         occurred_at=_RELEASED_AT + dt.timedelta(hours=1),
-        source="mes",
+        source=source,
         order="4711",
-        good=Quantity(value=Decimal(4), uom="EA"),
+        good=Quantity(value=Decimal(good), uom="EA"),
     )
+
+
+@pytest.mark.parametrize(
+    ("event_type", "source"),
+    [("material_consumed", "mes"), ("production_confirmed", "mes\x00line")],
+    ids=["other_type_subject", "nul_in_source"],
+)
+def test_replay_skips_rejected_event(
+    nats_server: EmbeddedNatsServer, tmp_path: Path, event_type: str, source: str
+) -> None:
     messages = [
         (event_subject("P01", "work_order_released"), encode(_release())),
-        (event_subject("P01", "material_consumed"), encode(report)),
+        (event_subject("P01", event_type), encode(_report(source=source))),
     ]
     result = _run(nats_server, tmp_path / "db.duckdb", messages)
     assert result.totals["dead_letter:invalid"] == 1
 
     # The ingest dead-lettered the report, so replay must not post it either.
-    replayed = asyncio.run(_replay(nats_server.url, from_seq=1))
-    assert replayed.regenerated == 0
-    assert replayed.new == 0
-
-
-def test_replay_skips_event_with_nul(
-    nats_server: EmbeddedNatsServer, tmp_path: Path
-) -> None:
-    report = ProductionConfirmed(
-        event_id="p-1",
-        plant="P01",
-        occurred_at=_RELEASED_AT + dt.timedelta(hours=1),
-        source="mes\x00line",
-        order="4711",
-        good=Quantity(value=Decimal(4), uom="EA"),
-    )
-    messages = [
-        (event_subject("P01", "work_order_released"), encode(_release())),
-        (event_subject("P01", "production_confirmed"), encode(report)),
-    ]
-    result = _run(nats_server, tmp_path / "db.duckdb", messages)
-    assert result.totals["dead_letter:invalid"] == 1
-
-    # The ingest dead-lettered the report for its NUL, so replay must not post it.
     replayed = asyncio.run(_replay(nats_server.url, from_seq=1))
     assert replayed.regenerated == 0
     assert replayed.new == 0
@@ -417,21 +402,11 @@ def test_replay_skips_event_with_nul(
 def test_replay_counts_reused_id_again(
     nats_server: EmbeddedNatsServer, tmp_path: Path
 ) -> None:
-    def report(good: int) -> ProductionConfirmed:
-        return ProductionConfirmed(
-            event_id="p-1",
-            plant="P01",
-            occurred_at=_RELEASED_AT + dt.timedelta(hours=1),
-            source="mes",
-            order="4711",
-            good=Quantity(value=Decimal(good), uom="EA"),
-        )
-
     subject = event_subject("P01", "production_confirmed")
     messages = [
         (event_subject("P01", "work_order_released"), encode(_release())),
-        (subject, encode(report(4))),
-        (subject, encode(report(5))),
+        (subject, encode(_report(good=4))),
+        (subject, encode(_report(good=5))),
     ]
     result = _run(nats_server, tmp_path / "db.duckdb", messages)
     assert result.totals["dead_letter:reused_id"] == 1

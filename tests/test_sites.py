@@ -28,6 +28,39 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
+def _hub(
+    folder: Path, leaf_port: int, tls: LeafTls | None = None
+) -> EmbeddedNatsServer:
+    """Return an unstarted hub server on loopback with its leaf listener on
+    `leaf_port`."""
+    return EmbeddedNatsServer(
+        store_dir=folder / "hub",
+        config=hub_server_config(
+            store_dir=str(folder / "hub"),
+            listen="127.0.0.1:4222",
+            leaf_listen=f"127.0.0.1:{leaf_port}",
+            tls=tls,
+        ),
+    )
+
+
+def _site(
+    folder: Path, plant: str, hub_leaf_url: str, tls: LeafTls | None = None
+) -> EmbeddedNatsServer:
+    """Return an unstarted site server of `plant` on loopback, a leaf node of the hub
+    at `hub_leaf_url`."""
+    return EmbeddedNatsServer(
+        store_dir=folder / "site",
+        config=site_server_config(
+            plant,
+            store_dir=str(folder / "site"),
+            listen="127.0.0.1:4222",
+            hub_leaf_url=hub_leaf_url,
+            tls=tls,
+        ),
+    )
+
+
 def test_configs_name_domain_and_remote() -> None:
     site = site_server_config(
         "P01",
@@ -50,23 +83,8 @@ def test_backlog_from_offline_site(tmp_path: Path) -> None:
     messages, expected = generate(StreamSpec(plants=1, orders_per_plant=20, seed=3))
     plant = messages[0].subject.split(".")[2]
     leaf_port = free_port()
-    site = EmbeddedNatsServer(
-        store_dir=tmp_path / "site",
-        config=site_server_config(
-            plant,
-            store_dir=str(tmp_path / "site"),
-            listen="127.0.0.1:4222",
-            hub_leaf_url=f"nats-leaf://127.0.0.1:{leaf_port}",
-        ),
-    ).start()
-    hub = EmbeddedNatsServer(
-        store_dir=tmp_path / "hub",
-        config=hub_server_config(
-            store_dir=str(tmp_path / "hub"),
-            listen="127.0.0.1:4222",
-            leaf_listen=f"127.0.0.1:{leaf_port}",
-        ),
-    )
+    site = _site(tmp_path, plant, f"nats-leaf://127.0.0.1:{leaf_port}").start()
+    hub = _hub(tmp_path, leaf_port)
     settings = PipelineSettings(sites=plant, fetch_batch=500)
     try:
 
@@ -271,27 +289,9 @@ def _site_seen_from_hub(
     hub reaches the site's JetStream over the leaf connection."""
     plant = "P01"
     leaf_port = free_port()
-    hub = EmbeddedNatsServer(
-        store_dir=tmp_path / "hub",
-        config=hub_server_config(
-            store_dir=str(tmp_path / "hub"),
-            listen="127.0.0.1:4222",
-            leaf_listen=f"127.0.0.1:{leaf_port}",
-            tls=LeafTls(
-                certificates["hub"], certificates["hub-key"], certificates["ca"]
-            ),
-        ),
-    ).start()
-    site = EmbeddedNatsServer(
-        store_dir=tmp_path / "site",
-        config=site_server_config(
-            plant,
-            store_dir=str(tmp_path / "site"),
-            listen="127.0.0.1:4222",
-            hub_leaf_url=f"tls://127.0.0.1:{leaf_port}",
-            tls=site_tls,
-        ),
-    ).start()
+    hub_tls = LeafTls(certificates["hub"], certificates["hub-key"], certificates["ca"])
+    hub = _hub(tmp_path, leaf_port, hub_tls).start()
+    site = _site(tmp_path, plant, f"tls://127.0.0.1:{leaf_port}", site_tls).start()
 
     async def look() -> bool:
         local = await nats.connect(site.url)
