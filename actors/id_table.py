@@ -31,6 +31,7 @@ from collections.abc import Iterator, Sequence
 import msgspec
 
 __all__ = [
+    "BLAKE2B_64",
     "IdTable",
     "IdTableChanges",
     "IdTableData",
@@ -49,13 +50,19 @@ if array("I").itemsize != 4 or array("Q").itemsize != 8:
     )
 
 
+BLAKE2B_64 = hashlib.blake2b(digest_size=8)
+"""An empty 8-byte blake2b to copy. Copying took a fifth less time than creating one,
+and this runs once or twice per event."""
+
+
 def stable_hash(text: str) -> int:
     """Return a 64-bit blake2b hash of `text`, never 0, the same in every process.
 
     Python's hash() of a str changes per process, but these hashes are checkpointed.
     """
-    digest = hashlib.blake2b(text.encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "little") or 1
+    hasher = BLAKE2B_64.copy()
+    hasher.update(text.encode())
+    return int.from_bytes(hasher.digest(), "little") or 1
 
 
 PACKED_ID_SIZE = 12

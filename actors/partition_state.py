@@ -21,7 +21,6 @@ The whole state round-trips through `checkpoint()` and `restore()` as MessagePac
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import itertools
 import logging
 import sys
@@ -42,6 +41,7 @@ import pyarrow.acero  # noqa: F401
 import pyarrow.compute as pc
 
 from actors.id_table import (
+    BLAKE2B_64,
     IdTable,
     IdTableChanges,
     IdTableData,
@@ -102,6 +102,7 @@ _ORDER_EVENTS = frozenset(
     }
 )
 """Event types that change a released order, applied by actors.orders."""
+_HOLD_EVENTS = (ev.QualityHoldApplied, ev.QualityHoldReleased)
 
 CHUNK_ROWS = 1000
 """Ledger rows (about one per event) collected before they and the other snapshot rows
@@ -235,8 +236,9 @@ def _payload_hash(event: ev.PlantEvent) -> int:
     # white space or key order is still a duplicate. blake2b is stable across processes,
     # unlike hash(), which matters because the hashes outlive the process in
     # checkpoints.
-    digest = hashlib.blake2b(encode(event), digest_size=8).digest()
-    return int.from_bytes(digest, "big") >> (64 - PAYLOAD_HASH_BITS)
+    hasher = BLAKE2B_64.copy()
+    hasher.update(encode(event))
+    return int.from_bytes(hasher.digest(), "big") >> (64 - PAYLOAD_HASH_BITS)
 
 
 class PartitionState:
@@ -306,6 +308,10 @@ class PartitionState:
         self._now = dt.datetime.now(dt.UTC)
         """The host clock, read once per batch by apply_batch."""
         self._future_limit = self._now + self._max_ahead
+        self._local_clock: dict[dt.tzinfo, tuple[dt.datetime, dt.datetime]] = {}
+        """Per fixed UTC offset, _now and _future_limit at that offset. Two times
+        compare at C speed only when they share a tzinfo object, as decoded times of one
+        offset do; the comparisons with the host clock in UTC took 2% of the time."""
         # Per batch, reset by apply_batch.
         self._postings: list[OutgoingPosting] = []
         self._dead: list[DeadLetter] = []
@@ -322,6 +328,7 @@ class PartitionState:
         # far less than max_future_s, and a reading per event showed in the profile.
         self._now = dt.datetime.now(dt.UTC)
         self._future_limit = self._now + self._max_ahead
+        self._local_clock = {}
         primaries = 0
         for message in messages:
             primaries += message.primary
@@ -384,12 +391,14 @@ class PartitionState:
             self._reject(message, "malformed", detail, _key_or_none(message.data))
             return
 
-        now = self._now
+        occurred_at = event.occurred_at
+        local = self._local_clock.get(occurred_at.tzinfo)  # type: ignore[arg-type]
+        now, future_limit = local or self._host_clock_at(occurred_at.tzinfo)
         plant = event.plant
         clock = (
             self.clocks[plant] if plant in self._dirty_clocks else self._clock(plant)
         )
-        if event.occurred_at > self._future_limit:
+        if occurred_at > future_limit:
             # Rejected before the watermark moves, so a fast clock never makes the
             # plant's correct events look late.
             clock.future_rejected += 1
@@ -438,8 +447,20 @@ class PartitionState:
                     event,
                 )
             return
-        self._observe_time(clock, event.occurred_at, now)
+        self._observe_time(clock, occurred_at, now)
         self._apply(event, message, payload_hash, id_hash, order_key)
+
+    def _host_clock_at(self, tz: dt.tzinfo | None) -> tuple[dt.datetime, dt.datetime]:
+        """Return this batch's host clock and future limit at the offset `tz`."""
+        if type(tz) is not dt.timezone:
+            # A time zone with daylight saving time (an event built in Python). Times
+            # that share such a tzinfo compare by wall clock, so compare in UTC.
+            return self._now, self._future_limit
+        local = self._local_clock[tz] = (
+            self._now.astimezone(tz),
+            self._future_limit.astimezone(tz),
+        )
+        return local
 
     def _clock(self, plant: str) -> PlantClock:
         if plant in self._dirty_clocks:
@@ -523,7 +544,7 @@ class PartitionState:
         if id_hash in self.seen:
             return
         self._remember(id_hash, _payload_hash(event))
-        if isinstance(event, ev.QualityHoldApplied | ev.QualityHoldReleased):
+        if isinstance(event, _HOLD_EVENTS):
             self._apply_copy(event, message)
 
     def _apply_copy(

@@ -125,6 +125,11 @@ def test_offset_kept_and_seven_digit_fraction() -> None:
             consumed(b'"1"').replace(b"2026-03-01", b"1969-12-31"),
             "before 1970",
         ),
+        (
+            # 1970 at its offset, 1969 in UTC.
+            consumed(b'"1"').replace(b"2026-03-01T07:15", b"1970-01-01T03:15"),
+            "before 1970",
+        ),
     ],
     ids=[
         "nan",
@@ -136,6 +141,7 @@ def test_offset_kept_and_seven_digit_fraction() -> None:
         "too_large",
         "year_one",
         "before_1970",
+        "before_1970_in_utc",
     ],
 )
 def test_invalid_event_rejected(data: bytes, message: str) -> None:
@@ -182,6 +188,7 @@ def _movement(quantity: Decimal) -> GoodsMovement:
     ("quantity", "written"),
     [
         ("0.00000001", b'"quantity":"0.00000001"'),
+        ("1E-7", b'"quantity":"0.0000001"'),
         ("1E+3", b'"quantity":"1000"'),
         ("71.195000000", b'"quantity":"71.195"'),
         ("162.000000000", b'"quantity":"162"'),
