@@ -515,9 +515,9 @@ def _movement(
         document_date=_local_date(event.occurred_at),
         occurred_at=event.occurred_at,
         reference=event.event_id,
-        lineage=[event.event_id]
+        lineage=(event.event_id,)
         if reverses_event is None
-        else [event.event_id, reverses_event],
+        else (event.event_id, reverses_event),
         reverses=reverses,
     )
 
@@ -590,7 +590,7 @@ def _confirmed(order: OrderState, event: ev.ProductionConfirmed, out: Outcome) -
             final=event.final,
             started_at=event.started_at,
             finished_at=event.occurred_at,
-            lineage=[event.event_id],
+            lineage=(event.event_id,),
         )
     )
     order.good += good
@@ -705,7 +705,7 @@ def _cancelled(order: OrderState, event: ev.ProductionCancelled, out: Outcome) -
             final=False,
             started_at=None,
             finished_at=event.occurred_at,
-            lineage=[event.event_id, event.cancels_event_id],
+            lineage=(event.event_id, event.cancels_event_id),
             reverses=receipt.confirmation_key,
         )
     )

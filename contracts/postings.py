@@ -97,7 +97,9 @@ class GoodsMovement(
     document_date: dt.date
     occurred_at: dt.datetime
     reference: str
-    lineage: list[str]
+    # A tuple, as befits a frozen struct: once the cycle collector has seen that it
+    # holds only strings it skips it, and a partition holds thousands of postings.
+    lineage: tuple[str, ...]
     reverses: str | None = None
 
 
@@ -123,7 +125,7 @@ class OrderConfirmation(
     final: bool
     started_at: dt.datetime | None
     finished_at: dt.datetime
-    lineage: list[str]
+    lineage: tuple[str, ...]
     reverses: str | None = None
 
 

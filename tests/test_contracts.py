@@ -180,7 +180,7 @@ def _movement(quantity: Decimal) -> GoodsMovement:
         document_date=_POSTED_AT.date(),
         occurred_at=_POSTED_AT,
         reference="e1",
-        lineage=["e1"],
+        lineage=("e1",),
     )
 
 
@@ -218,7 +218,7 @@ def test_confirmed_quantities_in_plain_notation() -> None:
         final=True,
         started_at=None,
         finished_at=_POSTED_AT,
-        lineage=["e1"],
+        lineage=("e1",),
     )
     data = encode_posting(confirmation)
     assert b'"yield_quantity":"100"' in data

@@ -140,7 +140,7 @@ def test_receipt_issue_and_confirmation(apply: Apply) -> None:
     assert issue.uom == "KG"
     receipt = next(m for m in movements(result) if m.movement_type == "101")
     assert receipt.stock_type == "unrestricted"
-    assert receipt.lineage == ["p1"]
+    assert receipt.lineage == ("p1",)
 
 
 def test_posted_quantities_have_no_exponent(apply: Apply) -> None:
