@@ -17,6 +17,7 @@ sites that present a certificate signed by it, which is then the sites' credenti
 
 from __future__ import annotations
 
+import ssl
 from pathlib import Path
 from typing import NamedTuple
 
@@ -92,6 +93,8 @@ class LeafTls(NamedTuple):
                     f"pass the {kind} in PEM form"
                 )
             files[name] = str(path.resolve())
+        if "cert" in files:
+            _check_key_pair(files["cert"], files["key"], side)
         return LeafTls(**files)
 
     def block(self, *, verify: bool) -> str:
@@ -108,6 +111,42 @@ class LeafTls(NamedTuple):
         if verify:
             fields.append("verify: true")
         return f"tls {{ {', '.join(fields)} }}"
+
+
+class _EncryptedKey(Exception):
+    """Raised by `_no_password`: the private key is encrypted."""
+
+
+def _no_password() -> str:
+    raise _EncryptedKey
+
+
+def _check_key_pair(cert: str, key: str, side: str) -> None:
+    """Raise ValueError unless `key` is the unencrypted private key of `cert`.
+
+    nats-server reports either problem only when it starts, which for a site config is
+    on a plant's host. Python's ssl module finds both problems when it loads the pair.
+    """
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_cert_chain(cert, key, password=_no_password)
+    except _EncryptedKey:
+        raise ValueError(
+            f"TLS key file {key} of the {side} is encrypted, and nats-server reads "
+            "only unencrypted keys; write it out without a passphrase, for example "
+            f"with: openssl pkey -in {key} -out key.pem"
+        ) from None
+    except ssl.SSLError as error:
+        if error.reason == "KEY_VALUES_MISMATCH":
+            raise ValueError(
+                f"TLS key file {key} of the {side} is not the private key of "
+                f"certificate {cert}; pass the key the certificate was issued for"
+            ) from None
+        raise ValueError(
+            f"TLS cert file {cert} and key file {key} of the {side} cannot be loaded "
+            f"as a certificate and its key ({error}); check that both are PEM files "
+            "written by your CA tooling"
+        ) from None
 
 
 def _quote(value: str) -> str:

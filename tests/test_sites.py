@@ -282,6 +282,38 @@ def test_tls_key_given_as_cert_rejected(tmp_path: Path) -> None:
         hub_server_config(store_dir="/js", listen="x", leaf_listen="y", tls=swapped)
 
 
+def test_tls_key_of_another_certificate_rejected(tmp_path: Path) -> None:
+    certificates = _write_certificates(tmp_path)
+    mismatched = LeafTls(certificates["hub"], certificates["site-key"])
+    with pytest.raises(ValueError, match="is not the private key of certificate"):
+        hub_server_config(store_dir="/js", listen="x", leaf_listen="y", tls=mismatched)
+
+
+def test_tls_encrypted_key_rejected(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+
+    certificates = _write_certificates(tmp_path)
+    key = serialization.load_pem_private_key(
+        Path(certificates["site-key"]).read_bytes(), password=None
+    )
+    encrypted = tmp_path / "site-key-encrypted.pem"
+    encrypted.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.BestAvailableEncryption(b"passphrase"),
+        )
+    )
+    with pytest.raises(ValueError, match="is encrypted, and nats-server reads"):
+        site_server_config(
+            "P01",
+            store_dir="/js",
+            listen="x",
+            hub_leaf_url="tls://hub:7422",
+            tls=LeafTls(certificates["site"], str(encrypted), certificates["ca"]),
+        )
+
+
 def _site_seen_from_hub(
     tmp_path: Path, certificates: dict[str, str], site_tls: LeafTls
 ) -> bool:
