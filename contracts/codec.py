@@ -245,6 +245,17 @@ def describe_decode_error(
                 value_text = value_text[:_SHOWN_VALUE_CHARS] + "..."
             if value_text not in message:
                 message = f"{message} (got {value_text})"
+    if message.startswith(("Input data was truncated", _MALFORMED_JSON)):
+        surrogate = _lone_surrogate(data)
+        if surrogate is not None:
+            # msgspec reports a high surrogate without its low half as truncated
+            # input, which points the publisher at the wrong problem.
+            offset, escape = surrogate
+            return (
+                f"JSON is malformed: the escape {escape} at byte {offset} is half of a "
+                "UTF-16 surrogate pair without its other half; send the character as "
+                "UTF-8, or escape it as a whole pair such as \\ud83d\\ude00"
+            )
     malformed = _describe_malformed(message, data)
     if malformed is not None:
         return malformed
@@ -257,6 +268,27 @@ def describe_decode_error(
                 hint = "each element of an edge batch must be one event object"
             return f"{message}; {hint}"
     return message
+
+
+_ESCAPE = re.compile(rb"\\(?:u([0-9a-fA-F]{4})|.)", re.DOTALL)
+"""One JSON escape sequence; group 1 is the code unit of a \\u escape."""
+
+
+def _lone_surrogate(data: bytes) -> tuple[int, str] | None:
+    """Return the offset and text of the first \\u escape that is half of a UTF-16
+    surrogate pair without the other half, or None."""
+    high: re.Match[bytes] | None = None
+    for escape in _ESCAPE.finditer(data):
+        unit = int(escape.group(1), 16) if escape.group(1) else -1
+        is_low = 0xDC00 <= unit <= 0xDFFF
+        if high is not None and not (is_low and escape.start() == high.end()):
+            return high.start(), high.group().decode()
+        if is_low and high is None:
+            return escape.start(), escape.group().decode()
+        high = escape if 0xD800 <= unit <= 0xDBFF else None
+    if high is not None:
+        return high.start(), high.group().decode()
+    return None
 
 
 def _describe_malformed(message: str, data: bytes) -> str | None:

@@ -466,6 +466,25 @@ def test_decode_error_names_malformed_json_byte() -> None:
     assert detail.endswith("publish one UTF-8 encoded JSON object per event")
 
 
+@pytest.mark.parametrize(
+    ("text", "escape"),
+    [
+        (rb"ab\ud800cd", r"\ud800"),  # msgspec calls this one truncated input
+        (rb"ab\ud800", r"\ud800"),
+        (rb"\udc00x", r"\udc00"),
+        (rb"\ud800\u0041", r"\ud800"),
+        (rb"a\\\ud800", r"\ud800"),  # an escaped backslash, then the escape
+    ],
+)
+def test_decode_error_names_lone_surrogate(text: bytes, escape: str) -> None:
+    data = consumed(b"1").replace(b'"source":"mes"', b'"source":"' + text + b'"')
+    with pytest.raises(msgspec.DecodeError) as caught:
+        decode_event(data)
+    detail = describe_decode_error(caught.value, data)
+    assert f"the escape {escape} at byte {data.index(escape.encode())}" in detail
+    assert "truncated" not in detail
+
+
 def test_decode_error_cuts_shown_bytes() -> None:
     data = b'{"a": 1} ' + b"x" * 100
     with pytest.raises(msgspec.DecodeError) as caught:
