@@ -110,6 +110,11 @@ GROUP BY plant, material, stock_type, uom
 
 POSTED_STOCK = "SELECT plant, material, stock_type, uom, quantity FROM stock"
 
+# future_time and parked_expired are decided on the host clock. A replay, or a restart
+# from a checkpoint before the rejection, reads another clock and may apply the event,
+# so a dead letter of an applied event with one of these reasons is counted, not
+# reported as a difference.
+
 # Each check returns rows that are differences; an empty result passes.
 OUTCOME_CHECKS: dict[str, str] = {
     "applied more than once": """
@@ -141,7 +146,7 @@ OUTCOME_CHECKS: dict[str, str] = {
         JOIN dead_letters AS d
             ON d.stream_seq = e.stream_seq
             AND coalesce(d.batch_index, -1) = e.batch_index
-        WHERE e.status = 'applied'
+        WHERE e.status = 'applied' AND d.reason NOT IN ('future_time', 'parked_expired')
     """,
     "parked but not reported": """
         SELECT e.plant, e.event_id, e.stream_seq FROM events AS e
@@ -278,13 +283,31 @@ def _text(value: Any) -> str:
 # Dead letters without a ledger row: the ingest rejected them before any partition saw
 # them (no valid key, or a subject of another plant or event type), or the partition
 # could not decode them into an event. The run summary counts them; the ledger cannot.
+# A clock rejection whose event was applied later has a ledger row, counted apart.
 DEAD_LETTERS_OUTSIDE_LEDGER = """
     SELECT d.reason, count(*) FROM dead_letters AS d
     WHERE NOT EXISTS (
         SELECT 1 FROM events AS e
-        WHERE e.status = 'dead_letter' AND e.stream_seq = d.stream_seq
-            AND e.batch_index = coalesce(d.batch_index, -1) AND e.reason = d.reason
+        WHERE e.stream_seq = d.stream_seq
+            AND e.batch_index = coalesce(d.batch_index, -1)
+            AND (
+                (e.status = 'dead_letter' AND e.reason = d.reason)
+                OR (
+                    e.status = 'applied'
+                    AND d.reason IN ('future_time', 'parked_expired')
+                )
+            )
     )
+    GROUP BY d.reason ORDER BY d.reason
+"""
+
+
+APPLIED_AFTER_CLOCK_REJECTION = """
+    SELECT d.reason, count(*) FROM events AS e
+    JOIN dead_letters AS d
+        ON d.stream_seq = e.stream_seq
+        AND coalesce(d.batch_index, -1) = e.batch_index
+    WHERE e.status = 'applied' AND d.reason IN ('future_time', 'parked_expired')
     GROUP BY d.reason ORDER BY d.reason
 """
 
@@ -310,6 +333,14 @@ def _summary(connection: duckdb.DuckDBPyConnection) -> list[str]:
             f"  {sum(count for _, count in outside)} of them have no ledger row, "
             f"because they were rejected before a partition decoded them into an "
             f"event: {reasons}"
+        )
+    applied_later = connection.execute(APPLIED_AFTER_CLOCK_REJECTION).fetchall()
+    if applied_later:
+        counts = ", ".join(f"{reason} {count}" for reason, count in applied_later)
+        lines.append(
+            f"  {sum(count for _, count in applied_later)} of them were rejected on "
+            "the host clock and their events applied later, by a replay or a restart "
+            f"that read a later clock: {counts}"
         )
     return lines
 

@@ -107,12 +107,34 @@ def test_dead_letter_of_applied_event_reported(
         tmp_path,
         "INSERT INTO dead_letters SELECT * REPLACE "
         "(e.stream_seq AS stream_seq, -1 AS batch_index) "
-        "FROM (SELECT * FROM dead_letters LIMIT 1), "
+        "FROM (SELECT * FROM dead_letters WHERE reason = 'invalid' LIMIT 1), "
         "(SELECT stream_seq FROM events WHERE status = 'applied' "
         "AND batch_index = -1 LIMIT 1) AS e",
     )
     assert _cli(tampered) == 1
     assert "DIFFERENCE dead letter of an applied event" in capsys.readouterr().out
+
+
+def test_clock_rejection_applied_later_counted(
+    db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A future_time rejection whose event a replay applied once the host clock had
+    # caught up: a different clock, not a wrong posting.
+    tampered = _tampered(
+        db,
+        tmp_path,
+        "INSERT INTO dead_letters SELECT * REPLACE "
+        "(e.stream_seq AS stream_seq, -1 AS batch_index, "
+        "'future_time' AS reason) "
+        "FROM (SELECT * FROM dead_letters LIMIT 1), "
+        "(SELECT stream_seq FROM events WHERE status = 'applied' "
+        "AND batch_index = -1 LIMIT 1) AS e",
+    )
+    assert _cli(tampered) == 0
+    out = capsys.readouterr().out
+    assert "DIFFERENCE" not in out
+    assert "1 of them were rejected on the host clock" in out
+    assert "applied later, by a replay or a restart that read a later clock: " in out
 
 
 def test_stream_postings_compared_by_key(
