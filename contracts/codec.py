@@ -138,11 +138,11 @@ _posting_encoder = msgspec.json.Encoder(enc_hook=_encode_plain, decimal_format="
 
 def _plain(value: Decimal) -> Decimal | None:
     """Return `value` to write in plain notation, or None when str() writes it so."""
-    # str() writes an exponent ("E") above exponent 0 and below 0.000001, and keeps a
-    # trailing zero after the point. Reading that text is four times faster than
-    # as_tuple().
+    # str() writes an exponent ("E") above exponent 0 and below 0.000001, keeps a
+    # trailing zero after the point and the sign of a negative zero. Reading that text
+    # is four times faster than as_tuple().
     text = str(value)
-    if "E" in text or ("." in text and text[-1] == "0"):
+    if "E" in text or ("." in text and text[-1] == "0") or text == "-0":
         normal = value.normalize()
         # normalize() keeps the sign of a negative zero; a posted quantity has none.
         return _PlainDecimal(normal if normal else 0)

@@ -126,6 +126,13 @@ def test_offset_kept_and_seven_digit_fraction() -> None:
             "before 1970",
         ),
         (
+            # 9999 at its offset, 10000 in UTC.
+            consumed(b'"1"').replace(
+                b"2026-03-01T07:15:00.1234567+05:30", b"9999-12-31T23:00:00-12:00"
+            ),
+            "after the last time that can be stored in UTC",
+        ),
+        (
             # 1970 at its offset, 1969 in UTC.
             consumed(b'"1"').replace(b"2026-03-01T07:15", b"1970-01-01T03:15"),
             "before 1970",
@@ -141,6 +148,7 @@ def test_offset_kept_and_seven_digit_fraction() -> None:
         "too_large",
         "year_one",
         "before_1970",
+        "after_9999_in_utc",
         "before_1970_in_utc",
     ],
 )
@@ -194,6 +202,7 @@ def _movement(quantity: Decimal) -> GoodsMovement:
         ("162.000000000", b'"quantity":"162"'),
         ("0E-9", b'"quantity":"0"'),
         ("12.5", b'"quantity":"12.5"'),
+        ("-0", b'"quantity":"0"'),
     ],
 )
 def test_posted_quantity_in_plain_notation(quantity: str, written: bytes) -> None:
