@@ -15,8 +15,6 @@ from pathlib import Path
 
 import nats.js.errors
 
-from contracts.codec import encode
-
 logger = logging.getLogger(__name__)
 
 __all__ = ["main"]
@@ -68,15 +66,12 @@ def _generated_messages(args: argparse.Namespace) -> list[tuple[str, bytes]]:
 
 
 def _iter_file_messages(paths: Sequence[Path]) -> Iterator[tuple[str, bytes]]:
-    from pipeline.sources import read_events
-    from pipeline.subjects import event_subject
+    from pipeline.sources import read_messages
 
     for path in paths:
         if not path.exists():
             raise SystemExit(f"plantstream: input {path} does not exist")
-        for event in read_events(path):
-            tag = event.__struct_config__.tag
-            yield event_subject(event.plant, str(tag)), encode(event)
+        yield from read_messages(path)
 
 
 def positive_int(text: str) -> int:

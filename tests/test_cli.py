@@ -24,6 +24,7 @@ from nats.js import JetStreamContext
 from cluster.nats_server import EmbeddedNatsServer
 from pipeline.settings import PipelineSettings
 from pipeline.site_streams import ensure_site_stream
+from pipeline.sources.generated import StreamSpec, generate
 from pipeline.streams import ensure_streams
 
 PLANTSTREAM = [sys.executable, "-m", "cluster.cli"]
@@ -93,6 +94,31 @@ def test_demo_prints_summary(tmp_path: Path) -> None:
     with duckdb.connect(str(db), read_only=True) as connection:
         [(orders,)] = connection.execute("SELECT count(*) FROM orders").fetchall()
     assert orders == 10
+
+
+def test_demo_with_own_event_lines(tmp_path: Path) -> None:
+    spec = StreamSpec(
+        plants=1, orders_per_plant=2, duplicate_rate=0, bad_rate=0, anomaly_rate=0
+    )
+    messages, _ = generate(spec)
+    # One event that breaks the contract, as a user's own file may hold: the pipeline
+    # dead-letters it with its bytes, and the rest are applied.
+    broken = messages[-1].data.replace(b'"event_id":"', b'"event_id":"broken-', 1)
+    broken = broken.replace(b'"occurred_at":"', b'"occurred_at":"x', 1)
+    events = tmp_path / "events.jsonl"
+    events.write_bytes(b"\n".join([m.data for m in messages] + [broken]) + b"\n")
+    db = tmp_path / "own.duckdb"
+    result = run_cli("demo", "--input", str(events), "--db", str(db))
+    assert result.returncode == 0, result.stderr[-2000:]
+    with duckdb.connect(str(db), read_only=True) as connection:
+        applied = connection.execute(
+            "SELECT count(*) FROM events WHERE status = 'applied'"
+        ).fetchall()
+        letters = connection.execute("SELECT reason, data FROM dead_letters").fetchall()
+        [(postings,)] = connection.execute("SELECT count(*) FROM postings").fetchall()
+    assert applied == [(len(messages),)]
+    assert letters == [("invalid", broken)]
+    assert postings > 0
 
 
 def test_run_rejects_demo_file(nats_server: EmbeddedNatsServer, tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import datetime as dt
 import logging
+import re
 import shutil
 from collections import Counter
 from decimal import Decimal
@@ -30,9 +31,11 @@ from pipeline.sources import (
     read_ai4i,
     read_b2mml,
     read_events,
+    read_messages,
     read_secom,
 )
 from pipeline.sources.b2mml import parse_timestamp
+from pipeline.sources.generated import StreamSpec, generate
 
 SCHEDULE = "b2mml/PRO-20121210181416-27942.xml"
 PERFORMANCE = "b2mml/PES-20121229115825-53107.xml"
@@ -399,6 +402,56 @@ def test_folder_dispatch_order(data_dir: Path, tmp_path: Path) -> None:
     assert b2mml[1] is WorkOrderReleased
     assert kinds[-1] is MaterialConsumed
     assert kinds.count(InspectionRecorded) == 1567
+
+
+def _event_lines() -> list[bytes]:
+    """A clean generated stream of one plant, one event per line."""
+    spec = StreamSpec(
+        plants=1, orders_per_plant=3, duplicate_rate=0, bad_rate=0, anomaly_rate=0
+    )
+    messages, _ = generate(spec)
+    return [message.data for message in messages]
+
+
+def test_event_lines_kind_and_subjects(tmp_path: Path) -> None:
+    lines = _event_lines()
+    path = tmp_path / "events.jsonl"
+    # Blank lines and CRLF line ends are allowed; the bytes of each line are kept.
+    path.write_bytes(b"\r\n".join(lines) + b"\r\n\r\n")
+    assert detect_kind(path) == "events"
+    messages = list(read_messages(path))
+    assert [data for _, data in messages] == lines
+    first = decode_event(lines[0])
+    assert messages[0][0] == f"plant.events.{first.plant}.{first.__struct_config__.tag}"
+    assert [event.event_id for event in read_events(path)] == [
+        decode_event(line).event_id for line in lines
+    ]
+
+
+def test_event_lines_keep_invalid_events(tmp_path: Path) -> None:
+    # The pipeline, not the reader, rejects an event that breaks the contract.
+    invalid = b'{"event_type":"material_consumed","plant":"P1","event_id":"x"}'
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(invalid + b"\n")
+    assert list(read_messages(path)) == [("plant.events.P1.material_consumed", invalid)]
+    with pytest.raises(ValueError, match=rf"{path}:1: Object missing required field"):
+        read_events(path)
+
+
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        (b'{"event_type":"material_consumed"}', "missing required field `plant`"),
+        (b'{"plant":"P 1","event_type":"x"}', "plant 'P 1' cannot be a NATS subject"),
+        (b'{"plant":"P1","event_type":"a.b"}', "event_type 'a.b' cannot be a NATS"),
+        (b'{"plant":"P1","event_type":', "truncated"),
+    ],
+)
+def test_event_lines_without_subject(tmp_path: Path, line: bytes, problem: str) -> None:
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(_event_lines()[0] + b"\n" + line + b"\n")
+    with pytest.raises(ValueError, match=f"{path}:2: .*{re.escape(problem)}"):
+        list(read_messages(path))
 
 
 def test_unknown_file_kind(tmp_path: Path) -> None:

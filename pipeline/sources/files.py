@@ -8,22 +8,36 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
+from contracts.codec import encode
 from contracts.events import PlantEvent
 from pipeline.sources.ai4i import is_ai4i_header, read_ai4i
 from pipeline.sources.b2mml import message_noun, read_b2mml
+from pipeline.sources.event_lines import (
+    decode_event_lines,
+    is_event_line,
+    read_event_lines,
+)
 from pipeline.sources.secom import is_secom_line, read_secom
+from pipeline.subjects import event_subject
 
-__all__ = ["SUPPORTED_KINDS", "SourceKind", "detect_kind", "read_events"]
+__all__ = [
+    "SUPPORTED_KINDS",
+    "SourceKind",
+    "detect_kind",
+    "read_events",
+    "read_messages",
+]
 
 logger = logging.getLogger(__name__)
 
-SourceKind = Literal["ai4i", "secom", "b2mml"]
+SourceKind = Literal["ai4i", "secom", "b2mml", "events"]
 
 SUPPORTED_KINDS = (
     "an AI4I 2020 CSV (header with UDI, Type, Tool wear [min], Machine failure and "
     "the failure modes), a SECOM labels file (lines like -1 "
     '"19/07/2008 11:55:00"), a B2MML V0401 ProductionSchedule, ProductionPerformance, '
-    "MaterialInformation or MaterialDefinition message, or a folder of these"
+    "MaterialInformation or MaterialDefinition message, a JSON Lines file of "
+    "canonical events (one object per line), or a folder of these"
 )
 
 _BOM = b"\xef\xbb\xbf"
@@ -43,6 +57,8 @@ def detect_kind(path: Path) -> SourceKind | None:
         return "ai4i"
     if is_secom_line(first_line):
         return "secom"
+    if is_event_line(first_line):
+        return "events"
     return None
 
 
@@ -55,8 +71,34 @@ def read_events(path: Path) -> Iterator[PlantEvent]:
     known kind raises ValueError, and so does a row that cannot be read.
     """
     path = Path(path)
+    inputs = _inputs(path)
+    if not path.is_dir():
+        # A single file's reader checks the whole file now, not when iterated.
+        [(file, kind)] = inputs
+        return _read(file, kind)
+    return itertools.chain.from_iterable(_read(file, kind) for file, kind in inputs)
+
+
+def read_messages(path: Path) -> Iterator[tuple[str, bytes]]:
+    """Read (subject, JSON) messages to publish from one input file or a folder.
+
+    The same files as `read_events`, in the same order. The events of the data sets are
+    encoded. The lines of a JSON Lines file of events are passed on unchanged, so that
+    the pipeline validates them and dead-letters those that break the contract.
+    """
+    for file, kind in _inputs(Path(path)):
+        if kind == "events":
+            yield from read_event_lines(file)
+            continue
+        for event in _read(file, kind):
+            tag = event.__struct_config__.tag
+            yield event_subject(event.plant, str(tag)), encode(event)
+
+
+def _inputs(path: Path) -> list[tuple[Path, SourceKind]]:
+    """Return the input files of `path` with their kinds, in the order to read them."""
     if path.is_dir():
-        return _read_folder(path)
+        return _folder_inputs(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"input {path} does not exist; pass a data file or a folder"
@@ -66,7 +108,7 @@ def read_events(path: Path) -> Iterator[PlantEvent]:
         raise ValueError(
             f"{path}: unknown input file kind; supported are {SUPPORTED_KINDS}"
         )
-    return _read(path, kind)
+    return [(path, kind)]
 
 
 def _read(path: Path, kind: SourceKind) -> Iterator[PlantEvent]:
@@ -74,10 +116,12 @@ def _read(path: Path, kind: SourceKind) -> Iterator[PlantEvent]:
         return read_ai4i(path)
     if kind == "secom":
         return read_secom(path)
+    if kind == "events":
+        return iter(decode_event_lines(path))
     return read_b2mml(path)
 
 
-def _read_folder(folder: Path) -> Iterator[PlantEvent]:
+def _folder_inputs(folder: Path) -> list[tuple[Path, SourceKind]]:
     inputs: list[tuple[int, Path, SourceKind]] = []
     for path in sorted(folder.rglob("*")):
         relative = path.relative_to(folder)
@@ -91,5 +135,5 @@ def _read_folder(folder: Path) -> Iterator[PlantEvent]:
         inputs.append((int(is_report), path, kind))
     inputs.sort(key=lambda item: (item[0], item[1]))
     logger.info("%s: reading %d input files", folder, len(inputs))
-    # Readers open and check their file when the chain reaches it, not all up front.
-    return itertools.chain.from_iterable(_read(path, kind) for _, path, kind in inputs)
+    # Readers open and check their file when the caller reaches it, not all up front.
+    return [(path, kind) for _, path, kind in inputs]

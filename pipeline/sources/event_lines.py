@@ -1,0 +1,93 @@
+"""JSON Lines files of canonical plant events, one event object per line.
+
+The other readers build events from a public data set. This one reads events that a
+user wrote, in the contract `plantstream schema events` prints, to try the pipeline
+with their own plant's messages. `read_event_lines` passes each line on byte for byte.
+The pipeline then validates it and dead-letters what breaks the contract, as it would a
+plant system's message. Only the subject comes from the line's `plant` and
+`event_type`. `decode_event_lines` decodes and validates every line instead, for Python
+code that wants the events themselves.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import msgspec
+
+from contracts.codec import decode_event, describe_decode_error
+from contracts.events import PlantEvent
+from pipeline.subjects import event_subject, validate_token
+
+__all__ = ["decode_event_lines", "is_event_line", "read_event_lines"]
+
+logger = logging.getLogger(__name__)
+
+
+class _Subject(msgspec.Struct):
+    """The two fields of an event that its subject is built from."""
+
+    plant: str
+    event_type: str
+
+
+_subject_decoder = msgspec.json.Decoder(_Subject)
+
+_FIX = "write one event object per line, as `plantstream schema events` prints"
+
+
+def is_event_line(line: str) -> bool:
+    """Return whether the first line of a file looks like a JSON event object."""
+    return line.lstrip().startswith("{")
+
+
+def _lines(path: Path) -> list[tuple[int, bytes]]:
+    """Return (line number, bytes) of each line that is not blank, without its end."""
+    data = Path(path).read_bytes().removeprefix(b"\xef\xbb\xbf")
+    return [
+        (number, line.rstrip(b"\r"))
+        for number, line in enumerate(data.split(b"\n"), start=1)
+        if line.strip()
+    ]
+
+
+def read_event_lines(path: Path) -> list[tuple[str, bytes]]:
+    """Return (subject, line) for every event line of `path`, the line unchanged.
+
+    The whole file is checked first: a line that is not a JSON object with a string
+    `plant` and `event_type`, or whose two values cannot be NATS subject tokens, raises
+    ValueError as `path:line: what is wrong`, and nothing is returned. Anything else
+    the event contract requires is left for the pipeline to check.
+    """
+    messages: list[tuple[str, bytes]] = []
+    for number, line in _lines(path):
+        try:
+            fields = _subject_decoder.decode(line)
+            validate_token(fields.event_type, "event_type")
+            subject = event_subject(fields.plant, fields.event_type)
+        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as error:
+            raise ValueError(
+                f"{path}:{number}: {error}; the subject needs the line's plant and "
+                f"event_type, so {_FIX}"
+            ) from None
+        messages.append((subject, line))
+    logger.info("%s: read %d event lines", path, len(messages))
+    return messages
+
+
+def decode_event_lines(path: Path) -> list[PlantEvent]:
+    """Decode and validate every event line of `path`.
+
+    A line that breaks the event contract raises ValueError as `path:line: what is
+    wrong`, with the offending value, and nothing is returned.
+    """
+    events: list[PlantEvent] = []
+    for number, line in _lines(path):
+        try:
+            events.append(decode_event(line))
+        except (msgspec.DecodeError, msgspec.ValidationError) as error:
+            raise ValueError(
+                f"{path}:{number}: {describe_decode_error(error, line)}"
+            ) from None
+    return events
