@@ -97,20 +97,25 @@ def test_double_apply_reported(
     assert "DIFFERENCE stock" in out
 
 
-def test_dead_letter_of_applied_event_reported(
-    db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    # A dead letter for a message the ledger shows applied: the event was posted
-    # although it was also rejected, as a replay without the ingest's checks did.
-    tampered = _tampered(
+def _dead_letter_of_applied_event(db: Path, tmp_path: Path, reason: str) -> Path:
+    """Copy the file with one more dead letter, of `reason`, for an applied event."""
+    return _tampered(
         db,
         tmp_path,
-        "INSERT INTO dead_letters SELECT * REPLACE "
-        "(e.stream_seq AS stream_seq, -1 AS batch_index) "
-        "FROM (SELECT * FROM dead_letters WHERE reason = 'invalid' LIMIT 1), "
+        "INSERT INTO dead_letters SELECT * REPLACE "  # noqa: S608 (a test constant)
+        f"(e.stream_seq AS stream_seq, -1 AS batch_index, '{reason}' AS reason) "
+        "FROM (SELECT * FROM dead_letters LIMIT 1), "
         "(SELECT stream_seq FROM events WHERE status = 'applied' "
         "AND batch_index = -1 LIMIT 1) AS e",
     )
+
+
+def test_dead_letter_of_applied_event_reported(
+    db: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # The event was posted although it was also rejected, as a replay without the
+    # ingest's checks did.
+    tampered = _dead_letter_of_applied_event(db, tmp_path, "invalid")
     assert _cli(tampered) == 1
     assert "DIFFERENCE dead letter of an applied event" in capsys.readouterr().out
 
@@ -120,16 +125,7 @@ def test_clock_rejection_applied_later_counted(
 ) -> None:
     # A future_time rejection whose event a replay applied once the host clock had
     # caught up: a different clock, not a wrong posting.
-    tampered = _tampered(
-        db,
-        tmp_path,
-        "INSERT INTO dead_letters SELECT * REPLACE "
-        "(e.stream_seq AS stream_seq, -1 AS batch_index, "
-        "'future_time' AS reason) "
-        "FROM (SELECT * FROM dead_letters LIMIT 1), "
-        "(SELECT stream_seq FROM events WHERE status = 'applied' "
-        "AND batch_index = -1 LIMIT 1) AS e",
-    )
+    tampered = _dead_letter_of_applied_event(db, tmp_path, "future_time")
     assert _cli(tampered) == 0
     out = capsys.readouterr().out
     assert "DIFFERENCE" not in out
