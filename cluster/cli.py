@@ -51,9 +51,16 @@ def _validate_shared_options(args: argparse.Namespace) -> None:
         validate_snapshot_path(db)
 
 
+NATS_DEFAULT_MAX_PAYLOAD = 1024 * 1024
+"""nats-server's max_payload unless its config sets another, as for the embedded one."""
+
+
 def _input_messages(args: argparse.Namespace) -> list[tuple[str, bytes]]:
     if args.input:
-        return list(_iter_file_messages(args.input))
+        # A server given with --nats-url may take more; its limit is checked when the
+        # messages are published.
+        max_bytes = NATS_DEFAULT_MAX_PAYLOAD if args.nats_url is None else None
+        return list(_iter_file_messages(args.input, max_bytes=max_bytes))
     return _generated_messages(args)
 
 
@@ -65,13 +72,15 @@ def _generated_messages(args: argparse.Namespace) -> list[tuple[str, bytes]]:
     return [(m.subject, m.data) for m in messages]
 
 
-def _iter_file_messages(paths: Sequence[Path]) -> Iterator[tuple[str, bytes]]:
+def _iter_file_messages(
+    paths: Sequence[Path], *, max_bytes: int | None = None
+) -> Iterator[tuple[str, bytes]]:
     from pipeline.sources import read_messages
 
     for path in paths:
         if not path.exists():
             raise SystemExit(f"plantstream: input {path} does not exist")
-        yield from read_messages(path)
+        yield from read_messages(path, max_bytes=max_bytes)
 
 
 def positive_int(text: str) -> int:
@@ -299,10 +308,12 @@ def _cmd_publish(args: argparse.Namespace) -> int:
                     holder,
                     args.nats_url,
                 )
+            # Every file is read and checked before the first message goes out, so a
+            # bad line publishes nothing rather than the files before it.
             messages = (
                 _generated_messages(args)
                 if args.generated
-                else _iter_file_messages(args.paths)
+                else list(_iter_file_messages(args.paths, max_bytes=nc.max_payload))
             )
             return await publish_all(nc, ((s, d, None) for s, d in messages))
         finally:
@@ -368,7 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--input",
         type=Path,
         nargs="+",
-        help="data files or folders: AI4I 2020 CSV, SECOM labels, B2MML XML",
+        help="data files or folders: AI4I 2020 CSV, SECOM labels, B2MML XML, or JSON "
+        "Lines of your own events (one event object per line)",
     )
     _add_generated_options(demo)
     _add_job_options(demo)
@@ -395,7 +407,13 @@ def build_parser() -> argparse.ArgumentParser:
         description="Publish events to PLANT_EVENTS and exit, without processing "
         "them: a `run` on the same server does that.",
     )
-    publish.add_argument("paths", type=Path, nargs="*", help="files or folders to read")
+    publish.add_argument(
+        "paths",
+        type=Path,
+        nargs="*",
+        help="files or folders to read, of the kinds demo --input takes; all are "
+        "checked before the first event is published",
+    )
     publish.add_argument(
         "--generated",
         action="store_true",

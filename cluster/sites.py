@@ -137,7 +137,9 @@ def _check_key_pair(cert: str, key: str, side: str) -> None:
             f"with: openssl pkey -in {key} -out key.pem"
         ) from None
     except ssl.SSLError as error:
-        if error.reason == "KEY_VALUES_MISMATCH":
+        # OpenSSL reports a key of another type (RSA for an EC certificate) as
+        # NO_CERTIFICATE_ASSIGNED: the key went into the other type's slot.
+        if error.reason in ("KEY_VALUES_MISMATCH", "NO_CERTIFICATE_ASSIGNED"):
             raise ValueError(
                 f"TLS key file {key} of the {side} is not the private key of "
                 f"certificate {cert}; pass the key the certificate was issued for"

@@ -20,6 +20,7 @@ __all__ = [
     "describe_decode_error",
     "encode",
     "encode_posting",
+    "lone_surrogate_detail",
 ]
 
 _event_decoder = msgspec.json.Decoder(PlantEvent)
@@ -42,6 +43,16 @@ def decode_edge_batch(data: bytes) -> list[msgspec.Raw]:
     or ValidationError if it is not a JSON array."""
     try:
         return _edge_batch_decoder.decode(data)
+    except msgspec.ValidationError:
+        raise
+    except msgspec.DecodeError:
+        # msgspec checks the escapes of every string while it splits, so one element
+        # with a lone surrogate would fail the batch. Split by hand, so that only that
+        # element fails, when decoded.
+        elements = _split_array(data) if _lone_surrogate(data) is not None else None
+        if elements is None:
+            raise
+        return [msgspec.Raw(element) for element in elements]
     except RecursionError:
         # msgspec walks into every element to find where it ends. Split by hand
         # instead, so that only the element nested too deeply fails, when decoded.
@@ -246,16 +257,11 @@ def describe_decode_error(
             if value_text not in message:
                 message = f"{message} (got {value_text})"
     if message.startswith(("Input data was truncated", _MALFORMED_JSON)):
-        surrogate = _lone_surrogate(data)
+        # msgspec reports a high surrogate without its low half as truncated input,
+        # which points the publisher at the wrong problem.
+        surrogate = lone_surrogate_detail(data)
         if surrogate is not None:
-            # msgspec reports a high surrogate without its low half as truncated
-            # input, which points the publisher at the wrong problem.
-            offset, escape = surrogate
-            return (
-                f"JSON is malformed: the escape {escape} at byte {offset} is half of a "
-                "UTF-16 surrogate pair without its other half; send the character as "
-                "UTF-8, or escape it as a whole pair such as \\ud83d\\ude00"
-            )
+            return surrogate
     malformed = _describe_malformed(message, data)
     if malformed is not None:
         return malformed
@@ -272,6 +278,20 @@ def describe_decode_error(
 
 _ESCAPE = re.compile(rb"\\(?:u([0-9a-fA-F]{4})|.)", re.DOTALL)
 """One JSON escape sequence; group 1 is the code unit of a \\u escape."""
+
+
+def lone_surrogate_detail(data: bytes) -> str | None:
+    """Return a dead letter's detail for the first lone UTF-16 surrogate escape in
+    `data`, or None if it has none."""
+    surrogate = _lone_surrogate(data)
+    if surrogate is None:
+        return None
+    offset, escape = surrogate
+    return (
+        f"JSON is malformed: the escape {escape} at byte {offset} is half of a UTF-16 "
+        "surrogate pair without its other half; send the character as UTF-8, or "
+        "escape it as a whole pair such as \\ud83d\\ude00"
+    )
 
 
 def _lone_surrogate(data: bytes) -> tuple[int, str] | None:

@@ -51,8 +51,14 @@ from nats.js.object_store import ObjectStore
 
 from actors.partition import PartitionCheckpoint
 from actors.partition_state import BatchResult, CheckpointFormatError, SourceMessage
-from contracts.codec import decode_edge_batch, describe_decode_error, encode
+from contracts.codec import (
+    decode_edge_batch,
+    describe_decode_error,
+    encode,
+    lone_surrogate_detail,
+)
 from contracts.dead_letters import DeadLetter, DeadLetterReason, shorten_letter
+from contracts.events import EVENT_TYPES
 from contracts.keys import (
     EventKey,
     check_no_nul,
@@ -828,7 +834,8 @@ class Ingest:
                             seq,
                             None,
                             "malformed",
-                            f"cannot split the edge batch into events: {error}; an "
+                            "cannot split the edge batch into events: "
+                            f"{lone_surrogate_detail(message.data) or error}; an "
                             "edge batch is a JSON array of event objects",
                         )
                     )
@@ -1219,6 +1226,13 @@ def check_event_subject(subject: str, plant: str, event_type: str | None) -> Non
         return
     subject_type = tokens[3] if len(tokens) == 4 else ""
     if subject_type.replace("-", "_") != event_type:
+        if event_type not in EVENT_TYPES:
+            # The advice below would name a subject of a type that does not exist,
+            # such as the very subject the event came on.
+            raise ValueError(
+                f"event_type {event_type!r} is not an event type; use one of "
+                f"{', '.join(EVENT_TYPES)}, with underscores"
+            )
         raise ValueError(
             f"the event has event_type {event_type} but was published on {subject}, "
             f"whose event type token differs; publish it on "

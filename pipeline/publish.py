@@ -143,6 +143,14 @@ class Publisher:
             await self.start()
         if len(self._waiting) >= self.window:
             await self._wait_for(lambda: len(self._waiting) < self.window, subject)
+        if len(payload) > self.nc.max_payload:
+            # nats-py would raise MaxPayloadError, which names neither size nor fix.
+            raise PublishError(
+                subject,
+                f"the message is {len(payload):,} bytes, more than the "
+                f"{self.nc.max_payload:,} bytes the server takes (max_payload); "
+                "shorten it, or raise max_payload on the server",
+            )
         number = self._next
         self._next += 1
         self._waiting[number] = subject

@@ -195,6 +195,30 @@ def test_publish_then_run(
     assert inspections == 1567
 
 
+def test_publish_checks_every_file_first(
+    nats_server: EmbeddedNatsServer, tmp_path: Path
+) -> None:
+    good = b'{"plant":"P1","event_type":"material_consumed","event_id":"e1"}\n'
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "a.jsonl").write_bytes(good)
+    (inputs / "z.jsonl").write_bytes(good + b'{"event_type":"material_consumed"}\n')
+    # JSON that is not events, as a config file beside the inputs: skipped.
+    (inputs / "settings.json").write_bytes(b'{"name": "line 3"}\n')
+    result = run_cli("publish", "--nats-url", nats_server.url, str(inputs))
+    assert result.returncode == 2
+    assert f"{inputs / 'z.jsonl'}:2: Object missing required field" in result.stderr
+
+    async def stored(js: JetStreamContext) -> int:
+        try:
+            info = await js.stream_info("PLANT_EVENTS")
+        except nats.js.errors.NotFoundError:
+            return 0
+        return int(info.state.messages)
+
+    assert on_server(nats_server.url, stored) == 0
+
+
 def test_publish_generated_stream(nats_server: EmbeddedNatsServer) -> None:
     result = run_cli(
         "publish",

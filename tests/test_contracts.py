@@ -576,6 +576,15 @@ def test_edge_batch_split_around_deep_element(
     assert [bytes(raw) for raw in decode_edge_batch(batch)] == elements
 
 
+def test_edge_batch_split_around_lone_surrogate() -> None:
+    # Only the element with the bad escape fails, when decoded on its own.
+    batch = rb'[{"a":1}, {"b":"m\ud800"}, {"c":3}]'
+    elements = [bytes(raw) for raw in decode_edge_batch(batch)]
+    assert elements == [b'{"a":1}', rb'{"b":"m\ud800"}', b'{"c":3}']
+    with pytest.raises(msgspec.DecodeError):
+        decode_edge_batch(rb'[{"a":1}, {"b":"m\ud800"}')
+
+
 @pytest.mark.parametrize(
     "batch",
     [

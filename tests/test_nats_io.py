@@ -233,6 +233,20 @@ def test_publish_to_uncaptured_subject_fails_on_settle(
     _run(nats_server, body)
 
 
+def test_publish_over_max_payload_names_sizes(
+    nats_server: EmbeddedNatsServer,
+) -> None:
+    async def body(nc: NATS) -> None:
+        publisher = Publisher(nc)
+        payload = b"x" * (nc.max_payload + 1)
+        with pytest.raises(PublishError, match="bytes the server takes"):
+            await publisher.publish("plant.events.P1.x", payload, None)
+        assert publisher.in_flight == 0
+        await publisher.close()
+
+    _run(nats_server, body)
+
+
 def test_publish_all_counts_stored_on_failure(
     nats_server: EmbeddedNatsServer,
 ) -> None:

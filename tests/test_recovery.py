@@ -27,6 +27,7 @@ from pipeline.ingest import (
     CheckpointMismatchError,
     Ingest,
     IngestReport,
+    check_event_subject,
 )
 from pipeline.publish import publish_all
 from pipeline.settings import PipelineSettings
@@ -284,6 +285,21 @@ def test_event_type_must_match_subject(
     assert "publish it on plant.events.P1.machine_state_changed" in letter.detail
     assert letter.event_id == "m1"
     assert letter.plant == "P1"
+
+
+@pytest.mark.parametrize(
+    ("token", "event_type"),
+    [
+        ("material-consumed", "material-consumed"),
+        ("material_consumed", "Material_consumed"),
+    ],
+)
+def test_unknown_event_type_named(token: str, event_type: str) -> None:
+    # Advice to publish on the type's own subject would name a subject of no type,
+    # such as the one it came on.
+    subject = f"plant.events.P1.{token}"
+    with pytest.raises(ValueError, match=f"event_type '{event_type}' is not an event"):
+        check_event_subject(subject, "P1", event_type)
 
 
 def test_long_batch_subject_not_edge_batch(

@@ -283,10 +283,25 @@ def test_tls_key_given_as_cert_rejected(tmp_path: Path) -> None:
 
 
 def test_tls_key_of_another_certificate_rejected(tmp_path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
     certificates = _write_certificates(tmp_path)
-    mismatched = LeafTls(certificates["hub"], certificates["site-key"])
-    with pytest.raises(ValueError, match="is not the private key of certificate"):
-        hub_server_config(store_dir="/js", listen="x", leaf_listen="y", tls=mismatched)
+    rsa_key = tmp_path / "rsa-key.pem"
+    rsa_key.write_bytes(
+        rsa.generate_private_key(public_exponent=65537, key_size=2048).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    # Another EC key, and a key of another type than the certificate's.
+    for key in (certificates["site-key"], str(rsa_key)):
+        mismatched = LeafTls(certificates["hub"], key)
+        with pytest.raises(ValueError, match="is not the private key of certificate"):
+            hub_server_config(
+                store_dir="/js", listen="x", leaf_listen="y", tls=mismatched
+            )
 
 
 def test_tls_encrypted_key_rejected(tmp_path: Path) -> None:

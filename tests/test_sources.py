@@ -438,6 +438,36 @@ def test_event_lines_keep_invalid_events(tmp_path: Path) -> None:
         read_events(path)
 
 
+def test_event_lines_with_bad_json_elsewhere_kept(tmp_path: Path) -> None:
+    # A bad escape or trailing text is for the pipeline to dead-letter, with its detail,
+    # as long as the subject can be read.
+    lines = [
+        rb'{"plant":"P1","event_type":"material_consumed","source":"m\ud800"}',
+        b'{"plant":"P1","event_type":"material_consumed"} trailing',
+    ]
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"\n\n" + b"\n".join(lines) + b"\n")
+    assert detect_kind(path) == "events"  # after blank lines
+    assert list(read_messages(path)) == [
+        ("plant.events.P1.material_consumed", line) for line in lines
+    ]
+
+
+def test_other_json_not_event_lines(tmp_path: Path) -> None:
+    path = tmp_path / "settings.json"
+    path.write_bytes(b'{"name": "line 3", "shifts": 2}\n')
+    assert detect_kind(path) is None
+
+
+def test_event_lines_longer_than_max_payload(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    short = _event_lines()[0]
+    long = b'{"plant":"P1","event_type":"x","lot":"' + b"y" * len(short) + b'"}'
+    path.write_bytes(short + b"\n" + long + b"\n")
+    with pytest.raises(ValueError, match=f"{path}:2: the line is {len(long):,} bytes"):
+        list(read_messages(path, max_bytes=len(short)))
+
+
 @pytest.mark.parametrize(
     ("line", "problem"),
     [

@@ -12,6 +12,7 @@ code that wants the events themselves.
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import msgspec
@@ -34,12 +35,22 @@ class _Subject(msgspec.Struct):
 
 _subject_decoder = msgspec.json.Decoder(_Subject)
 
+_FIELD = {
+    name: re.compile(rb'"' + name.encode() + rb'"\s*:\s*"([^"\\]*)"')
+    for name in ("plant", "event_type")
+}
+"""A string field as written, for a line that is not valid JSON elsewhere."""
+
 _FIX = "write one event object per line, as `plantstream schema events` prints"
 
 
 def is_event_line(line: str) -> bool:
     """Return whether the first line of a file looks like a JSON event object."""
-    return line.lstrip().startswith("{")
+    # A JSON object that names neither field is some other JSON file, such as a
+    # config, which a folder may hold beside the inputs.
+    return line.lstrip().startswith("{") and (
+        '"event_type"' in line or '"plant"' in line
+    )
 
 
 def _lines(path: Path) -> list[tuple[int, bytes]]:
@@ -52,21 +63,47 @@ def _lines(path: Path) -> list[tuple[int, bytes]]:
     ]
 
 
-def read_event_lines(path: Path) -> list[tuple[str, bytes]]:
+def _subject_of(line: bytes) -> str:
+    """Return the subject of an event line; raise ValueError naming what is missing."""
+    try:
+        fields = _subject_decoder.decode(line)
+        plant, event_type = fields.plant, fields.event_type
+    except msgspec.ValidationError as error:
+        raise ValueError(str(error)) from None
+    except msgspec.DecodeError as error:
+        # Invalid JSON elsewhere in the line (a bad escape, a cut-off value) is for the
+        # pipeline to dead-letter with its detail, if the subject can still be read.
+        found = {name: field.search(line) for name, field in _FIELD.items()}
+        if found["plant"] is None or found["event_type"] is None:
+            raise ValueError(str(error)) from None
+        plant = found["plant"].group(1).decode("utf-8", errors="replace")
+        event_type = found["event_type"].group(1).decode("utf-8", errors="replace")
+    validate_token(event_type, "event_type")
+    return event_subject(plant, event_type)
+
+
+def read_event_lines(
+    path: Path, *, max_bytes: int | None = None
+) -> list[tuple[str, bytes]]:
     """Return (subject, line) for every event line of `path`, the line unchanged.
 
-    The whole file is checked first: a line that is not a JSON object with a string
-    `plant` and `event_type`, or whose two values cannot be NATS subject tokens, raises
-    ValueError as `path:line: what is wrong`, and nothing is returned. Anything else
-    the event contract requires is left for the pipeline to check.
+    The whole file is checked first: a line whose `plant` and `event_type` cannot be
+    read as strings that make a NATS subject, or that is longer than `max_bytes` (the
+    server's max_payload), raises ValueError as `path:line: what is wrong`, and nothing
+    is returned. Anything else the event contract requires, valid JSON included, is
+    left for the pipeline to check.
     """
     messages: list[tuple[str, bytes]] = []
     for number, line in _lines(path):
+        if max_bytes is not None and len(line) > max_bytes:
+            raise ValueError(
+                f"{path}:{number}: the line is {len(line):,} bytes, more than the "
+                f"{max_bytes:,} bytes the NATS server takes in one message "
+                "(max_payload); shorten the event, or raise max_payload on the server"
+            )
         try:
-            fields = _subject_decoder.decode(line)
-            validate_token(fields.event_type, "event_type")
-            subject = event_subject(fields.plant, fields.event_type)
-        except (msgspec.DecodeError, msgspec.ValidationError, ValueError) as error:
+            subject = _subject_of(line)
+        except ValueError as error:
             raise ValueError(
                 f"{path}:{number}: {error}; the subject needs the line's plant and "
                 f"event_type, so {_FIX}"

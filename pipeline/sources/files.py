@@ -52,7 +52,8 @@ def detect_kind(path: Path) -> SourceKind | None:
     text = head.decode("utf-8", errors="replace")
     if text.lstrip().startswith("<"):
         return "b2mml" if message_noun(path) is not None else None
-    first_line = text.splitlines()[0] if text.strip() else ""
+    # Blank lines before the first, which a JSON Lines file may have, tell nothing.
+    first_line = next((line for line in text.splitlines() if line.strip()), "")
     if is_ai4i_header(first_line):
         return "ai4i"
     if is_secom_line(first_line):
@@ -79,16 +80,19 @@ def read_events(path: Path) -> Iterator[PlantEvent]:
     return itertools.chain.from_iterable(_read(file, kind) for file, kind in inputs)
 
 
-def read_messages(path: Path) -> Iterator[tuple[str, bytes]]:
+def read_messages(
+    path: Path, *, max_bytes: int | None = None
+) -> Iterator[tuple[str, bytes]]:
     """Read (subject, JSON) messages to publish from one input file or a folder.
 
     The same files as `read_events`, in the same order. The events of the data sets are
     encoded. The lines of a JSON Lines file of events are passed on unchanged, so that
-    the pipeline validates them and dead-letters those that break the contract.
+    the pipeline validates them and dead-letters those that break the contract. A line
+    longer than `max_bytes`, the server's max_payload, raises ValueError.
     """
     for file, kind in _inputs(Path(path)):
         if kind == "events":
-            yield from read_event_lines(file)
+            yield from read_event_lines(file, max_bytes=max_bytes)
             continue
         for event in _read(file, kind):
             tag = event.__struct_config__.tag
