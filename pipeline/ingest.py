@@ -167,6 +167,11 @@ def key_rejection_reason(error: ValueError) -> DeadLetterReason:
     return "invalid"
 
 
+IDLE_TICK_S = 5.0
+"""Seconds without a batch after which an idle service sends the partitions an empty
+one, so that they expire parked events (actors.partition_state.EXPIRY_SCAN_INTERVAL_S
+apart at most)."""
+
 MAX_BATCHES_IN_FLIGHT = 2
 """Batches sent to the actors but not yet collected; two keep actors and driver busy."""
 
@@ -358,6 +363,9 @@ class Ingest:
             nc, window=PUBLISH_WINDOW, ack_timeout_s=PUBLISH_STALL_S
         )
         self._last_checkpoint = time.monotonic()
+        self._last_sent = time.monotonic()
+        """When the actors were last sent a batch, which lets them expire parked
+        events; an idle service sends them an empty one every IDLE_TICK_S."""
 
     # -- start-up and recovery ---------------------------------------------------------
 
@@ -562,6 +570,11 @@ class Ingest:
             await self.process(messages)
         else:
             await self._complete_in_flight(0)
+            if not until_drained and time.monotonic() - self._last_sent >= IDLE_TICK_S:
+                # The actors expire parked events only when a batch reaches them,
+                # and a quiet stream brings none.
+                self._in_flight.append(self._dispatch([], every_partition=True))
+                await self._complete_in_flight(0)
         # An empty fetch brings the checkpoint forward only when draining. Under
         # steady load fetches also come back empty between bursts, and a checkpoint
         # at each of them (three or four a second) took the cores from the events.
@@ -814,10 +827,18 @@ class Ingest:
             self._in_flight.append(self._dispatch(share))
             await self._complete_in_flight(MAX_BATCHES_IN_FLIGHT)
 
-    def _dispatch(self, messages: list[Msg]) -> _InFlight:
-        """Step 2, and the start of step 3: route the batch and send each share."""
+    def _dispatch(
+        self, messages: list[Msg], *, every_partition: bool = False
+    ) -> _InFlight:
+        """Step 2, and the start of step 3: route the batch and send each share.
+
+        With `every_partition`, a partition without a share gets an empty one.
+        """
         clock = time.perf_counter()
-        groups: dict[int, list[SourceMessage]] = {}
+        groups: dict[int, list[SourceMessage]] = (
+            {p: [] for p in range(len(self.actors))} if every_partition else {}
+        )
+        self._last_sent = time.monotonic()
         dead: list[DeadLetter] = []
         empty = 0
         for message in messages:

@@ -19,6 +19,7 @@ from nats.js.api import AckPolicy, ConsumerConfig
 from test_semantics_support import movement_totals
 
 from actors.partition import PartitionActor
+from actors.settings import StateSettings
 from cluster.nats_server import EmbeddedNatsServer
 from contracts.codec import decode_dead_letter
 from pipeline.ingest import (
@@ -382,6 +383,58 @@ async def _drained_and_acked(js: nats.js.JetStreamContext, consumer: str) -> Non
             return
         await asyncio.sleep(0.1)
     raise AssertionError(f"consumer {consumer} still has messages after 120 s")
+
+
+_WAITING_CONSUMPTION = (
+    b'{"event_type":"material_consumed","event_id":"c1","plant":"P1",'
+    b'"occurred_at":"2026-01-01T00:00:00Z","source":"mes","order":"NEVER",'
+    b'"material":"RM","quantity":{"value":"1","uom":"KG"}}'
+)
+
+
+def test_idle_service_expires_parked_event(
+    nats_server: EmbeddedNatsServer, tmp_path: Path
+) -> None:
+    # Its order is never released, and no later message reaches the partitions.
+    async def main() -> list[str]:
+        nc = await nats.connect(nats_server.url)
+        actors = [
+            PartitionActor.remote(i, StateSettings(park_timeout_s=1))  # type: ignore[attr-defined]
+            for i in range(2)
+        ]
+        try:
+            js = nc.jetstream()
+            await ensure_streams(js, SETTINGS)
+            subject = "plant.events.P1.material_consumed"
+            await publish_all(nc, [(subject, _WAITING_CONSUMPTION, None)])
+            with SnapshotWriter(tmp_path / "db.duckdb") as writer:
+                ingest = Ingest(nc, actors, writer, SETTINGS)
+                await ingest.start()
+                stop = asyncio.Event()
+                task = asyncio.create_task(ingest.run(until_drained=False, stop=stop))
+                # The first scan comes 5 s after an actor starts, and the first empty
+                # batch 5 s after the last one.
+                reasons: list[str] = []
+                for _ in range(60):
+                    await asyncio.sleep(0.5)
+                    reasons = [
+                        reason
+                        for reason, count in ingest.report.counts.items()
+                        if reason.startswith("dead_letter:") and count
+                    ]
+                    if reasons:
+                        break
+                stop.set()
+                await asyncio.wait_for(task, timeout=60)
+                return reasons
+        finally:
+            for actor in actors:
+                ray.kill(actor)
+            await nc.close()
+
+    assert asyncio.run(main()) == ["dead_letter:parked_expired"]
+    [letter] = [decode_dead_letter(m.data) for m in _dlq_messages(nats_server)]
+    assert letter.event_id == "c1"
 
 
 async def _run_with_idle_kill(
