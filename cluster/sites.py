@@ -137,8 +137,8 @@ def _check_key_pair(cert: str, key: str, side: str) -> None:
             f"with: openssl pkey -in {key} -out key.pem"
         ) from None
     except ssl.SSLError as error:
-        # OpenSSL reports a key of another type (RSA for an EC certificate) as
-        # NO_CERTIFICATE_ASSIGNED: the key went into the other type's slot.
+        # OpenSSL reports a key of another type than the certificate's (RSA for an EC
+        # certificate) as NO_CERTIFICATE_ASSIGNED.
         if error.reason in ("KEY_VALUES_MISMATCH", "NO_CERTIFICATE_ASSIGNED"):
             raise ValueError(
                 f"TLS key file {key} of the {side} is not the private key of "

@@ -169,8 +169,7 @@ def key_rejection_reason(error: ValueError) -> DeadLetterReason:
 
 IDLE_TICK_S = 5.0
 """Seconds without a batch after which an idle service sends the partitions an empty
-one, so that they expire parked events (actors.partition_state.EXPIRY_SCAN_INTERVAL_S
-apart at most)."""
+one. They expire parked events only when a batch arrives."""
 
 MAX_BATCHES_IN_FLIGHT = 2
 """Batches sent to the actors but not yet collected; two keep actors and driver busy."""
@@ -364,8 +363,7 @@ class Ingest:
         )
         self._last_checkpoint = time.monotonic()
         self._last_sent = time.monotonic()
-        """When the actors were last sent a batch, which lets them expire parked
-        events; an idle service sends them an empty one every IDLE_TICK_S."""
+        """When a batch last went to the actors (time.monotonic())."""
 
     # -- start-up and recovery ---------------------------------------------------------
 
