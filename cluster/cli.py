@@ -51,6 +51,8 @@ def _validate_shared_options(args: argparse.Namespace) -> None:
         validate_snapshot_path(db)
 
 
+SUPPORTED_INPUTS = "AI4I 2020 CSV, SECOM labels, B2MML XML, JSON Lines of events"
+
 NATS_DEFAULT_MAX_PAYLOAD = 1024 * 1024
 """nats-server's max_payload unless its config sets another, as for the embedded one."""
 
@@ -60,7 +62,7 @@ def _input_messages(args: argparse.Namespace) -> list[tuple[str, bytes]]:
         # A server given with --nats-url may take more; its limit is checked when the
         # messages are published.
         max_bytes = NATS_DEFAULT_MAX_PAYLOAD if args.nats_url is None else None
-        return list(_iter_file_messages(args.input, max_bytes=max_bytes))
+        return _file_messages(args.input, max_bytes=max_bytes)
     return _generated_messages(args)
 
 
@@ -70,6 +72,20 @@ def _generated_messages(args: argparse.Namespace) -> list[tuple[str, bytes]]:
     spec = StreamSpec(plants=args.plants, orders_per_plant=args.orders, seed=args.seed)
     messages, _ = generate(spec)
     return [(m.subject, m.data) for m in messages]
+
+
+def _file_messages(
+    paths: Sequence[Path], *, max_bytes: int | None = None
+) -> list[tuple[str, bytes]]:
+    """Read every input file; raise ValueError if they hold no event at all."""
+    messages = list(_iter_file_messages(paths, max_bytes=max_bytes))
+    if not messages:
+        # A folder of files of no known kind, each skipped with a warning.
+        raise ValueError(
+            f"no events in {', '.join(map(str, paths))}: no file there is of a kind "
+            f"plantstream reads ({SUPPORTED_INPUTS})"
+        )
+    return messages
 
 
 def _iter_file_messages(
@@ -313,7 +329,7 @@ def _cmd_publish(args: argparse.Namespace) -> int:
             messages = (
                 _generated_messages(args)
                 if args.generated
-                else list(_iter_file_messages(args.paths, max_bytes=nc.max_payload))
+                else _file_messages(args.paths, max_bytes=nc.max_payload)
             )
             return await publish_all(nc, ((s, d, None) for s, d in messages))
         finally:

@@ -147,6 +147,11 @@ class KeyChecker:
         routed. `index` is its position in an edge batch, or -1. An event nested too
         deeply to search for NUL characters raises msgspec.DecodeError."""
         check_no_nul(data)
+        if key.event_type not in _EVENT_TYPE_SET:
+            raise ValueError(
+                f"event_type {key.event_type!r} is not an event type; use one of "
+                f"{', '.join(EVENT_TYPES)}"
+            )
         # Events of an edge batch (index >= 0) carry many types on one subject.
         checked = (key.plant, key.event_type if index < 0 else None)
         if self._subjects.get(subject) != checked:
@@ -155,6 +160,9 @@ class KeyChecker:
             if len(self._subjects) >= SUBJECT_CACHE_SIZE:
                 self._subjects.clear()
             self._subjects[subject] = checked
+
+
+_EVENT_TYPE_SET = frozenset(EVENT_TYPES)
 
 
 def key_rejection_reason(error: ValueError) -> DeadLetterReason:
@@ -166,6 +174,10 @@ def key_rejection_reason(error: ValueError) -> DeadLetterReason:
         return "malformed"
     return "invalid"
 
+
+MIN_MAX_PAYLOAD = 128 * 1024
+"""The smallest max_payload the ingest runs with: nats-py stores checkpoint objects in
+chunks of 128 KiB."""
 
 IDLE_TICK_S = 5.0
 """Seconds without a batch after which an idle service sends the partitions an empty
@@ -372,6 +384,15 @@ class Ingest:
 
         Return the stream sequence of the checkpoint restored from (0 for none).
         """
+        if self.nc.max_payload < MIN_MAX_PAYLOAD:
+            # Checkpoints go to the object store in chunks of this size, which would
+            # fail only at the first checkpoint, and then on every retry.
+            raise ValueError(
+                f"the NATS server takes at most {self.nc.max_payload:,} bytes per "
+                f"message (max_payload), and plantstream needs {MIN_MAX_PAYLOAD:,} "
+                "for its checkpoints; raise max_payload in the server's config (the "
+                "default is 1 MB)"
+            )
         await ensure_streams(self.js, self.settings)
         await self._publisher.start()
         self._store = await self.js.object_store(CHECKPOINT_BUCKET)

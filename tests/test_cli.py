@@ -325,6 +325,29 @@ def test_run_consumer_over_server_limit(tmp_path: Path) -> None:
     assert not db.exists()
 
 
+def test_run_needs_room_for_checkpoint_chunks(tmp_path: Path) -> None:
+    config = (
+        "listen: 127.0.0.1:-1\n"
+        "max_payload: 4096\n"
+        f"jetstream {{ store_dir: '{tmp_path / 'js'}' }}\n"
+    )
+    with EmbeddedNatsServer(config=config) as server:
+        # Without the check, the first checkpoint failed, and every retry after it.
+        result = run_until_drained(server, tmp_path / "run.duckdb", timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "takes at most 4,096 bytes per message (max_payload)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_demo_input_without_events(tmp_path: Path) -> None:
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    (inputs / "settings.json").write_text('{"name": "line 3"}\n')
+    result = run_cli("demo", "--input", str(inputs), "--db", str(tmp_path / "x.db"))
+    assert result.returncode == 2
+    assert f"no events in {inputs}" in result.stderr
+
+
 def test_run_rejects_snapshot_file_behind_checkpoint(
     nats_server: EmbeddedNatsServer, tmp_path: Path
 ) -> None:

@@ -22,12 +22,14 @@ from actors.partition import PartitionActor
 from actors.settings import StateSettings
 from cluster.nats_server import EmbeddedNatsServer
 from contracts.codec import decode_dead_letter
+from contracts.keys import decode_key
 from pipeline.ingest import (
     MANIFEST,
     CheckpointManifest,
     CheckpointMismatchError,
     Ingest,
     IngestReport,
+    KeyChecker,
     check_event_subject,
 )
 from pipeline.publish import publish_all
@@ -301,6 +303,17 @@ def test_unknown_event_type_named(token: str, event_type: str) -> None:
     subject = f"plant.events.P1.{token}"
     with pytest.raises(ValueError, match=f"event_type '{event_type}' is not an event"):
         check_event_subject(subject, "P1", event_type)
+
+
+def test_unknown_event_type_on_its_own_subject() -> None:
+    # As a file of one's own events publishes it: the subject matches the body.
+    data = _MACHINE_STATE.replace(b"machine_state_changed", b"Machine_state_changed")
+    with pytest.raises(
+        ValueError, match="'Machine_state_changed' is not an event type"
+    ):
+        KeyChecker().check(
+            "plant.events.P1.Machine_state_changed", data, decode_key(data), -1
+        )
 
 
 def test_long_batch_subject_not_edge_batch(

@@ -453,6 +453,31 @@ def test_event_lines_with_bad_json_elsewhere_kept(tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    ("line", "problem"),
+    [
+        # Not valid JSON, and a plant nested before the event's own.
+        (
+            rb'{"quantity":{"plant":"X9"},"plant":"P1","event_type":"x","s":"\ud800"}',
+            "cannot be told apart from other fields",
+        ),
+        (b'{"plant":"P1","event_type":"batch"}', "the subject token of edge batches"),
+    ],
+)
+def test_event_lines_subject_unclear(tmp_path: Path, line: bytes, problem: str) -> None:
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(line + b"\n")
+    with pytest.raises(ValueError, match=f"{path}:1: .*{problem}"):
+        list(read_messages(path))
+
+
+def test_empty_input_file(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    path.write_bytes(b"\n  \n")
+    with pytest.raises(ValueError, match="the file is empty"):
+        read_events(path)
+
+
 def test_other_json_not_event_lines(tmp_path: Path) -> None:
     path = tmp_path / "settings.json"
     path.write_bytes(b'{"name": "line 3", "shifts": 2}\n')

@@ -43,6 +43,9 @@ _FIELD = {
 
 _FIX = "write one event object per line, as `plantstream schema events` prints"
 
+EDGE_BATCH_TYPE = "batch"
+"""The last subject token of an edge batch (plant.events.<plant>.batch)."""
+
 
 def is_event_line(line: str) -> bool:
     """Return whether the first line of a file looks like a JSON event object."""
@@ -72,13 +75,22 @@ def _subject_of(line: bytes) -> str:
         raise ValueError(str(error)) from None
     except msgspec.DecodeError as error:
         # Invalid JSON elsewhere in the line (a bad escape, a cut-off value) is for the
-        # pipeline to dead-letter with its detail, if the subject can still be read.
-        found = {name: field.search(line) for name, field in _FIELD.items()}
-        if found["plant"] is None or found["event_type"] is None:
-            raise ValueError(str(error)) from None
-        plant = found["plant"].group(1).decode("utf-8", errors="replace")
-        event_type = found["event_type"].group(1).decode("utf-8", errors="replace")
+        # pipeline to dead-letter with its detail, if the subject can still be read:
+        # each field written once, without escapes. Written twice, one may be nested.
+        found = {name: field.findall(line) for name, field in _FIELD.items()}
+        if len(found["plant"]) != 1 or len(found["event_type"]) != 1:
+            raise ValueError(
+                f"{error}, and without valid JSON the line's plant and event_type "
+                "cannot be told apart from other fields"
+            ) from None
+        plant = found["plant"][0].decode("utf-8", errors="replace")
+        event_type = found["event_type"][0].decode("utf-8", errors="replace")
     validate_token(event_type, "event_type")
+    if event_type == EDGE_BATCH_TYPE:
+        raise ValueError(
+            f"event_type {event_type!r} is the subject token of edge batches, not an "
+            "event type"
+        )
     return event_subject(plant, event_type)
 
 

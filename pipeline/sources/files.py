@@ -109,6 +109,8 @@ def _inputs(path: Path) -> list[tuple[Path, SourceKind]]:
         )
     kind = detect_kind(path)
     if kind is None:
+        if not path.read_bytes().removeprefix(_BOM).strip():
+            raise ValueError(f"{path}: the file is empty; pass a file with events")
         raise ValueError(
             f"{path}: unknown input file kind; supported are {SUPPORTED_KINDS}"
         )
