@@ -305,7 +305,7 @@ def test_unknown_event_type_named(token: str, event_type: str) -> None:
         check_event_subject(subject, "P1", event_type)
 
 
-def test_unknown_event_type_on_its_own_subject() -> None:
+def test_unknown_type_on_own_subject() -> None:
     # As a file of one's own events publishes it: the subject matches the body.
     data = _MACHINE_STATE.replace(b"machine_state_changed", b"Machine_state_changed")
     with pytest.raises(

@@ -438,7 +438,7 @@ def test_event_lines_keep_invalid_events(tmp_path: Path) -> None:
         read_events(path)
 
 
-def test_event_lines_with_bad_json_elsewhere_kept(tmp_path: Path) -> None:
+def test_event_lines_keep_bad_json(tmp_path: Path) -> None:
     # A bad escape or trailing text is for the pipeline to dead-letter, with its detail,
     # as long as the subject can be read.
     lines = [
