@@ -419,15 +419,19 @@ async def run_job(
             server.stop()
 
 
-async def _bounded(step: Coroutine[Any, Any, None], what: str) -> None:
+async def _bounded(step: Coroutine[Any, Any, None], description: str) -> None:
     """Await a clean-up step for at most CLEANUP_TIMEOUT_S, then give it up."""
-    # NOTE: a test run once stayed after its actors were killed, with its NATS
-    # connection open, so in this clean-up; the cause was not found. Bounding each step
-    # ends the run instead, since the lease expires and the server drops the client.
+    # NOTE: a test run once hung after its actors were killed, with its NATS connection
+    # still open, so in one of these steps. The cause is not known. A bound ends the run
+    # instead: the lease expires by itself and the server drops the client.
     try:
         await asyncio.wait_for(step, CLEANUP_TIMEOUT_S)
     except TimeoutError:
-        logger.warning("%s took over %g s; gave it up", what, CLEANUP_TIMEOUT_S)
+        logger.warning(
+            "%s timed out after %g s; the job ends without it",
+            description,
+            CLEANUP_TIMEOUT_S,
+        )
 
 
 async def _run_holding(

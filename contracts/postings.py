@@ -97,8 +97,8 @@ class GoodsMovement(
     document_date: dt.date
     occurred_at: dt.datetime
     reference: str
-    # A tuple, as befits a frozen struct: once the cycle collector has seen that it
-    # holds only strings it skips it, and a partition holds thousands of postings.
+    # A tuple, as befits a frozen struct. Once the cycle collector has seen that it
+    # contains only strings it skips it, and a partition keeps thousands of postings.
     lineage: tuple[str, ...]
     reverses: str | None = None
 

@@ -87,7 +87,13 @@ from pipeline.streams import (
     consumer_rejected_error,
     ensure_streams,
 )
-from pipeline.subjects import EVENTS_STREAM, dlq_subject, event_subject, validate_token
+from pipeline.subjects import (
+    EDGE_BATCH_TYPE_TOKEN,
+    EVENTS_STREAM,
+    dlq_subject,
+    event_subject,
+    validate_token,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +120,7 @@ RECOVERABLE: tuple[type[BaseException], ...] = (
 )
 """Failures the ingest survives by resuming from its last checkpoint."""
 
-EDGE_BATCH_SUFFIX = ".batch"
+EDGE_BATCH_SUFFIX = f".{EDGE_BATCH_TYPE_TOKEN}"
 """Subjects plant.events.<plant>.batch carry edge batches: a JSON array of events."""
 
 
@@ -147,6 +153,8 @@ class KeyChecker:
         routed. `index` is its position in an edge batch, or -1. An event nested too
         deeply to search for NUL characters raises msgspec.DecodeError."""
         check_no_nul(data)
+        # Before the subject check, whose advice would name a subject of a type that
+        # does not exist, such as the very subject the event came on.
         if key.event_type not in _EVENT_TYPE_SET:
             raise ValueError(
                 f"event_type {key.event_type!r} is not an event type; use one of "
@@ -1266,13 +1274,6 @@ def check_event_subject(subject: str, plant: str, event_type: str | None) -> Non
         return
     subject_type = tokens[3] if len(tokens) == 4 else ""
     if subject_type.replace("-", "_") != event_type:
-        if event_type not in EVENT_TYPES:
-            # The advice below would name a subject of a type that does not exist,
-            # such as the very subject the event came on.
-            raise ValueError(
-                f"event_type {event_type!r} is not an event type; use one of "
-                f"{', '.join(EVENT_TYPES)}, with underscores"
-            )
         raise ValueError(
             f"the event has event_type {event_type} but was published on {subject}, "
             f"whose event type token differs; publish it on "

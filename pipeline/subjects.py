@@ -28,6 +28,8 @@ POSTINGS_STREAM = "ERP_POSTINGS"
 DLQ_STREAM = "PLANTSTREAM_DLQ"
 
 EVENTS_PREFIX = "plant.events"
+EDGE_BATCH_TYPE_TOKEN = "batch"  # noqa: S105 (a subject token, not a secret)
+"""The last token of an edge batch's subject (plant.events.<plant>.batch)."""
 POSTINGS_PREFIX = "erp.postings"
 DLQ_PREFIX = "plantstream.dlq"
 

@@ -19,7 +19,7 @@ import msgspec
 
 from contracts.codec import decode_event, describe_decode_error
 from contracts.events import PlantEvent
-from pipeline.subjects import event_subject, validate_token
+from pipeline.subjects import EDGE_BATCH_TYPE_TOKEN, event_subject, validate_token
 
 __all__ = ["decode_event_lines", "is_event_line", "read_event_lines"]
 
@@ -42,9 +42,6 @@ _FIELD = {
 """A string field as written, for a line that is not valid JSON elsewhere."""
 
 _FIX = "write one event object per line, as `plantstream schema events` prints"
-
-EDGE_BATCH_TYPE = "batch"
-"""The last subject token of an edge batch (plant.events.<plant>.batch)."""
 
 
 def is_event_line(line: str) -> bool:
@@ -86,7 +83,7 @@ def _subject_of(line: bytes) -> str:
         plant = found["plant"][0].decode("utf-8", errors="replace")
         event_type = found["event_type"][0].decode("utf-8", errors="replace")
     validate_token(event_type, "event_type")
-    if event_type == EDGE_BATCH_TYPE:
+    if event_type == EDGE_BATCH_TYPE_TOKEN:
         raise ValueError(
             f"event_type {event_type!r} is the subject token of edge batches, not an "
             "event type"
