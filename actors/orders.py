@@ -827,27 +827,38 @@ def apply_hold(
     for lot, stock in order.stock_by_lot():
         if stock.unrestricted > 0 and _hold_covers(hold, lot, order.material):
             out.postings.append(
-                _movement(
-                    order,
-                    event,
-                    TO_BLOCKED,
-                    posting_key(
-                        order.plant, TO_BLOCKED, event.event_id, order.order_id, lot
-                    ),
-                    material=order.material,
-                    quantity=stock.unrestricted,
-                    uom=order.uom,
-                    stock_type="blocked",
-                    batch=lot,
-                    storage_location=order.storage_location,
-                    reason=hold.reason,
-                )
+                _hold_transfer(order, event, hold, TO_BLOCKED, lot, stock.unrestricted)
             )
             stock.blocked += stock.unrestricted
             stock.unrestricted = ZERO
     _refresh_status(order)
     if record:
         out.add_row("holds", _hold_row(order, hold, released_at=None))
+
+
+def _hold_transfer(
+    order: OrderState,
+    event: ev.Event,
+    hold: HoldState,
+    movement_type: str,
+    lot: str,
+    quantity: Decimal,
+) -> GoodsMovement:
+    """Return the transfer of one lot's stock into blocked stock (344) or back out of
+    it (343), keyed by the hold event so that each lot moves once per event."""
+    return _movement(
+        order,
+        event,
+        movement_type,
+        posting_key(order.plant, movement_type, event.event_id, order.order_id, lot),
+        material=order.material,
+        quantity=quantity,
+        uom=order.uom,
+        stock_type="blocked" if movement_type == TO_BLOCKED else "unrestricted",
+        batch=lot,
+        storage_location=order.storage_location,
+        reason=hold.reason,
+    )
 
 
 def hold_facts(hold: HoldState) -> dict[str, object]:
@@ -879,21 +890,7 @@ def release_hold(
             and not order.covered_by_hold(lot)
         ):
             out.postings.append(
-                _movement(
-                    order,
-                    event,
-                    FROM_BLOCKED,
-                    posting_key(
-                        order.plant, FROM_BLOCKED, event.event_id, order.order_id, lot
-                    ),
-                    material=order.material,
-                    quantity=stock.blocked,
-                    uom=order.uom,
-                    stock_type="unrestricted",
-                    batch=lot,
-                    storage_location=order.storage_location,
-                    reason=hold.reason,
-                )
+                _hold_transfer(order, event, hold, FROM_BLOCKED, lot, stock.blocked)
             )
             stock.unrestricted += stock.blocked
             stock.blocked = ZERO
