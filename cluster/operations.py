@@ -563,6 +563,7 @@ async def replay_plant(
         dt.datetime.now(dt.UTC).timestamp(),
         manifest.ingest_counts,
         objects,
+        manifest.site_seqs,
     )
     await chains.commit(store, rewritten)
     logger.info(
@@ -685,13 +686,14 @@ async def retry_dead_letters(
 ) -> list[RetryRecord]:
     """Republish each entry's bytes to its original subject and record the retry.
 
-    Entries already retried are skipped. The republish carries a Nats-Msg-Id made of the
-    dead letter's identity, so two retries within the events stream's duplicate window
-    store one message.
+    Entries already retried are skipped, and so are `lost_at_site` letters, which hold
+    no bytes to send. The republish carries a Nats-Msg-Id made of the dead letter's
+    identity, so two retries within the events stream's duplicate window store one
+    message.
     """
     records: list[RetryRecord] = []
     for entry in entries:
-        if entry.retried is not None:
+        if entry.retried is not None or entry.letter.reason == "lost_at_site":
             continue
         letter = entry.letter
         ack = await js.publish(
@@ -907,7 +909,8 @@ def _cmd_dlq_retry(args: argparse.Namespace) -> int:
             await nc.close()
 
     entries, records = asyncio.run(retry())
-    skipped = len(entries) - len(records)
+    lost = sum(entry.letter.reason == "lost_at_site" for entry in entries)
+    skipped = len(entries) - len(records) - lost
     for record in records:
         print(
             f"retried {record.letter_id} (dlq seq {record.dlq_seq}) as "
@@ -918,6 +921,12 @@ def _cmd_dlq_retry(args: argparse.Namespace) -> int:
         if entries
         else "no dead letters match"
     )
+    if lost:
+        print(
+            f"not retried: {lost} lost_at_site dead letters, whose messages a site "
+            "dropped before the hub copied them, so no bytes are left to send; have "
+            "the plant systems publish those events again"
+        )
     return 0
 
 

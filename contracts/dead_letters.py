@@ -34,6 +34,9 @@ DeadLetterReason = Literal[
     "negative_stock",  # the movement would drive stock of a material below zero
     "order_closed",  # its order completed and was evicted from memory after retention
     "internal_error",  # applying it raised an unexpected error: a plantstream bug
+    # A plant site's buffer dropped messages before the hub copied them; the letter
+    # stands for all of them and carries no bytes.
+    "lost_at_site",
 ]
 
 

@@ -90,6 +90,9 @@ class CheckpointManifest(msgspec.Struct):
     objects: list[PartitionObjects] = []
     """Per partition. Empty in manifests of plantstream versions that stored each
     partition whole in one object, `partition-<index>`."""
+    site_seqs: dict[str, int] = {}
+    """The highest sequence of each site stream among the messages covered, from
+    which the next run goes on looking for messages a site lost."""
 
 
 @dataclass(frozen=True)

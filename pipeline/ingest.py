@@ -81,6 +81,7 @@ from pipeline.fetch import PullFetcher, pending_after, stream_sequence
 from pipeline.publish import Publisher, PublishError
 from pipeline.settings import PipelineSettings
 from pipeline.sink import SinkError, SnapshotBehindError, SnapshotWriter, merge_tables
+from pipeline.site_streams import SiteSequences, source_position
 from pipeline.streams import (
     CHECKPOINT_BUCKET,
     consumer_config,
@@ -273,6 +274,8 @@ class _Barrier:
     results: asyncio.Future[list[PartitionCheckpoint]]
     bases: list[bool]
     covered_seq: int
+    site_seqs: dict[str, int]
+    """The highest sequence of each site stream among the messages covered."""
 
 
 @dataclass
@@ -370,6 +373,7 @@ class Ingest:
         self._max_seq = 0
         self._dead_rows: list[dict[str, object]] = []
         self._ingest_counts: Counter[str] = Counter()
+        self._site_seqs = SiteSequences()
         self._commit_task: asyncio.Task[None] | None = None
         self._commit_hurried = False
         """Set when the commit in flight should skip or end its COMMIT_DEFER_S wait."""
@@ -442,11 +446,13 @@ class Ingest:
         token = self._restore_token = secrets.token_hex(8)
         if manifest is None:
             self._ingest_counts = Counter()
+            self._site_seqs = SiteSequences()
             await asyncio.gather(
                 *(actor.restore.remote(None, (), token) for actor in self.actors)
             )
             return 0
         self._ingest_counts = Counter(manifest.ingest_counts)
+        self._site_seqs = SiteSequences(manifest.site_seqs)
         saved = await read_partitions(self._store, manifest)
         partitions = len(self.actors)
         if manifest.partitions == partitions:
@@ -871,6 +877,8 @@ class Ingest:
         for message in messages:
             seq = stream_sequence(message)
             self._max_seq = max(self._max_seq, seq)
+            if message.headers:
+                self._check_site_gap(message, seq, dead)
             if is_edge_batch(message.subject):
                 try:
                     items = decode_edge_batch(message.data)
@@ -910,6 +918,35 @@ class Ingest:
         self._lap("route", clock)
         return _InFlight(messages, dead, asyncio.gather(*refs), empty)
 
+    def _check_site_gap(self, message: Msg, seq: int, dead: list[DeadLetter]) -> None:
+        """Dead-letter the messages a site stream lost before `message` was copied.
+
+        Their bytes are gone, so the letter carries none: it names the site stream's
+        sequences instead, and sits at the stream position of the copy after them.
+        """
+        position = source_position(message.headers)
+        if position is None:
+            return
+        stream, site_seq = position
+        missing = self._site_seqs.missing_before(stream, site_seq)
+        if not missing:
+            return
+        dead.append(
+            _key_dead_letter(
+                message.subject,
+                b"",
+                seq,
+                None,
+                "lost_at_site",
+                f"{stream} lost sequences {site_seq - missing:,} to {site_seq - 1:,} "
+                f"({missing:,} messages) before the hub copied them: the site's "
+                "buffer dropped them after its max age (site-init --max-age-s) or "
+                "they were deleted there. Their events never reached PLANT_EVENTS. "
+                "Have the plant systems publish them again, and give the site a max "
+                "age longer than its longest outage",
+            )
+        )
+
     async def _complete_in_flight(self, keep: int) -> None:
         """Finish the oldest batches in flight until at most `keep` remain, and start
         the commit of each checkpoint barrier reached on the way."""
@@ -936,7 +973,9 @@ class Ingest:
             if flight.empty_edge_batches:
                 counts["edge_batches_empty"] += flight.empty_edge_batches
             for letter in dead:
-                counts["events_in"] += 1
+                # A site's lost messages never arrived, so they are not events in.
+                if letter.reason != "lost_at_site":
+                    counts["events_in"] += 1
                 counts[f"dead_letter:{letter.reason}"] += 1
         outgoing: list[tuple[str, bytes, str | None]] = []
         for data in packed:
@@ -1027,7 +1066,9 @@ class Ingest:
             )
         )
         # Every batch routed so far lies before the barrier, and none after it.
-        self._in_flight.append(_Barrier(results, bases, self._max_seq))
+        self._in_flight.append(
+            _Barrier(results, bases, self._max_seq, dict(self._site_seqs.highest))
+        )
         self._last_checkpoint = time.monotonic()
         if wait:
             await self._complete_in_flight(0)
@@ -1126,7 +1167,12 @@ class Ingest:
             )
         ]
         manifest = CheckpointManifest(
-            barrier.covered_seq, len(self.actors), time.time(), ingest_counts, objects
+            barrier.covered_seq,
+            len(self.actors),
+            time.time(),
+            ingest_counts,
+            objects,
+            barrier.site_seqs,
         )
         await self._chains.commit(self._store, manifest)
         self.report.committed_seq = barrier.covered_seq

@@ -3,11 +3,17 @@
 A site's nats-server keeps the plant's events in `SITE_<plant>`, in JetStream domain
 `site-<plant>`. The hub's PLANT_EVENTS sources each site stream through that domain's
 API, so a backlog stored during an outage arrives in order once the link is back.
+
+A message the site stream drops before the hub copies it (its max age passed during a
+long outage, or someone deleted it) never reaches PLANT_EVENTS. Each copied message
+carries its sequence in the site stream, so `SiteSequences` finds such a loss as a gap
+in those sequences.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 
 from nats.js import JetStreamContext
 from nats.js.api import (
@@ -25,17 +31,28 @@ from pipeline.subjects import EVENTS_PREFIX, validate_token
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "MIN_SITE_MAX_AGE_S",
     "SITE_BUFFER_MAX_AGE_S",
     "SITE_DOMAIN_PREFIX",
+    "SOURCE_HEADER",
+    "SiteSequences",
     "ensure_site_stream",
     "site_domain",
     "site_sources",
     "site_stream_config",
     "site_stream_name",
+    "source_position",
 ]
 
 SITE_BUFFER_MAX_AGE_S = 7 * 24 * 3600.0
 """Default retention of a site's events; a longer outage loses the oldest."""
+
+MIN_SITE_MAX_AGE_S = 60.0
+"""The shortest retention `site-init` accepts, other than 0 for none."""
+
+DUPLICATE_WINDOW_S = 120.0
+"""The site stream's window for Nats-Msg-Id, cut to the retention when that is
+shorter, because JetStream refuses a window longer than the retention."""
 
 
 SITE_DOMAIN_PREFIX = "site-"
@@ -62,7 +79,7 @@ def site_stream_config(
         storage=StorageType.FILE,
         max_age=max_age_s,
         discard=DiscardPolicy.OLD,
-        duplicate_window=120.0,
+        duplicate_window=min(DUPLICATE_WINDOW_S, max_age_s or DUPLICATE_WINDOW_S),
     )
 
 
@@ -97,3 +114,50 @@ def site_sources(plants: list[str]) -> list[StreamSource]:
         )
         for plant in plants
     ]
+
+
+SOURCE_HEADER = "Nats-Stream-Source"
+"""The header nats-server adds to each message it copies from a source stream."""
+
+
+def source_position(headers: Mapping[str, str] | None) -> tuple[str, int] | None:
+    """Return the stream and sequence a sourced message was copied from, or None.
+
+    nats-server writes the header as `<stream>:<id> <sequence> <filter> ...`; a value
+    of another shape is not one of its copies and gives None.
+    """
+    if not headers:
+        return None
+    value = headers.get(SOURCE_HEADER)
+    if value is None:
+        return None
+    parts = value.split(" ", 2)
+    if len(parts) < 2 or not parts[1].isdigit():
+        return None
+    return parts[0].split(":", 1)[0], int(parts[1])
+
+
+class SiteSequences:
+    """The highest sequence of each source stream copied into PLANT_EVENTS so far.
+
+    A checkpoint stores them with the stream position it covers, so that a restart
+    goes on comparing from there.
+    """
+
+    def __init__(self, highest: Mapping[str, int] | None = None) -> None:
+        self.highest: dict[str, int] = dict(highest or {})
+
+    def missing_before(self, stream: str, seq: int) -> int:
+        """Record that `seq` of `stream` arrived; return how many sequences just below
+        it were skipped (0 when none).
+
+        The first message seen from a stream is compared with nothing: PLANT_EVENTS
+        may have expired the copies before it, or a checkpoint reset may start after
+        them, and a loss before it would look the same. A sequence at or below
+        the highest one (a copy sent again) changes nothing.
+        """
+        highest = self.highest.get(stream)
+        if highest is not None and seq <= highest:
+            return 0
+        self.highest[stream] = seq
+        return 0 if highest is None else seq - highest - 1

@@ -41,10 +41,12 @@ from contracts.events import (
 from pipeline.checkpoints import CheckpointManifest
 from pipeline.settings import PipelineSettings
 from pipeline.sources.generated import Expected, StreamSpec, generate
+from pipeline.streams import ensure_streams
 from pipeline.subjects import (
     DLQ_STREAM,
     EVENTS_STREAM,
     POSTINGS_STREAM,
+    dlq_subject,
     event_subject,
 )
 
@@ -542,6 +544,47 @@ def test_dlq_retry_missing_seq_message(
     assert "no dead letter for PLANT_EVENTS sequence 1;" in unfiltered_error
     assert "of plant" not in unfiltered_error
     assert all(e.retried is None for e in asyncio.run(_entries(nats_server.url)))
+
+
+def test_dlq_retry_skips_letters_of_site_losses(
+    nats_server: EmbeddedNatsServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    letter = DeadLetter(
+        reason="lost_at_site",
+        detail="SITE_P01 lost sequences 20 to 24 (5 messages)",
+        subject=event_subject("P01", "production_confirmed"),
+        stream_seq=20,
+        data=b"",
+        rejected_at=dt.datetime.now(dt.UTC),
+    )
+
+    async def file_letter() -> None:
+        nc = await nats.connect(nats_server.url)
+        try:
+            js = nc.jetstream()
+            await ensure_streams(js, SETTINGS)
+            await js.publish(dlq_subject("P01"), encode(letter))
+        finally:
+            await nc.close()
+
+    asyncio.run(file_letter())
+    code = main(["dlq", "retry", "--nats-url", nats_server.url, "--all"])
+
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "retried 0 dead letters" in out
+    assert "not retried: 1 lost_at_site dead letters" in out
+    # Retrying would have published its empty body as an event.
+    assert asyncio.run(_stream_messages(nats_server.url, EVENTS_STREAM)) == 0
+
+
+async def _stream_messages(url: str, stream: str) -> int:
+    nc = await nats.connect(url)
+    try:
+        info = await nc.jetstream().stream_info(stream)
+        return info.state.messages
+    finally:
+        await nc.close()
 
 
 async def _entries(url: str) -> list[DeadLetterEntry]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import socket
 from pathlib import Path
@@ -10,13 +11,22 @@ import duckdb
 import nats
 import pytest
 
+from cluster import reconcile
 from cluster.job import JobConfig, run_job
 from cluster.nats_server import EmbeddedNatsServer
 from cluster.sites import LeafTls, hub_server_config, site_server_config
+from pipeline.checkpoints import read_manifest
 from pipeline.publish import publish_all
 from pipeline.settings import PipelineSettings
-from pipeline.site_streams import ensure_site_stream, site_domain, site_stream_name
+from pipeline.site_streams import (
+    SiteSequences,
+    ensure_site_stream,
+    site_domain,
+    site_stream_name,
+    source_position,
+)
 from pipeline.sources.generated import StreamSpec, generate
+from pipeline.streams import CHECKPOINT_BUCKET, ensure_streams
 from pipeline.subjects import EVENTS_STREAM
 
 pytestmark = pytest.mark.usefixtures("ray_local")
@@ -103,33 +113,9 @@ def test_backlog_from_offline_site(tmp_path: Path) -> None:
         assert asyncio.run(publish_while_hub_down()) == len(messages)
         hub.start()
 
-        async def wait_for_backlog() -> int:
-            from pipeline.streams import ensure_streams
-
-            nc = await nats.connect(hub.url)
-            try:
-                # Sources created before the leaf connection is up start only on
-                # JetStream's retry schedule (about 40 s seen here), so wait for the
-                # link.
-                site_api = nc.jetstream(domain=site_domain(plant))
-                for _ in range(100):
-                    try:
-                        await site_api.stream_info(site_stream_name(plant))
-                        break
-                    except (nats.errors.Error, nats.js.errors.Error):
-                        await asyncio.sleep(0.1)
-                js = nc.jetstream()
-                await ensure_streams(js, settings)
-                for _ in range(200):
-                    info = await js.stream_info(EVENTS_STREAM)
-                    if info.state.messages >= len(messages):
-                        break
-                    await asyncio.sleep(0.1)
-                return info.state.messages
-            finally:
-                await nc.close()
-
-        assert asyncio.run(wait_for_backlog()) == len(messages)
+        assert asyncio.run(
+            _source_sites(hub.url, plant, settings, len(messages))
+        ) == len(messages)
         config = JobConfig(
             db=tmp_path / "hub.duckdb", nats_url=hub.url, pipeline=settings
         )
@@ -146,6 +132,124 @@ def test_backlog_from_offline_site(tmp_path: Path) -> None:
         ).fetchall()
     assert {(p, m, t): q for p, m, t, q in rows} == expected.movements
     assert site_stream_name(plant) == f"SITE_{plant}"
+
+
+def test_source_position_reads_the_copy_header() -> None:
+    header = "SITE_P01:q4xzB5QQ 17 > > plant.events.P01.x CJ07GdsS"
+    assert source_position({"Nats-Stream-Source": header}) == ("SITE_P01", 17)
+    assert source_position({"Nats-Msg-Id": "x"}) is None
+    assert source_position(None) is None
+    assert source_position({"Nats-Stream-Source": "SITE_P01 soon"}) is None
+
+
+def test_site_sequences_count_only_gaps_after_a_known_sequence() -> None:
+    sequences = SiteSequences()
+    assert sequences.missing_before("SITE_P01", 40) == 0
+    assert sequences.missing_before("SITE_P01", 41) == 0
+    assert sequences.missing_before("SITE_P01", 45) == 3
+    assert sequences.missing_before("SITE_P01", 44) == 0
+    assert sequences.missing_before("SITE_P01", 46) == 0
+    assert sequences.missing_before("SITE_P02", 9) == 0
+    # A restart goes on from the checkpoint's sequences.
+    restored = SiteSequences(sequences.highest)
+    assert restored.missing_before("SITE_P01", 50) == 3
+
+
+def test_messages_a_site_dropped_become_a_dead_letter(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    messages, _ = generate(StreamSpec(plants=1, orders_per_plant=10, seed=5))
+    plant = messages[0].subject.split(".")[2]
+    leaf_port = free_port()
+    site = _site(tmp_path, plant, f"nats-leaf://127.0.0.1:{leaf_port}").start()
+    hub = _hub(tmp_path, leaf_port)
+    settings = PipelineSettings(sites=plant, fetch_batch=100)
+    dropped = range(20, 25)
+    try:
+
+        async def publish_and_drop() -> None:
+            nc = await nats.connect(site.url)
+            try:
+                js = nc.jetstream()
+                await ensure_site_stream(js, plant)
+                await publish_all(nc, ((m.subject, m.data, None) for m in messages))
+                # As the site's max age would during an outage of the hub.
+                for seq in dropped:
+                    await js.delete_msg(site_stream_name(plant), seq)
+            finally:
+                await nc.close()
+
+        asyncio.run(publish_and_drop())
+        hub.start()
+        asyncio.run(_source_sites(hub.url, plant, settings, len(messages) - 5))
+        config = JobConfig(
+            db=tmp_path / "hub.duckdb", nats_url=hub.url, pipeline=settings
+        )
+        result = asyncio.run(run_job(config, None))
+
+        async def committed_site_seqs() -> dict[str, int]:
+            nc = await nats.connect(hub.url)
+            try:
+                store = await nc.jetstream().object_store(CHECKPOINT_BUCKET)
+                manifest = await read_manifest(store)
+                assert manifest is not None
+                return manifest.site_seqs
+            finally:
+                await nc.close()
+
+        site_seqs = asyncio.run(committed_site_seqs())
+    finally:
+        hub.stop()
+        site.stop()
+
+    assert result.totals["dead_letter:lost_at_site"] == 1
+    assert result.totals["events_in"] == len(messages) - 5
+    assert site_seqs == {site_stream_name(plant): len(messages)}
+    with duckdb.connect(str(tmp_path / "hub.duckdb"), read_only=True) as db:
+        rows = db.execute(
+            "SELECT stream_seq, detail, data FROM dead_letters "
+            "WHERE reason = 'lost_at_site'"
+        ).fetchall()
+    [(stream_seq, detail, data)] = rows
+    assert stream_seq == 20
+    assert f"SITE_{plant} lost sequences 20 to 24 (5 messages)" in detail
+    assert "site-init --max-age-s" in detail
+    assert data == b""
+    parser = argparse.ArgumentParser()
+    reconcile.add_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["reconcile", "--db", str(tmp_path / "hub.duckdb")])
+    assert args.handler(args) == 0
+    assert "WARNING: 1 of them report messages a plant site dropped" in (
+        capsys.readouterr().out
+    )
+
+
+async def _source_sites(
+    hub_url: str, plant: str, settings: PipelineSettings, expected: int
+) -> int:
+    """Create the hub's streams once the site's link is up, and wait until
+    PLANT_EVENTS has `expected` messages; return its message count."""
+    nc = await nats.connect(hub_url)
+    try:
+        # Sources created before the leaf connection is up start only on JetStream's
+        # retry schedule (about 40 s seen here), so wait for the link.
+        site_api = nc.jetstream(domain=site_domain(plant))
+        for _ in range(100):
+            try:
+                await site_api.stream_info(site_stream_name(plant))
+                break
+            except (nats.errors.Error, nats.js.errors.Error):
+                await asyncio.sleep(0.1)
+        js = nc.jetstream()
+        await ensure_streams(js, settings)
+        for _ in range(200):
+            info = await js.stream_info(EVENTS_STREAM)
+            if info.state.messages >= expected:
+                break
+            await asyncio.sleep(0.1)
+        return info.state.messages
+    finally:
+        await nc.close()
 
 
 def _write_certificates(folder: Path) -> dict[str, str]:
