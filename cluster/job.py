@@ -142,7 +142,17 @@ def connect_ray(address: str | None) -> None:
             log_to_driver=True,
         )
     else:
-        ray.init(address=address, logging_level=logging.WARNING)
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+        except ConnectionError as error:
+            # Ray 2.59 and later turn on token authentication in `ray start`, and a
+            # client without RAY_AUTH_MODE=token is refused with only this error.
+            raise ConnectionError(
+                f"{error}. If the cluster uses token authentication, which `ray "
+                "start` turns on since Ray 2.59, set RAY_AUTH_MODE=token for this "
+                "command and give it the cluster's token in ~/.ray/auth_token or "
+                "RAY_AUTH_TOKEN (docs/deployment.md)"
+            ) from error
     logger.info("ray connected: %s", ray.cluster_resources())
 
 

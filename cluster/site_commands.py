@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import math
 
 from cluster.job import connect_nats
 from cluster.sites import LeafTls, hub_server_config, site_server_config
 from pipeline.site_streams import (
+    MIN_SITE_MAX_AGE_S,
     SITE_BUFFER_MAX_AGE_S,
     ensure_site_stream,
     site_stream_name,
@@ -73,6 +75,27 @@ def _add_tls_arguments(parser: argparse.ArgumentParser, *, side: str) -> None:
         group.add_argument("--tls-key", help="the private key of --tls-cert")
 
 
+def _buffer_max_age(text: str) -> float:
+    """Parse --max-age-s: 0 for no limit, else at least MIN_SITE_MAX_AGE_S seconds."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a number of seconds"
+        ) from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(
+            f"must be 0 (no limit) or a number of seconds, got {text}"
+        )
+    if 0 < value < MIN_SITE_MAX_AGE_S:
+        raise argparse.ArgumentTypeError(
+            f"must be 0 (no limit) or at least {MIN_SITE_MAX_AGE_S:g} s, got {text}: "
+            "a site keeps events to ride out an outage of the hub link, so it should "
+            "keep them longer than the longest outage expected"
+        )
+    return value
+
+
 def _site_init(args: argparse.Namespace) -> int:
     async def create() -> None:
         nc = await connect_nats(args.nats_url)
@@ -126,9 +149,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     init.add_argument("--nats-url", required=True, help="the site's nats-server")
     init.add_argument(
         "--max-age-s",
-        type=float,
+        type=_buffer_max_age,
         default=SITE_BUFFER_MAX_AGE_S,
-        help="seconds the site keeps events, the longest outage it rides out "
-        "(default: %(default)s)",
+        help="seconds the site keeps events, the longest outage it rides out; 0 keeps "
+        "them until the disk is full (default: %(default)s)",
     )
     init.set_defaults(handler=_site_init)

@@ -421,6 +421,42 @@ def test_site_init_subject_conflict(
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("max_age", "problem"),
+    [
+        ("-5", "must be 0 (no limit) or a number of seconds, got -5"),
+        ("nan", "must be 0 (no limit) or a number of seconds, got nan"),
+        ("30", "must be 0 (no limit) or at least 60 s, got 30"),
+        ("soon", "'soon' is not a number of seconds"),
+    ],
+)
+def test_site_init_rejects_max_age(max_age: str, problem: str) -> None:
+    result, elapsed = run_timed(
+        "site-init", "--plant", "P01", "--nats-url", closed_port_url(),
+        "--max-age-s", max_age,
+    )  # fmt: skip
+
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert problem in result.stderr
+    assert elapsed < QUICK_FAILURE_S
+
+
+def test_site_init_short_max_age(nats_server: EmbeddedNatsServer) -> None:
+    # A retention below the 120 s duplicate window used to be refused by the server,
+    # with advice to remove the stream.
+    result = run_cli(
+        "site-init", "--plant", "P01", "--nats-url", nats_server.url,
+        "--max-age-s", "90",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+
+    async def config(js: JetStreamContext) -> tuple[float | None, float | None]:
+        info = await js.stream_info("SITE_P01")
+        return info.config.max_age, info.config.duplicate_window
+
+    assert on_server(nats_server.url, config) == (90.0, 90.0)
+
+
 def test_publish_at_a_site_before_site_init(tmp_path: Path) -> None:
     config = (
         "listen: 127.0.0.1:-1\n"
