@@ -7,8 +7,10 @@ compares the result with the `stock` view, which sums the postings. It also chec
 every event has exactly one outcome: applied once, parked, or dead-lettered.
 
 With `--nats-url` it also compares the postings in the file with those in ERP_POSTINGS,
-by idempotency key, so that a posting the ERP received but the file lacks, or the
-reverse, shows up too.
+by the idempotency key in each message body, so that a posting the ERP received but the
+file lacks, or the reverse, shows up too. It also reports a key that the stream stores
+more than once, which happens when a posting is published again after the stream's
+duplicate window, and a message whose Nats-Msg-Id is not its body's key.
 """
 
 from __future__ import annotations
@@ -17,15 +19,21 @@ import argparse
 import asyncio
 import logging
 import sys
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import duckdb
+import msgspec
 
 from pipeline.sink import SinkError, open_for_reading, recorded_source
-from pipeline.subjects import DLQ_STREAM, EVENTS_STREAM, POSTINGS_STREAM
+from pipeline.subjects import (
+    DLQ_STREAM,
+    EVENTS_STREAM,
+    POSTINGS_PREFIX,
+    POSTINGS_STREAM,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -235,31 +243,115 @@ def reconcile(connection: duckdb.DuckDBPyConnection) -> list[Difference]:
     return differences
 
 
+MAX_SEQUENCES_SHOWN = 5
+"""Stream sequences printed for a key stored more than once; the rest are counted."""
+
+
+class _PostingKey(msgspec.Struct):
+    """The only field of a posting body that the stream comparison decodes."""
+
+    key: str
+
+
+_decode_posting_key = msgspec.json.Decoder(_PostingKey).decode
+
+
+@dataclass
+class StreamPostings:
+    """The messages of ERP_POSTINGS, counted by the `key` in each message body."""
+
+    messages: int = 0
+    first_sequence: dict[str, int] = field(default_factory=dict)
+    """Stream sequence of the first message with each key."""
+    repeated: dict[str, list[int]] = field(default_factory=dict)
+    """Stream sequences of every copy, for each key stored more than once."""
+    id_mismatches: list[tuple[int, str | None, str]] = field(default_factory=list)
+    """(sequence, Nats-Msg-Id or None, key) of messages whose Nats-Msg-Id is not
+    their key."""
+    without_key: list[tuple[int, str | None, str]] = field(default_factory=list)
+    """(sequence, Nats-Msg-Id or None, decode error) of messages with no posting key."""
+
+    def add(self, sequence: int, msg_id: str | None, data: bytes) -> None:
+        """Count one message, read in stream order."""
+        self.messages += 1
+        try:
+            key = _decode_posting_key(data).key
+        except msgspec.DecodeError as error:
+            self.without_key.append((sequence, msg_id, str(error)))
+            return
+        if msg_id != key:
+            self.id_mismatches.append((sequence, msg_id, key))
+        first = self.first_sequence.setdefault(key, sequence)
+        if first != sequence:
+            self.repeated.setdefault(key, [first]).append(sequence)
+
+
 def stream_differences(
-    connection: duckdb.DuckDBPyConnection, stream_keys: Iterable[str]
+    connection: duckdb.DuckDBPyConnection, stream: StreamPostings
 ) -> list[Difference]:
-    """Compare the posting keys in the file with `stream_keys`, the keys of every
-    posting in ERP_POSTINGS."""
+    """Compare the posting keys in the file with those in `stream`, then report the
+    keys that the stream stores more than once and its messages with a wrong
+    Nats-Msg-Id or no posting key."""
     in_file = {
         key for (key,) in connection.execute("SELECT key FROM postings").fetchall()
     }
-    in_stream = set(stream_keys)
-    return [
+    in_stream = stream.first_sequence.keys()
+    differences = [
         Difference(f"posting in {POSTINGS_STREAM} but not in the file", key)
         for key in sorted(in_stream - in_file)
-    ] + [
+    ]
+    differences += [
         Difference(f"posting in the file but not in {POSTINGS_STREAM}", key)
         for key in sorted(in_file - in_stream)
     ]
+    return differences + _stream_message_differences(stream)
 
 
-async def _stream_keys(url: str) -> tuple[str, list[str]]:
-    """Return the server's plant events stream identity and its posting keys."""
+def _stream_message_differences(stream: StreamPostings) -> list[Difference]:
+    differences = [
+        Difference(
+            f"posting stored more than once in {POSTINGS_STREAM}",
+            _copies_text(key, sequences),
+        )
+        for key, sequences in sorted(stream.repeated.items())
+    ]
+    for sequence, msg_id, key in stream.id_mismatches:
+        detail = (
+            f"stream sequence {sequence}: Nats-Msg-Id {_msg_id_text(msg_id)}, key {key}"
+        )
+        differences.append(
+            Difference("Nats-Msg-Id differs from the key in the body", detail)
+        )
+    for sequence, msg_id, error in stream.without_key:
+        detail = (
+            f"stream sequence {sequence}, Nats-Msg-Id {_msg_id_text(msg_id)}: {error}"
+        )
+        differences.append(
+            Difference(f"message in {POSTINGS_STREAM} without a posting key", detail)
+        )
+    return differences
+
+
+def _copies_text(key: str, sequences: list[int]) -> str:
+    listed = ", ".join(map(str, sequences[:MAX_SEQUENCES_SHOWN]))
+    if len(sequences) > MAX_SEQUENCES_SHOWN:
+        listed += f" and {len(sequences) - MAX_SEQUENCES_SHOWN} more"
+    return f"{key}: {len(sequences)} copies, at stream sequences {listed}"
+
+
+def _msg_id_text(msg_id: str | None) -> str:
+    return msg_id if msg_id else "missing"
+
+
+async def _read_postings_stream(url: str) -> tuple[str, StreamPostings]:
+    """Read every message in ERP_POSTINGS and return them counted by key, with the
+    identity of the server's plant events stream."""
     # Imported here: reconcile without --nats-url needs no NATS client.
     import nats.js.errors
+    from nats.js.api import Header
 
     from cluster.job import connect_nats, events_stream_identity
-    from cluster.operations import posting_keys
+    from cluster.operations import iter_stream
 
     nc = await connect_nats(url)
     try:
@@ -268,7 +360,15 @@ async def _stream_keys(url: str) -> tuple[str, list[str]]:
         try:
             identity = await events_stream_identity(js)
             stream = POSTINGS_STREAM
-            return identity, await posting_keys(js)
+            postings = StreamPostings()
+            # The bodies are read, not only the headers, because a copy stored under
+            # another Nats-Msg-Id is only recognised by the key inside it.
+            async for message in iter_stream(
+                js, POSTINGS_STREAM, f"{POSTINGS_PREFIX}.>"
+            ):
+                msg_id = (message.headers or {}).get(Header.MSG_ID)
+                postings.add(message.metadata.sequence.stream, msg_id, message.data)
+            return identity, postings
         except nats.js.errors.NotFoundError:
             raise ValueError(
                 f"{url} has no {stream} stream, so no plantstream run wrote there; "
@@ -370,7 +470,7 @@ def _run(args: argparse.Namespace) -> int:
         summary = _summary(connection)
         [(events,)] = connection.execute("SELECT count(*) FROM events").fetchall()
         if args.nats_url is not None:
-            identity, stream_keys = asyncio.run(_stream_keys(args.nats_url))
+            identity, postings = asyncio.run(_read_postings_stream(args.nats_url))
             recorded = recorded_source(connection)
             if recorded is not None and recorded.stream != identity:
                 # Generated streams repeat their posting keys, so the keys alone
@@ -383,10 +483,11 @@ def _run(args: argparse.Namespace) -> int:
                 )
                 return 2
             summary.append(
-                f"{POSTINGS_STREAM} on {args.nats_url}: {len(stream_keys)} postings, "
-                "compared with the file by key"
+                f"{POSTINGS_STREAM} on {args.nats_url}: {postings.messages} messages "
+                f"with {len(postings.first_sequence)} distinct posting keys, compared "
+                "with the file by the key in each message body"
             )
-            differences += stream_differences(connection, stream_keys)
+            differences += stream_differences(connection, postings)
     except duckdb.CatalogException as error:
         print(
             f"plantstream reconcile: {args.db} lacks a table or view the check needs "
@@ -404,7 +505,11 @@ def _run(args: argparse.Namespace) -> int:
     if len(differences) > args.max_differences:
         print(f"... and {len(differences) - args.max_differences} more")
     if differences:
-        print(f"reconcile: {len(differences)} differences")
+        # Counted per check, because the lines printed above may all come from the
+        # first checks.
+        checks = Counter(difference.check for difference in differences)
+        counts = ", ".join(f"{check} {count}" for check, count in checks.items())
+        print(f"reconcile: {len(differences)} differences ({counts})")
         return 1
     if not events:
         # Nothing disagrees in an empty file, but saying so would pass a file that a
@@ -426,8 +531,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         description="Recompute stock per plant, material and stock type from the event "
         "ledger, compare it with the posted stock, and check that every event was "
         "applied once, parked or dead-lettered. With --nats-url, also compare the "
-        "file's postings with ERP_POSTINGS. Prints each difference; exits 1 if there "
-        "is any or if the file holds no events, 2 if it cannot be read.",
+        "file's postings with ERP_POSTINGS and check that the stream stores each "
+        "posting once, under its key as Nats-Msg-Id. Prints the differences and a "
+        "count per check; exits 1 if there is any or if the file holds no events, 2 "
+        "if it cannot be read.",
     )
     parser.add_argument(
         "--db",
@@ -438,8 +545,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--nats-url",
         help="also compare the file's postings with those in ERP_POSTINGS on this "
-        "server, by key; run it while the ingest is stopped or has drained the "
-        "stream, because the file lags the stream until the next checkpoint",
+        "server, by key, and report keys the stream stores more than once; run it "
+        "while the ingest is stopped or has drained the stream, because the file lags "
+        "the stream until the next checkpoint",
     )
     parser.add_argument(
         "--max-differences",

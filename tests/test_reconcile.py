@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import shutil
 from pathlib import Path
 
 import duckdb
 import nats
 import pytest
+from nats.js import JetStreamContext
 from test_semantics_support import run, run_on_own_server
 
 from cluster import reconcile
 from cluster.nats_server import EmbeddedNatsServer
 from pipeline.sink import SnapshotWriter
 from pipeline.sources.generated import StreamSpec, generate
-from pipeline.subjects import posting_subject
+from pipeline.subjects import POSTINGS_STREAM, posting_subject
 
 
 def _cli(db: Path, *options: str) -> int:
@@ -143,13 +145,17 @@ def test_stream_postings_compared_by_key(
     path = tmp_path / "run.duckdb"
     run(nats_server, path, [(m.subject, m.data) for m in messages])
     assert _cli(path, "--nats-url", nats_server.url) == 0
-    assert "compared with the file by key" in capsys.readouterr().out
+    assert "compared with the file by the key in each message body" in (
+        capsys.readouterr().out
+    )
 
     async def post_stray() -> None:
         nc = await nats.connect(nats_server.url)
         try:
             await nc.jetstream().publish(
-                posting_subject("P01"), b"{}", headers={"Nats-Msg-Id": "stray-key"}
+                posting_subject("P01"),
+                b'{"key": "stray-key"}',
+                headers={"Nats-Msg-Id": "stray-key"},
             )
         finally:
             await nc.close()
@@ -158,6 +164,169 @@ def test_stream_postings_compared_by_key(
     assert _cli(path, "--nats-url", nats_server.url) == 1
     out = capsys.readouterr().out
     assert "DIFFERENCE posting in ERP_POSTINGS but not in the file: stray-key" in out
+
+
+def _posted_run(server: EmbeddedNatsServer, tmp_path: Path) -> Path:
+    """Run a small generated stream and return the file, which agrees with the
+    server's ERP_POSTINGS."""
+    messages, _ = generate(StreamSpec(plants=1, orders_per_plant=5, seed=9))
+    path = tmp_path / "run.duckdb"
+    run(server, path, [(m.subject, m.data) for m in messages])
+    return path
+
+
+async def _let_duplicate_window_pass(js: JetStreamContext) -> None:
+    """Shrink the postings stream's duplicate window to 0.1 s and wait it out, as a
+    day does with the 24 h window, so that a key published again is stored again."""
+    config = (await js.stream_info(POSTINGS_STREAM)).config
+    config.duplicate_window = 0.1
+    await js.update_stream(config)
+    await asyncio.sleep(0.3)
+
+
+async def _republish(
+    url: str, seqs: list[int], msg_id: str | None = None, *, after_window: bool
+) -> list[tuple[str, int]]:
+    """Publish a copy of each posting at `seqs` of ERP_POSTINGS, under `msg_id`, or
+    under the posting's own Nats-Msg-Id if it is None. Return the key and the stream
+    sequence of each copy."""
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        if after_window:
+            await _let_duplicate_window_pass(js)
+        copies = []
+        for seq in seqs:
+            stored = await js.get_msg(POSTINGS_STREAM, seq)
+            assert stored.subject is not None
+            assert stored.data is not None
+            key = json.loads(stored.data)["key"]
+            headers = {"Nats-Msg-Id": key if msg_id is None else msg_id}
+            ack = await js.publish(stored.subject, stored.data, headers=headers)
+            assert not ack.duplicate
+            copies.append((key, ack.seq))
+        return copies
+    finally:
+        await nc.close()
+
+
+def test_posting_stored_twice_reported(
+    ray_local: None,
+    nats_server: EmbeddedNatsServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = _posted_run(nats_server, tmp_path)
+    [(key, copy)] = asyncio.run(_republish(nats_server.url, [1], after_window=True))
+    assert _cli(path, "--nats-url", nats_server.url) == 1
+    out = capsys.readouterr().out
+    assert (
+        f"DIFFERENCE posting stored more than once in ERP_POSTINGS: {key}: 2 copies, "
+        f"at stream sequences 1, {copy}\n"
+    ) in out
+    assert "Nats-Msg-Id differs" not in out
+    assert "(posting stored more than once in ERP_POSTINGS 1)" in out
+
+
+def test_copy_under_other_msg_id_reported(
+    ray_local: None,
+    nats_server: EmbeddedNatsServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = _posted_run(nats_server, tmp_path)
+    [(key, copy)] = asyncio.run(
+        _republish(nats_server.url, [1], "resent-1", after_window=False)
+    )
+    assert _cli(path, "--nats-url", nats_server.url) == 1
+    out = capsys.readouterr().out
+    assert (
+        f"DIFFERENCE posting stored more than once in ERP_POSTINGS: {key}: 2 copies, "
+        f"at stream sequences 1, {copy}\n"
+    ) in out
+    assert (
+        "DIFFERENCE Nats-Msg-Id differs from the key in the body: stream sequence "
+        f"{copy}: Nats-Msg-Id resent-1, key {key}\n"
+    ) in out
+    # The copy is counted under the key in its body, not under its header.
+    assert "but not in the file" not in out
+
+
+def test_stream_message_without_key_reported(
+    ray_local: None,
+    nats_server: EmbeddedNatsServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = _posted_run(nats_server, tmp_path)
+
+    async def publish_strays() -> tuple[int, int]:
+        nc = await nats.connect(nats_server.url)
+        try:
+            js = nc.jetstream()
+            keyless = await js.publish(
+                posting_subject("P01"), b"{}", headers={"Nats-Msg-Id": "stray-1"}
+            )
+            without_id = await js.publish(posting_subject("P01"), b'{"key": "stray-2"}')
+            return keyless.seq, without_id.seq
+        finally:
+            await nc.close()
+
+    keyless, without_id = asyncio.run(publish_strays())
+    assert _cli(path, "--nats-url", nats_server.url) == 1
+    out = capsys.readouterr().out
+    assert (
+        "DIFFERENCE message in ERP_POSTINGS without a posting key: stream sequence "
+        f"{keyless}, Nats-Msg-Id stray-1: Object missing required field `key`\n"
+    ) in out
+    assert (
+        "DIFFERENCE Nats-Msg-Id differs from the key in the body: stream sequence "
+        f"{without_id}: Nats-Msg-Id missing, key stray-2\n"
+    ) in out
+    assert "DIFFERENCE posting in ERP_POSTINGS but not in the file: stray-2\n" in out
+    # A Nats-Msg-Id is not a posting key, so the keyless message adds no key.
+    assert "not in the file: stray-1" not in out
+
+
+def test_stream_copies_output_bounded(
+    ray_local: None,
+    nats_server: EmbeddedNatsServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = _posted_run(nats_server, tmp_path)
+    with duckdb.connect(str(path), read_only=True) as connection:
+        [(postings,)] = connection.execute("SELECT count(*) FROM postings").fetchall()
+    assert postings > 3
+    # Every posting published again past the window, as a whole replay a day later
+    # would, and the first one six more times.
+    copies = asyncio.run(
+        _republish(nats_server.url, list(range(1, postings + 1)), after_window=True)
+    )
+    for _ in range(6):
+        copies += asyncio.run(_republish(nats_server.url, [1], after_window=True))
+    first_key = copies[0][0]
+    first_copies = [seq for key, seq in copies if key == first_key]
+    assert len(first_copies) == 7
+
+    assert _cli(path, "--nats-url", nats_server.url, "--max-differences", "3") == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith("DIFFERENCE") for line in lines) == 3
+    assert f"... and {postings - 3} more" in lines
+    assert lines[-1] == (
+        f"reconcile: {postings} differences "
+        f"(posting stored more than once in ERP_POSTINGS {postings})"
+    )
+    assert any(
+        f"{2 * postings + 6} messages with {postings} distinct posting keys" in line
+        for line in lines
+    )
+
+    assert _cli(path, "--nats-url", nats_server.url, "--max-differences", "1000") == 1
+    listed = ", ".join(map(str, [1, *first_copies[:4]]))
+    assert (
+        f"{first_key}: 8 copies, at stream sequences {listed} and 3 more\n"
+    ) in capsys.readouterr().out
 
 
 def test_stream_of_other_server_rejected(
