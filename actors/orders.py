@@ -12,11 +12,11 @@ import datetime as dt
 import sys
 from collections.abc import Callable
 from decimal import ROUND_HALF_EVEN, Decimal, localcontext
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
-from actors.id_table import add_packed_id
+from actors.id_table import add_packed_id, find_packed_id, stable_hash
 from contracts import events as ev
 from contracts.postings import (
     FROM_BLOCKED,
@@ -37,12 +37,16 @@ __all__ = [
     "NegativeStock",
     "OrderState",
     "Receipt",
+    "UnmatchedReversal",
+    "applied_event_type",
     "apply_hold",
     "apply_order_event",
     "hold_from_event",
     "convert_quantity",
+    "describe_reversal_mismatch",
     "release_hold",
     "release_order",
+    "reversed_event_id",
 ]
 
 ZERO = Decimal(0)
@@ -80,11 +84,7 @@ def convert_quantity(quantity: ev.Quantity, uom: str, label: str) -> Decimal:
     source = UNIT_FACTORS.get(quantity.uom)
     target = UNIT_FACTORS.get(uom)
     if source is None or target is None or source[0] != target[0]:
-        raise ValueError(
-            f"{label} is in {quantity.uom} but must be posted in {uom}, and "
-            f"plantstream has no conversion between them (convertible units: "
-            f"{', '.join(sorted(UNIT_FACTORS))}); report it in {uom}"
-        )
+        raise ValueError(_unit_mismatch_detail(quantity.uom, uom, label))
     with localcontext() as context:
         context.prec = 60
         exact = quantity.value * source[1] / target[1]
@@ -97,6 +97,33 @@ def convert_quantity(quantity: ev.Quantity, uom: str, label: str) -> Decimal:
             f"report quantities of at least {QUANTUM:f} {uom}"
         )
     return rounded
+
+
+def _unit_mismatch_detail(given: str, posted: str, label: str) -> str:
+    """Return the error for a quantity in `given` that cannot be posted in `posted`.
+
+    A code that differs from a known one only in case, such as kg for KG, gets its own
+    message, because "no conversion between kg and KG" reads like a bug.
+    """
+    if given.upper() == posted.upper():
+        return (
+            f"{label} is in {given}, but unit codes are case-sensitive and it must be "
+            f"posted in {posted}; report it in {posted}"
+        )
+    known = given.upper()
+    target = UNIT_FACTORS.get(posted)
+    if known in UNIT_FACTORS and target is not None:
+        if UNIT_FACTORS[known][0] == target[0]:
+            return (
+                f"{label} is in {given}, an unknown unit because unit codes are "
+                f"case-sensitive; report it in {known}, which plantstream converts "
+                f"to {posted}, or in {posted}"
+            )
+    return (
+        f"{label} is in {given} but must be posted in {posted}, and plantstream has "
+        f"no conversion between them (convertible units, case-sensitive: "
+        f"{', '.join(sorted(UNIT_FACTORS))}); report it in {posted}"
+    )
 
 
 # -- values shared between orders ----------------------------------------------------
@@ -430,6 +457,114 @@ class Unmatched(Exception):
         self.detail = detail
 
 
+class UnmatchedReversal(ValueError):
+    """The cancellation or reversal names an applied event that it cannot take back.
+
+    The named event is of another kind or of another order, or another event took it
+    back already. Waiting cannot change that, so the partition rejects the event as an
+    `unmatched` dead letter instead of parking it.
+    """
+
+
+_REVERSED_TYPE = {
+    ev.ProductionCancelled: "production_confirmed",
+    ev.ConsumptionReversed: "material_consumed",
+}
+"""The event type that each reversal type takes back."""
+
+_REVERSAL_OF = {kind: reversal for reversal, kind in _REVERSED_TYPE.items()}
+
+
+def reversed_event_id(event: ev.ProductionCancelled | ev.ConsumptionReversed) -> str:
+    """Return the id of the event that a cancellation or reversal takes back."""
+    if isinstance(event, ev.ProductionCancelled):
+        return event.cancels_event_id
+    return event.reverses_event_id
+
+
+def applied_event_type(
+    order: OrderState, event_id: str, id_hash: int | None = None
+) -> str | None:
+    """Return the type of the event `event_id` applied to `order`, or None if the
+    order has not applied it.
+
+    Only reports and consumptions are kept by event id. Any other event applied to the
+    order is found by its id hash and returned as "event". A caller that checks many
+    orders passes `id_hash`, `stable_hash(event_id)`, so that it is computed once.
+    """
+    if order.receipts and event_id in order.receipts:
+        return "production_confirmed"
+    if order.consumptions and event_id in order.consumptions:
+        return "material_consumed"
+    # Always bytes once decoded: OrderState.__post_init__ packs the older dict form.
+    packed = cast(bytes, order.event_ids)
+    if id_hash is None:
+        id_hash = stable_hash(event_id)
+    if find_packed_id(packed, id_hash) is not None:
+        return "event"
+    return None
+
+
+def describe_reversal_mismatch(
+    order: OrderState,
+    event: ev.ProductionCancelled | ev.ConsumptionReversed,
+    owner: OrderState,
+    found_type: str,
+) -> str:
+    """Return the detail of an `unmatched` dead letter for a reversal of `order` whose
+    named event `owner` applied as an event of type `found_type`."""
+    tag = event.__struct_config__.tag
+    named = reversed_event_id(event)
+    expected = _REVERSED_TYPE[type(event)]
+    found = (
+        f"a {found_type} event"
+        if found_type in _REVERSAL_OF
+        else "an event that is neither production_confirmed nor material_consumed"
+    )
+    fixes = [
+        f"send a new {tag} under a new event id that names a {expected} event of "
+        f"order {order.order_id}"
+    ]
+    reversal = _REVERSAL_OF.get(found_type)
+    if reversal is not None:
+        fixes.insert(
+            0,
+            f"to take back {named}, send a {reversal.__struct_config__.tag} with "
+            f"order {owner.order_id} under a new event id",
+        )
+    return (
+        f"{tag} {event.event_id} of order {order.order_id} names event {named}, "
+        f"which is {found} of order {owner.order_id}, but it can take back only a "
+        f"{expected} event of order {order.order_id}; {', or '.join(fixes)}"
+    )
+
+
+def _reject_mismatched_kind(
+    order: OrderState, event: ev.ProductionCancelled | ev.ConsumptionReversed
+) -> None:
+    """Raise UnmatchedReversal if the order applied the named event as another type."""
+    found_type = applied_event_type(order, reversed_event_id(event))
+    if found_type is not None:
+        raise UnmatchedReversal(
+            describe_reversal_mismatch(order, event, order, found_type)
+        )
+
+
+def _already_reversed_detail(
+    order: OrderState,
+    event: ev.ProductionCancelled | ev.ConsumptionReversed,
+    reversed_by: str,
+) -> str:
+    tag = event.__struct_config__.tag
+    named = reversed_event_id(event)
+    return (
+        f"{tag} {event.event_id} of order {order.order_id} names event {named}, "
+        f"which event {reversed_by} took back already, so it would post nothing. "
+        f"No fix is needed if it repeats {reversed_by}; to take back another event, "
+        f"send a new {tag} under a new event id that names it"
+    )
+
+
 def _hold_covers(hold: HoldState, lot: str, material: str) -> bool:
     if hold.scope == "lot":
         return hold.lot == lot
@@ -647,15 +782,19 @@ def _production_row(
 def _cancelled(order: OrderState, event: ev.ProductionCancelled, out: Outcome) -> None:
     receipt = order.receipts.get(event.cancels_event_id) if order.receipts else None
     if receipt is None:
+        _reject_mismatched_kind(order, event)
         raise Unmatched(
             f"event:{event.cancels_event_id}",
             f"production {event.cancels_event_id} to cancel is not applied to order "
             f"{order.order_id}",
         )
-    out.facts = {"refers_to": event.cancels_event_id}
     if receipt.cancelled_by is not None:
-        # The same fact, cancelled again under another event id: post nothing twice.
-        return
+        # It would post nothing, and as an applied event the ledger would count the
+        # report as cancelled twice.
+        raise UnmatchedReversal(
+            _already_reversed_detail(order, event, receipt.cancelled_by)
+        )
+    out.facts = {"refers_to": event.cancels_event_id}
     if receipt.receipt_key is not None:
         stock = order.lot_stock(receipt.lot)
         # NOTE: only a 102 removes received output today, and each receipt is reversed
@@ -779,14 +918,18 @@ def _reversed(order: OrderState, event: ev.ConsumptionReversed, out: Outcome) ->
         order.consumptions.get(event.reverses_event_id) if order.consumptions else None
     )
     if consumption is None:
+        _reject_mismatched_kind(order, event)
         raise Unmatched(
             f"event:{event.reverses_event_id}",
             f"consumption {event.reverses_event_id} to reverse is not applied to order "
             f"{order.order_id}",
         )
-    out.facts = {"refers_to": event.reverses_event_id}
     if consumption.reversed_by is not None:
-        return
+        # Rejected for the reason given in _cancelled.
+        raise UnmatchedReversal(
+            _already_reversed_detail(order, event, consumption.reversed_by)
+        )
+    out.facts = {"refers_to": event.reverses_event_id}
     consumption.reversed_by = event.event_id
     if not consumption.quantity:
         return  # the consumption posted nothing, so there is nothing to reverse

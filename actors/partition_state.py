@@ -56,12 +56,16 @@ from actors.orders import (
     OrderState,
     Outcome,
     Unmatched,
+    UnmatchedReversal,
+    applied_event_type,
     apply_hold,
     apply_order_event,
+    describe_reversal_mismatch,
     hold_facts,
     hold_from_event,
     release_hold,
     release_order,
+    reversed_event_id,
 )
 from actors.settings import StateSettings
 from contracts import events as ev
@@ -103,6 +107,7 @@ _ORDER_EVENTS = frozenset(
 )
 """Event types that change a released order, applied by actors.orders."""
 _HOLD_EVENTS = (ev.QualityHoldApplied, ev.QualityHoldReleased)
+_REVERSAL_EVENTS = (ev.ProductionCancelled, ev.ConsumptionReversed)
 
 CHUNK_ROWS = 1000
 """Ledger rows (about one per event) collected before they and the other snapshot rows
@@ -667,6 +672,9 @@ class PartitionState:
         except NegativeStock as error:
             self._reject(message, "negative_stock", str(error), event)
             return
+        except UnmatchedReversal as error:
+            self._reject(message, "unmatched", str(error), event)
+            return
         except _OrderClosed as closed:
             self._reject(message, "order_closed", self._closed_detail(closed), event)
             return
@@ -790,6 +798,8 @@ class PartitionState:
         except Unmatched as unmatched:
             # Prerequisite keys are plant-scoped: "event:P1:e-17", "hold:P1:H-3".
             kind, _, ident = unmatched.waiting_for.partition(":")
+            if isinstance(event, _REVERSAL_EVENTS):
+                self._reject_reversal_of_other_order(order, event)
             raise _Park(f"{kind}:{event.plant}:{ident}") from None
         self._dirty_orders.add(order_key)
         self._collect(outcome)
@@ -797,6 +807,33 @@ class PartitionState:
         if isinstance(event, ev.QualityHoldApplied):
             return [f"hold:{event.plant}:{event.hold_id}"]
         return ()
+
+    def _reject_reversal_of_other_order(
+        self,
+        order: OrderState,
+        event: ev.ProductionCancelled | ev.ConsumptionReversed,
+    ) -> None:
+        """Raise UnmatchedReversal if another order of this partition applied the
+        event that `event` names, which can then never arrive for `order`.
+
+        NOTE: an event of an order in another partition or of an evicted order, and an
+        id that the id table has forgotten, are not found. Such a reversal is still
+        parked and expires as `parked_expired`.
+        """
+        named = reversed_event_id(event)
+        named_hash = stable_hash(named)
+        # Most reversals that miss their event arrived before it, and the partition
+        # has not seen that id yet. One lookup settles those without a scan.
+        if named_hash not in self.seen:
+            return
+        for other in self.orders.values():
+            if other is order or other.plant != order.plant:
+                continue
+            found_type = applied_event_type(other, named, named_hash)
+            if found_type is not None:
+                raise UnmatchedReversal(
+                    describe_reversal_mismatch(order, event, other, found_type)
+                )
 
     def _collect(self, outcome: Outcome) -> None:
         counts = self.counts

@@ -30,7 +30,7 @@ DeadLetterReason = Literal[
     "reused_id",  # an event id seen before with a different payload
     "future_time",  # occurred_at further ahead of the plant's clock than allowed
     "parked_expired",  # waited for a prerequisite (its order release) too long
-    "unmatched",  # refers to an event or hold that does not exist
+    "unmatched",  # a reversal of an event of another kind or order, or reversed already
     "negative_stock",  # the movement would drive stock of a material below zero
     "order_closed",  # its order completed and was evicted from memory after retention
     "internal_error",  # applying it raised an unexpected error: a plantstream bug

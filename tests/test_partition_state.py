@@ -209,6 +209,134 @@ def test_cancelled_final_confirmation_reopens_the_order() -> None:
     assert (order.status, order.completed_at) == ("in_progress", None)
 
 
+def cancellation(
+    event_id: str, cancels: str, order: str = "O1"
+) -> ev.ProductionCancelled:
+    return ev.ProductionCancelled(
+        event_id=event_id, plant="P1", order=order, occurred_at=at(40), source="mes",
+        cancels_event_id=cancels,
+    )  # fmt: skip
+
+
+def reversal(event_id: str, reverses: str, order: str = "O1") -> ev.ConsumptionReversed:
+    return ev.ConsumptionReversed(
+        event_id=event_id, plant="P1", order=order, occurred_at=at(40), source="mes",
+        reverses_event_id=reverses,
+    )  # fmt: skip
+
+
+def test_second_reversal_dead_lettered(apply: Apply) -> None:
+    result = apply(
+        messages(
+            release(),
+            confirm("p1", "5"),
+            consume("c1", "2"),
+            cancellation("x1", "p1"),
+            cancellation("x2", "p1"),
+            reversal("r1", "c1"),
+            reversal("r2", "c1"),
+        )
+    )
+    letters = {d.event_id: d for d in result.dead_letters}
+    assert set(letters) == {"r2", "x2"}
+    assert letters["x2"].reason == "unmatched"
+    assert "names event p1, which event x1 took back already" in letters["x2"].detail
+    assert letters["r2"].reason == "unmatched"
+    assert "names event c1, which event r1 took back already" in letters["r2"].detail
+    assert result.counts["applied"] == 5
+    posted = [p.movement for p in result.postings]
+    assert posted.count("102") == 1
+    assert posted.count("262") == 1
+
+
+def test_second_reversal_not_applied_in_ledger() -> None:
+    state = PartitionState(0)
+    batch: list[ev.PlantEvent] = [release(), confirm("p1", "5")]
+    batch += [cancellation("x1", "p1"), cancellation("x2", "p1")]
+    state.apply_batch(messages(*batch))
+    rows = state.take_snapshot()["events"].to_pylist()
+    ledger = {row["event_id"]: row for row in rows}
+    assert ledger["x1"]["status"] == "applied"
+    assert ledger["x1"]["refers_to"] == "p1"
+    assert ledger["x2"]["status"] == "dead_letter"
+    assert ledger["x2"]["reason"] == "unmatched"
+    assert ledger["x2"]["refers_to"] is None
+
+
+def test_reversal_of_wrong_kind_rejected(apply: Apply) -> None:
+    result = apply(
+        messages(
+            release(),
+            confirm("p1", "5"),
+            consume("c1", "2"),
+            reversal("r1", "p1"),
+            cancellation("x1", "c1"),
+            cancellation("x2", "O1-rel"),
+        )
+    )
+    assert result.counts.get("parked") is None
+    letters = {d.event_id: d for d in result.dead_letters}
+    assert set(letters) == {"r1", "x1", "x2"}
+    assert {d.reason for d in letters.values()} == {"unmatched"}
+
+    assert (
+        "consumption_reversed r1 of order O1 names event p1, which is a "
+        "production_confirmed event of order O1" in letters["r1"].detail
+    )
+    assert "send a production_cancelled with order O1" in letters["r1"].detail
+
+    assert (
+        "production_cancelled x1 of order O1 names event c1, which is a "
+        "material_consumed event of order O1" in letters["x1"].detail
+    )
+    assert "send a consumption_reversed with order O1" in letters["x1"].detail
+
+    assert "neither production_confirmed nor material_consumed" in (
+        letters["x2"].detail
+    )
+
+    posted = [p.movement for p in result.postings]
+    assert "102" not in posted
+    assert "262" not in posted
+
+
+def test_reversal_of_other_order_rejected(apply: Apply) -> None:
+    result = apply(
+        messages(
+            release("O1"),
+            release("O2"),
+            consume("c2", "2", order="O2"),
+            reversal("r1", "c2", order="O1"),
+        )
+    )
+    assert result.counts.get("parked") is None
+    [letter] = result.dead_letters
+    assert letter.reason == "unmatched"
+    assert letter.event_id == "r1"
+    assert (
+        "consumption_reversed r1 of order O1 names event c2, which is a "
+        "material_consumed event of order O2" in letter.detail
+    )
+    assert "send a consumption_reversed with order O2" in letter.detail
+    assert [p.movement for p in result.postings] == ["261"]
+
+
+def test_reversal_parked_until_named_event_arrives() -> None:
+    # Before c2 arrives the partition cannot tell whose it is, so r1 waits for it,
+    # and is rejected as soon as c2 turns out to belong to another order.
+    state = PartitionState(0)
+    early = state.apply_batch(
+        messages(release("O1"), release("O2"), reversal("r1", "c2", order="O1"))
+    )
+    assert early.counts["parked"] == 1
+    assert early.dead_letters == []
+    consumption = consume("c2", "2", order="O2")
+    subject = event_subject("P1", "material_consumed")
+    late = state.apply_batch([SourceMessage(4, subject, encode(consumption))])
+    assert [(d.event_id, d.reason) for d in late.dead_letters] == [("r1", "unmatched")]
+    assert state.parked == {}
+
+
 def test_hold_moves_stock_to_blocked_and_back(apply: Apply) -> None:
     result = apply(
         messages(

@@ -52,6 +52,8 @@ def db(ray_local: None, tmp_path_factory: pytest.TempPathFactory) -> Path:
             consume("kg1", "O1", "1", "KG", material="RM-2"),
             ev.ConsumptionReversed(**base("r1", 30, "O1"), reverses_event_id="kg1"),
             consume("bad1", "O1", "2", "KG", material="RM-3"),
+            consume("lower1", "O1", "2", "kg"),
+            consume("lower2", "O1", "2", "g"),
         ),
         *NUMBER_MESSAGES,
     ]
@@ -99,6 +101,22 @@ def test_other_dimension_dead_lettered(db: Path) -> None:
     assert reason == "invalid"
     assert "KG" in detail
     assert "EA" in detail
+
+
+def test_lower_case_unit_named(db: Path) -> None:
+    rows = query(
+        db,
+        "SELECT event_id, reason, detail FROM dead_letters "
+        "WHERE event_id LIKE 'lower%' ORDER BY event_id",
+    )
+    [(_, same_reason, same_unit), (_, other_reason, other_unit)] = rows
+    assert same_reason == "invalid"
+    assert "unit codes are case-sensitive" in same_unit
+    assert "report it in KG" in same_unit
+    assert "no conversion" not in same_unit
+    assert other_reason == "invalid"
+    assert "unit codes are case-sensitive" in other_unit
+    assert "report it in G, which plantstream converts to KG" in other_unit
 
 
 def test_component_actuals_exact(db: Path) -> None:
