@@ -26,7 +26,7 @@ bench: $(STAMP)
 	$(BIN)/python -m benchmarks.suite --output BENCHMARKS.md --save-results out/bench-results.pickle
 
 bench-quick: $(STAMP)
-	$(BIN)/python -m benchmarks.suite --quick --output /tmp/plantstream-bench-quick.md
+	$(BIN)/python -m benchmarks.suite --quick --output out/bench-quick.md
 
 lint: $(STAMP)
 	$(BIN)/ruff format --check .

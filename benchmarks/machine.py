@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cluster.nats_server import find_nats_server
 
-__all__ = ["machine_info", "software_versions"]
+__all__ = ["machine_info", "software_versions", "source_commit"]
 
 PACKAGES = ("ray", "nats-py", "msgspec", "pyarrow", "duckdb", "bytewax")
 
@@ -33,6 +33,35 @@ def _memory_bytes() -> int | None:
     except OSError:
         pass
     return None
+
+
+def source_commit() -> str:
+    """Return the git commit of this checkout, marked when files differ from it.
+
+    BENCHMARKS.md itself and the ignored output folder do not count, because a run
+    rewrites them.
+    """
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "status", "--porcelain", "--", ".", ":!BENCHMARKS.md"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (not a git checkout)"
+    return f"{commit} with uncommitted changes" if changed else commit
 
 
 def _os_name() -> str:

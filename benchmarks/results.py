@@ -107,3 +107,6 @@ class Results:
     edge_cpu_split: CpuSplit | None = None
     """The same with edge batches."""
     state_profile: list[FunctionShare] = field(default_factory=list)
+    commit: str = ""
+    """The git commit measured (`benchmarks.machine.source_commit`); empty in results
+    saved before it was recorded."""

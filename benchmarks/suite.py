@@ -27,7 +27,7 @@ from benchmarks.ceiling import run_ceiling
 from benchmarks.cpu import measure_cpu_split
 from benchmarks.in_memory import partition_state_rate
 from benchmarks.latency import run_latency
-from benchmarks.machine import machine_info, software_versions
+from benchmarks.machine import machine_info, software_versions, source_commit
 from benchmarks.naive import run_naive
 from benchmarks.peer_bytewax import bytewax_available, bytewax_rate, bytewax_version
 from benchmarks.pipeline_run import BENCH_SETTINGS, run_pipeline
@@ -331,6 +331,7 @@ async def run_suite(sizes: Sizes, command: str) -> Results:
         machine=machine_info(),
         versions=software_versions(),
         load_before=os.getloadavg(),
+        commit=source_commit(),
     )
     started = time.monotonic()
     connect_ray(None)

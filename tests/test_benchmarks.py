@@ -136,6 +136,22 @@ def test_report_names_command(report: str) -> None:
     assert "python -m benchmarks.suite --quick" in report
 
 
+def test_report_names_commit(report: str) -> None:
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short=12", "HEAD"],
+        capture_output=True, text=True, check=True, cwd=Path(__file__).parent,
+    ).stdout.strip()  # fmt: skip
+    assert f"measuring commit {commit}" in report
+
+
+def test_quick_report_keeps_memory_target(report: str) -> None:
+    # The quick soak may have too few samples for a trend; the target row stays, and
+    # the text does not claim what only a full run shows.
+    rows = _rows(report, "Targets")
+    assert any(row[0].startswith("actor memory flat") for row in rows)
+    assert "this quick run is too short for either" in report
+
+
 def test_throughput_figures_positive(report: str) -> None:
     rows = _rows(report, "Throughput: one event per message")
     consumers = [row[0] for row in rows]
