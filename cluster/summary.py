@@ -5,6 +5,8 @@ from __future__ import annotations
 from decimal import Decimal
 from pathlib import Path
 
+import duckdb
+
 from cluster.job import JobResult
 from pipeline.sink import open_for_reading
 from pipeline.subjects import DLQ_STREAM
@@ -38,6 +40,32 @@ def _table(headers: list[str], rows: list[tuple[object, ...]]) -> list[str]:
         "  " + "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True))
         for row in cells
     ]
+
+
+def _view_section(
+    connection: duckdb.DuckDBPyConnection,
+    heading: str,
+    headers: list[str],
+    sql: str,
+    parameters: list[object] | None = None,
+) -> list[str]:
+    """Render a heading and the table that `sql` returns, or the error that stopped it.
+
+    DuckDB fails a whole query on a view when it cannot compute a single row (an
+    overflow, for example), so the error goes into the summary in place of the table,
+    and the sections after it are still shown.
+    """
+    try:
+        rows = connection.execute(sql, parameters).fetchall()
+    except duckdb.Error as error:
+        # DuckDB puts the failure and its values on the first line, and hints after it.
+        message_lines = str(error).splitlines()
+        reason = message_lines[0] if message_lines else type(error).__name__
+        return [
+            heading,
+            f"  not shown, because the query failed: {reason}",
+        ]
+    return [heading, *_table(headers, rows)]
 
 
 def format_summary(result: JobResult, db: Path, *, top: int = 5) -> str:
@@ -101,34 +129,30 @@ def format_summary(result: JobResult, db: Path, *, top: int = 5) -> str:
         [(k, MOVEMENT_NAMES.get(k, k), postings[k]) for k in sorted(postings)],
     )
     with open_for_reading(db) as connection:
-        oee = connection.execute(
+        lines += _view_section(
+            connection,
+            "OEE per machine",
+            [
+                "plant",
+                "machine",
+                "availability",
+                "performance",
+                "quality",
+                "oee",
+                "performance_flag",
+            ],
             "SELECT plant, machine, round(availability, 4), round(performance, 4), "
             "round(quality, 4), round(oee, 4), performance_flag "
-            "FROM oee ORDER BY plant, machine"
-        ).fetchall()
-        variances = connection.execute(
+            "FROM oee ORDER BY plant, machine",
+        )
+        lines += _view_section(
+            connection,
+            f"largest material variances, by share of standard (top {top})",
+            ["plant", "order", "component", "standard", "actual", "variance", "uom"],
             "SELECT plant, order_id, material, standard_quantity, actual_quantity, "
             "variance, uom FROM material_variance WHERE variance <> 0 "
             "ORDER BY abs(variance_pct) DESC NULLS LAST, abs(variance) DESC LIMIT ?",
             [top],
-        ).fetchall()
-    lines.append("OEE per machine")
-    lines += _table(
-        [
-            "plant",
-            "machine",
-            "availability",
-            "performance",
-            "quality",
-            "oee",
-            "performance_flag",
-        ],
-        oee,
-    )
-    lines.append(f"largest material variances, by share of standard (top {top})")
-    lines += _table(
-        ["plant", "order", "component", "standard", "actual", "variance", "uom"],
-        variances,
-    )
+        )
     lines.append(f"DuckDB file: {db}")
     return "\n".join(lines)

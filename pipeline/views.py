@@ -33,43 +33,117 @@ from __future__ import annotations
 
 __all__ = ["MACROS", "VIEWS"]
 
-# DuckDB divides DECIMAL by DECIMAL in DOUBLE, which would make a scaled BOM standard
-# inexact. These macros compute quantity * numerator / denominator in HUGEINT units of
-# 1e-18 and 1e-9 and round half away from zero to 9 decimal places. The result is exact
-# while quantity * numerator stays below 8.5e19, far above any order quantity.
+# DuckDB (2.0) divides DECIMAL by DECIMAL in DOUBLE, which would make a scaled BOM
+# standard inexact, and it multiplies two DECIMAL(38, 9) values into a DECIMAL(38, 18),
+# which raises an overflow error once the product reaches 1e20. These macros scale
+# quantities as HUGEINT counts of 1e-9 units instead and round half away from zero to 9
+# decimal places. A result is exact whenever it fits DECIMAL(38, 9), and null when it
+# does not, because a single error would fail every query on the view.
+
+# The count of 1e-9 units in a quantity. Integer and fractional part are converted
+# apart, because the DECIMAL(38, 9) product `quantity * 1e9` overflows above 1e20.
 QUANTITY_UNITS = """
 CREATE OR REPLACE MACRO quantity_units(quantity) AS
-    CAST(CAST(quantity AS DECIMAL(38, 9)) * 1000000000 AS HUGEINT)
+    CAST(trunc(CAST(quantity AS DECIMAL(38, 9))) AS HUGEINT) * 1000000000
+        + CAST(
+            (
+                CAST(quantity AS DECIMAL(38, 9))
+                - trunc(CAST(quantity AS DECIMAL(38, 9)))
+            ) * 1000000000
+            AS HUGEINT
+        )
 """
 
-PRODUCT_UNITS = """
-CREATE OR REPLACE MACRO product_units(product) AS
-    CAST(trunc(product) AS HUGEINT) * 1000000000000000000
-        + CAST((product - trunc(product)) * 1000000000000000000 AS HUGEINT)
+# Null when the units pass 10^38 - 1, the largest DECIMAL(38, 9) value in units.
+UNITS_QUANTITY = """
+CREATE OR REPLACE MACRO units_quantity(units) AS
+    CASE WHEN abs(units) <= 99999999999999999999999999999999999999
+        THEN CAST(CAST(units AS DECIMAL(38, 0)) * 0.000000001 AS DECIMAL(38, 9))
+    END
 """
 
-SCALE_QUANTITY = """
-CREATE OR REPLACE MACRO scale_quantity(quantity, numerator, denominator) AS
-    CAST(
-        CAST(
-            sign(product_units(
-                CAST(quantity AS DECIMAL(38, 9)) * CAST(numerator AS DECIMAL(38, 9))
-            ))
-            * sign(quantity_units(denominator))
-            * (
-                (
-                    abs(product_units(
-                        CAST(quantity AS DECIMAL(38, 9))
-                        * CAST(numerator AS DECIMAL(38, 9))
-                    )) * 2
-                    + abs(quantity_units(denominator))
-                )
-                // (abs(quantity_units(denominator)) * 2)
+# Adds `addend` to a quotient and remainder pair modulo `divisor`, for an addend and a
+# remainder below the divisor. Comparing with divisor - addend instead of adding first
+# keeps every value below the divisor, so nothing overflows HUGEINT.
+DIVMOD_ADD = """
+CREATE OR REPLACE MACRO divmod_add(pair, addend, divisor) AS {
+    'quotient': pair.quotient
+        + CASE WHEN pair.remainder >= divisor - addend THEN 1 ELSE 0 END,
+    'remainder': CASE WHEN pair.remainder >= divisor - addend
+        THEN pair.remainder - (divisor - addend)
+        ELSE pair.remainder + addend
+    END
+}
+"""
+
+# Quotient and remainder of a * b by divisor, for 0 <= a, b < divisor. When a * b fits
+# HUGEINT, one division does it. Otherwise a binary long multiplication walks the bits
+# of b from the top (127 bits cover every positive HUGEINT): each step doubles the pair
+# and adds a where b has a one. Because a and b are below the divisor, only a divisor
+# above about 1.3e19 units (a planned quantity above 1.3e10) can lead to these steps.
+PRODUCT_DIVMOD = """
+CREATE OR REPLACE MACRO product_divmod(a, b, divisor) AS
+    CASE WHEN a <= 170141183460469231731687303715884105727 // greatest(b, 1)
+        THEN {'quotient': a * b // divisor, 'remainder': a * b % divisor}
+        ELSE list_reduce(
+            range(126, -1, -1),
+            lambda pair, bit: divmod_add(
+                divmod_add(
+                    {'quotient': pair.quotient * 2, 'remainder': pair.remainder},
+                    pair.remainder,
+                    divisor
+                ),
+                CASE WHEN (b >> bit) & 1 = 1 THEN a ELSE 0 END,
+                divisor
+            ),
+            {'quotient': CAST(0 AS HUGEINT), 'remainder': CAST(0 AS HUGEINT)}
+        )
+    END
+"""
+
+# Product and sum of non-negative unit counts, or null once the result passes 10^38 - 1
+# units, the largest DECIMAL(38, 9) value, instead of an overflow error.
+CHECKED_PRODUCT = """
+CREATE OR REPLACE MACRO checked_product(x, y) AS
+    CASE WHEN x <= 99999999999999999999999999999999999999 // greatest(y, 1)
+        THEN x * y
+    END
+"""
+
+CHECKED_SUM = """
+CREATE OR REPLACE MACRO checked_sum(x, y) AS
+    CASE WHEN x <= 99999999999999999999999999999999999999 - y THEN x + y END
+"""
+
+# The quotient of the pair rounded half up, from its remainder.
+ROUND_DIVMOD = """
+CREATE OR REPLACE MACRO round_divmod(pair, divisor) AS
+    pair.quotient
+        + CASE WHEN pair.remainder >= divisor - pair.remainder THEN 1 ELSE 0 END
+"""
+
+# round(a * b / divisor) for a, b >= 0 and divisor > 0, or null above 10^38 - 1.
+# With a = a_whole * divisor + a_rest and b = b_whole * divisor + b_rest, the result is
+#     a_whole * b_whole * divisor + a_whole * b_rest + a_rest * b_whole
+#     + round(a_rest * b_rest / divisor).
+# No term exceeds the result, so checking each one rejects only results that do not
+# fit. Pass columns, not expressions: a macro repeats an argument wherever it is used.
+SCALE_SPLIT = """
+CREATE OR REPLACE MACRO scale_split(a_whole, a_rest, b_whole, b_rest, divisor) AS
+    checked_sum(
+        checked_sum(
+            checked_product(checked_product(a_whole, b_whole), divisor),
+            checked_sum(
+                checked_product(a_whole, b_rest), checked_product(a_rest, b_whole)
             )
-            AS DECIMAL(38, 0)
-        ) * 0.000000001
-        AS DECIMAL(38, 9)
+        ),
+        round_divmod(product_divmod(a_rest, b_rest, divisor), divisor)
     )
+"""
+
+SCALE_UNITS = """
+CREATE OR REPLACE MACRO scale_units(a, b, divisor) AS
+    scale_split(a // divisor, a % divisor, b // divisor, b % divisor, divisor)
 """
 
 # One row per stretch of machine time with a single category, which the other machine
@@ -170,6 +244,14 @@ WHERE ended_at IS NOT NULL
 # Time columns are DECIMAL(38, 6) seconds, exact to the microsecond. Ratios are DOUBLE.
 # `oee` uses the capped performance, so it equals availability * performance * quality
 # whenever all three are defined, and is 0 when planned busy time passed without output.
+#
+# Quantities of different units of measure are never added. A machine whose reports use
+# one unit gets quantities in that `uom` and quality GQ / PQ (`quality_basis` 'count').
+# A machine with several units gets null quantities, and its quality weighs each report
+# by its ideal time: PRI x GQ over PRI x PQ, summed (`quality_basis` 'ideal_time').
+# Unless performance is capped, oee is then the good output's ideal time over the
+# planned busy time. When a report of such a machine has no ideal cycle time, quality
+# and oee are null.
 OEE = """
 CREATE OR REPLACE VIEW oee AS
 WITH state_machines AS (
@@ -195,6 +277,7 @@ reports AS (
     SELECT
         plant,
         work_center AS machine,
+        uom,
         coalesce(good_quantity, 0) AS good,
         coalesce(scrap_quantity, 0) AS scrap,
         coalesce(good_quantity, 0) + coalesce(scrap_quantity, 0)
@@ -210,6 +293,9 @@ output AS (
         machine,
         min(occurred_at) AS first_report_at,
         max(occurred_at) AS last_report_at,
+        count(DISTINCT uom) AS units,
+        any_value(uom) AS uom,
+        bool_or(produced > 0) AS has_output,
         CAST(sum(produced) AS DECIMAL(38, 9)) AS produced_quantity,
         CAST(sum(good) AS DECIMAL(38, 9)) AS good_quantity,
         CAST(sum(scrap) AS DECIMAL(38, 9)) AS scrap_quantity,
@@ -217,6 +303,10 @@ output AS (
             coalesce(sum(CAST(ideal_cycle_time_s * produced AS DECIMAL(38, 9))), 0)
             AS DECIMAL(38, 9)
         ) AS ideal_time_s,
+        CAST(
+            coalesce(sum(CAST(ideal_cycle_time_s * good AS DECIMAL(38, 9))), 0)
+            AS DECIMAL(38, 9)
+        ) AS good_ideal_time_s,
         count(*) FILTER (WHERE ideal_cycle_time_s IS NULL) AS reports_without_ideal_time
     FROM reports
     GROUP BY plant, machine
@@ -243,10 +333,19 @@ totals AS (
         CASE WHEN s.machine IS NOT NULL
             THEN CAST(t.idle_s AS DECIMAL(38, 6))
         END AS idle_time_s,
-        coalesce(o.produced_quantity, 0) AS produced_quantity,
-        coalesce(o.good_quantity, 0) AS good_quantity,
-        coalesce(o.scrap_quantity, 0) AS scrap_quantity,
+        coalesce(o.units, 0) AS units,
+        CASE WHEN o.units = 1 THEN o.uom END AS uom,
+        coalesce(o.has_output, false) AS has_output,
+        -- Added across units, these sums would have no meaning.
+        CASE WHEN coalesce(o.units, 0) <= 1
+            THEN coalesce(o.produced_quantity, 0)
+        END AS produced_quantity,
+        CASE WHEN coalesce(o.units, 0) <= 1 THEN coalesce(o.good_quantity, 0) END
+            AS good_quantity,
+        CASE WHEN coalesce(o.units, 0) <= 1 THEN coalesce(o.scrap_quantity, 0) END
+            AS scrap_quantity,
         coalesce(o.ideal_time_s, 0) AS ideal_time_s,
+        coalesce(o.good_ideal_time_s, 0) AS good_ideal_time_s,
         coalesce(o.reports_without_ideal_time, 0) AS reports_without_ideal_time
     FROM (
         SELECT plant, machine FROM machine_time
@@ -267,9 +366,9 @@ ratios AS (
         CASE WHEN actual_production_time_s > 0
             THEN CAST(ideal_time_s AS DOUBLE) / CAST(actual_production_time_s AS DOUBLE)
         END AS raw_performance,
-        CASE WHEN produced_quantity > 0
-            THEN CAST(good_quantity AS DOUBLE) / CAST(produced_quantity AS DOUBLE)
-        END AS quality
+        quality_basis(
+            units <= 1, reports_without_ideal_time = 0, produced_quantity, ideal_time_s
+        ) AS quality_basis
     FROM totals
 )
 SELECT
@@ -285,17 +384,29 @@ SELECT
     produced_quantity,
     good_quantity,
     scrap_quantity,
+    uom,
     ideal_time_s,
+    good_ideal_time_s,
     availability,
     -- least() skips NULL arguments, so the cap must not turn a missing ratio into 1.
     CASE WHEN raw_performance IS NOT NULL THEN least(raw_performance, 1.0) END
         AS performance,
-    quality,
+    quality_ratio(
+        quality_basis, produced_quantity, good_quantity, ideal_time_s, good_ideal_time_s
+    ) AS quality,
+    quality_basis,
     CASE
         WHEN planned_busy_time_s IS NULL OR planned_busy_time_s <= 0 THEN NULL
-        WHEN produced_quantity <= 0 THEN 0.0
+        WHEN NOT has_output THEN 0.0
         ELSE CAST(least(ideal_time_s, actual_production_time_s) AS DOUBLE)
-            / CAST(planned_busy_time_s AS DOUBLE) * quality
+            / CAST(planned_busy_time_s AS DOUBLE)
+            * quality_ratio(
+                quality_basis,
+                produced_quantity,
+                good_quantity,
+                ideal_time_s,
+                good_ideal_time_s
+            )
     END AS oee,
     ideal_time_s > actual_production_time_s AS performance_flag,
     raw_performance,
@@ -307,6 +418,9 @@ FROM ratios
 # Sums times and quantities over machines and computes the ratios again from the sums.
 # The performance numerator is each machine's ideal time capped at its actual production
 # time, so a machine with a wrong ideal cycle time cannot lift the plant above 1.
+# Quantities and quality follow the unit rule of `oee`, applied to all reports of the
+# plant: a machine with several units, or two machines with different ones, make the
+# plant's quantities null and its quality a ratio of ideal times.
 OEE_BY_PLANT = """
 CREATE OR REPLACE VIEW oee_by_plant AS
 WITH sums AS (
@@ -320,10 +434,17 @@ WITH sums AS (
         sum(unplanned_down_time_s) AS unplanned_down_time_s,
         sum(planned_down_time_s) AS planned_down_time_s,
         sum(idle_time_s) AS idle_time_s,
+        -- A machine with several units has null quantities and a null uom.
+        NOT bool_or(produced_quantity IS NULL) AND count(DISTINCT uom) <= 1
+            AS single_unit,
+        any_value(uom) AS uom,
+        bool_or(produced_quantity IS NULL OR produced_quantity > 0) AS has_output,
         sum(produced_quantity) AS produced_quantity,
         sum(good_quantity) AS good_quantity,
         sum(scrap_quantity) AS scrap_quantity,
+        sum(reports_without_ideal_time) AS reports_without_ideal_time,
         sum(ideal_time_s) AS ideal_time_s,
+        sum(good_ideal_time_s) AS good_ideal_time_s,
         sum(least(ideal_time_s, actual_production_time_s))
             FILTER (WHERE has_state_data) AS capped_ideal_time_s,
         count(*) FILTER (WHERE performance_flag) AS flagged_machines
@@ -341,10 +462,22 @@ ratios AS (
             THEN CAST(capped_ideal_time_s AS DOUBLE)
                 / CAST(actual_production_time_s AS DOUBLE)
         END AS performance,
-        CASE WHEN produced_quantity > 0
-            THEN CAST(good_quantity AS DOUBLE) / CAST(produced_quantity AS DOUBLE)
-        END AS quality
+        quality_basis(
+            single_unit, reports_without_ideal_time = 0, produced_quantity, ideal_time_s
+        ) AS quality_basis
     FROM sums
+),
+qualities AS (
+    SELECT
+        *,
+        quality_ratio(
+            quality_basis,
+            produced_quantity,
+            good_quantity,
+            ideal_time_s,
+            good_ideal_time_s
+        ) AS quality
+    FROM ratios
 )
 SELECT
     plant,
@@ -356,22 +489,25 @@ SELECT
     unplanned_down_time_s,
     planned_down_time_s,
     idle_time_s,
-    produced_quantity,
-    good_quantity,
-    scrap_quantity,
+    CASE WHEN single_unit THEN produced_quantity END AS produced_quantity,
+    CASE WHEN single_unit THEN good_quantity END AS good_quantity,
+    CASE WHEN single_unit THEN scrap_quantity END AS scrap_quantity,
+    CASE WHEN single_unit THEN uom END AS uom,
     ideal_time_s,
+    good_ideal_time_s,
     availability,
     performance,
     quality,
+    quality_basis,
     CASE
         WHEN planned_busy_time_s IS NULL OR planned_busy_time_s <= 0 THEN NULL
-        WHEN produced_quantity <= 0 THEN 0.0
+        WHEN NOT has_output THEN 0.0
         ELSE CAST(capped_ideal_time_s AS DOUBLE)
             / CAST(planned_busy_time_s AS DOUBLE) * quality
     END AS oee,
     flagged_machines > 0 AS performance_flag,
     flagged_machines
-FROM ratios
+FROM qualities
 """
 
 # Attributes each down segment to one state row: among the rows of the segment's
@@ -424,34 +560,41 @@ GROUP BY plant, machine, category, reason
 
 # The BOM standard is scaled to the output reported so far; before any output it is the
 # full BOM quantity, so an order that has only started shows its consumption against the
-# whole plan rather than against zero.
+# whole plan rather than against zero. A scaled standard or an output that does not fit
+# DECIMAL(38, 9) is null, and so are the variance columns computed from it.
 MATERIAL_VARIANCE = """
 CREATE OR REPLACE VIEW material_variance AS
-WITH scaled AS (
+WITH units AS (
     SELECT
         c.plant,
         c.order_id,
         c.material,
         c.uom,
         c.standard_quantity AS bom_quantity,
-        CASE
-            WHEN o.planned_quantity > 0
-                AND coalesce(o.good_quantity, 0) + coalesce(o.scrap_quantity, 0) > 0
-            THEN scale_quantity(
-                c.standard_quantity,
-                coalesce(o.good_quantity, 0) + coalesce(o.scrap_quantity, 0),
-                o.planned_quantity
-            )
-            ELSE c.standard_quantity
-        END AS standard_quantity,
         coalesce(c.actual_quantity, 0) AS actual_quantity,
         o.planned_quantity,
-        CAST(
-            coalesce(o.good_quantity, 0) + coalesce(o.scrap_quantity, 0)
-            AS DECIMAL(38, 9)
-        ) AS output_quantity
+        quantity_units(c.standard_quantity) AS bom_units,
+        quantity_units(o.planned_quantity) AS planned_units,
+        checked_sum(
+            quantity_units(coalesce(o.good_quantity, 0)),
+            quantity_units(coalesce(o.scrap_quantity, 0))
+        ) AS output_units
     FROM order_components AS c
     LEFT JOIN orders AS o USING (plant, order_id)
+),
+scaled AS (
+    SELECT
+        *,
+        CASE
+            WHEN planned_units <= 0 OR planned_units IS NULL THEN bom_quantity
+            WHEN output_units = 0 THEN bom_quantity
+            ELSE units_quantity(
+                sign(bom_units)
+                    * scale_units(abs(bom_units), output_units, planned_units)
+            )
+        END AS standard_quantity,
+        units_quantity(output_units) AS output_quantity
+    FROM units
 )
 SELECT
     plant,
@@ -461,6 +604,7 @@ SELECT
     bom_quantity,
     CAST(standard_quantity AS DECIMAL(38, 9)) AS standard_quantity,
     CAST(actual_quantity AS DECIMAL(38, 9)) AS actual_quantity,
+    -- Both are non-negative, so the difference cannot overflow DECIMAL(38, 9).
     CAST(actual_quantity - standard_quantity AS DECIMAL(38, 9)) AS variance,
     CASE WHEN standard_quantity <> 0
         THEN CAST(actual_quantity - standard_quantity AS DOUBLE)
@@ -614,10 +758,44 @@ FROM plant_clocks
 GROUP BY plant
 """
 
+# The quality rule of `oee` and `oee_by_plant` (see the comment on OEE). Quality is a
+# ratio of counts when all reports share one unit, else a ratio of ideal times when
+# every report has an ideal cycle time. Otherwise, and without output, it has no basis.
+QUALITY_BASIS = """
+CREATE OR REPLACE MACRO quality_basis(
+    single_unit, every_ideal_time, produced_quantity, ideal_time_s
+) AS
+    CASE
+        WHEN single_unit THEN CASE WHEN produced_quantity > 0 THEN 'count' END
+        WHEN every_ideal_time AND ideal_time_s > 0 THEN 'ideal_time'
+    END
+"""
+
+QUALITY_RATIO = """
+CREATE OR REPLACE MACRO quality_ratio(
+    basis, produced_quantity, good_quantity, ideal_time_s, good_ideal_time_s
+) AS
+    CASE basis
+        WHEN 'count'
+            THEN CAST(good_quantity AS DOUBLE) / CAST(produced_quantity AS DOUBLE)
+        WHEN 'ideal_time'
+            THEN CAST(good_ideal_time_s AS DOUBLE) / CAST(ideal_time_s AS DOUBLE)
+    END
+"""
+
+# In creation order, because a macro can only be created after the macros it calls.
 MACROS: dict[str, str] = {
     "quantity_units": QUANTITY_UNITS,
-    "product_units": PRODUCT_UNITS,
-    "scale_quantity": SCALE_QUANTITY,
+    "units_quantity": UNITS_QUANTITY,
+    "divmod_add": DIVMOD_ADD,
+    "product_divmod": PRODUCT_DIVMOD,
+    "checked_product": CHECKED_PRODUCT,
+    "checked_sum": CHECKED_SUM,
+    "round_divmod": ROUND_DIVMOD,
+    "scale_split": SCALE_SPLIT,
+    "scale_units": SCALE_UNITS,
+    "quality_basis": QUALITY_BASIS,
+    "quality_ratio": QUALITY_RATIO,
 }
 
 VIEWS: dict[str, str] = {

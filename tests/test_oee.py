@@ -61,6 +61,7 @@ def report(
     ideal_cycle_time_s: str | None = "1",
     cancelled: bool = False,
     plant: str = "P1",
+    uom: str = "PC",
 ) -> dict[str, Any]:
     return {
         "event_id": event_id,
@@ -71,7 +72,7 @@ def report(
         "good_quantity": Decimal(good),
         "scrap_quantity": Decimal(scrap),
         "rework_quantity": Decimal(0),
-        "uom": "PC",
+        "uom": uom,
         "ideal_cycle_time_s": None
         if ideal_cycle_time_s is None
         else Decimal(ideal_cycle_time_s),
@@ -129,6 +130,8 @@ def test_oee_worked_example(tmp_path: Path) -> None:
     assert round(row["quality"], 4) == 0.9780
     assert round(row["oee"], 4) == 0.7479
     assert row["performance_flag"] is False
+    assert row["uom"] == "PC"
+    assert row["quality_basis"] == "count"
 
 
 def test_oee_overlapping_down_counted_once(tmp_path: Path) -> None:
@@ -282,3 +285,100 @@ def test_oee_ratios_within_unit_interval(tmp_path: Path) -> None:
         for ratio in ("availability", "performance", "quality", "oee"):
             value = row[ratio]
             assert value is None or 0.0 <= value <= 1.0, (row["machine"], ratio, value)
+
+
+def test_oee_mixed_units_quality_by_ideal_time(tmp_path: Path) -> None:
+    states = [state("M1", "running", 0, 60)]
+    # 2 s per KG and 30 s per EA: 142 s and 450 s of ideal time.
+    reports = [
+        report("E1", "M1", 20, good="71", ideal_cycle_time_s="2", uom="KG"),
+        report("E2", "M1", 50, good="10", scrap="5", ideal_cycle_time_s="30", uom="EA"),
+    ]
+    (row,) = query(tmp_path, states, reports, "SELECT * FROM oee")
+
+    # 71 KG and 15 EA cannot be added, so no quantity is shown.
+    assert row["produced_quantity"] is None
+    assert row["good_quantity"] is None
+    assert row["scrap_quantity"] is None
+    assert row["uom"] is None
+    assert row["ideal_time_s"] == Decimal(592)
+    assert row["good_ideal_time_s"] == Decimal(442)
+    assert row["quality_basis"] == "ideal_time"
+    assert row["quality"] == pytest.approx(442 / 592)
+    assert row["oee"] == pytest.approx(442 / 3600)
+    assert row["oee"] == pytest.approx(
+        row["availability"] * row["performance"] * row["quality"]
+    )
+
+
+def test_oee_mixed_units_without_ideal_time(tmp_path: Path) -> None:
+    states = [state("M1", "running", 0, 60)]
+    reports = [
+        report("E1", "M1", 20, good="71", ideal_cycle_time_s="2", uom="KG"),
+        report("E2", "M1", 50, good="10", scrap="5", ideal_cycle_time_s=None, uom="EA"),
+    ]
+    (row,) = query(tmp_path, states, reports, "SELECT * FROM oee")
+
+    assert row["quality_basis"] is None
+    assert row["quality"] is None
+    assert row["oee"] is None
+    assert row["produced_quantity"] is None
+    assert row["availability"] == pytest.approx(1.0)
+
+
+def test_oee_by_plant_mixed_units(tmp_path: Path) -> None:
+    states = [state("M1", "running", 0, 60), state("M2", "running", 0, 60)]
+    reports = [
+        report("E1", "M1", 20, good="71", ideal_cycle_time_s="2", uom="KG"),
+        report("E2", "M2", 50, good="10", scrap="5", ideal_cycle_time_s="30", uom="EA"),
+    ]
+    machines = query(
+        tmp_path,
+        states,
+        reports,
+        "SELECT machine, uom, produced_quantity, quality, quality_basis FROM oee "
+        "ORDER BY machine",
+    )
+    (plant,) = query(tmp_path, states, reports, "SELECT * FROM oee_by_plant")
+
+    # Each machine has one unit, so each keeps its counts.
+    assert machines == [
+        {
+            "machine": "M1",
+            "uom": "KG",
+            "produced_quantity": Decimal(71),
+            "quality": 1.0,
+            "quality_basis": "count",
+        },
+        {
+            "machine": "M2",
+            "uom": "EA",
+            "produced_quantity": Decimal(15),
+            "quality": pytest.approx(10 / 15),
+            "quality_basis": "count",
+        },
+    ]
+    assert plant["uom"] is None
+    assert plant["produced_quantity"] is None
+    assert plant["good_quantity"] is None
+    assert plant["scrap_quantity"] is None
+    assert plant["quality_basis"] == "ideal_time"
+    assert plant["quality"] == pytest.approx(442 / 592)
+    assert plant["oee"] == pytest.approx(442 / 7200)
+
+
+def test_oee_by_plant_single_unit_counts(tmp_path: Path) -> None:
+    states = [state("M1", "running", 0, 60), state("M2", "running", 0, 60)]
+    reports = [
+        report("E1", "M1", 20, good="70", scrap="10", uom="EA"),
+        report(
+            "E2", "M2", 50, good="10", scrap="10", ideal_cycle_time_s=None, uom="EA"
+        ),
+    ]
+    (plant,) = query(tmp_path, states, reports, "SELECT * FROM oee_by_plant")
+
+    assert plant["uom"] == "EA"
+    assert plant["produced_quantity"] == Decimal(100)
+    assert plant["good_quantity"] == Decimal(80)
+    assert plant["quality_basis"] == "count"
+    assert plant["quality"] == pytest.approx(0.8)

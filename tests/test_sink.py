@@ -700,6 +700,60 @@ def test_material_variance_decimal_types(tmp_path: Path) -> None:
         assert types[column] == "DECIMAL(38,9)", column
 
 
+def test_material_variance_large_quantities(tmp_path: Path) -> None:
+    path = tmp_path / "snapshots.duckdb"
+    largest = Decimal("999999999999999")
+    orders = [
+        order("O1", planned_quantity=largest, good_quantity=largest),
+        order(
+            "O2",
+            planned_quantity=Decimal("999999999999999.999999999"),
+            good_quantity=Decimal("987654321098765.987654321"),
+        ),
+        order("O3", planned_quantity=Decimal("0.000000001"), good_quantity=largest),
+    ]
+    components = [
+        ("O1", "ORE", largest, largest),
+        ("O2", "COKE", Decimal("123456789012345.123456789"), Decimal(0)),
+        ("O3", "SLAG", largest, Decimal(1)),
+    ]
+    with SnapshotWriter(path) as writer:
+        writer.write(
+            {
+                "orders": table("orders", orders),
+                "order_components": table(
+                    "order_components",
+                    [
+                        {
+                            "plant": "P1",
+                            "order_id": o,
+                            "material": m,
+                            "uom": "T",
+                            "standard_quantity": s,
+                            "actual_quantity": a,
+                        }
+                        for o, m, s, a in components
+                    ],
+                ),
+            }
+        )
+    rows = fetch(
+        path,
+        "SELECT material, standard_quantity, variance, variance_pct "
+        "FROM material_variance ORDER BY order_id",
+    )
+    by_material = {row[0]: row[1:] for row in rows}
+
+    assert sorted(by_material) == ["COKE", "ORE", "SLAG"]
+    assert by_material["ORE"][0] == largest
+    assert by_material["ORE"][1] == 0
+    # BOM x output is about 1.2e29 here, and 121932631137021.3152248116... rounds up.
+    assert by_material["COKE"][0] == Decimal("121932631137021.315224812")
+    assert by_material["COKE"][1] == Decimal("-121932631137021.315224812")
+    # 1e15 x 1e15 / 1e-9 = 1e39 does not fit DECIMAL(38, 9).
+    assert by_material["SLAG"] == (None, None, None)
+
+
 def test_stock_signs_by_movement_type(tmp_path: Path) -> None:
     path = tmp_path / "snapshots.duckdb"
     movements = [
