@@ -9,6 +9,7 @@ import math
 from cluster.job import connect_nats
 from cluster.sites import LeafTls, hub_server_config, site_server_config
 from pipeline.site_streams import (
+    MAX_SITE_MAX_AGE_S,
     MIN_SITE_MAX_AGE_S,
     SITE_BUFFER_MAX_AGE_S,
     ensure_site_stream,
@@ -85,7 +86,12 @@ def _buffer_max_age(text: str) -> float:
         ) from None
     if not math.isfinite(value) or value < 0:
         raise argparse.ArgumentTypeError(
-            f"must be 0 (no limit) or a number of seconds, got {text}"
+            f"must be 0 (no limit) or a positive number of seconds, got {text}"
+        )
+    if value > MAX_SITE_MAX_AGE_S:
+        raise argparse.ArgumentTypeError(
+            f"must be at most {MAX_SITE_MAX_AGE_S:,.0f} s (about 292 years), the "
+            f"longest nats-server takes, got {text}; use 0 for no limit"
         )
     if 0 < value < MIN_SITE_MAX_AGE_S:
         raise argparse.ArgumentTypeError(

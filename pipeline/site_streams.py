@@ -31,6 +31,7 @@ from pipeline.subjects import EVENTS_PREFIX, validate_token
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "MAX_SITE_MAX_AGE_S",
     "MIN_SITE_MAX_AGE_S",
     "SITE_BUFFER_MAX_AGE_S",
     "SITE_DOMAIN_PREFIX",
@@ -49,6 +50,10 @@ SITE_BUFFER_MAX_AGE_S = 7 * 24 * 3600.0
 
 MIN_SITE_MAX_AGE_S = 60.0
 """The shortest retention `site-init` accepts, other than 0 for none."""
+
+MAX_SITE_MAX_AGE_S = (2**63 - 1) // 10**9
+"""The longest retention nats-server takes, in whole seconds: it reads max_age as
+nanoseconds in a signed 64-bit integer."""
 
 DUPLICATE_WINDOW_S = 120.0
 """The site stream's window for Nats-Msg-Id, cut to the retention when that is
@@ -153,11 +158,15 @@ class SiteSequences:
 
         The first message seen from a stream is compared with nothing: PLANT_EVENTS
         may have expired the copies before it, or a checkpoint reset may start after
-        them, and a loss before it would look the same. A sequence at or below
-        the highest one (a copy sent again) changes nothing.
+        them, and a loss before it would look the same. Sequence 1 below the highest
+        one means the site stream was created again, so the comparison starts over
+        from it. Any other sequence at or below the highest one is a copy sent again
+        and changes nothing.
         """
         highest = self.highest.get(stream)
         if highest is not None and seq <= highest:
+            if seq == 1:
+                self.highest[stream] = 1
             return 0
         self.highest[stream] = seq
         return 0 if highest is None else seq - highest - 1

@@ -424,8 +424,9 @@ def test_site_init_subject_conflict(
 @pytest.mark.parametrize(
     ("max_age", "problem"),
     [
-        ("-5", "must be 0 (no limit) or a number of seconds, got -5"),
-        ("nan", "must be 0 (no limit) or a number of seconds, got nan"),
+        ("-5", "must be 0 (no limit) or a positive number of seconds, got -5"),
+        ("nan", "must be 0 (no limit) or a positive number of seconds, got nan"),
+        ("1e12", "must be at most 9,223,372,036 s (about 292 years)"),
         ("30", "must be 0 (no limit) or at least 60 s, got 30"),
         ("soon", "'soon' is not a number of seconds"),
     ],

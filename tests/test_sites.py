@@ -153,6 +153,10 @@ def test_site_sequences_count_only_gaps_after_a_known_sequence() -> None:
     # A restart goes on from the checkpoint's sequences.
     restored = SiteSequences(sequences.highest)
     assert restored.missing_before("SITE_P01", 50) == 3
+    # The site stream created again: its numbering starts over, and so do the gaps.
+    assert restored.missing_before("SITE_P01", 1) == 0
+    assert restored.missing_before("SITE_P01", 2) == 0
+    assert restored.missing_before("SITE_P01", 5) == 2
 
 
 def test_messages_a_site_dropped_become_a_dead_letter(
