@@ -908,7 +908,17 @@ class PartitionState:
             self.counts["unparked"] += 1
             self._parked_row(event, parked.stream_seq, key, "applied")
             self._reledgered.add((parked.stream_seq, parked.index))
+            letters = len(self._dead)
             self._apply(event, message)
+            # Released but then rejected, as a second cancellation of one report is:
+            # the later row replaces "applied". A letter of another message, from the
+            # events this one released in turn, does not count.
+            index = None if parked.index < 0 else parked.index
+            if any(
+                letter.stream_seq == parked.stream_seq and letter.batch_index == index
+                for letter in self._dead[letters:]
+            ):
+                self._parked_row(event, parked.stream_seq, key, "dead_letter")
 
     def _expire_parked(self, now: float) -> None:
         # NOTE: wall-clock time decides this, unlike the evictions, so a state restored

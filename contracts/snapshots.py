@@ -139,7 +139,8 @@ TABLES: dict[str, TableSpec] = {
         ("released_at", TIMESTAMP),
     ),
     # Events waiting for a prerequisite, such as consumption that arrived before its
-    # order release. `status` is parked, applied or expired.
+    # order release. `status` is parked, applied, expired or dead_letter (rejected once
+    # its prerequisite arrived).
     "parked_events": _spec(
         ("event_id",),
         ("event_id", pa.string()),

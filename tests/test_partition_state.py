@@ -337,6 +337,23 @@ def test_reversal_parked_until_named_event_arrives() -> None:
     assert state.parked == {}
 
 
+def test_second_parked_reversal_listed_as_rejected() -> None:
+    state = PartitionState(0)
+    early = state.apply_batch(
+        messages(release("O1"), reversal("r1", "c1"), reversal("r2", "c1"))
+    )
+    assert early.counts["parked"] == 2
+    subject = event_subject("P1", "material_consumed")
+    late = state.apply_batch([SourceMessage(4, subject, encode(consume("c1", "2")))])
+
+    assert [(d.event_id, d.reason) for d in late.dead_letters] == [("r2", "unmatched")]
+    rows = state.take_snapshot()["parked_events"].to_pylist()
+    assert {row["event_id"]: row["status"] for row in rows} == {
+        "r1": "applied",
+        "r2": "dead_letter",
+    }
+
+
 def test_hold_moves_stock_to_blocked_and_back(apply: Apply) -> None:
     result = apply(
         messages(
