@@ -46,6 +46,9 @@ FLAT_RSS_TOLERANCE = 0.10
 """Actor memory counts as flat when the median of the last third of its private RSS
 samples lies within 10% of the median of the middle third."""
 
+MIN_TREND_SAMPLES = 6
+"""Memory samples below which the run is too short to judge a trend by thirds."""
+
 
 def write_report(results: Results, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -187,7 +190,7 @@ def _rss_flat(results: Results) -> tuple[bool, str] | None:
     is left out (`RssTrace.private`): it is Ray's object store, bounded by its size.
     """
     trace = results.soak_trace
-    if trace is None or len(trace.seconds) < 6:
+    if trace is None or len(trace.seconds) < MIN_TREND_SAMPLES:
         return None
     actors = [
         trace.private(pid) for pid in trace.by_pid if pid != results.soak_driver_pid
@@ -490,6 +493,13 @@ def _memory(results: Results) -> str:
             f"{results.sizes.soak_interval_s:g} s ({len(trace.seconds)} samples).",
             "",
         ]
+        judged = len(trace.seconds) >= MIN_TREND_SAMPLES
+        if not judged:
+            lines += [
+                f"With fewer than {MIN_TREND_SAMPLES} samples the thirds say nothing "
+                "about a trend, so the growth columns are left empty.",
+                "",
+            ]
         rows = []
         for index, (pid, values) in enumerate(trace.by_pid.items()):
             name = "driver" if pid == results.soak_driver_pid else f"actor {index}"
@@ -502,11 +512,11 @@ def _memory(results: Results) -> str:
                     _mib(private[0]),
                     _mib(int(middle)),
                     _mib(int(last)),
-                    f"{_rss_growth(private):+.1%}",
+                    f"{_rss_growth(private):+.1%}" if judged else "-",
                     f"{_mib(min(private[len(private) // 3 :]))} to "
                     f"{_mib(max(private))}",
                     shared,
-                    f"{_rss_growth(values):+.1%}",
+                    f"{_rss_growth(values):+.1%}" if judged else "-",
                 ]
             )
         lines.append(
@@ -625,8 +635,9 @@ timed run changed, against a base taken after the preload.
 
 {_growth_rows(results.growth_orders, with_pipeline=False)}
 
-The same at different plant counts, with about the same number of messages, and the
-whole pipeline on the same messages:
+The same at different plant counts, each row with its own message count (rates are per
+event, so rows of different counts compare), and the whole pipeline on the same
+messages:
 
 {_growth_rows(results.growth_plants, with_pipeline=True)}"""
 
