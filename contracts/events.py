@@ -27,6 +27,7 @@ __all__ = [
     "OperationCompleted",
     "OperationSpec",
     "OperationStarted",
+    "ORDER_SCOPED_EVENTS",
     "PlantEvent",
     "ProductionCancelled",
     "ProductionConfirmed",
@@ -383,3 +384,17 @@ PlantEvent = (
 EVENT_TYPES: tuple[str, ...] = tuple(
     cls.__struct_config__.tag for cls in PlantEvent.__args__
 )
+
+ORDER_SCOPED_EVENTS: tuple[type[Event], ...] = (
+    WorkOrderReleased,
+    OperationStarted,
+    OperationCompleted,
+    ProductionConfirmed,
+    ProductionCancelled,
+    MaterialConsumed,
+    ConsumptionReversed,
+    InspectionRecorded,
+)
+"""Event types that belong to one production order and must name it in `order`, which
+the base class leaves optional for machine, shipment and plant-wide hold events. The
+partition rejects one without an order as `invalid`."""

@@ -7,7 +7,12 @@ from typing import Any
 
 import msgspec
 
-from contracts.events import QUANTITY_INTEGER_DIGITS, QUANTITY_SCALE, PlantEvent
+from contracts.events import (
+    ORDER_SCOPED_EVENTS,
+    QUANTITY_INTEGER_DIGITS,
+    QUANTITY_SCALE,
+    PlantEvent,
+)
 from contracts.postings import Posting
 
 __all__ = ["PLANT_ID_PATTERN", "event_schema", "posting_schema"]
@@ -50,6 +55,9 @@ def event_schema() -> dict[str, object]:
         plant = definition.get("properties", {}).get("plant")
         if plant is not None:
             plant["pattern"] = f"^{PLANT_ID_PATTERN}$"
+    # `order` is optional in the base class, but these types are rejected without it.
+    for event_type in ORDER_SCOPED_EVENTS:
+        definitions[event_type.__name__]["required"].append("order")
     # Formats are only annotations in draft 2020-12 unless a validator is configured
     # to check them, so the UTC offset the decoder requires is also a pattern.
     for value in _walk(schema):

@@ -265,6 +265,11 @@ def test_schema_states_what_the_decoder_and_ingest_accept() -> None:
     assert pattern.fullmatch("P-01_a")
     assert not pattern.fullmatch("P 01")
     assert not pattern.fullmatch("P.01")
+    # The partition rejects these without an order; a plant-wide hold names none.
+    assert "order" in defs["ConsumptionReversed"]["required"]
+    assert "order" in defs["WorkOrderReleased"]["required"]
+    assert "order" not in defs["QualityHoldApplied"]["required"]
+    assert "order" not in defs["MachineStateChanged"]["required"]
 
 
 def test_schema_patterns_reject_what_the_decoder_rejects() -> None:
