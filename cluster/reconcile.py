@@ -8,25 +8,33 @@ every event has exactly one outcome: applied once, parked, or dead-lettered.
 
 With `--nats-url` it also compares the postings in the file with those in ERP_POSTINGS,
 by the idempotency key in each message body, so that a posting the ERP received but the
-file lacks, or the reverse, shows up too. It also reports a key that the stream stores
-more than once, which happens when a posting is published again after the stream's
-duplicate window, and a message whose Nats-Msg-Id is not its body's key.
+file lacks, or the reverse, shows up too. It decodes each message body as a posting and
+compares it, column by column, with the file's row of the same key. It also reports a
+key that the stream stores more than once, which happens when a posting is published
+again after the stream's duplicate window, and a message whose Nats-Msg-Id is not its
+body's key.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import logging
 import sys
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import duckdb
 import msgspec
 
+from contracts.codec import decode_posting
+from contracts.postings import GoodsMovement, Posting
+from contracts.snapshots import TABLES
 from pipeline.sink import SinkError, open_for_reading, recorded_source
 from pipeline.subjects import (
     DLQ_STREAM,
@@ -246,20 +254,242 @@ def reconcile(connection: duckdb.DuckDBPyConnection) -> list[Difference]:
 MAX_SEQUENCES_SHOWN = 5
 """Stream sequences printed for a key stored more than once; the rest are counted."""
 
+BODY_CHUNK = 10_000
+"""Maximum number of decoded postings that wait for one query of the file's rows.
+
+It bounds the decoded bodies held at once. Each query scans table `postings`, so a
+smaller chunk means more scans."""
+
+POSTING_COLUMNS: tuple[str, ...] = tuple(TABLES["postings"].schema.names)
+"""Columns of table `postings`, each compared with the posting body of the row's key."""
+
+_POSTING_ROWS = (
+    "SELECT "  # noqa: S608 (the column names come from the table spec)
+    + ", ".join(f'"{column}"' for column in POSTING_COLUMNS)
+    + " FROM postings WHERE key IN (SELECT unnest(?))"
+)
+
+
+@dataclass
+class DifferenceSample:
+    """The differences one check found: the first `limit` in full, and a count of all.
+
+    Every body in a stream of a million postings can differ from the file, but only
+    the first differences are printed, so the rest are counted and not kept.
+    """
+
+    check: str
+    limit: int
+    kept: list[Difference] = field(default_factory=list)
+    count: int = 0
+
+    def add(self, detail: str) -> None:
+        """Count one difference, and keep it while fewer than `limit` are kept."""
+        self.count += 1
+        if len(self.kept) < self.limit:
+            self.kept.append(Difference(self.check, detail))
+
+    @property
+    def omitted(self) -> int:
+        """Number of differences counted but not kept."""
+        return self.count - len(self.kept)
+
+
+class PostingBodies:
+    """Comparison of each posting decoded from ERP_POSTINGS with the file's row of its
+    key.
+
+    Decoded postings wait in a chunk of up to BODY_CHUNK, and one query reads the rows
+    of the chunk's keys, so memory does not grow with the stream. Every copy of a key
+    that the stream stores more than once is compared.
+    """
+
+    def __init__(
+        self, connection: duckdb.DuckDBPyConnection, max_examples: int
+    ) -> None:
+        self._connection = connection
+        self._pending: list[tuple[int, Posting]] = []
+        self.compared = 0
+        """Number of bodies compared with a row of the file, which leaves out the
+        bodies whose key the file lacks."""
+        self.differing = DifferenceSample(
+            f"posting in {POSTINGS_STREAM} differs from the file", max_examples
+        )
+        self.undecodable = DifferenceSample(
+            f"message in {POSTINGS_STREAM} does not decode as a posting", max_examples
+        )
+
+    def add(self, sequence: int, posting: Posting) -> None:
+        """Queue the posting at stream `sequence`, and compare the chunk once full."""
+        self._pending.append((sequence, posting))
+        if len(self._pending) >= BODY_CHUNK:
+            self.flush()
+
+    def add_undecodable(self, sequence: int, key: str, error: str) -> None:
+        """Count the body at stream `sequence` that has `key` but does not decode as a
+        posting."""
+        self.undecodable.add(
+            f"{key} at stream sequence {sequence}: {error} "
+            "(`plantstream schema postings` prints the posting contract)"
+        )
+
+    def flush(self) -> None:
+        """Compare every queued posting with the file's row of its key."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        rows = self._rows_of({posting.key for _, posting in pending})
+        for sequence, posting in pending:
+            row = rows.get(posting.key)
+            if row is None:
+                continue  # reported as a key that the file lacks
+            self.compared += 1
+            fields = field_differences(posting, row)
+            if fields:
+                self.differing.add(
+                    f"{posting.key} at stream sequence {sequence}: " + "; ".join(fields)
+                )
+
+    def omitted(self) -> Counter[str]:
+        """Return, per check, the number of differences counted but not kept."""
+        return Counter(
+            {
+                sample.check: sample.omitted
+                for sample in (self.differing, self.undecodable)
+                if sample.omitted
+            }
+        )
+
+    def differences(self) -> list[Difference]:
+        """Return the differences kept, after comparing the queued postings."""
+        self.flush()
+        return self.differing.kept + self.undecodable.kept
+
+    def _rows_of(self, keys: set[str]) -> dict[str, dict[str, Any]]:
+        result = self._connection.execute(_POSTING_ROWS, [sorted(keys)])
+        rows = (
+            dict(zip(POSTING_COLUMNS, row, strict=True)) for row in result.fetchall()
+        )
+        return {row["key"]: row for row in rows}
+
+
+def posting_row(posting: Posting) -> dict[str, Any]:
+    """Return the row of table `postings` that a partition stores for `posting`.
+
+    The columns of the other posting type are null. A confirmation's posting date,
+    time and reference are the date and time of `finished_at` and its first lineage
+    event. The table has no column for document_date, movement_indicator, reason,
+    item_text and started_at, so those fields are not compared.
+    """
+    # NOTE: this repeats `_postings_table` in actors/partition_state.py, which builds
+    # the stored rows. A column changed in one must change in the other; the clean run
+    # in tests/test_reconcile.py reports a difference when they disagree.
+    row: dict[str, Any] = dict.fromkeys(POSTING_COLUMNS)
+    row.update(
+        key=posting.key,
+        plant=posting.plant,
+        order_id=posting.order,
+        uom=posting.uom,
+        reverses=posting.reverses,
+        lineage=posting.lineage,
+    )
+    if isinstance(posting, GoodsMovement):
+        row.update(
+            posting_type="goods_movement",
+            movement_type=posting.movement_type,
+            material=posting.material,
+            quantity=posting.quantity,
+            stock_type=posting.stock_type,
+            batch=posting.batch,
+            storage_location=posting.storage_location,
+            posting_date=posting.posting_date,
+            occurred_at=posting.occurred_at,
+            reference=posting.reference,
+        )
+    else:
+        row.update(
+            posting_type="order_confirmation",
+            operation=posting.operation,
+            work_center=posting.work_center,
+            yield_quantity=posting.yield_quantity,
+            scrap_quantity=posting.scrap_quantity,
+            rework_quantity=posting.rework_quantity,
+            final=posting.final,
+            posting_date=posting.finished_at.date(),
+            occurred_at=posting.finished_at,
+            # The contract allows an empty lineage, which no partition writes.
+            reference=posting.lineage[0] if posting.lineage else None,
+        )
+    return row
+
+
+def field_differences(posting: Posting, stored: dict[str, Any]) -> list[str]:
+    """Return "<column> <value> in the stream, <value> in the file" for each column
+    where the file's row `stored` differs from the row `posting` should have."""
+    expected = posting_row(posting)
+    return [
+        f"{column} {_value_text(expected[column])} in the stream, "
+        f"{_value_text(stored[column])} in the file"
+        for column in POSTING_COLUMNS
+        if not _same_value(expected[column], stored[column])
+    ]
+
+
+def _same_value(sent: Any, stored: Any) -> bool:
+    # Decimals compare by value, so "5" in a body equals 5.000000000 in the file's
+    # DECIMAL(38, 9). Datetimes with a UTC offset compare as instants, whatever the
+    # offsets, and one without an offset equals none of the file's.
+    if isinstance(sent, Decimal):
+        # == raises InvalidOperation on a signalling NaN, which a body may contain.
+        return isinstance(stored, Decimal) and not sent.is_nan() and sent == stored
+    if isinstance(stored, list):
+        return tuple(stored) == sent  # DuckDB returns the lineage as a list
+    return bool(sent == stored)
+
+
+def _value_text(value: Any) -> str:
+    if isinstance(value, Decimal) and value.is_finite():
+        return format(value.normalize(), "f")
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None:
+            return f"{value.isoformat()} (no UTC offset)"
+        return value.astimezone(dt.UTC).isoformat()
+    if isinstance(value, str | tuple | list):
+        return repr(list(value) if isinstance(value, tuple) else value)
+    return _text(value)
+
 
 class _PostingKey(msgspec.Struct):
-    """The only field of a posting body that the stream comparison decodes."""
+    """The key of a body that does not decode as a posting, read so that the message
+    is counted under it."""
 
     key: str
 
 
 _decode_posting_key = msgspec.json.Decoder(_PostingKey).decode
 
+_Decoded = TypeVar("_Decoded")
+
+
+def _decode_body(decode: Callable[[bytes], _Decoded], data: bytes) -> _Decoded:
+    """Call `decode` on a message body, and raise msgspec.DecodeError for JSON nested
+    too deeply as well."""
+    try:
+        return decode(data)
+    except RecursionError:
+        # msgspec raises RecursionError for JSON nested near Python's recursion limit.
+        raise msgspec.DecodeError(
+            "JSON nested too deeply to decode. A posting is one object whose values "
+            "nest at most two levels"
+        ) from None
+
 
 @dataclass
 class StreamPostings:
-    """The messages of ERP_POSTINGS, counted by the `key` in each message body."""
+    """The messages of ERP_POSTINGS, counted by the `key` in each message body, with
+    each body handed to `bodies` for comparison with the file."""
 
+    bodies: PostingBodies
     messages: int = 0
     first_sequence: dict[str, int] = field(default_factory=dict)
     """Stream sequence of the first message with each key."""
@@ -274,10 +504,8 @@ class StreamPostings:
     def add(self, sequence: int, msg_id: str | None, data: bytes) -> None:
         """Count one message, read in stream order."""
         self.messages += 1
-        try:
-            key = _decode_posting_key(data).key
-        except msgspec.DecodeError as error:
-            self.without_key.append((sequence, msg_id, str(error)))
+        key = self._decode_key(sequence, msg_id, data)
+        if key is None:
             return
         if msg_id != key:
             self.id_mismatches.append((sequence, msg_id, key))
@@ -285,13 +513,36 @@ class StreamPostings:
         if first != sequence:
             self.repeated.setdefault(key, [first]).append(sequence)
 
+    def _decode_key(self, sequence: int, msg_id: str | None, data: bytes) -> str | None:
+        """Hand the body to `bodies` and return its key, or None if it has none."""
+        try:
+            posting = _decode_body(decode_posting, data)
+        except msgspec.DecodeError as error:
+            try:
+                key = _decode_body(_decode_posting_key, data).key
+            except msgspec.DecodeError as key_error:
+                self.without_key.append((sequence, msg_id, str(key_error)))
+                return None
+            # Counted under its key all the same, so that the file's row of the key
+            # is not also reported as missing from the stream.
+            self.bodies.add_undecodable(sequence, key, str(error))
+            return key
+        self.bodies.add(sequence, posting)
+        return posting.key
+
 
 def stream_differences(
     connection: duckdb.DuckDBPyConnection, stream: StreamPostings
 ) -> list[Difference]:
     """Compare the posting keys in the file with those in `stream`, then report the
     keys that the stream stores more than once and its messages with a wrong
-    Nats-Msg-Id or no posting key."""
+    Nats-Msg-Id or no posting key. Last come the bodies that differ from the file's
+    row or do not decode as a posting.
+
+    Of those two checks only the first differences are returned, and
+    `stream.bodies.omitted()` counts the others.
+    """
+    body_differences = stream.bodies.differences()
     in_file = {
         key for (key,) in connection.execute("SELECT key FROM postings").fetchall()
     }
@@ -304,7 +555,7 @@ def stream_differences(
         Difference(f"posting in the file but not in {POSTINGS_STREAM}", key)
         for key in sorted(in_file - in_stream)
     ]
-    return differences + _stream_message_differences(stream)
+    return differences + _stream_message_differences(stream) + body_differences
 
 
 def _stream_message_differences(stream: StreamPostings) -> list[Difference]:
@@ -343,9 +594,9 @@ def _msg_id_text(msg_id: str | None) -> str:
     return msg_id if msg_id else "missing"
 
 
-async def _read_postings_stream(url: str) -> tuple[str, StreamPostings]:
-    """Read every message in ERP_POSTINGS and return them counted by key, with the
-    identity of the server's plant events stream."""
+async def _read_postings_stream(url: str, postings: StreamPostings) -> str:
+    """Add every message in ERP_POSTINGS to `postings`, and return the identity of the
+    server's plant events stream."""
     # Imported here: reconcile without --nats-url needs no NATS client.
     import nats.js.errors
     from nats.js.api import Header
@@ -360,7 +611,6 @@ async def _read_postings_stream(url: str) -> tuple[str, StreamPostings]:
         try:
             identity = await events_stream_identity(js)
             stream = POSTINGS_STREAM
-            postings = StreamPostings()
             # The bodies are read, not only the headers, because a copy stored under
             # another Nats-Msg-Id is only recognised by the key inside it.
             async for message in iter_stream(
@@ -368,7 +618,7 @@ async def _read_postings_stream(url: str) -> tuple[str, StreamPostings]:
             ):
                 msg_id = (message.headers or {}).get(Header.MSG_ID)
                 postings.add(message.metadata.sequence.stream, msg_id, message.data)
-            return identity, postings
+            return identity
         except nats.js.errors.NotFoundError:
             raise ValueError(
                 f"{url} has no {stream} stream, so no plantstream run wrote there; "
@@ -459,18 +709,50 @@ def _summary(connection: duckdb.DuckDBPyConnection) -> list[str]:
     return lines
 
 
+def _stream_summary(url: str, postings: StreamPostings) -> list[str]:
+    return [
+        f"{POSTINGS_STREAM} on {url}: {postings.messages} messages with "
+        f"{len(postings.first_sequence)} distinct posting keys, compared with the file "
+        "by the key in each message body",
+        f"  {postings.bodies.compared} message bodies compared column by column with "
+        "the file's row of their key",
+    ]
+
+
+def _print_differences(
+    differences: list[Difference], omitted: Counter[str], limit: int
+) -> None:
+    """Print the first `limit` differences and the count of each check.
+
+    `omitted` counts, per check, the differences that were found but not kept.
+    """
+    for difference in differences[:limit]:
+        print(f"DIFFERENCE {difference.check}: {difference.detail}")
+    total = len(differences) + omitted.total()
+    if total > limit:
+        print(f"... and {total - limit} more")
+    # Counted per check, because the lines printed above may all come from the first
+    # checks.
+    checks = Counter(difference.check for difference in differences)
+    checks.update(omitted)
+    counts = ", ".join(f"{check} {count}" for check, count in checks.items())
+    print(f"reconcile: {total} differences ({counts})")
+
+
 def _run(args: argparse.Namespace) -> int:
     try:
         connection = open_for_reading(args.db)
     except (FileNotFoundError, SinkError) as error:
         print(f"plantstream reconcile: {error}", file=sys.stderr)
         return 2
+    omitted: Counter[str] = Counter()
     try:
         differences = reconcile(connection)
         summary = _summary(connection)
         [(events,)] = connection.execute("SELECT count(*) FROM events").fetchall()
         if args.nats_url is not None:
-            identity, postings = asyncio.run(_read_postings_stream(args.nats_url))
+            postings = StreamPostings(PostingBodies(connection, args.max_differences))
+            identity = asyncio.run(_read_postings_stream(args.nats_url, postings))
             recorded = recorded_source(connection)
             if recorded is not None and recorded.stream != identity:
                 # Generated streams repeat their posting keys, so the keys alone
@@ -482,12 +764,9 @@ def _run(args: argparse.Namespace) -> int:
                     file=sys.stderr,
                 )
                 return 2
-            summary.append(
-                f"{POSTINGS_STREAM} on {args.nats_url}: {postings.messages} messages "
-                f"with {len(postings.first_sequence)} distinct posting keys, compared "
-                "with the file by the key in each message body"
-            )
             differences += stream_differences(connection, postings)
+            omitted = postings.bodies.omitted()
+            summary += _stream_summary(args.nats_url, postings)
     except duckdb.CatalogException as error:
         print(
             f"plantstream reconcile: {args.db} lacks a table or view the check needs "
@@ -500,16 +779,8 @@ def _run(args: argparse.Namespace) -> int:
         connection.close()
     for line in summary:
         print(line)
-    for difference in differences[: args.max_differences]:
-        print(f"DIFFERENCE {difference.check}: {difference.detail}")
-    if len(differences) > args.max_differences:
-        print(f"... and {len(differences) - args.max_differences} more")
-    if differences:
-        # Counted per check, because the lines printed above may all come from the
-        # first checks.
-        checks = Counter(difference.check for difference in differences)
-        counts = ", ".join(f"{check} {count}" for check, count in checks.items())
-        print(f"reconcile: {len(differences)} differences ({counts})")
+    if differences or omitted:
+        _print_differences(differences, omitted, args.max_differences)
         return 1
     if not events:
         # Nothing disagrees in an empty file, but saying so would pass a file that a
@@ -531,8 +802,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         description="Recompute stock per plant, material and stock type from the event "
         "ledger, compare it with the posted stock, and check that every event was "
         "applied once, parked or dead-lettered. With --nats-url, also compare the "
-        "file's postings with ERP_POSTINGS and check that the stream stores each "
-        "posting once, under its key as Nats-Msg-Id. Prints the differences and a "
+        "file's postings with ERP_POSTINGS, by key and then column by column, and "
+        "check that the stream stores each posting once, under its key as "
+        "Nats-Msg-Id. Prints the differences and a "
         "count per check; exits 1 if there is any or if the file holds no events, 2 "
         "if it cannot be read.",
     )
@@ -545,7 +817,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--nats-url",
         help="also compare the file's postings with those in ERP_POSTINGS on this "
-        "server, by key, and report keys the stream stores more than once; run it "
+        "server, by key and then every column of each message body, and report keys "
+        "the stream stores more than once; run it "
         "while the ingest is stopped or has drained the stream, because the file lags "
         "the stream until the next checkpoint",
     )

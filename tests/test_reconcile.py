@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import json
 import shutil
+from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import nats
@@ -144,10 +147,16 @@ def test_stream_postings_compared_by_key(
     messages, _ = generate(StreamSpec(plants=1, orders_per_plant=5, seed=9))
     path = tmp_path / "run.duckdb"
     run(nats_server, path, [(m.subject, m.data) for m in messages])
+    with duckdb.connect(str(path), read_only=True) as connection:
+        [(postings,)] = connection.execute("SELECT count(*) FROM postings").fetchall()
     assert _cli(path, "--nats-url", nats_server.url) == 0
-    assert "compared with the file by the key in each message body" in (
-        capsys.readouterr().out
-    )
+    out = capsys.readouterr().out
+    assert "compared with the file by the key in each message body" in out
+    # Goods movements and confirmations alike decode to the rows the file stores.
+    assert (
+        f"  {postings} message bodies compared column by column with the file's row "
+        "of their key\n"
+    ) in out
 
     async def post_stray() -> None:
         nc = await nats.connect(nats_server.url)
@@ -327,6 +336,305 @@ def test_stream_copies_output_bounded(
     assert (
         f"{first_key}: 8 copies, at stream sequences {listed} and 3 more\n"
     ) in capsys.readouterr().out
+
+
+async def _stream_bodies(js: JetStreamContext) -> dict[int, dict[str, Any]]:
+    """Return the decoded JSON body of every message in ERP_POSTINGS by sequence."""
+    info = await js.stream_info(POSTINGS_STREAM)
+    bodies = {}
+    for seq in range(info.state.first_seq, info.state.last_seq + 1):
+        stored = await js.get_msg(POSTINGS_STREAM, seq)
+        assert stored.data is not None
+        bodies[seq] = json.loads(stored.data)
+    return bodies
+
+
+def _first_of_type(bodies: dict[int, dict[str, Any]], posting_type: str) -> int:
+    return min(
+        seq for seq, body in bodies.items() if body["posting_type"] == posting_type
+    )
+
+
+async def _publish_changed(
+    url: str, changes: dict[int, dict[str, Any]], *, replace: bool
+) -> dict[int, tuple[str, int]]:
+    """Publish a copy of the posting at each sequence of ERP_POSTINGS with the body
+    fields in `changes` set, under its key as Nats-Msg-Id, after the duplicate window.
+    With `replace`, delete the original, so that the stream stores the key once.
+    Return the key and the stream sequence of the copy, by original sequence."""
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        await _let_duplicate_window_pass(js)
+        copies = {}
+        for seq, fields in changes.items():
+            stored = await js.get_msg(POSTINGS_STREAM, seq)
+            assert stored.subject is not None
+            assert stored.data is not None
+            body = {**json.loads(stored.data), **fields}
+            if replace:
+                assert await js.delete_msg(POSTINGS_STREAM, seq)
+            ack = await js.publish(
+                stored.subject,
+                json.dumps(body).encode(),
+                headers={"Nats-Msg-Id": body["key"]},
+            )
+            assert not ack.duplicate
+            copies[seq] = (body["key"], ack.seq)
+        return copies
+    finally:
+        await nc.close()
+
+
+async def _read_bodies(url: str) -> dict[int, dict[str, Any]]:
+    nc = await nats.connect(url)
+    try:
+        return await _stream_bodies(nc.jetstream())
+    finally:
+        await nc.close()
+
+
+def test_stream_body_differences_named(
+    ray_local: None,
+    nats_server: EmbeddedNatsServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = _posted_run(nats_server, tmp_path)
+    bodies = asyncio.run(_read_bodies(nats_server.url))
+    movement_seq = _first_of_type(bodies, "goods_movement")
+    confirmation_seq = _first_of_type(bodies, "order_confirmation")
+    movement = bodies[movement_seq]
+    confirmation = bodies[confirmation_seq]
+    movement_type = "102" if movement["movement_type"] != "102" else "101"
+    quantity = Decimal(movement["quantity"])
+    yield_quantity = Decimal(confirmation["yield_quantity"])
+    copies = asyncio.run(
+        _publish_changed(
+            nats_server.url,
+            {
+                movement_seq: {
+                    "plant": "P99",
+                    "movement_type": movement_type,
+                    "material": "OTHER-MATERIAL",
+                    "quantity": str(quantity + 1),
+                    "uom": "ZZZ",
+                },
+                confirmation_seq: {
+                    "yield_quantity": str(yield_quantity + 1),
+                    "final": not confirmation["final"],
+                    "reverses": "P01-101-other",
+                },
+            },
+            replace=True,
+        )
+    )
+    assert _cli(path, "--nats-url", nats_server.url) == 1
+    out = capsys.readouterr().out
+
+    movement_key, movement_copy = copies[movement_seq]
+    assert (
+        "DIFFERENCE posting in ERP_POSTINGS differs from the file: "
+        f"{movement_key} at stream sequence {movement_copy}: "
+        f"plant 'P99' in the stream, '{movement['plant']}' in the file; "
+        f"movement_type '{movement_type}' in the stream, "
+        f"'{movement['movement_type']}' in the file; "
+        f"material 'OTHER-MATERIAL' in the stream, '{movement['material']}' in the "
+        f"file; quantity {quantity + 1} in the stream, {quantity} in the file; "
+        f"uom 'ZZZ' in the stream, '{movement['uom']}' in the file\n"
+    ) in out
+    confirmation_key, confirmation_copy = copies[confirmation_seq]
+    final = confirmation["final"]
+    assert (
+        "DIFFERENCE posting in ERP_POSTINGS differs from the file: "
+        f"{confirmation_key} at stream sequence {confirmation_copy}: "
+        f"yield_quantity {yield_quantity + 1} in the stream, {yield_quantity} in the "
+        f"file; final {not final} in the stream, {final} in the file; "
+        "reverses 'P01-101-other' in the stream, null in the file\n"
+    ) in out
+    assert out.splitlines()[-1] == (
+        "reconcile: 2 differences (posting in ERP_POSTINGS differs from the file 2)"
+    )
+
+
+def test_stream_body_compared_by_value(
+    ray_local: None,
+    nats_server: EmbeddedNatsServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = _posted_run(nats_server, tmp_path)
+    bodies = asyncio.run(_read_bodies(nats_server.url))
+    same_seq, moved_seq = sorted(
+        seq for seq, body in bodies.items() if body["posting_type"] == "goods_movement"
+    )[:2]
+
+    same = bodies[same_seq]
+    same_time = dt.datetime.fromisoformat(same["occurred_at"])
+    same_offset = same_time.utcoffset()
+    assert same_offset is not None
+    six_hours_west = dt.timezone(same_offset - dt.timedelta(hours=6))
+
+    moved = bodies[moved_seq]
+    moved_time = dt.datetime.fromisoformat(moved["occurred_at"])
+    moved_offset = moved_time.utcoffset()
+    assert moved_offset is not None
+    one_hour_east = dt.timezone(moved_offset + dt.timedelta(hours=1))
+
+    copies = asyncio.run(
+        _publish_changed(
+            nats_server.url,
+            {
+                # The same quantity and instant, written another way.
+                same_seq: {
+                    "quantity": f"{Decimal(same['quantity']):.12f}",
+                    "occurred_at": same_time.astimezone(six_hours_west).isoformat(),
+                },
+                # The same wall-clock time an hour further east: an hour earlier.
+                moved_seq: {
+                    "occurred_at": moved_time.replace(tzinfo=one_hour_east).isoformat()
+                },
+            },
+            replace=True,
+        )
+    )
+
+    assert _cli(path, "--nats-url", nats_server.url) == 1
+    out = capsys.readouterr().out
+    assert f"  {len(bodies)} message bodies compared column by column" in out
+    moved_key, moved_copy = copies[moved_seq]
+    stored = moved_time.astimezone(dt.UTC)
+    earlier = stored - dt.timedelta(hours=1)
+    assert (
+        "DIFFERENCE posting in ERP_POSTINGS differs from the file: "
+        f"{moved_key} at stream sequence {moved_copy}: occurred_at "
+        f"{earlier.isoformat()} in the stream, {stored.isoformat()} in the file\n"
+    ) in out
+    assert copies[same_seq][0] not in out
+    assert out.splitlines()[-1] == (
+        "reconcile: 1 differences (posting in ERP_POSTINGS differs from the file 1)"
+    )
+
+
+def test_stream_body_not_a_posting(
+    ray_local: None,
+    nats_server: EmbeddedNatsServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = _posted_run(nats_server, tmp_path)
+    [(key, copy)] = asyncio.run(
+        _publish_changed(nats_server.url, {1: {"plant": 7}}, replace=True)
+    ).values()
+    assert _cli(path, "--nats-url", nats_server.url) == 1
+    out = capsys.readouterr().out
+    assert (
+        "DIFFERENCE message in ERP_POSTINGS does not decode as a posting: "
+        f"{key} at stream sequence {copy}: Expected `str`, got `int` - at `$.plant` "
+        "(`plantstream schema postings` prints the posting contract)\n"
+    ) in out
+    # The message counts under the key in its body all the same.
+    assert "but not in ERP_POSTINGS" not in out
+    assert out.splitlines()[-1] == (
+        "reconcile: 1 differences "
+        "(message in ERP_POSTINGS does not decode as a posting 1)"
+    )
+
+
+def test_every_stream_copy_compared(
+    ray_local: None,
+    nats_server: EmbeddedNatsServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = _posted_run(nats_server, tmp_path)
+    [(key, copy)] = asyncio.run(
+        _publish_changed(nats_server.url, {1: {"uom": "ZZZ"}}, replace=False)
+    ).values()
+    assert _cli(path, "--nats-url", nats_server.url) == 1
+    out = capsys.readouterr().out
+    assert (
+        f"DIFFERENCE posting stored more than once in ERP_POSTINGS: {key}: 2 copies, "
+        f"at stream sequences 1, {copy}\n"
+    ) in out
+    assert (
+        f"DIFFERENCE posting in ERP_POSTINGS differs from the file: {key} at stream "
+        f"sequence {copy}: uom 'ZZZ' in the stream, "
+    ) in out
+    # The first copy is the one the file stores.
+    assert "at stream sequence 1:" not in out
+
+
+def test_body_differences_output_bounded(
+    ray_local: None,
+    nats_server: EmbeddedNatsServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = _posted_run(nats_server, tmp_path)
+    bodies = asyncio.run(_read_bodies(nats_server.url))
+    assert len(bodies) > 3
+    copies = asyncio.run(
+        _publish_changed(
+            nats_server.url, {seq: {"uom": "ZZZ"} for seq in bodies}, replace=True
+        )
+    )
+    check = "posting in ERP_POSTINGS differs from the file"
+
+    assert _cli(path, "--nats-url", nats_server.url, "--max-differences", "3") == 1
+    lines = capsys.readouterr().out.splitlines()
+    printed = [line for line in lines if line.startswith("DIFFERENCE")]
+    assert len(printed) == 3
+    # The first differences in stream order are the ones printed.
+    first_key, first_copy = copies[min(bodies)]
+    assert printed[0].startswith(
+        f"DIFFERENCE {check}: {first_key} at stream sequence {first_copy}: "
+    )
+    assert f"... and {len(bodies) - 3} more" in lines
+    assert lines[-1] == f"reconcile: {len(bodies)} differences ({check} {len(bodies)})"
+
+    assert _cli(path, "--nats-url", nats_server.url, "--max-differences", "1000") == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith(f"DIFFERENCE {check}: ") for line in lines) == len(
+        bodies
+    )
+
+    # None printed, but all counted: the exit status still reports them.
+    assert _cli(path, "--nats-url", nats_server.url, "--max-differences", "0") == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert not any(line.startswith("DIFFERENCE") for line in lines)
+    assert f"... and {len(bodies)} more" in lines
+    assert lines[-1] == f"reconcile: {len(bodies)} differences ({check} {len(bodies)})"
+
+
+def test_stream_body_nested_too_deeply(
+    ray_local: None,
+    nats_server: EmbeddedNatsServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = _posted_run(nats_server, tmp_path)
+    # A key, then an array nested far beyond what the decoder follows.
+    body = b'{"key": "stray-nested", "lineage": ' + b"[" * 100_000 + b"]" * 100_000
+    body += b"}"
+
+    async def publish_nested() -> int:
+        nc = await nats.connect(nats_server.url)
+        try:
+            ack = await nc.jetstream().publish(
+                posting_subject("P01"), body, headers={"Nats-Msg-Id": "stray-nested"}
+            )
+            return ack.seq
+        finally:
+            await nc.close()
+
+    seq = asyncio.run(publish_nested())
+    assert _cli(path, "--nats-url", nats_server.url) == 1
+    out = capsys.readouterr().out
+    assert (
+        "DIFFERENCE message in ERP_POSTINGS without a posting key: stream sequence "
+        f"{seq}, Nats-Msg-Id stray-nested: JSON nested too deeply to decode. "
+    ) in out
 
 
 def test_stream_of_other_server_rejected(
