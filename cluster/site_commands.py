@@ -93,7 +93,10 @@ def _buffer_max_age(text: str) -> float:
             f"must be at most {MAX_SITE_MAX_AGE_S:,.0f} s (about 292 years), the "
             f"longest nats-server takes, got {text}; use 0 for no limit"
         )
-    if 0 < value < MIN_SITE_MAX_AGE_S:
+    # A value so small that it reads as 0, such as 1e-400, is a typo, not "no limit".
+    if 0 < value < MIN_SITE_MAX_AGE_S or (
+        value == 0 and any(c in text for c in "123456789")
+    ):
         raise argparse.ArgumentTypeError(
             f"must be 0 (no limit) or at least {MIN_SITE_MAX_AGE_S:g} s, got {text}: "
             "a site keeps events to ride out an outage of the hub link, so it should "

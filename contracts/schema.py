@@ -55,9 +55,25 @@ def event_schema() -> dict[str, object]:
         plant = definition.get("properties", {}).get("plant")
         if plant is not None:
             plant["pattern"] = f"^{PLANT_ID_PATTERN}$"
-    # `order` is optional in the base class, but these types are rejected without it.
+    # `order` is optional in the base class, but these types are rejected without it,
+    # and a null order counts as none.
     for event_type in ORDER_SCOPED_EVENTS:
-        definitions[event_type.__name__]["required"].append("order")
+        definition = definitions[event_type.__name__]
+        definition["required"].append("order")
+        definition["properties"]["order"] = _not_null(definition["properties"]["order"])
+    # A hold without an order applies to the whole plant, which only a lot or material
+    # hold can; scope defaults to "order", so a hold that leaves it out needs an order.
+    hold = definitions["QualityHoldApplied"]
+    hold["if"] = {
+        "anyOf": [
+            {"not": {"required": ["scope"]}},
+            {"properties": {"scope": {"const": "order"}}},
+        ]
+    }
+    hold["then"] = {
+        "required": ["order"],
+        "properties": {"order": _not_null(hold["properties"]["order"])},
+    }
     # Formats are only annotations in draft 2020-12 unless a validator is configured
     # to check them, so the UTC offset the decoder requires is also a pattern.
     for value in _walk(schema):
@@ -70,6 +86,12 @@ _AWARE_DATETIME = (
     r"^[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?"
     r"([Zz]|[+-][0-9]{2}:[0-9]{2})$"
 )
+
+
+def _not_null(field: dict[str, Any]) -> dict[str, Any]:
+    """Return the schema of an optional string field without its null alternative."""
+    options = [option for option in field["anyOf"] if option.get("type") != "null"]
+    return options[0] if len(options) == 1 else {"anyOf": options}
 
 
 def _walk(node: object) -> Iterator[dict[str, Any]]:

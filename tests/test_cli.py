@@ -428,6 +428,7 @@ def test_site_init_subject_conflict(
         ("nan", "must be 0 (no limit) or a positive number of seconds, got nan"),
         ("1e12", "must be at most 9,223,372,036 s (about 292 years)"),
         ("30", "must be 0 (no limit) or at least 60 s, got 30"),
+        ("1e-400", "must be 0 (no limit) or at least 60 s, got 1e-400"),
         ("soon", "'soon' is not a number of seconds"),
     ],
 )

@@ -270,6 +270,14 @@ def test_schema_states_what_the_decoder_and_ingest_accept() -> None:
     assert "order" in defs["WorkOrderReleased"]["required"]
     assert "order" not in defs["QualityHoldApplied"]["required"]
     assert "order" not in defs["MachineStateChanged"]["required"]
+    # A null order is no order to the partition either.
+    assert defs["ProductionConfirmed"]["properties"]["order"]["type"] == "string"
+    # A hold of scope order, the default, needs its order too.
+    hold = defs["QualityHoldApplied"]
+    assert {"not": {"required": ["scope"]}} in hold["if"]["anyOf"]
+    assert {"properties": {"scope": {"const": "order"}}} in hold["if"]["anyOf"]
+    assert hold["then"]["required"] == ["order"]
+    assert hold["then"]["properties"]["order"]["type"] == "string"
 
 
 def test_schema_patterns_reject_what_the_decoder_rejects() -> None:
