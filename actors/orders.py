@@ -99,28 +99,28 @@ def convert_quantity(quantity: ev.Quantity, uom: str, label: str) -> Decimal:
     return rounded
 
 
-def _unit_mismatch_detail(given: str, posted: str, label: str) -> str:
-    """Return the error for a quantity in `given` that cannot be posted in `posted`.
+def _unit_mismatch_detail(unit: str, posted: str, label: str) -> str:
+    """Return the error for a quantity in `unit` that cannot be posted in `posted`.
 
     A code that differs from a known one only in case, such as kg for KG, gets its own
     message, because "no conversion between kg and KG" reads like a bug.
     """
-    if given.upper() == posted.upper():
+    if unit.upper() == posted.upper():
         return (
-            f"{label} is in {given}, but unit codes are case-sensitive and it must be "
+            f"{label} is in {unit}, but unit codes are case-sensitive and it must be "
             f"posted in {posted}; report it in {posted}"
         )
-    known = given.upper()
+    known = unit.upper()
     target = UNIT_FACTORS.get(posted)
     if known in UNIT_FACTORS and target is not None:
         if UNIT_FACTORS[known][0] == target[0]:
             return (
-                f"{label} is in {given}, an unknown unit because unit codes are "
+                f"{label} is in {unit}, an unknown unit because unit codes are "
                 f"case-sensitive; report it in {known}, which plantstream converts "
                 f"to {posted}, or in {posted}"
             )
     return (
-        f"{label} is in {given} but must be posted in {posted}, and plantstream has "
+        f"{label} is in {unit} but must be posted in {posted}, and plantstream has "
         f"no conversion between them (convertible units, case-sensitive: "
         f"{', '.join(sorted(UNIT_FACTORS))}); report it in {posted}"
     )

@@ -280,19 +280,20 @@ class DifferenceSample:
 
     check: str
     limit: int
-    kept: list[Difference] = field(default_factory=list)
+    examples: list[Difference] = field(default_factory=list)
     count: int = 0
 
     def add(self, detail: str) -> None:
-        """Count one difference, and keep it while fewer than `limit` are kept."""
+        """Count one difference, and keep it as an example while fewer than `limit`
+        are kept."""
         self.count += 1
-        if len(self.kept) < self.limit:
-            self.kept.append(Difference(self.check, detail))
+        if len(self.examples) < self.limit:
+            self.examples.append(Difference(self.check, detail))
 
     @property
     def omitted(self) -> int:
         """Number of differences counted but not kept."""
-        return self.count - len(self.kept)
+        return self.count - len(self.examples)
 
 
 class PostingBodies:
@@ -363,7 +364,7 @@ class PostingBodies:
     def differences(self) -> list[Difference]:
         """Return the differences kept, after comparing the queued postings."""
         self.flush()
-        return self.differing.kept + self.undecodable.kept
+        return self.differing.examples + self.undecodable.examples
 
     def _rows_of(self, keys: set[str]) -> dict[str, dict[str, Any]]:
         result = self._connection.execute(_POSTING_ROWS, [sorted(keys)])

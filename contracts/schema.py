@@ -62,7 +62,7 @@ def event_schema() -> dict[str, object]:
         definition["required"].append("order")
         definition["properties"]["order"] = _not_null(definition["properties"]["order"])
     # A hold without an order applies to the whole plant, which only a lot or material
-    # hold can; scope defaults to "order", so a hold that leaves it out needs an order.
+    # hold can. Scope defaults to "order", so a hold that leaves it out needs an order.
     hold = definitions["QualityHoldApplied"]
     hold["if"] = {
         "anyOf": [
