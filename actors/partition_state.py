@@ -822,7 +822,7 @@ class PartitionState:
         """
         named = reversed_event_id(event)
         named_hash = stable_hash(named)
-        # Most reversals that miss their event arrived before it, and the partition
+        # A reversal that misses its event usually arrived before it, so the partition
         # has not seen that id yet. One lookup settles those without a scan.
         if named_hash not in self.seen:
             return

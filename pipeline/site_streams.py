@@ -52,8 +52,8 @@ MIN_SITE_MAX_AGE_S = 60.0
 """The shortest retention `site-init` accepts, other than 0 for none."""
 
 MAX_SITE_MAX_AGE_S = (2**63 - 1) // 10**9
-"""The longest retention nats-server takes, in whole seconds: it reads max_age as
-nanoseconds in a signed 64-bit integer."""
+"""The maximum retention nats-server takes, in whole seconds, because it reads max_age
+as nanoseconds in a signed 64-bit integer."""
 
 DUPLICATE_WINDOW_S = 120.0
 """The site stream's window for Nats-Msg-Id, cut to the retention when that is

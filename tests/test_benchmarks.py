@@ -145,7 +145,7 @@ def test_report_names_commit(report: str) -> None:
 
 
 def test_quick_report_keeps_memory_target(report: str) -> None:
-    # The quick soak may have too few samples for a trend; the target row stays, and
+    # The quick soak may have too few samples for a trend. The target row stays, and
     # the text does not claim what only a full run shows.
     rows = _rows(report, "Targets")
     assert any(row[0].startswith("actor memory flat") for row in rows)

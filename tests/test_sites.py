@@ -142,7 +142,7 @@ def test_source_position_reads_the_copy_header() -> None:
     assert source_position({"Nats-Stream-Source": "SITE_P01 soon"}) is None
 
 
-def test_site_sequences_count_only_gaps_after_a_known_sequence() -> None:
+def test_site_sequences_count_gaps() -> None:
     sequences = SiteSequences()
     assert sequences.missing_before("SITE_P01", 40) == 0
     assert sequences.missing_before("SITE_P01", 41) == 0
