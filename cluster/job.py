@@ -12,7 +12,7 @@ import logging
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Coroutine, Iterable
+from collections.abc import Awaitable, Callable, Coroutine, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,12 @@ import ray
 from actors.partition import PartitionActor
 from actors.settings import StateSettings
 from cluster.connection_log import SUMMARY_INTERVAL_S, ConnectionLog, redact_url
-from cluster.lease import DEFAULT_TTL_S, IngestLease, LeaseLostError
+from cluster.lease import (
+    DEFAULT_TTL_S,
+    IngestLease,
+    LeaseLostError,
+    LeaseRetakenError,
+)
 from cluster.nats_server import EmbeddedNatsServer
 from pipeline.ingest import Ingest, IngestReport
 from pipeline.publish import publish_all
@@ -392,9 +397,10 @@ async def run_job(
                             actors,
                             writer,
                             config.pipeline,
-                            commit_guard=None if lease is None else lease.check,
                             on_restore=None if lease is None else lease.restoring,
                         )
+                        if lease is not None:
+                            ingest.commit_guard = _lease_guard(lease, ingest)
                         try:
                             await ingest.start_with_retry(stop)
                         except BaseException:
@@ -442,6 +448,31 @@ async def _bounded(step: Coroutine[Any, Any, None], description: str) -> None:
             description,
             CLEANUP_TIMEOUT_S,
         )
+
+
+def _lease_guard(lease: IngestLease, ingest: Ingest) -> Callable[[], Awaitable[None]]:
+    """Return the check a commit waits for: this run must still hold the lease.
+
+    A lease that expired during an outage and that this run took again sends the
+    ingest back to its last checkpoint only when another run committed meanwhile.
+    Otherwise the state in the actors still follows the committed checkpoint, and
+    replaying would only repeat work.
+    """
+
+    async def check() -> None:
+        try:
+            await lease.check()
+        except LeaseRetakenError:
+            if not await ingest.checkpoint_unchanged():
+                raise
+            logger.info(
+                "no other run committed while the ingest lease was free, so this run "
+                "commits without going back to its last checkpoint"
+            )
+            # The first check raised before it compared the holder, so check again.
+            await lease.check()
+
+    return check
 
 
 async def _run_holding(

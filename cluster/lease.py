@@ -49,9 +49,10 @@ class LeaseLostError(RuntimeError):
 class LeaseRetakenError(ConnectionError):
     """The lease expired while NATS was unreachable, and this run took it again.
 
-    Another run may have held the lease and committed checkpoints in the meantime, so
-    the ingest resumes from the last committed checkpoint, which it does for every
-    ConnectionError.
+    Another run may have held the lease and committed checkpoints in the meantime.
+    `plantstream run` then resumes from the last committed checkpoint, which the ingest
+    does for every ConnectionError, unless that checkpoint is still its own
+    (`cluster.job._lease_guard`).
     """
 
 
@@ -264,8 +265,8 @@ class IngestLease:
         self._retaken = True
         logger.warning(
             "the ingest lease expired while NATS was unreachable, and no other run "
-            "had taken it; this run took it again and resumes from its last "
-            "checkpoint"
+            "had it; this run took it again, and goes back to its last checkpoint if "
+            "another run committed meanwhile"
         )
         return True
 

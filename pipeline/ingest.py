@@ -374,6 +374,9 @@ class Ingest:
         self._dead_rows: list[dict[str, object]] = []
         self._ingest_counts: Counter[str] = Counter()
         self._site_seqs = SiteSequences()
+        self._last_manifest: tuple[int, float] | None = None
+        """(stream_seq, written_at) of the manifest this process restored or committed
+        last; None before the first checkpoint."""
         self._commit_task: asyncio.Task[None] | None = None
         self._commit_hurried = False
         """Set when the commit in flight should skip or end its COMMIT_DEFER_S wait."""
@@ -444,6 +447,9 @@ class Ingest:
         # A new token per restore: an actor that Ray restarts afterwards lacks it and
         # rejects the next call, instead of applying it to an empty state.
         token = self._restore_token = secrets.token_hex(8)
+        self._last_manifest = (
+            None if manifest is None else (manifest.stream_seq, manifest.written_at)
+        )
         if manifest is None:
             self._ingest_counts = Counter()
             self._site_seqs = SiteSequences()
@@ -1175,6 +1181,7 @@ class Ingest:
             barrier.site_seqs,
         )
         await self._chains.commit(self._store, manifest)
+        self._last_manifest = (manifest.stream_seq, manifest.written_at)
         self.report.committed_seq = barrier.covered_seq
         clock = self._lap("commit", clock)
         # 6. Acknowledge. The consumer acknowledges all: acking the message delivered
@@ -1189,6 +1196,14 @@ class Ingest:
         )
         self.report.checkpoints += 1
         self._recoveries_without_progress = 0
+
+    async def checkpoint_unchanged(self) -> bool:
+        """Return whether the committed checkpoint is still the one this process
+        restored or committed last, so that no other run committed since."""
+        assert self._store is not None
+        manifest = await read_manifest(self._store)
+        found = None if manifest is None else (manifest.stream_seq, manifest.written_at)
+        return found == self._last_manifest
 
     async def partition_stats(self) -> list[dict[str, object]]:
         """Return the stats of every partition that still has its restored state.

@@ -16,8 +16,11 @@ import msgspec
 import nats
 import nats.js.errors
 import pytest
+import ray
 from nats.js.api import KeyValueConfig
 
+from actors.partition import PartitionActor
+from cluster.job import _lease_guard
 from cluster.lease import (
     LEASE_BUCKET,
     LEASE_KEY,
@@ -30,6 +33,12 @@ from cluster.lease import (
     _process_namespace,
 )
 from cluster.nats_server import EmbeddedNatsServer
+from pipeline.checkpoints import MANIFEST, read_manifest
+from pipeline.ingest import Ingest
+from pipeline.publish import publish_all
+from pipeline.settings import PipelineSettings
+from pipeline.sources.generated import StreamSpec, generate
+from pipeline.streams import CHECKPOINT_BUCKET, ensure_streams
 
 TTL_S = 1.0
 
@@ -253,6 +262,71 @@ def test_lease_expired_in_outage_taken_again(
         with caplog.at_level("INFO", logger="cluster.lease"):
             asyncio.run(scenario())
     finally:
+        server.stop()
+
+
+def test_retaken_lease_commits_on_unless_another_run_did(
+    ray_local: None, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """After an outage longer than the TTL, a run that takes the lease again goes back
+    to its checkpoint only if the committed one changed meanwhile."""
+    store = tmp_path / "jetstream"
+    server = EmbeddedNatsServer(store_dir=store).start()
+    actors = [PartitionActor.remote(0)]  # type: ignore[attr-defined]
+
+    async def scenario() -> None:
+        nonlocal server
+        nc = await nats.connect(
+            server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.1
+        )
+
+        async def outage() -> None:
+            nonlocal server
+            caplog.clear()
+            server.stop()
+            await asyncio.sleep(3 * TTL_S)
+            server = EmbeddedNatsServer(store_dir=store, port=server.port).start()
+            deadline = time.monotonic() + 20 * TTL_S
+            while "took it again" not in caplog.text:
+                assert time.monotonic() < deadline, caplog.text[-2000:]
+                await asyncio.sleep(TTL_S / 10)
+
+        try:
+            js = nc.jetstream(timeout=TTL_S / 2)
+            settings = PipelineSettings(fetch_batch=50)
+            await ensure_streams(js, settings)
+            messages, _ = generate(StreamSpec(plants=1, orders_per_plant=5, seed=2))
+            await publish_all(nc, ((m.subject, m.data, None) for m in messages))
+            lease = IngestLease(js, ttl_s=TTL_S)
+            await lease.acquire()
+            ingest = Ingest(nc, actors, None, settings)
+            guard = _lease_guard(lease, ingest)
+            await ingest.start()
+            await ingest.run(until_drained=True)
+
+            await outage()
+            # Nothing committed while the lease was free: the commit goes ahead.
+            await guard()
+
+            await outage()
+            # Another run committed meanwhile: back to the checkpoint.
+            checkpoints = await js.object_store(CHECKPOINT_BUCKET)
+            manifest = await read_manifest(checkpoints)
+            assert manifest is not None
+            manifest.written_at += 1.0
+            await checkpoints.put(MANIFEST, msgspec.json.encode(manifest))
+            with pytest.raises(LeaseRetakenError):
+                await guard()
+            await lease.release()
+        finally:
+            await nc.close()
+
+    try:
+        with caplog.at_level("INFO", logger="cluster.lease"):
+            asyncio.run(scenario())
+    finally:
+        for actor in actors:
+            ray.kill(actor)
         server.stop()
 
 
