@@ -95,33 +95,32 @@ class IngestLease:
     async def acquire(self, stop: asyncio.Event | None = None) -> None:
         """Take the lease, waiting while another live run has it.
 
-        Raises StoppedWaitingError if `stop` is set before the lease is free.
+        A standby also waits out an outage of NATS, because the lease may be free
+        when NATS returns. Raises StoppedWaitingError if `stop` is set before the
+        lease is free.
         """
         self._kv = await self._bucket()
         warned = False
+        unreachable = False
         while True:
-            self.holder.since = time.time()
-            value = msgspec.json.encode(self.holder)
             try:
-                self._revision = await _create(self._kv, LEASE_KEY, value)
-                break
-            except nats.js.errors.KeyWrongLastSequenceError:
-                pass
-            try:
-                entry = await self._kv.get(LEASE_KEY)
-            except nats.js.errors.KeyNotFoundError:
-                continue  # expired or released between the two calls
-            other = msgspec.json.decode(entry.value or b"{}", type=Holder)
-            if _is_dead_local_process(other):
-                logger.info("taking the ingest lease of %s, which has exited",
-                            other.describe())  # fmt: skip
-                try:
-                    self._revision = await self._kv.update(
-                        LEASE_KEY, value, last=entry.revision
+                other = await self._try_take()
+            except (TimeoutError, nats.errors.Error) as error:
+                if not unreachable:
+                    logger.warning(
+                        "cannot reach NATS while waiting for the ingest lease (%s); "
+                        "retrying every %g s",
+                        error or type(error).__name__,
+                        self.ttl_s / 4,
                     )
-                    break
-                except nats.js.errors.KeyWrongLastSequenceError:
-                    continue  # another standby took it first
+                    unreachable = True
+                await self._pause(stop)
+                continue
+            if other is None:
+                break
+            if unreachable:
+                logger.info("reached NATS again; still waiting for the ingest lease")
+                unreachable = False
             if not warned:
                 logger.warning(
                     "another plantstream run has the ingest lease (%s); this run "
@@ -132,20 +131,51 @@ class IngestLease:
                     self.ttl_s,
                 )
                 warned = True
-            if stop is None:
-                await asyncio.sleep(self.ttl_s / 4)
-            else:
-                try:
-                    await asyncio.wait_for(stop.wait(), self.ttl_s / 4)
-                except TimeoutError:
-                    pass
-                else:
-                    raise StoppedWaitingError(
-                        "stopped while waiting for the ingest lease; this run "
-                        "processed nothing"
-                    )
+            await self._pause(stop)
         logger.info("took the ingest lease (TTL %g s)", self.ttl_s)
         self._renewal = asyncio.create_task(self._renew())
+
+    async def _try_take(self) -> Holder | None:
+        """Take the lease if it is free or its holder has exited; otherwise return the
+        live holder."""
+        assert self._kv is not None
+        while True:
+            self.holder.since = time.time()
+            value = msgspec.json.encode(self.holder)
+            try:
+                self._revision = await _create(self._kv, LEASE_KEY, value)
+                return None
+            except nats.js.errors.KeyWrongLastSequenceError:
+                pass
+            try:
+                entry = await self._kv.get(LEASE_KEY)
+            except nats.js.errors.KeyNotFoundError:
+                continue  # expired or released between the two calls
+            other = msgspec.json.decode(entry.value or b"{}", type=Holder)
+            if not _is_dead_local_process(other):
+                return other
+            logger.info("taking the ingest lease of %s, which has exited",
+                        other.describe())  # fmt: skip
+            try:
+                self._revision = await self._kv.update(
+                    LEASE_KEY, value, last=entry.revision
+                )
+                return None
+            except nats.js.errors.KeyWrongLastSequenceError:
+                continue  # another standby took it first
+
+    async def _pause(self, stop: asyncio.Event | None) -> None:
+        """Wait a quarter of the TTL; raise StoppedWaitingError if `stop` is set."""
+        if stop is None:
+            await asyncio.sleep(self.ttl_s / 4)
+            return
+        try:
+            await asyncio.wait_for(stop.wait(), self.ttl_s / 4)
+        except TimeoutError:
+            return
+        raise StoppedWaitingError(
+            "stopped while waiting for the ingest lease; this run processed nothing"
+        )
 
     async def _bucket(self) -> KeyValue:
         try:
@@ -186,6 +216,13 @@ class IngestLease:
             entry = await self._kv.get(LEASE_KEY)
         except nats.js.errors.KeyNotFoundError:
             entry = None
+        if entry is None and await self._take_expired():
+            # The lease expired during an outage and the renewals have not taken it
+            # again yet, as after a recovery that restored before they ran.
+            raise LeaseRetakenError(
+                "the ingest lease had expired and this run took it again, so it "
+                "resumes from its last committed checkpoint instead of committing"
+            )
         # The holder, not the revision: a renewal in flight may have moved the
         # revision past the one this run recorded.
         holder = None
@@ -267,6 +304,23 @@ class IngestLease:
             "the ingest lease expired while NATS was unreachable, and no other run "
             "had it; this run took it again, and goes back to its last checkpoint if "
             "another run committed meanwhile"
+        )
+        return True
+
+    async def _take_expired(self) -> bool:
+        """Create the lease key, which was missing. Return False if another run created
+        it first."""
+        assert self._kv is not None
+        try:
+            self._revision = await _create(
+                self._kv, LEASE_KEY, msgspec.json.encode(self.holder)
+            )
+        except nats.js.errors.KeyWrongLastSequenceError:
+            return False
+        logger.warning(
+            "the ingest lease had expired and no other run had it; this run took it "
+            "again, and goes back to its last checkpoint if another run committed "
+            "meanwhile"
         )
         return True
 

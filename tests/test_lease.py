@@ -330,6 +330,66 @@ def test_retaken_lease_commits_on_unless_another_run_did(
         server.stop()
 
 
+def test_missing_lease_key_taken_again_at_check(
+    nats_server: EmbeddedNatsServer,
+) -> None:
+    """A lease key that expired before the renewals took it again, as after a
+    recovery that restored first, is taken at the check instead of read as lost."""
+
+    async def scenario() -> None:
+        async with jetstream(nats_server.url) as js:
+            lease = IngestLease(js, ttl_s=TTL_S)
+            await lease.acquire()
+            kv = await js.key_value(LEASE_BUCKET)
+            await kv.purge(LEASE_KEY)
+            with pytest.raises(LeaseRetakenError):
+                await lease.check()
+            await lease.check()
+            assert not lease.lost.is_set()
+            await lease.release()
+
+    asyncio.run(scenario())
+
+
+def test_standby_waits_out_a_nats_outage(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    store = tmp_path / "jetstream"
+    server = EmbeddedNatsServer(store_dir=store).start()
+
+    async def scenario() -> None:
+        nonlocal server
+        first_nc = await nats.connect(server.url, max_reconnect_attempts=-1)
+        standby_nc = await nats.connect(
+            server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.1
+        )
+        try:
+            first = IngestLease(first_nc.jetstream(timeout=TTL_S), ttl_s=TTL_S)
+            await first.acquire()
+            standby = IngestLease(standby_nc.jetstream(timeout=TTL_S), ttl_s=TTL_S)
+            waiting = asyncio.create_task(standby.acquire())
+            await asyncio.sleep(TTL_S)
+            server.stop()
+            # The first run ends during the outage, so its lease expires and the
+            # standby takes over once NATS is back.
+            await first_nc.close()
+            await asyncio.sleep(3 * TTL_S)
+            assert not waiting.done()
+            server = EmbeddedNatsServer(store_dir=store, port=server.port).start()
+            await asyncio.wait_for(waiting, 30 * TTL_S)
+            assert "cannot reach NATS while waiting for the ingest lease" in caplog.text
+            await standby.release()
+        finally:
+            await first_nc.close()
+            await standby_nc.close()
+
+    try:
+        with caplog.at_level("INFO", logger="cluster.lease"):
+            asyncio.run(scenario())
+    finally:
+        server.stop()
+
+
 def test_standby_stops_when_asked(nats_server: EmbeddedNatsServer) -> None:
     async def scenario() -> None:
         async with jetstream(nats_server.url) as js:
