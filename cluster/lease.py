@@ -136,8 +136,8 @@ class IngestLease:
         self._renewal = asyncio.create_task(self._renew())
 
     async def _try_take(self) -> Holder | None:
-        """Take the lease if it is free or its holder has exited; otherwise return the
-        live holder."""
+        """Take the lease if it is free or its holder has exited, and return None.
+        Otherwise return the live holder."""
         assert self._kv is not None
         while True:
             self.holder.since = time.time()
@@ -165,7 +165,7 @@ class IngestLease:
                 continue  # another standby took it first
 
     async def _pause(self, stop: asyncio.Event | None) -> None:
-        """Wait a quarter of the TTL; raise StoppedWaitingError if `stop` is set."""
+        """Wait a quarter of the TTL, or raise StoppedWaitingError if `stop` is set."""
         if stop is None:
             await asyncio.sleep(self.ttl_s / 4)
             return

@@ -383,8 +383,9 @@ def posting_row(posting: Posting) -> dict[str, Any]:
     item_text and started_at, so those fields are not compared.
     """
     # NOTE: this repeats `_postings_table` in actors/partition_state.py, which builds
-    # the stored rows. A column changed in one must change in the other; the clean run
-    # in tests/test_reconcile.py reports a difference when they disagree.
+    # the stored rows column by column on the hot path and cannot take a body that
+    # breaks the contract's ranges. A column changed in one must change in the other.
+    # The clean run in tests/test_reconcile.py reports a difference when they disagree.
     row: dict[str, Any] = dict.fromkeys(POSTING_COLUMNS)
     row.update(
         key=posting.key,

@@ -213,42 +213,59 @@ def test_renewal_failure_logged_as_warning(
     assert {record.levelname for record in failures[1:]} == {"DEBUG"}
 
 
+class _OutageServer:
+    """A nats-server with a store folder, which a test stops for longer than the TTL."""
+
+    def __init__(self, store: Path) -> None:
+        self.store = store
+        self.server = EmbeddedNatsServer(store_dir=store).start()
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+    def stop(self) -> None:
+        self.server.stop()
+
+    async def outage(
+        self, lease: IngestLease, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        """Stop the server for three TTLs, start it again on its port, and wait until
+        `lease` is taken again."""
+        caplog.clear()
+        self.server.stop()
+        await asyncio.sleep(3 * TTL_S)
+        self.server = EmbeddedNatsServer(
+            store_dir=self.store, port=self.server.port
+        ).start()
+        deadline = time.monotonic() + 20 * TTL_S
+        while "took it again" not in caplog.text:
+            assert not lease.lost.is_set(), caplog.text[-2000:]
+            assert time.monotonic() < deadline, caplog.text[-2000:]
+            await asyncio.sleep(TTL_S / 10)
+
+
 def test_lease_expired_in_outage_taken_again(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """NATS down for longer than the TTL: the lease expires, no other run takes it,
     and the run takes it again instead of stopping."""
-    store = tmp_path / "jetstream"
-    server = EmbeddedNatsServer(store_dir=store).start()
+    server = _OutageServer(tmp_path / "jetstream")
 
     async def scenario() -> None:
-        nonlocal server
         nc = await nats.connect(
             server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.1
         )
-
-        async def outage() -> None:
-            nonlocal server
-            caplog.clear()
-            server.stop()
-            await asyncio.sleep(3 * TTL_S)
-            server = EmbeddedNatsServer(store_dir=store, port=server.port).start()
-            deadline = time.monotonic() + 20 * TTL_S
-            while "took it again" not in caplog.text:
-                assert not lease.lost.is_set(), caplog.text[-2000:]
-                assert time.monotonic() < deadline, caplog.text[-2000:]
-                await asyncio.sleep(TTL_S / 10)
-
         try:
             lease = IngestLease(nc.jetstream(timeout=TTL_S / 2), ttl_s=TTL_S)
             await lease.acquire()
-            await outage()
+            await server.outage(lease, caplog)
             # The first check sends the ingest back to its last checkpoint, because
             # another run may have committed while the lease was free.
             with pytest.raises(LeaseRetakenError):
                 await lease.check()
             await lease.check()
-            await outage()
+            await server.outage(lease, caplog)
             # An ingest that restored on its own after the outage is not sent back
             # again.
             lease.restoring()
@@ -270,27 +287,13 @@ def test_retaken_lease_commits_on_unless_another_run_did(
 ) -> None:
     """After an outage longer than the TTL, a run that takes the lease again goes back
     to its checkpoint only if the committed one changed meanwhile."""
-    store = tmp_path / "jetstream"
-    server = EmbeddedNatsServer(store_dir=store).start()
+    server = _OutageServer(tmp_path / "jetstream")
     actors = [PartitionActor.remote(0)]  # type: ignore[attr-defined]
 
     async def scenario() -> None:
-        nonlocal server
         nc = await nats.connect(
             server.url, max_reconnect_attempts=-1, reconnect_time_wait=0.1
         )
-
-        async def outage() -> None:
-            nonlocal server
-            caplog.clear()
-            server.stop()
-            await asyncio.sleep(3 * TTL_S)
-            server = EmbeddedNatsServer(store_dir=store, port=server.port).start()
-            deadline = time.monotonic() + 20 * TTL_S
-            while "took it again" not in caplog.text:
-                assert time.monotonic() < deadline, caplog.text[-2000:]
-                await asyncio.sleep(TTL_S / 10)
-
         try:
             js = nc.jetstream(timeout=TTL_S / 2)
             settings = PipelineSettings(fetch_batch=50)
@@ -304,11 +307,11 @@ def test_retaken_lease_commits_on_unless_another_run_did(
             await ingest.start()
             await ingest.run(until_drained=True)
 
-            await outage()
+            await server.outage(lease, caplog)
             # Nothing committed while the lease was free: the commit goes ahead.
             await guard()
 
-            await outage()
+            await server.outage(lease, caplog)
             # Another run committed meanwhile: back to the checkpoint.
             checkpoints = await js.object_store(CHECKPOINT_BUCKET)
             manifest = await read_manifest(checkpoints)

@@ -204,19 +204,36 @@ async def _republish(
         js = nc.jetstream()
         if after_window:
             await _let_duplicate_window_pass(js)
-        copies = []
-        for seq in seqs:
-            stored = await js.get_msg(POSTINGS_STREAM, seq)
-            assert stored.subject is not None
-            assert stored.data is not None
-            key = json.loads(stored.data)["key"]
-            headers = {"Nats-Msg-Id": key if msg_id is None else msg_id}
-            ack = await js.publish(stored.subject, stored.data, headers=headers)
-            assert not ack.duplicate
-            copies.append((key, ack.seq))
-        return copies
+        return [await _publish_copy(js, seq, msg_id=msg_id) for seq in seqs]
     finally:
         await nc.close()
+
+
+async def _publish_copy(
+    js: JetStreamContext,
+    seq: int,
+    *,
+    fields: dict[str, Any] | None = None,
+    msg_id: str | None = None,
+    replace: bool = False,
+) -> tuple[str, int]:
+    """Publish a copy of the posting at `seq` of ERP_POSTINGS, with the body `fields`
+    set, under `msg_id` or else its key as Nats-Msg-Id. With `replace`, delete the
+    original first. Return the copy's key and stream sequence."""
+    stored = await js.get_msg(POSTINGS_STREAM, seq)
+    assert stored.subject is not None
+    assert stored.data is not None
+    data = stored.data
+    body = json.loads(data)
+    if fields:
+        body.update(fields)
+        data = json.dumps(body).encode()
+    if replace:
+        assert await js.delete_msg(POSTINGS_STREAM, seq)
+    headers = {"Nats-Msg-Id": body["key"] if msg_id is None else msg_id}
+    ack = await js.publish(stored.subject, data, headers=headers)
+    assert not ack.duplicate
+    return body["key"], ack.seq
 
 
 def test_posting_stored_twice_reported(
@@ -366,22 +383,10 @@ async def _publish_changed(
     try:
         js = nc.jetstream()
         await _let_duplicate_window_pass(js)
-        copies = {}
-        for seq, fields in changes.items():
-            stored = await js.get_msg(POSTINGS_STREAM, seq)
-            assert stored.subject is not None
-            assert stored.data is not None
-            body = {**json.loads(stored.data), **fields}
-            if replace:
-                assert await js.delete_msg(POSTINGS_STREAM, seq)
-            ack = await js.publish(
-                stored.subject,
-                json.dumps(body).encode(),
-                headers={"Nats-Msg-Id": body["key"]},
-            )
-            assert not ack.duplicate
-            copies[seq] = (body["key"], ack.seq)
-        return copies
+        return {
+            seq: await _publish_copy(js, seq, fields=fields, replace=replace)
+            for seq, fields in changes.items()
+        }
     finally:
         await nc.close()
 

@@ -11,6 +11,7 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Sequence
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -631,6 +632,33 @@ def test_reopen_replays_committed_wal(tmp_path: Path) -> None:
     assert fetch(path, "SELECT order_id, status FROM orders") == [("O1", "released")]
 
 
+def _write_components(
+    path: Path,
+    orders: list[dict[str, Any]],
+    components: Sequence[tuple[str, str, Decimal | str, Decimal | str]],
+    uom: str,
+) -> None:
+    """Write `orders` and their (order, material, standard, actual) components."""
+    rows = [
+        {
+            "plant": "P1",
+            "order_id": order_id,
+            "material": material,
+            "uom": uom,
+            "standard_quantity": Decimal(standard),
+            "actual_quantity": Decimal(actual),
+        }
+        for order_id, material, standard, actual in components
+    ]
+    with SnapshotWriter(path) as writer:
+        writer.write(
+            {
+                "orders": table("orders", orders),
+                "order_components": table("order_components", rows),
+            }
+        )
+
+
 def test_material_variance_exact(tmp_path: Path) -> None:
     path = tmp_path / "snapshots.duckdb"
     orders = [
@@ -649,26 +677,7 @@ def test_material_variance_exact(tmp_path: Path) -> None:
         ("O3", "BOLT", "40", "4"),
         ("O3", "GLUE", "0", "0.25"),
     ]
-    with SnapshotWriter(path) as writer:
-        writer.write(
-            {
-                "orders": table("orders", orders),
-                "order_components": table(
-                    "order_components",
-                    [
-                        {
-                            "plant": "P1",
-                            "order_id": o,
-                            "material": m,
-                            "uom": "KG",
-                            "standard_quantity": Decimal(s),
-                            "actual_quantity": Decimal(a),
-                        }
-                        for o, m, s, a in components
-                    ],
-                ),
-            }
-        )
+    _write_components(path, orders, components, "KG")
     rows = fetch(
         path,
         "SELECT material, bom_quantity, standard_quantity, actual_quantity, variance, "
@@ -717,26 +726,7 @@ def test_material_variance_large_quantities(tmp_path: Path) -> None:
         ("O2", "COKE", Decimal("123456789012345.123456789"), Decimal(0)),
         ("O3", "SLAG", largest, Decimal(1)),
     ]
-    with SnapshotWriter(path) as writer:
-        writer.write(
-            {
-                "orders": table("orders", orders),
-                "order_components": table(
-                    "order_components",
-                    [
-                        {
-                            "plant": "P1",
-                            "order_id": o,
-                            "material": m,
-                            "uom": "T",
-                            "standard_quantity": s,
-                            "actual_quantity": a,
-                        }
-                        for o, m, s, a in components
-                    ],
-                ),
-            }
-        )
+    _write_components(path, orders, components, "T")
     rows = fetch(
         path,
         "SELECT material, standard_quantity, variance, variance_pct "

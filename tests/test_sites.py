@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import socket
+from collections.abc import Iterable
 from pathlib import Path
 
 import duckdb
@@ -25,7 +26,7 @@ from pipeline.site_streams import (
     site_stream_name,
     source_position,
 )
-from pipeline.sources.generated import StreamSpec, generate
+from pipeline.sources.generated import GeneratedMessage, StreamSpec, generate
 from pipeline.streams import CHECKPOINT_BUCKET, ensure_streams
 from pipeline.subjects import EVENTS_STREAM
 
@@ -97,20 +98,8 @@ def test_backlog_from_offline_site(tmp_path: Path) -> None:
     hub = _hub(tmp_path, leaf_port)
     settings = PipelineSettings(sites=plant, fetch_batch=500)
     try:
-
-        async def publish_while_hub_down() -> int:
-            nc = await nats.connect(site.url)
-            try:
-                js = nc.jetstream()
-                await ensure_site_stream(js, plant)
-                stored, _ = await publish_all(
-                    nc, ((m.subject, m.data, None) for m in messages)
-                )
-                return stored
-            finally:
-                await nc.close()
-
-        assert asyncio.run(publish_while_hub_down()) == len(messages)
+        stored = asyncio.run(_publish_at_site(site.url, plant, messages))
+        assert stored == len(messages)
         hub.start()
 
         assert asyncio.run(
@@ -170,20 +159,8 @@ def test_messages_a_site_dropped_become_a_dead_letter(
     settings = PipelineSettings(sites=plant, fetch_batch=100)
     dropped = range(20, 25)
     try:
-
-        async def publish_and_drop() -> None:
-            nc = await nats.connect(site.url)
-            try:
-                js = nc.jetstream()
-                await ensure_site_stream(js, plant)
-                await publish_all(nc, ((m.subject, m.data, None) for m in messages))
-                # As the site's max age would during an outage of the hub.
-                for seq in dropped:
-                    await js.delete_msg(site_stream_name(plant), seq)
-            finally:
-                await nc.close()
-
-        asyncio.run(publish_and_drop())
+        # As the site's max age would during an outage of the hub.
+        asyncio.run(_publish_at_site(site.url, plant, messages, drop=dropped))
         hub.start()
         asyncio.run(_source_sites(hub.url, plant, settings, len(messages) - 5))
         config = JobConfig(
@@ -226,6 +203,23 @@ def test_messages_a_site_dropped_become_a_dead_letter(
     assert "WARNING: 1 of them report messages a plant site dropped" in (
         capsys.readouterr().out
     )
+
+
+async def _publish_at_site(
+    url: str, plant: str, messages: list[GeneratedMessage], drop: Iterable[int] = ()
+) -> int:
+    """Create the site stream, publish `messages` to it, then delete the sequences in
+    `drop`; return how many messages it stored."""
+    nc = await nats.connect(url)
+    try:
+        js = nc.jetstream()
+        await ensure_site_stream(js, plant)
+        stored, _ = await publish_all(nc, ((m.subject, m.data, None) for m in messages))
+        for seq in drop:
+            await js.delete_msg(site_stream_name(plant), seq)
+        return stored
+    finally:
+        await nc.close()
 
 
 async def _source_sites(
