@@ -2,7 +2,9 @@
 
 Each run starts from a published stream with no consumer, no checkpoint and empty
 output streams, creates fresh partition actors and times `Ingest.run` until the stream
-is drained and the last checkpoint (DuckDB write and acks) is done.
+is drained and the last checkpoint (DuckDB write and acks) is done. With
+`timed_messages`, the stream already published is an untimed preload, and the run
+times the messages it publishes after the preload is drained.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import contextlib
 import logging
 import tempfile
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,7 @@ import ray
 from actors.partition import PartitionActor
 from actors.settings import StateSettings
 from benchmarks.broker import Broker
+from benchmarks.workload import publish_messages
 from pipeline.ingest import Ingest
 from pipeline.settings import PipelineSettings
 from pipeline.sink import SnapshotWriter
@@ -84,6 +87,7 @@ async def run_pipeline(
     during: DuringRun | None = None,
     state: StateSettings | None = None,
     sink: bool = True,
+    timed_messages: Sequence[tuple[str, bytes]] | None = None,
 ) -> PipelineRun:
     """Run the ingest over the whole stream with `partitions` fresh actors.
 
@@ -91,6 +95,12 @@ async def run_pipeline(
     when the stream is drained. `state` configures the actors (defaults when None).
     Without `sink` the ingest writes nothing to DuckDB, which shows what the snapshot
     writes cost; the actors still build the snapshot rows.
+
+    With `timed_messages`, the stream on the broker is drained first without timing
+    it, and the run times `timed_messages`, published once the preload is applied and
+    committed. The run's events and postings count `timed_messages` only, while its
+    dead letters, checkpoints and phases count both. The stream keeps both, so a
+    second run on the same broker would take `timed_messages` for preload too.
     """
     await broker.reset_outputs(settings.consumer)
     actors = start_actors(partitions, state)
@@ -105,6 +115,13 @@ async def run_pipeline(
                 )
                 ingest = Ingest(broker.client, actors, writer, settings)
                 await ingest.start()
+                preloaded_events = preloaded_postings = 0
+                if timed_messages is not None:
+                    report = await ingest.run(until_drained=True)
+                    preloaded_events = report.counts["events_in"]
+                    info = await broker.js.stream_info(POSTINGS_STREAM)
+                    preloaded_postings = info.state.messages
+                    await publish_messages(broker.client, timed_messages)
                 if during is not None:
                     helper = asyncio.create_task(during(actors))
                 started = time.perf_counter()
@@ -120,9 +137,9 @@ async def run_pipeline(
             ray.kill(actor)
     run = PipelineRun(
         partitions=partitions,
-        events=report.counts["events_in"],
+        events=report.counts["events_in"] - preloaded_events,
         seconds=elapsed,
-        postings_stored=info.state.messages,
+        postings_stored=info.state.messages - preloaded_postings,
         dead_letters=sum(report.dead_letters.values()),
         checkpoints=report.checkpoints,
         partition_stats=stats,

@@ -34,7 +34,7 @@ from benchmarks.pipeline_run import BENCH_SETTINGS, run_pipeline
 from benchmarks.profiling import profile_driver, profile_state
 from benchmarks.report import write_report
 from benchmarks.results import GrowthRow, Results, Sizes
-from benchmarks.stats import summarize
+from benchmarks.stats import Figure, summarize
 from benchmarks.workload import (
     EDGE_BATCH_EVENTS,
     build_workload,
@@ -271,9 +271,11 @@ async def _growth(results: Results, sizes: Sizes) -> None:
         traced = growth.measure_with_open_orders(
             open_orders, workload.messages, traced=True
         )
-        results.growth_orders.append(
-            _growth_row(f"{open_orders:,} open orders", runs, traced)
+        row = _growth_row(f"{open_orders:,} open orders", runs, traced)
+        row.pipeline_rate = await _pipeline_after_open_orders(
+            open_orders, workload.messages, sizes.repeats
         )
+        results.growth_orders.append(row)
     for ids in sizes.remembered_ids:
         runs = [
             growth.measure_with_open_orders(
@@ -306,6 +308,27 @@ async def _growth(results: Results, sizes: Sizes) -> None:
         )
         row.pipeline_rate = summarize(pipeline_rates)
         results.growth_plants.append(row)
+
+
+async def _pipeline_after_open_orders(
+    open_orders: int, messages: list[tuple[str, bytes]], repeats: int
+) -> Figure:
+    """Time the pipeline over `messages` after it applied `open_orders` releases.
+
+    Each repeat takes a new broker, because the timed messages stay in the stream
+    behind the preload. The releases are those of the in-process rows, on plant P99.
+    """
+    preload = [
+        (message.subject, message.data)
+        for message in memory.open_order_messages(open_orders, plant="P99")
+    ]
+    rates = []
+    for _ in range(repeats):
+        async with Broker() as broker:
+            await publish_messages(broker.client, preload)
+            run = await run_pipeline(broker, 2, timed_messages=messages)
+            rates.append(run.rate)
+    return summarize(rates)
 
 
 def _growth_row(

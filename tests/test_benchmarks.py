@@ -272,6 +272,15 @@ def test_growth_rows(report: str) -> None:
     labels = [row[0] for row in rows]
     assert sum("open orders" in label for label in labels) == 3
     assert sum("plants" in label for label in labels) == 3
+    for row in rows:
+        # The pipeline column: a rate after an order preload or per plant count, and
+        # none after an id preload, which the pipeline does not run.
+        if row[0] == "state":
+            continue  # the second table's header
+        if "remembered ids" in row[0]:
+            assert row[-1] == "-"
+        else:
+            assert _number(row[-1].split()[0]) > 0, row
 
 
 def test_profile_names_functions(report: str) -> None:
