@@ -818,7 +818,7 @@ class PartitionState:
 
         NOTE: an event of an order in another partition or of an evicted order, and an
         id that the id table has forgotten, are not found. Such a reversal is still
-        parked and expires as `parked_expired`.
+        parked and expires as `parked_expired`, whose detail names this possibility.
         """
         named = reversed_event_id(event)
         named_hash = stable_hash(named)
@@ -944,7 +944,8 @@ class PartitionState:
                     message,
                     "parked_expired",
                     f"waited {self.settings.park_timeout_s:g} s for {key} and it never "
-                    "arrived; publish the missing event, then retry this dead letter",
+                    "arrived; publish the missing event, then retry this dead letter"
+                    + _expired_reversal_hint(event, key),
                     event,
                 )
             if keep:
@@ -1617,6 +1618,18 @@ class _OrderClosed(Exception):
         self.order = order
         self.plant = plant
         self.completed_at = completed_at
+
+
+def _expired_reversal_hint(event: ev.PlantEvent, key: str) -> str:
+    # A reversal that names an event of an order in another partition waits here for
+    # an event that is applied elsewhere, so "publish the missing event" misleads.
+    if not isinstance(event, _REVERSAL_EVENTS) or not key.startswith("event:"):
+        return ""
+    return (
+        f". If {reversed_event_id(event)} was applied to another order, this "
+        f"reversal names the wrong order ({event.order}): publish it again under a "
+        "new event id with the order of the event it reverses"
+    )
 
 
 def _clock_row(plant: str, partition: int, clock: PlantClock) -> dict[str, object]:

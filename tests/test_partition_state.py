@@ -337,6 +337,26 @@ def test_reversal_parked_until_named_event_arrives() -> None:
     assert state.parked == {}
 
 
+def test_expired_reversal_names_wrong_order() -> None:
+    # c2 belongs to an order of another partition, so this one never sees it.
+    state = PartitionState(0, StateSettings(park_timeout_s=0))
+    state.apply_batch(messages(release("O1"), reversal("r1", "c2", order="O1")))
+    state._last_expiry_scan = 0.0  # the next batch scans for expired events
+    [letter] = state.apply_batch([]).dead_letters
+    assert letter.reason == "parked_expired"
+    assert "If c2 was applied to another order" in letter.detail
+    assert "names the wrong order (O1)" in letter.detail
+
+
+def test_expired_consumption_gets_no_reversal_hint() -> None:
+    state = PartitionState(0, StateSettings(park_timeout_s=0))
+    state.apply_batch(messages(consume("c1", "2", order="O9")))
+    state._last_expiry_scan = 0.0
+    [letter] = state.apply_batch([]).dead_letters
+    assert letter.reason == "parked_expired"
+    assert "wrong order" not in letter.detail
+
+
 def test_second_parked_reversal_listed_as_rejected() -> None:
     state = PartitionState(0)
     early = state.apply_batch(
