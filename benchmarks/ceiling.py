@@ -2,8 +2,10 @@
 
 It reads the same stream as the pipeline with the same fetch size and the same pull
 requests (`pipeline.fetch.PullFetcher`), decodes every event with the same msgspec
-decoder, but keeps no state, publishes nothing and acks each message right away. No
-pipeline that decodes each event in Python can beat it on this broker and client.
+decoder, but keeps no state and publishes nothing. Its consumer acknowledges all, as
+the ingest's does (`pipeline.streams.consumer_config`), and it acks the last message of
+each fetched batch as soon as the batch is decoded. The ingest acks less often, once per
+checkpoint, but one ack per batch of thousands costs next to nothing.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ async def run_ceiling(
     js = nc.jetstream()
     config = ConsumerConfig(
         durable_name=CEILING_CONSUMER,
-        ack_policy=AckPolicy.EXPLICIT,
+        ack_policy=AckPolicy.ALL,
         deliver_policy=DeliverPolicy.ALL,
         filter_subject=f"{EVENTS_PREFIX}.>",
         max_ack_pending=fetch_batch * 4,
@@ -64,7 +66,9 @@ async def run_ceiling(
                         events += _decode(item)
                 else:
                     events += _decode(message.data)
-                await message.ack()
+            # An ack per message took the client 1.6 to 2.3 times as long as this,
+            # and the ingest does not ack per message either.
+            await batch[-1].ack()
             received += len(batch)
         await nc.flush()
         elapsed = time.perf_counter() - started
