@@ -100,13 +100,18 @@ async def profile_driver(broker: Broker, partitions: int) -> DriverProfile:
     in the background), so their times add up to more than the run's wall time.
     """
     actors_counts = SampleCounts()
+    sampler = StackSampler()
 
     async def sample_actors(actors: list[ray.actor.ActorHandle]) -> None:
         await asyncio.gather(
             *(actor.__ray_call__.remote(start_actor_sampler) for actor in actors)
         )
+        # The driver is sampled from here, as the actors are, so that the samples
+        # leave out the set-up before the timed run: starting the actors and creating
+        # the DuckDB file took up to a tenth of a sampled window.
         try:
-            await asyncio.Event().wait()
+            with sampler:
+                await asyncio.Event().wait()
         finally:
             # run_pipeline cancels this task once the stream is drained, and kills
             # the actors only after it returns, so their counts are still there.
@@ -118,8 +123,7 @@ async def profile_driver(broker: Broker, partitions: int) -> DriverProfile:
             for counts in stopped:
                 actors_counts.add(counts)
 
-    with StackSampler() as sampler:
-        run = await run_pipeline(broker, partitions, during=sample_actors)
+    run = await run_pipeline(broker, partitions, during=sample_actors)
     return DriverProfile(
         run,
         dict(run.phases),
