@@ -49,6 +49,10 @@ samples lies within 10% of the median of the middle third."""
 MIN_TREND_SAMPLES = 6
 """Memory samples below which the run is too short to judge a trend by thirds."""
 
+CORES_BOUND_SHARE = 0.75
+"""Share of the CPU-time bound (2 cores over the CPU time per event) that the run
+measured for CPU time must reach for the report to call the cores the bound."""
+
 
 def write_report(results: Results, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,7 +103,7 @@ def _header(results: Results) -> str:
     quick = (
         "\n\nThis is a **quick** run: one repeat of each figure on small inputs. It "
         "checks that every benchmark works; its numbers are not comparable with a "
-        "full run, and its verdicts judge nothing. With "
+        "full run, and it judges no target. With "
         f"{sizes.order_count:,} open orders, for one, each order carries more of "
         "the state's fixed cost than in a full run."
         if sizes.mode == "quick"
@@ -206,14 +210,23 @@ def _rss_flat(results: Results) -> tuple[bool, str] | None:
 
 def _targets(results: Results) -> str:
     rows: list[list[str]] = []
+    # A quick run's inputs are too small and its runs too few to judge a target.
+    quick = results.sizes.mode == "quick"
 
     def add(
-        target: str, measured: str, met: bool | None, *, within_noise: bool = False
+        target: str,
+        measured: str,
+        met: bool | None,
+        *,
+        within_noise: bool = False,
+        qualified: str | None = None,
     ) -> None:
         if met is None:
             verdict = "not measured"
+        elif quick:
+            verdict = "not judged (quick run)"
         elif met:
-            verdict = "met, within the noise" if within_noise else "met"
+            verdict = "met, within the noise" if within_noise else qualified or "met"
         else:
             verdict = "**not met**"
         rows.append([target, measured, verdict])
@@ -237,10 +250,22 @@ def _targets(results: Results) -> str:
         )
     if results.state_rate and results.bytewax:
         factor = results.state_rate.median / results.bytewax.median
+        measured = (
+            f"{factor:.2f}x ({results.state_rate.median:,.0f} vs "
+            f"{results.bytewax.median:,.0f} events/s; {_spread_note(results)})"
+        )
+        if results.state_rate_arrow:
+            # The verdict compares the same work. The Arrow step builds the DuckDB
+            # snapshot, which the peer has no counterpart of, but the actor runs it.
+            arrow = results.state_rate_arrow.median
+            measured += (
+                ". Judged without turning the snapshot rows into Arrow tables, a "
+                "step the peer does not have; with it, as the partition actor runs, "
+                f"{arrow / results.bytewax.median:.2f}x ({arrow:,.0f} events/s)"
+            )
         add(
             "ahead of the Bytewax peer (same logic, in memory, 1 core each)",
-            f"{factor:.2f}x ({results.state_rate.median:,.0f} vs "
-            f"{results.bytewax.median:,.0f} events/s; {_spread_note(results)})",
+            measured,
             factor > 1.0,
             within_noise=_ranges_overlap(results),
         )
@@ -263,13 +288,18 @@ def _targets(results: Results) -> str:
                 f", the median of {len(p99.samples)} runs ({p99.low:,.0f} to "
                 f"{p99.high:,.0f} ms)"
             )
-            over = sum(sample >= TARGET_P99_MS for sample in p99.samples)
-            if over:
-                measured += f"; {over} of them at or over {TARGET_P99_MS:,.0f} ms"
+        over = sum(sample >= TARGET_P99_MS for sample in p99.samples)
+        if over:
+            measured += f"; {over} of them at or over {TARGET_P99_MS:,.0f} ms"
         add(
             "p99 publish → posting stored < 250 ms at 50% of max throughput",
             measured,
             p99.median < TARGET_P99_MS,
+            qualified=(
+                f"met on the median, not in {over} of {len(p99.samples)} runs"
+                if over
+                else None
+            ),
         )
     if results.per_order:
         add(
@@ -312,11 +342,13 @@ def _throughput(results: Results) -> str:
 
 Events per second from the first fetch until the last message is acknowledged. The
 ceiling consumer fetches the same messages with the same batch size, decodes each event
-with `contracts.codec.decode_event` and acks it. The pipeline fetches, routes, applies
-in the partition actors, stores the postings in ERP_POSTINGS, writes the snapshot rows
-to DuckDB at each checkpoint and acks what the checkpoint covers. Each repeat runs the
-ceiling first and then the pipeline at every partition count, so the ceiling's runs are
-spread over the same minutes as the pipeline's. The last row is the pipeline without
+with `contracts.codec.decode_event` and acks the last message of each batch: like the
+pipeline's, its consumer acknowledges all. The pipeline fetches, routes, applies in the
+partition actors, stores the postings in ERP_POSTINGS, writes the snapshot rows to
+DuckDB at each checkpoint and acks what the checkpoint covers. Its time also includes
+the last, empty fetch (0.1 s), which tells it the stream is drained. Each repeat runs
+the ceiling first and then the pipeline at every partition count, so the ceiling's runs
+are spread over the same minutes as the pipeline's. The last row is the pipeline without
 the DuckDB writes, run in the same repeats: the actors still build the snapshot rows,
 but the ingest does not write them, which shows what the writes cost.
 
@@ -429,7 +461,7 @@ def _latency(results: Results) -> str:
             "p50 ms",
             "p95 ms",
             "p99 ms",
-            "postings measured",
+            "postings measured, all runs",
         ],
         rows,
     )
@@ -488,7 +520,7 @@ def _memory(results: Results) -> str:
         lines += [
             "",
             f"Resident memory over a long run: {soak.events:,} messages through "
-            f"{soak.partitions} partition actors in {soak.seconds:.0f} s, sampled "
+            f"{soak.partitions} partition actors in {soak.seconds:.1f} s, sampled "
             "every "
             f"{results.sizes.soak_interval_s:g} s ({len(trace.seconds)} samples).",
             "",
@@ -627,7 +659,8 @@ PartitionState in this process, preloaded with open orders (releases that nothin
 completes) or with remembered event ids ({StateSettings().dedup_max_ids:,} is the
 default `dedup_max_ids`), then timed over the same
 {results.sizes.growth_events:,} generated messages.
-State memory is tracemalloc's count after the run. A checkpoint is the MessagePack the
+State memory is tracemalloc's count after the run, and the checkpoint sizes are those of
+the first run. A checkpoint is the MessagePack the
 ingest stores for each partition: the state (machines, parked events, clocks and
 counts) and either every order and remembered id (a base) or the orders and ids changed
 since the checkpoint before (a delta). The delta here holds the orders and ids the
@@ -770,14 +803,21 @@ def _bound_throughput(results: Results) -> list[str]:
     driver = sum(s.us_per_event for s in split.shares if "driver" in s.process)
     server = sum(s.us_per_event for s in split.shares if s.process == "nats-server")
     bound = 2e6 / split.us_per_event
+    # Only a run that comes near the bound shows that CPU time, not waiting, held it
+    # back. A quick run spends much of its short time starting up.
+    saturated = split.run.rate >= CORES_BOUND_SHARE * bound
     return [
-        "**End to end against the ceiling.** The two cores are the bound: in the run "
+        "**End to end against the ceiling.** "
+        + ("The two cores are the bound: in" if saturated else "In")
+        + " the run "
         f"measured for CPU time the processes used {split.us_per_event:.1f} µs of CPU "
         f"per event (the partition actors {actors:.1f} µs, the driver {driver:.1f} "
         f"µs, nats-server {server:.1f} µs), which allows at most about {bound:,.0f} "
-        f"events/s on 2 cores; that run reached {split.run.rate:,.0f}. The ceiling "
-        "does only the fetch, one decode and one ack per message. The pipeline "
-        "does those too, and also applies the event (about "
+        f"events/s on 2 cores; that run reached {split.run.rate:,.0f}"
+        + ("" if saturated else ", too far below that to call the cores the bound")
+        + ". The ceiling "
+        "does only the fetch, one decode per event and one ack per batch. The "
+        "pipeline does those too, and also applies the event (about "
         f"{1e6 / results.state_rate.median if results.state_rate else 0:.0f} µs per "
         "event in PartitionState alone), publishes its postings, builds the "
         "snapshot rows and writes them to DuckDB, and serialises each partition "
@@ -801,8 +841,14 @@ def _sink_cost(results: Results) -> str:
         f" Without the DuckDB writes, {results.without_sink_partitions} partition "
         f"actors reached {without.median:,.0f} events/s "
         f"({without.median / results.ceiling.median:.0%} of the ceiling) against "
-        f"{with_sink.median:,.0f} with them: the writes add {cost:.0f} µs of "
-        "wall time per event, because they share the 2 cores with the rest. "
+        f"{with_sink.median:,.0f} with them: "
+        + (
+            f"the writes add {cost:.0f} µs of wall time per event, because they "
+            "share the 2 cores with the rest. "
+            if cost > 0
+            # Run-to-run noise can put the run with the writes ahead.
+            else "the writes cost nothing measurable in this run. "
+        )
         + (
             "Even with no snapshot written, the pipeline stays below the target."
             if below
@@ -870,7 +916,7 @@ def _bound_latency(results: Results) -> list[str]:
     lines: list[str] = []
     driver = results.driver_profile
     p99 = _latency_p99(results, 0.50)
-    if p99 is not None and p99.median < TARGET_P99_MS:
+    if p99 is not None and p99.high < TARGET_P99_MS:
         return []
     if p99 is not None and driver is not None and driver.run.checkpoints:
         per_checkpoint = driver.phases.get("serialise", 0) / driver.run.checkpoints

@@ -5,8 +5,10 @@ No test asserts a speed: the figures depend on the machine and on what else runs
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -16,8 +18,9 @@ import msgspec
 import pytest
 
 from benchmarks.cpu import process_tree_cpu_seconds
+from benchmarks.latency import LatencyRun
 from benchmarks.memory import RssTrace, read_rss
-from benchmarks.report import SECTIONS
+from benchmarks.report import SECTIONS, render_report
 from benchmarks.stats import percentile, summarize
 from benchmarks.workload import build_workload, edge_batches, spec_for
 
@@ -183,11 +186,56 @@ def test_edge_batches_figure_or_note(report: str) -> None:
         assert re.match(_NUMBER, row[1]) or "not yet supported" in row[1], row
 
 
-def test_targets_have_verdicts(report: str) -> None:
+def test_quick_run_judges_no_target(report: str) -> None:
     rows = _rows(report, "Targets")
     assert len(rows) >= 7
     for row in rows:
+        assert row[2] in {"not judged (quick run)", "not measured"}, row
+
+
+def _full_mode_targets(bench_dir: Path, **changes: object) -> dict[str, list[str]]:
+    """Render the quick run's saved results as a full run's, with `changes` applied."""
+    saved = bench_dir / "out" / "results.pickle"
+    results = pickle.loads(saved.read_bytes())  # noqa: S301 (written by the suite)
+    results.sizes = dataclasses.replace(results.sizes, mode="full")
+    for name, value in changes.items():
+        setattr(results, name, value)
+    rows = _rows(render_report(results), "Targets")
+    return {row[0].split(" (")[0]: row for row in rows}
+
+
+def _latency_run(p99_ms: float) -> LatencyRun:
+    return LatencyRun(1000.0, 1000, 1.0, 900, 10.0, 50.0, p99_ms)
+
+
+def test_full_run_judges_targets(report: str, bench_dir: Path) -> None:
+    targets = _full_mode_targets(bench_dir)
+    for row in targets.values():
         assert row[2] in {"met", "**not met**", "not measured"}, row
+
+
+def test_p99_verdict_names_failing_runs(report: str, bench_dir: Path) -> None:
+    runs = [_latency_run(ms) for ms in (120.0, 200.0, 300.0)]
+    targets = _full_mode_targets(bench_dir, latency={0.5: runs})
+    row = targets["p99 publish → posting stored < 250 ms at 50% of max throughput"]
+    assert row[2] == "met on the median, not in 1 of 3 runs"
+    runs = [_latency_run(ms) for ms in (120.0, 200.0, 240.0)]
+    targets = _full_mode_targets(bench_dir, latency={0.5: runs})
+    row = targets["p99 publish → posting stored < 250 ms at 50% of max throughput"]
+    assert row[2] == "met"
+
+
+def test_peer_verdict_shows_arrow_figure(report: str, bench_dir: Path) -> None:
+    targets = _full_mode_targets(
+        bench_dir,
+        state_rate=summarize([80_000.0]),
+        state_rate_arrow=summarize([50_000.0]),
+        bytewax=summarize([60_000.0]),
+    )
+    row = targets["ahead of the Bytewax peer"]
+    assert row[1].startswith("1.33x (80,000 vs 60,000 events/s")
+    assert "as the partition actor runs, 0.83x (50,000 events/s)" in row[1]
+    assert row[2] == "met"
 
 
 def test_naive_slower_than_pipeline_figure(report: str) -> None:
