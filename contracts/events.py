@@ -13,6 +13,7 @@ from decimal import Decimal
 from typing import Annotated, Literal
 
 import msgspec
+from msgspec.structs import force_setattr
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -81,15 +82,14 @@ class Quantity(msgspec.Struct, frozen=True, gc=False):
                 f"quantity must be a finite number, got {self.value}; send a decimal "
                 'number such as "12.5"'
             )
-        if (
-            _written_places(self.value) > QUANTITY_SCALE
-            and _decimal_places(self.value) > QUANTITY_SCALE
-        ):
-            raise ValueError(
-                f"quantity {shown_decimal(self.value)} has more than {QUANTITY_SCALE} "
-                "decimal places, which the postings and snapshot tables cannot store "
-                "exactly"
-            )
+        if _written_places(self.value) > QUANTITY_SCALE:
+            if _decimal_places(self.value) > QUANTITY_SCALE:
+                raise ValueError(
+                    f"quantity {shown_decimal(self.value)} has more than "
+                    f"{QUANTITY_SCALE} decimal places, which the postings and snapshot "
+                    "tables cannot store exactly"
+                )
+            force_setattr(self, "value", _at_scale(self.value))
         if self.value.adjusted() >= QUANTITY_INTEGER_DIGITS:
             raise ValueError(
                 f"quantity {shown_decimal(self.value)} has more than "
@@ -143,6 +143,19 @@ def _written_places(value: Decimal) -> int:
         return -exponent if isinstance(exponent, int) and exponent < 0 else 0
     point = text.find(".")
     return 0 if point < 0 else len(text) - point - 1
+
+
+_SCALE_QUANTUM = Decimal(1).scaleb(-QUANTITY_SCALE)
+
+
+def _at_scale(value: Decimal) -> Decimal:
+    """Return `value`, whose places past QUANTITY_SCALE are all zeros, at that scale.
+
+    The digits stay the same, but Arrow cannot store the value as written: it rejects
+    "5." with 40 zeros for DECIMAL(38, 9), and pyarrow 26 crashed the process on
+    "0E-999999999", so one such event would stop every checkpoint.
+    """
+    return value.quantize(_SCALE_QUANTUM)
 
 
 def _decimal_places(value: Decimal) -> int:
@@ -251,6 +264,8 @@ class OperationSpec(msgspec.Struct, frozen=True, gc=False, kw_only=True):
                 f"{QUANTITY_INTEGER_DIGITS} digits before the point, got "
                 f"{shown_decimal(self.ideal_cycle_time_s)}"
             )
+        if _written_places(cycle_time) > QUANTITY_SCALE:
+            force_setattr(self, "ideal_cycle_time_s", _at_scale(cycle_time))
 
 
 class WorkOrderReleased(Event, tag="work_order_released", frozen=True):

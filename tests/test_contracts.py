@@ -10,6 +10,7 @@ from typing import Annotated, Any, cast
 
 import msgspec
 import nats
+import pyarrow as pa
 import pytest
 
 import contracts
@@ -76,6 +77,20 @@ def test_trailing_zeros_past_nine_places_accepted() -> None:
     event = decode_event(consumed(b'"5.000000000000"'))
     assert isinstance(event, MaterialConsumed)
     assert event.quantity.value == Decimal(5)
+
+
+@pytest.mark.parametrize(
+    "written",
+    [b'"0E-999999999"', b"0e-999999999", b'"5.' + b"0" * 40 + b'"'],
+)
+def test_zeros_past_nine_places_stored_at_nine(written: bytes) -> None:
+    # Arrow rejected 40 places for DECIMAL(38, 9) and crashed on the zero, so the
+    # value is kept at the tables' scale; its digits do not change.
+    event = decode_event(consumed(written))
+    assert isinstance(event, MaterialConsumed)
+    _, _, exponent = event.quantity.value.as_tuple()
+    assert exponent == -9
+    pa.array([event.quantity.value], pa.decimal128(38, 9))
 
 
 def test_quantity_errors_write_the_value_in_plain_notation() -> None:
