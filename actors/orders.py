@@ -105,6 +105,12 @@ def _unit_mismatch_detail(unit: str, posted: str, label: str) -> str:
     A code that differs from a known one only in case, such as kg for KG, gets its own
     message, because "no conversion between kg and KG" reads like a bug.
     """
+    if unit != unit.strip():
+        # Quoted, because "is in EA  but must be posted in EA" hides the space.
+        return (
+            f"{label} is in {unit!r}, which has white space around the unit code; "
+            f"report it in {posted}"
+        )
     if unit.upper() == posted.upper():
         return (
             f"{label} is in {unit}, but unit codes are case-sensitive and it must be "

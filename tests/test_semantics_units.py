@@ -17,6 +17,7 @@ from test_semantics_support import (
     run_on_own_server,
 )
 
+from actors.orders import _unit_mismatch_detail
 from contracts import events as ev
 from pipeline.subjects import event_subject
 
@@ -126,3 +127,9 @@ def test_component_actuals_exact(db: Path) -> None:
     ) + Decimal("1234.567890123")
     assert actual["RM-2"] == 0
     assert differences(db) == []
+
+
+def test_unit_with_space_quoted() -> None:
+    detail = _unit_mismatch_detail("EA ", "EA", "good quantity")
+    assert "is in 'EA '" in detail
+    assert "white space" in detail
