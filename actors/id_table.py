@@ -37,6 +37,7 @@ __all__ = [
     "IdTableData",
     "add_packed_id",
     "find_packed_id",
+    "event_hash",
     "stable_hash",
 ]
 
@@ -63,6 +64,16 @@ def stable_hash(text: str) -> int:
     hasher = BLAKE2B_64.copy()
     hasher.update(text.encode())
     return int.from_bytes(hasher.digest(), "little") or 1
+
+
+def event_hash(plant: str, event_id: str) -> int:
+    """Return the 64-bit key under which `plant`'s event `event_id` is remembered.
+
+    Event ids are unique within a plant only: the MES of two plants may both number
+    their events from E000001, so an id alone would make one plant's events look like
+    reused ids of another's.
+    """
+    return stable_hash(f"{plant}\x1f{event_id}")
 
 
 PACKED_ID_SIZE = 12

@@ -16,7 +16,7 @@ from typing import Any, cast
 
 import msgspec
 
-from actors.id_table import add_packed_id, find_packed_id, stable_hash
+from actors.id_table import add_packed_id, event_hash, find_packed_id
 from contracts import events as ev
 from contracts.postings import (
     FROM_BLOCKED,
@@ -351,7 +351,7 @@ class OrderState(msgspec.Struct, gc=False):
     completed_at: dt.datetime | None = None
     events_applied: int = 0
     event_ids: bytes | dict[int, int] = b""
-    """The event id's 64-bit stable_hash and the payload hash (30 bits) of every event
+    """The event id's 64-bit event_hash and the payload hash (30 bits) of every event
     applied to the order, packed by actors.id_table.add_packed_id. It outlives the
     partition's bounded id memory, so a duplicate of an order event replayed much later
     is still recognised."""
@@ -496,7 +496,8 @@ def applied_event_type(
 
     Only reports and consumptions are kept by event id. Any other event applied to the
     order is found by its id hash and returned as "event". A caller that checks many
-    orders passes `id_hash`, `stable_hash(event_id)`, so that it is computed once.
+    orders passes `id_hash`, `event_hash(order.plant, event_id)`, so that it is
+    computed once.
     """
     if order.receipts and event_id in order.receipts:
         return "production_confirmed"
@@ -505,7 +506,7 @@ def applied_event_type(
     # Always bytes once decoded: OrderState.__post_init__ packs the older dict form.
     packed = cast(bytes, order.event_ids)
     if id_hash is None:
-        id_hash = stable_hash(event_id)
+        id_hash = event_hash(order.plant, event_id)
     if find_packed_id(packed, id_hash) is not None:
         return "event"
     return None

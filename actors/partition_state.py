@@ -46,6 +46,7 @@ from actors.id_table import (
     IdTableChanges,
     IdTableData,
     add_packed_id,
+    event_hash,
     find_packed_id,
     stable_hash,
 )
@@ -188,6 +189,9 @@ class Checkpoint(msgspec.Struct):
     counts: dict[str, int]
     clocks: dict[str, PlantClock] = {}
     closed_orders: dict[str, IdTableData] = {}
+    ids_keyed_by_plant: bool = False
+    """Whether the remembered event ids are keyed by plant and id (`event_hash`).
+    Versions before it keyed them by the id alone, which a restore cannot convert."""
 
 
 class OrdersCheckpoint(msgspec.Struct):
@@ -257,7 +261,8 @@ class PartitionState:
         # is a redelivery. Checkpoints fall between whole messages, so a restored state
         # has taken every event of its last message.
         self._position: tuple[int, int] = (0, -1)
-        # Event ids by their 64-bit stable_hash, with the payload hash as value. Two
+        # Event ids of each plant by their 64-bit event_hash, with the payload hash as
+        # value. Two
         # different ids share a 64-bit hash with odds of about n**2 / 2**65: about 1 in
         # 10**7 for 2,000,000 remembered ids. Then the later id is taken for a duplicate
         # or a reused id, so one event is dropped or dead-lettered.
@@ -418,7 +423,7 @@ class PartitionState:
             return
 
         payload_hash = _payload_hash(event)
-        id_hash = stable_hash(event.event_id)
+        id_hash = event_hash(plant, event.event_id)
         # A new id, the usual case, is remembered by this same lookup.
         known = self.seen.get_or_put(id_hash, payload_hash)
         order_key = None if event.order is None else f"{plant}\x1f{event.order}"
@@ -545,7 +550,7 @@ class PartitionState:
             event = decode_event(message.data)
         except (msgspec.ValidationError, msgspec.DecodeError):
             return
-        id_hash = stable_hash(event.event_id)
+        id_hash = event_hash(event.plant, event.event_id)
         if id_hash in self.seen:
             return
         self._remember(id_hash, _payload_hash(event))
@@ -689,7 +694,7 @@ class PartitionState:
                 if payload_hash is None:
                     payload_hash = _payload_hash(event)
                 if id_hash is None:
-                    id_hash = stable_hash(event.event_id)
+                    id_hash = event_hash(event.plant, event.event_id)
                 order.event_ids = add_packed_id(
                     cast(bytes, order.event_ids), id_hash, payload_hash
                 )
@@ -821,7 +826,7 @@ class PartitionState:
         parked and expires as `parked_expired`, whose detail names this possibility.
         """
         named = reversed_event_id(event)
-        named_hash = stable_hash(named)
+        named_hash = event_hash(order.plant, named)
         # A reversal that misses its event usually arrived before it, so the partition
         # has not seen that id yet. One lookup settles those without a scan.
         if named_hash not in self.seen:
@@ -939,7 +944,7 @@ class PartitionState:
                 self._parked_row(event, parked.stream_seq, key, "expired")
                 self._reledgered.add((parked.stream_seq, parked.index))
                 # Forget the id, so that the dead letter applies when it is retried.
-                self.seen.pop(stable_hash(parked.event_id))
+                self.seen.pop(event_hash(event.plant, parked.event_id))
                 self._reject(
                     message,
                     "parked_expired",
@@ -1180,6 +1185,7 @@ class PartitionState:
                 dict(self.counts),
                 self.clocks,
                 closed_orders,
+                ids_keyed_by_plant=True,
             )
         )
 
@@ -1193,6 +1199,16 @@ class PartitionState:
         """Rebuild a state from `checkpoint()`, or from `checkpoint_parts`: the state
         part and the orders parts of one base and the deltas after it, in order."""
         saved = _decode_checkpoint(data, Checkpoint, 0)
+        if not saved.ids_keyed_by_plant:
+            # The checkpoint has only the hashes, so they cannot be keyed again.
+            raise CheckpointFormatError(
+                f"the checkpoint of partition {saved.partition} was written by a "
+                "plantstream version that remembered event ids without their plant, "
+                "and this version cannot read those. Delete the object store bucket "
+                "plantstream-checkpoints and start again, which replays the plant "
+                "events stream from sequence 1",
+                part=0,
+            )
         parts = [
             _decode_checkpoint(part, OrdersCheckpoint, index)
             for index, part in enumerate(orders, start=1)
@@ -1289,7 +1305,7 @@ class PartitionState:
         if self.closed_orders.pop(plant, None) is not None:
             self._forgotten_closed.add(plant)
         for event_id in event_ids:
-            self.seen.pop(stable_hash(event_id))
+            self.seen.pop(event_hash(plant, event_id))
         return dropped
 
 

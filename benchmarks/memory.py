@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import msgspec
 import ray
 
-from actors.id_table import stable_hash
+from actors.id_table import event_hash
 from actors.partition_state import PAYLOAD_HASH_BITS, PartitionState, SourceMessage
 from benchmarks.in_memory import apply_in_batches
 from benchmarks.pipeline_run import DuringRun
@@ -94,9 +94,10 @@ def bytes_per_event_id(count: int) -> float:
     """Return the bytes PartitionState keeps per remembered event id.
 
     Ids look like the generated ones ("P01-E000000042") and go through the code path
-    apply_batch uses for a new event: the id's 64-bit stable_hash as key and the 30-bit
-    payload hash as value. The id string itself is not kept. The table's default bound
-    (2,000,000) is above `count`, so nothing is forgotten during the measurement.
+    apply_batch uses for a new event: the 64-bit event_hash of plant and id as key and
+    the 30-bit payload hash as value. The id string itself is not kept. The table's
+    default bound (2,000,000) is above `count`, so nothing is forgotten during the
+    measurement.
     """
     state = PartitionState(0)
     tracemalloc.start()
@@ -104,7 +105,9 @@ def bytes_per_event_id(count: int) -> float:
         before = _traced_bytes()
         for index in range(count):
             payload_hash = (index * 0x9E3779B97F4A7C15) >> (64 - PAYLOAD_HASH_BITS)
-            state._remember(stable_hash(f"P01-E{index:09d}"), payload_hash & 0x3FFFFFFF)
+            state._remember(
+                event_hash("P01", f"P01-E{index:09d}"), payload_hash & 0x3FFFFFFF
+            )
         after = _traced_bytes()
     finally:
         tracemalloc.stop()

@@ -1149,3 +1149,34 @@ def test_snapshot_keeps_last_row_across_chunks() -> None:
     statuses = {(row["event_id"], row["status"]) for row in events}
     assert statuses == {("c1", "applied"), ("O1-rel", "applied")}
     assert len(events) == 2
+
+
+def test_same_ids_in_two_plants_both_applied() -> None:
+    # Each plant's MES numbers its events on its own, so ids repeat across plants.
+    first: list[ev.PlantEvent] = [release("O1"), consume("c1", "2")]
+    second = [msgspec.structs.replace(event, plant="P2") for event in first]
+    result = PartitionState(0).apply_batch(messages(*first, *second))
+    assert result.dead_letters == []
+    assert result.counts["applied"] == 4
+    assert [p.movement for p in result.postings] == ["261", "261"]
+
+
+def test_same_id_in_one_plant_still_reused() -> None:
+    state = PartitionState(0)
+    result = state.apply_batch(messages(release("O1"), consume("c1", "2")))
+    assert result.dead_letters == []
+    subject = event_subject("P1", "material_consumed")
+    reused = SourceMessage(3, subject, encode(consume("c1", "3")))
+    result = state.apply_batch([reused])
+    assert [letter.reason for letter in result.dead_letters] == ["reused_id"]
+
+
+def test_checkpoint_with_ids_keyed_by_id_alone_rejected() -> None:
+    state = PartitionState(3)
+    state.apply_batch(messages(release("O1")))
+    saved = msgspec.msgpack.decode(state.checkpoint(), type=Checkpoint)
+    saved.ids_keyed_by_plant = False
+    with pytest.raises(CheckpointFormatError, match="without their plant") as raised:
+        PartitionState.restore(msgspec.msgpack.encode(saved))
+    assert "partition 3" in str(raised.value)
+    assert "Delete the object store bucket" in str(raised.value)
