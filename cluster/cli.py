@@ -244,7 +244,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return 0
 
     from cluster.lease import LeaseLostError, StoppedWaitingError
-    from pipeline.ingest import StartStoppedError
+    from pipeline.ingest import RecoveriesExhaustedError, StartStoppedError
 
     async def serve() -> int:
         stop = asyncio.Event()
@@ -270,6 +270,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
             return 0
         except LeaseLostError as error:
             print(f"plantstream run: {error}", file=sys.stderr)
+            return 1
+        except RecoveriesExhaustedError as error:
+            # The message names the last failure and the fix, and the traceback only
+            # shows where the ingest gave up, so it is logged at DEBUG.
+            logger.error("plantstream run stopped: %s", error)
+            logger.debug("the ingest gave up", exc_info=True)
             return 1
         print(format_summary(result, args.db))
         return 0

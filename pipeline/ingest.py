@@ -105,6 +105,7 @@ __all__ = [
     "Ingest",
     "IngestReport",
     "KeyChecker",
+    "RecoveriesExhaustedError",
     "StartStoppedError",
     "check_event_subject",
     "is_edge_batch",
@@ -246,6 +247,12 @@ DEAD_LETTER_HEADROOM = 4096
 
 DEAD_LETTER_LOG_FIRST = 5
 """Dead letters per reason logged at WARNING; after that, every 1000th."""
+
+
+class RecoveriesExhaustedError(RuntimeError):
+    """An error for an ingest that failed again after MAX_RECOVERIES_WITHOUT_PROGRESS
+    recoveries without a committed checkpoint, so it stopped retrying. The last failure
+    is its cause."""
 
 
 class StartStoppedError(RuntimeError):
@@ -674,16 +681,25 @@ class Ingest:
 
         A failure that comes back after every recovery is not transient: after
         `MAX_RECOVERIES_WITHOUT_PROGRESS` recoveries with no checkpoint committed in
-        between, the error is raised instead of looping forever. Raises
+        between, it raises RecoveriesExhaustedError instead of looping forever. Raises
         StartStoppedError if `stop` is set while it waits for NATS or an actor.
         """
         self.report.recoveries += 1
         self._recoveries_without_progress += 1
         if self._recoveries_without_progress > MAX_RECOVERIES_WITHOUT_PROGRESS:
-            raise RuntimeError(
+            # A SinkError's message names the file and the fix, which the 200
+            # characters that brief_error keeps can cut off.
+            last = (
+                f"{type(error).__name__}: {error}"
+                if isinstance(error, SinkError)
+                else brief_error(error)
+            )
+            raise RecoveriesExhaustedError(
                 f"the ingest failed {self._recoveries_without_progress} times in a row "
-                "without committing a checkpoint; the last error is attached. Fix its "
-                "cause and start again: processing resumes from the last checkpoint"
+                f"without committing a checkpoint, the last time with {last}. Fix the "
+                "cause and start again. Nothing is lost, because no checkpoint after "
+                f"stream sequence {self.report.committed_seq} was committed, so the "
+                "next start processes the messages after it again"
             ) from error
         await _sleep_unless_stopped(
             min(

@@ -56,6 +56,7 @@ __all__ = [
     "SinkError",
     "SnapshotBehindError",
     "SnapshotSource",
+    "SnapshotWriteError",
     "SnapshotWriter",
     "SourceMismatchError",
     "check_not_folder",
@@ -239,6 +240,22 @@ class SchemaMismatchError(SinkError, ValueError):
         )
 
 
+class SnapshotWriteError(SinkError):
+    """An error for a write that DuckDB failed to store, for instance because it could
+    not create the write-ahead log beside the file. Nothing of the write was
+    committed."""
+
+    def __init__(self, path: Path, error: duckdb.Error) -> None:
+        self.path = path
+        detail = str(error).rstrip(".!")
+        super().__init__(
+            f"failed to write to DuckDB file {path}: {detail}. Nothing "
+            "of this write was committed. DuckDB creates a .wal file beside the "
+            f"database at each commit, so make the folder {path.parent} writable for "
+            "this process and check that its disk has free space"
+        )
+
+
 class DatabaseLockedError(SinkError, TimeoutError):
     """Another process held the database file for longer than the lock timeout.
 
@@ -325,6 +342,17 @@ def _lock_holder(detail: str) -> str:
     """Return the lock holder from DuckDB's lock error, or the whole error."""
     match = _LOCK_HOLDER.search(detail)
     return detail if match is None else match.group(0)
+
+
+def _roll_back(connection: duckdb.DuckDBPyConnection, path: Path) -> None:
+    """Roll back the open transaction, for a caller that then raises its own error."""
+    try:
+        connection.rollback()
+    except duckdb.Error as error:
+        # A failed commit has ended the transaction already, so DuckDB 2.0.1 rejects
+        # the rollback with "no transaction is active". Raising that here would hide
+        # the error that ended the transaction.
+        logger.debug("rollback on DuckDB file %s failed: %s", path, error)
 
 
 def _is_lock_conflict(error: duckdb.Error) -> bool:
@@ -504,6 +532,8 @@ class SnapshotWriter:
             self._create_schema(connection)
             if source is not None:
                 self._claim(connection, source)
+        except duckdb.OperationalError as error:
+            raise SnapshotWriteError(self.path, error) from error
         finally:
             connection.close()
         logger.info(
@@ -541,7 +571,7 @@ class SnapshotWriter:
             )
             connection.commit()
         except BaseException:
-            connection.rollback()
+            _roll_back(connection, self.path)
             raise
 
     def _claim(
@@ -615,6 +645,9 @@ class SnapshotWriter:
         events up to that stream sequence. With `partitions`, it deletes the rows of
         partitions at or above that count from the tables kept per partition, which a
         run with fewer partitions than the one before leaves behind.
+
+        Raises SnapshotWriteError when DuckDB fails to store the write, for instance
+        because the file's folder is not writable.
         """
         if self._closed:
             raise SinkError(
@@ -636,18 +669,30 @@ class SnapshotWriter:
 
         started = time.perf_counter()
         try:
-            self._write_staged(
-                staged, insert_new=True, through_seq=through_seq, partitions=partitions
-            )
-        except duckdb.ConstraintException as error:
-            # A row inserted as new was stored already: a restart or a replay wrote
-            # it before. Nothing of this write was committed, so write it all again
-            # with upserts, which replace such rows.
-            logger.debug("writing again with upserts to %s: %s", self.path, error)
-            self._high_seq.clear()
-            self._write_staged(
-                staged, insert_new=False, through_seq=through_seq, partitions=partitions
-            )
+            try:
+                self._write_staged(
+                    staged,
+                    insert_new=True,
+                    through_seq=through_seq,
+                    partitions=partitions,
+                )
+            except duckdb.ConstraintException as error:
+                # A row inserted as new was stored already: a restart or a replay
+                # wrote it before. Nothing of this write was committed, so write it
+                # all again with upserts, which replace such rows.
+                logger.debug("writing again with upserts to %s: %s", self.path, error)
+                self._high_seq.clear()
+                self._write_staged(
+                    staged,
+                    insert_new=False,
+                    through_seq=through_seq,
+                    partitions=partitions,
+                )
+        except duckdb.OperationalError as error:
+            # Failures of the file or the machine rather than of the rows, such as a
+            # write-ahead log that cannot be created. As a SinkError, the ingest
+            # retries them from its last checkpoint.
+            raise SnapshotWriteError(self.path, error) from error
         if logger.isEnabledFor(logging.DEBUG):
             counts = ", ".join(
                 f"{name}={table.num_rows}" for name, table in staged.items()
@@ -724,7 +769,7 @@ class SnapshotWriter:
                     )
                 connection.commit()
             except BaseException:
-                connection.rollback()
+                _roll_back(connection, self.path)
                 raise
         finally:
             connection.close()

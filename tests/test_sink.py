@@ -27,6 +27,7 @@ from pipeline.sink import (
     SchemaMismatchError,
     SinkError,
     SnapshotSource,
+    SnapshotWriteError,
     SnapshotWriter,
     SourceMismatchError,
     open_for_reading,
@@ -438,6 +439,47 @@ def test_write_rejects_null_key(tmp_path: Path) -> None:
     with SnapshotWriter(tmp_path / "snapshots.duckdb") as writer:
         with pytest.raises(SinkError, match="null 'order_id'"):
             writer.write({"orders": table("orders", [{"plant": "P1"}])})
+
+
+def test_failed_commit_names_file_and_fix(tmp_path: Path) -> None:
+    # A write-ahead log path that is a dangling symlink makes DuckDB's commit fail for
+    # root too, because creating the log through it finds no folder. chmod would not
+    # stop root from writing.
+    path = tmp_path / "snapshots.duckdb"
+    wal = tmp_path / "snapshots.duckdb.wal"
+    with SnapshotWriter(path) as writer:
+        writer.write({"orders": table("orders", [order("O1")])})
+        wal.symlink_to(tmp_path / "missing" / wal.name)
+        try:
+            with pytest.raises(SnapshotWriteError) as raised:
+                writer.write({"orders": table("orders", [order("O2")])})
+        finally:
+            wal.unlink()
+        # DuckDB rejects the rollback after a failed commit ("no transaction is
+        # active"), and that error must not replace the commit's.
+        message = str(raised.value)
+        assert f"DuckDB file {path}:" in message
+        assert "No such file or directory" in message
+        assert f"make the folder {tmp_path} writable" in message
+        assert isinstance(raised.value.__cause__, duckdb.TransactionException)
+        assert fetch(path, "SELECT order_id FROM orders") == [("O1",)]
+        writer.write({"orders": table("orders", [order("O2")])})
+    assert fetch(path, "SELECT order_id FROM orders ORDER BY 1") == [("O1",), ("O2",)]
+
+
+def test_failed_schema_commit_names_file(tmp_path: Path) -> None:
+    path = tmp_path / "snapshots.duckdb"
+    wal = tmp_path / "snapshots.duckdb.wal"
+    wal.symlink_to(tmp_path / "missing" / wal.name)
+    try:
+        with pytest.raises(SnapshotWriteError) as raised:
+            SnapshotWriter(path)
+    finally:
+        wal.unlink()
+    message = str(raised.value)
+    assert f"DuckDB file {path}:" in message
+    assert "No such file or directory" in message
+    assert isinstance(raised.value.__cause__, duckdb.TransactionException)
 
 
 def test_write_after_close_raises(tmp_path: Path) -> None:
