@@ -45,9 +45,15 @@ class Broker:
         return self.client.jetstream(publish_async_max_pending=PUBLISH_MAX_PENDING)
 
     async def __aenter__(self) -> Broker:
-        self.server.start()
-        self.nc = await nats.connect(self.server.url, max_reconnect_attempts=3)
-        await ensure_streams(self.js, PipelineSettings())
+        try:
+            self.server.start()
+            self.nc = await nats.connect(self.server.url, max_reconnect_attempts=3)
+            await ensure_streams(self.js, PipelineSettings())
+        except BaseException:
+            # `async with` calls __aexit__ only once __aenter__ has returned, so a
+            # failure or a Ctrl-C here would leave the server and its store behind.
+            await self.__aexit__(None, None, None)
+            raise
         return self
 
     async def __aexit__(

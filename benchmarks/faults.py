@@ -62,6 +62,8 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 
 from actors.partition import PartitionActor
+from benchmarks.interrupt import SigtermAsInterrupt
+from cluster.cli import positive_int
 from cluster.job import connect_ray
 from cluster.nats_server import EmbeddedNatsServer
 from cluster.operations import checkpoint_totals, posting_keys, read_checkpoint
@@ -76,6 +78,8 @@ from pipeline.subjects import EVENTS_STREAM
 logger = logging.getLogger(__name__)
 
 __all__ = ["FAULT_KINDS", "HarnessConfig", "KindResult", "format_table", "run_harness"]
+
+PROG = "python -m benchmarks.faults"
 
 FAULT_KINDS = ("actor", "process", "nats", "writer", "stall")
 
@@ -666,12 +670,22 @@ async def run_harness(config: HarnessConfig) -> list[KindResult]:
         raise ValueError(
             f"unknown fault kinds {sorted(unknown)}; choose from {list(FAULT_KINDS)}"
         )
+    # With none of these, the harness would inject nothing and report a clean run.
+    for name in ("rounds", "faults_per_stream", "plants", "orders_per_plant"):
+        value = getattr(config, name)
+        if value < 1:
+            raise ValueError(f"HarnessConfig.{name} must be at least 1, got {value}")
     connect_ray(None)
     ray_address = ray.get_runtime_context().gcs_address
     root = Path(tempfile.mkdtemp(prefix="plantstream-faults-", dir=config.work_dir))
-    results = [
-        await _run_kind(kind, config, root, ray_address) for kind in config.kinds
-    ]
+    try:
+        results = [
+            await _run_kind(kind, config, root, ray_address) for kind in config.kinds
+        ]
+    except asyncio.CancelledError:
+        # Stopped by Ctrl-C or SIGTERM, which leaves no failure to look into.
+        shutil.rmtree(root, ignore_errors=True)
+        raise
     # Kept after a failure, for the ingest logs and stores.
     shutil.rmtree(root, ignore_errors=True)
     return results
@@ -742,12 +756,15 @@ def format_table(results: list[KindResult]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.faults",
+        prog=PROG,
         description="Inject crashes into the pipeline and check that no event is lost "
         "and no posting doubled.",
     )
     parser.add_argument(
-        "--rounds", type=int, default=20, help="faults injected per kind (default: 20)"
+        "--rounds",
+        type=positive_int,
+        default=20,
+        help="faults injected per kind, at least 1 (default: 20)",
     )
     parser.add_argument(
         "--quick",
@@ -776,10 +793,21 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
     )
     started = time.monotonic()
+    interrupt = SigtermAsInterrupt()
+    interrupt.install()
+    interrupted = False
     try:
+        connect_ray(None)
+        # ray.init sets a SIGTERM handler of its own, which calls sys.exit.
+        interrupt.install()
         results = asyncio.run(run_harness(config))
+    except KeyboardInterrupt:
+        interrupted = True
     finally:
         ray.shutdown()
+    if interrupted:
+        print(f"{PROG}: interrupted by {interrupt.signal.name}", file=sys.stderr)
+        return interrupt.exit_code
     print(format_table(results))
     print(f"took {time.monotonic() - started:.0f} s")
     return 0 if all(result.clean for result in results) else 1

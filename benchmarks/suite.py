@@ -15,9 +15,12 @@ import logging
 import os
 import pickle
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+import ray
 
 import pipeline.ingest
 from actors.settings import StateSettings
@@ -26,6 +29,7 @@ from benchmarks.broker import Broker
 from benchmarks.ceiling import run_ceiling
 from benchmarks.cpu import measure_cpu_split
 from benchmarks.in_memory import partition_state_rate
+from benchmarks.interrupt import SigtermAsInterrupt
 from benchmarks.latency import run_latency
 from benchmarks.machine import machine_info, software_versions, source_commit
 from benchmarks.naive import run_naive
@@ -42,11 +46,19 @@ from benchmarks.workload import (
     publish_messages,
     spec_for,
 )
+from cluster.cli import add_log_level_option
 from cluster.job import connect_ray
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FULL", "QUICK", "main", "run_suite"]
+__all__ = [
+    "FULL",
+    "QUICK",
+    "build_parser",
+    "main",
+    "run_suite",
+    "save_and_write_report",
+]
 
 FULL = Sizes(
     mode="full",
@@ -375,14 +387,24 @@ async def run_suite(sizes: Sizes, command: str) -> Results:
     return results
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+PROG = "python -m benchmarks.suite"
+
+
+def _path_value(text: str) -> Path:
+    # An empty value would become Path("."), and the errors would name "." instead.
+    if not text:
+        raise argparse.ArgumentTypeError("the value is empty; name a file")
+    return Path(text)
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.suite",
+        prog=PROG,
         description="Measure plantstream's throughput, latency, memory and growth on "
         "this machine and write a Markdown report.",
     )
     parser.add_argument(
-        "--output", type=Path, required=True, help="Markdown file to write"
+        "--output", type=_path_value, required=True, help="Markdown file to write"
     )
     parser.add_argument(
         "--quick",
@@ -391,83 +413,178 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--save-results",
-        type=Path,
+        type=_path_value,
         help="also store the raw results (pickle), to render the report again later",
     )
     parser.add_argument(
         "--render-from",
-        type=Path,
+        type=_path_value,
         help="write the report from results stored by --save-results; measure nothing",
     )
-    parser.add_argument(
-        "--log-level", default="INFO", help="logging level (default: %(default)s)"
+    add_log_level_option(parser)
+    return parser
+
+
+def _check_output(parser: argparse.ArgumentParser, path: Path) -> None:
+    """Exit with a usage error unless `path` can be written; create no folder."""
+    if path.is_dir():
+        parser.error(f"{path} is a folder; name the file to write")
+    blocking = next((p for p in path.parents if p.is_file()), None)
+    if blocking is not None:
+        parser.error(f"cannot write {path}: {blocking} is a file, not a folder")
+    if path.exists():
+        # Opening the file covers every cause at once: permissions, ACLs, an
+        # immutable file (chattr +i, which stops root too) and a read-only mount.
+        # O_APPEND without O_TRUNC leaves the contents as they are.
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+        except OSError as error:
+            parser.error(
+                f"cannot write {path}: {error.strerror}; make it writable or name "
+                "another file"
+            )
+        return
+    # The file is created later, in a folder that may not exist yet, so check the
+    # nearest folder that does.
+    folder = next(p for p in path.parents if p.exists())
+    if not os.access(folder, os.W_OK):
+        parser.error(f"cannot write {path}: folder {folder} is not writable")
+
+
+def _create_output_folders(
+    parser: argparse.ArgumentParser, paths: Sequence[Path]
+) -> None:
+    for path in paths:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            parser.error(f"cannot create the folder of {path}: {error}")
+
+
+def _read_saved_results(parser: argparse.ArgumentParser, path: Path) -> Results:
+    """Load the results that --save-results stored, or exit with a usage error."""
+    if not path.is_file():
+        state = "is a folder" if path.is_dir() else "does not exist"
+        parser.error(
+            f"--render-from {path} {state}; pass the file that --save-results wrote "
+            f"({SAVED_RESULTS_HINT})"
+        )
+    # Only files this suite wrote are meant here; pickle runs code from the file.
+    try:
+        results = pickle.loads(path.read_bytes())  # noqa: S301
+    except Exception as error:
+        # Bytes that are not a pickle this suite wrote fail in many ways:
+        # UnpicklingError, EOFError, ImportError, IndexError among them.
+        parser.error(
+            f"--render-from {path} holds no results this suite saved "
+            f"({type(error).__name__}: {error}); pass the file that "
+            f"--save-results wrote ({SAVED_RESULTS_HINT})"
+        )
+    if not isinstance(results, Results):
+        parser.error(
+            f"--render-from {path} holds a {type(results).__name__}, not the results "
+            f"this suite saves; pass the file that --save-results wrote "
+            f"({SAVED_RESULTS_HINT})"
+        )
+    return results
+
+
+def save_and_write_report(
+    results: Results, output: Path, save_results: Path | None
+) -> int:
+    """Store `results` in `save_results`, then write the report; return the exit code.
+
+    The results go first, so that a report that cannot be written keeps the
+    measurements of a run that took minutes. Without --save-results they go to a
+    temporary file in that case. Both failures are printed to stderr.
+    """
+    code = 0
+    saved: Path | None = None
+    if save_results is not None:
+        try:
+            save_results.write_bytes(pickle.dumps(results))
+            saved = save_results
+        except OSError as error:
+            print(f"{PROG}: cannot write --save-results: {error}", file=sys.stderr)
+            code = 1
+    try:
+        write_report(results, output)
+    except OSError as error:
+        if saved is None:
+            saved = _save_to_temporary_file(results)
+        print(
+            f"{PROG}: cannot write the report: {error}. The results are in {saved}; "
+            f"write the report again with `{PROG} --render-from {saved} --output FILE`",
+            file=sys.stderr,
+        )
+        return 1
+    return code
+
+
+def _save_to_temporary_file(results: Results) -> Path:
+    descriptor, name = tempfile.mkstemp(
+        prefix="plantstream-bench-results-", suffix=".pickle"
     )
+    with os.fdopen(descriptor, "wb") as file:
+        file.write(pickle.dumps(results))
+    return Path(name)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    outputs = [args.output]
+    if args.save_results is not None:
+        outputs.append(args.save_results)
     # A full run takes minutes, so an output that cannot be written must stop it now,
     # not after the measurements.
-    for path in (args.output, args.save_results):
-        if path is None:
-            continue
-        if path.is_dir():
-            parser.error(f"{path} is a folder; name the file to write")
+    for path in outputs:
         if (
             args.render_from is not None
             and path.resolve() == args.render_from.resolve()
         ):
             parser.error(f"{path} is the --render-from file; write to another file")
-        blocking = next((p for p in path.parents if p.is_file()), None)
-        if blocking is not None:
-            parser.error(f"cannot write {path}: {blocking} is a file, not a folder")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            parser.error(f"cannot create the folder of {path}: {error}")
-        if not os.access(path.parent, os.W_OK):
-            parser.error(f"cannot write {path}: its folder is not writable")
-    if args.render_from is not None and not args.render_from.is_file():
-        state = "is a folder" if args.render_from.is_dir() else "does not exist"
-        parser.error(
-            f"--render-from {args.render_from} {state}; pass the file that "
-            f"--save-results wrote ({SAVED_RESULTS_HINT})"
-        )
+        _check_output(parser, path)
+    saved = None
+    if args.render_from is not None:
+        saved = _read_saved_results(parser, args.render_from)
+    # Only now, so that a rejected input leaves no new folders behind.
+    _create_output_folders(parser, outputs)
 
     logging.basicConfig(
-        level=args.log_level.upper(),
+        level=args.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     # The generated stream's bad messages are dead letters by design; their warnings
     # would bury the benchmark's own log.
     logging.getLogger("pipeline.ingest").setLevel(logging.ERROR)
 
-    if args.render_from is not None:
-        # Only files this suite wrote are meant here; pickle runs code from the file.
-        try:
-            results = pickle.loads(args.render_from.read_bytes())  # noqa: S301
-        except Exception as error:
-            # Bytes that are not a pickle this suite wrote fail in many ways:
-            # UnpicklingError, EOFError, ImportError, IndexError among them.
-            parser.error(
-                f"--render-from {args.render_from} holds no results this suite saved "
-                f"({type(error).__name__}: {error}); pass the file that "
-                f"--save-results wrote ({SAVED_RESULTS_HINT})"
-            )
-        if not isinstance(results, Results):
-            parser.error(
-                f"--render-from {args.render_from} holds a {type(results).__name__}, "
-                f"not the results this suite saves; pass the file that --save-results "
-                f"wrote ({SAVED_RESULTS_HINT})"
-            )
-        write_report(results, args.output)
+    if saved is not None:
+        write_report(saved, args.output)
         return 0
 
     sizes = QUICK if args.quick else FULL
-    command = " ".join(["python -m benchmarks.suite", *(argv or sys.argv[1:])])
-    results = asyncio.run(run_suite(sizes, command))
-    write_report(results, args.output)
-    if args.save_results is not None:
-        args.save_results.write_bytes(pickle.dumps(results))
-    logger.info("wrote %s in %.0f s", args.output, results.duration_s)
-    return 0
+    command = " ".join([PROG, *(argv or sys.argv[1:])])
+    interrupt = SigtermAsInterrupt()
+    interrupt.install()
+    try:
+        connect_ray(None)
+        # ray.init sets a SIGTERM handler of its own, which calls sys.exit.
+        interrupt.install()
+        results = asyncio.run(run_suite(sizes, command))
+    except KeyboardInterrupt:
+        # Ray is shut down first, so that the message is the last line.
+        ray.shutdown()
+        print(
+            f"{PROG}: interrupted by {interrupt.signal.name}; no report or results "
+            "were written",
+            file=sys.stderr,
+        )
+        return interrupt.exit_code
+    code = save_and_write_report(results, args.output, args.save_results)
+    if code == 0:
+        logger.info("wrote %s in %.0f s", args.output, results.duration_s)
+    return code
 
 
 if __name__ == "__main__":

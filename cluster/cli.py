@@ -110,6 +110,24 @@ def positive_int(text: str) -> int:
     return value
 
 
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+"""Level names that --log-level takes. logging also takes WARN and FATAL, which its
+documentation marks as deprecated, and NOTSET, which logs as much as DEBUG."""
+
+
+def add_log_level_option(parser: argparse.ArgumentParser) -> None:
+    """Add --log-level, which argparse checks, so that a wrong name is a usage error
+    and not a ValueError traceback from logging.basicConfig."""
+    parser.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        default="INFO",
+        metavar="LEVEL",
+        help=f"logging level: {', '.join(LOG_LEVELS)} (default: %(default)s)",
+    )
+
+
 def _add_job_options(
     parser: argparse.ArgumentParser, *, nats_url_required: bool = False
 ) -> None:
@@ -385,9 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Plant events from NATS JetStream through Ray actors to ERP "
         "postings and DuckDB.",
     )
-    parser.add_argument(
-        "--log-level", default="INFO", help="logging level (default: %(default)s)"
-    )
+    add_log_level_option(parser)
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser(
@@ -477,7 +493,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         signal.signal(signum, _record_signal)
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=args.log_level.upper(),
+        level=args.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     try:

@@ -6,6 +6,7 @@ interpreter of the virtual environment.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import re
@@ -16,6 +17,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 
@@ -29,6 +31,38 @@ _LISTEN = re.compile(r"Listening for client connections on [\w.:\[\]]*:(\d+)")
 STARTUP_TIMEOUT_S = 20.0
 """How long to wait for "Server is ready"; a cold start with JetStream takes well under
 1 s."""
+
+
+PR_SET_PDEATHSIG = 1
+"""The prctl(2) option that makes Linux signal a process when its parent dies."""
+
+
+def _parent_death_signal() -> Callable[[], None] | None:
+    """Return a `preexec_fn` that makes the child get SIGTERM when this thread exits.
+
+    Without it, a parent killed with SIGKILL, or dying in a way that skips `stop()`,
+    leaves nats-server running with its store. Linux sends the signal when the thread
+    that forked the child exits, so only the main thread gets one: it ends only with
+    the process, while a worker thread may end long before the server should. Returns
+    None on other systems and in other threads.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    # Resolved here, in the parent: the child between fork and exec should only
+    # make the call, not load libraries.
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    parent_pid = os.getpid()
+
+    def set_signal() -> None:
+        if prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+        # The parent may have died between fork and prctl, and then no signal comes.
+        if os.getppid() != parent_pid:
+            raise ChildProcessError(f"parent process {parent_pid} exited before exec")
+
+    return set_signal
 
 
 def find_nats_server() -> str:
@@ -91,8 +125,17 @@ class EmbeddedNatsServer:
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,
+            # Python warns that preexec_fn may deadlock in a process with threads.
+            # This one takes no lock: it makes two system calls and returns.
+            preexec_fn=_parent_death_signal(),
         )
-        self._wait_ready()
+        try:
+            self._wait_ready()
+        except BaseException:
+            # `with` calls __exit__ only once __enter__ has returned, so a Ctrl-C
+            # while waiting would leave the server and its store behind.
+            self.stop()
+            raise
         logger.info(
             "nats-server started: url=%s store=%s pid=%d",
             self.url,
