@@ -25,7 +25,7 @@ time.sleep(120)
 """
 
 
-def _process_gone(pid: int) -> bool:
+def process_gone(pid: int) -> bool:
     """Return True once `pid` has exited; a zombie that no one reaped counts."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
@@ -50,9 +50,9 @@ def test_server_exits_with_killed_parent() -> None:
         parent.send_signal(signal.SIGKILL)
         parent.wait(timeout=10)
         deadline = time.monotonic() + EXIT_TIMEOUT_S
-        while not _process_gone(server_pid) and time.monotonic() < deadline:
+        while not process_gone(server_pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert _process_gone(server_pid), f"nats-server {server_pid} still runs"
+        assert process_gone(server_pid), f"nats-server {server_pid} still runs"
     finally:
-        if not _process_gone(server_pid):
+        if not process_gone(server_pid):
             os.kill(server_pid, signal.SIGKILL)

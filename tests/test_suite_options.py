@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from test_nats_server import process_gone
 
 from benchmarks import faults, suite
 from benchmarks.results import Results
@@ -231,16 +232,6 @@ def test_results_kept_without_save_results(
 # -- signals -------------------------------------------------------------------------
 
 
-def _process_gone(pid: int) -> bool:
-    """Return True once `pid` has exited; a zombie that no one reaped counts."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    # The state follows the command name, which is in brackets.
-    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
-
-
 def _signal_in_run(
     command: list[str], signum: signal.Signals, temporary: Path
 ) -> tuple[int, str, Path, int]:
@@ -292,7 +283,7 @@ def _check_suite_stops(tmp_path: Path, signum: signal.Signals) -> None:
         f"python -m benchmarks.suite: interrupted by {signum.name}; no report or "
         "results were written"
     )
-    assert _process_gone(server_pid)
+    assert process_gone(server_pid)
     assert store.parent == temporary
     assert list(temporary.iterdir()) == []
     assert not output.exists()
@@ -318,6 +309,6 @@ def test_faults_sigterm_cleans_up(tmp_path: Path) -> None:
     assert stderr.strip().splitlines()[-1] == (
         "python -m benchmarks.faults: interrupted by SIGTERM"
     )
-    assert _process_gone(server_pid)
+    assert process_gone(server_pid)
     assert store.is_relative_to(tmp_path)
     assert list(tmp_path.iterdir()) == []
