@@ -33,7 +33,10 @@ __all__ = [
 _TICKS_PER_S = os.sysconf("SC_CLK_TCK")
 
 MIN_SHARE = 0.01
-"""Processes with less than this share of the run's CPU time are left out."""
+"""Processes with less than this share of the run's CPU time are summed in one row."""
+
+SMALL_PROCESSES = "other processes, each under 1%"
+"""The label of the row that sums the processes below MIN_SHARE."""
 
 
 def _stat_fields(pid: int) -> list[str]:
@@ -131,15 +134,19 @@ async def measure_cpu_split(broker: Broker, partitions: int) -> CpuSplit:
         labels[server_pid] = "nats-server"
     used = {pid: after[pid] - before[pid] for pid in after.keys() & before.keys()}
     total = sum(used.values()) or 1.0
-    shares = [
-        CpuShare(
-            labels.get(pid, _process_name(pid)),
-            seconds,
-            seconds / run.events * 1e6,
-        )
-        for pid, seconds in sorted(used.items(), key=lambda item: -item[1])
-        if seconds / total >= MIN_SHARE
-    ]
+    shares: list[CpuShare] = []
+    small = 0.0
+    for pid, seconds in sorted(used.items(), key=lambda item: -item[1]):
+        if pid not in labels and seconds / total < MIN_SHARE:
+            small += seconds
+            continue
+        # Every other process the driver started is one of Ray's (raylet, GCS,
+        # dashboard and log daemons, idle workers).
+        label = labels.get(pid) or f"Ray's {_process_name(pid)} (pid {pid})"
+        shares.append(CpuShare(label, seconds, seconds / run.events * 1e6))
+    if small:
+        # Summed rather than dropped, so that the total is the whole tree's.
+        shares.append(CpuShare(SMALL_PROCESSES, small, small / run.events * 1e6))
     logger.info(
         "cpu split: %s",
         ", ".join(f"{s.process} {s.us_per_event:.1f} us/event" for s in shares),

@@ -383,3 +383,23 @@ def test_edge_batches_keep_valid_json() -> None:
             continue
         well_formed += 1
     assert sum(count for _, _, count in batches) == well_formed
+
+
+def test_cpu_table_names_every_process(report: str) -> None:
+    section = report.split("CPU time per process over one run with one event", 1)[1]
+    table = section.split("\n\n", 2)[1]
+    rows = [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in table.splitlines()[2:]
+    ]
+    labels = [row[0] for row in rows]
+    assert "driver (ingest loop and DuckDB writer)" in labels
+    assert "nats-server" in labels
+    assert labels[-1] == "all"
+    for label in labels[:-1]:
+        assert (
+            label.startswith(("driver", "partition actor", "nats-server", "Ray's "))
+            or label == "other processes, each under 1%"
+        ), label
+    listed = sum(_number(row[2]) for row in rows[:-1])
+    assert abs(listed - _number(rows[-1][2])) < 0.1 * len(rows)
