@@ -655,6 +655,26 @@ class PartitionState:
             )
         )
 
+    def _reject_unapplied(
+        self,
+        message: SourceMessage,
+        reason: DeadLetterReason,
+        detail: str,
+        event: ev.PlantEvent,
+    ) -> None:
+        """Dead-letter an event that applying rejected, and forget its id.
+
+        Nothing of the event was applied, so its id must not block what comes under
+        it later: the corrected event that a plant sends again under the same id, or
+        this dead letter retried once its cause is fixed. Either is judged afresh.
+
+        NOTE: so is a JetStream redelivery of the rejected message to the same
+        process (a stalled ack), which gives a second dead letter at the same stream
+        position.
+        """
+        self.seen.pop(event_hash(event.plant, event.event_id))
+        self._reject(message, reason, detail, event)
+
     # -- applying ----------------------------------------------------------------------
 
     def _apply(
@@ -675,16 +695,17 @@ class PartitionState:
             self._ledger(event, message, "parked")
             return
         except NegativeStock as error:
-            self._reject(message, "negative_stock", str(error), event)
+            self._reject_unapplied(message, "negative_stock", str(error), event)
             return
         except UnmatchedReversal as error:
-            self._reject(message, "unmatched", str(error), event)
+            self._reject_unapplied(message, "unmatched", str(error), event)
             return
         except _OrderClosed as closed:
-            self._reject(message, "order_closed", self._closed_detail(closed), event)
+            detail = self._closed_detail(closed)
+            self._reject_unapplied(message, "order_closed", detail, event)
             return
         except ValueError as error:
-            self._reject(message, "invalid", str(error), event)
+            self._reject_unapplied(message, "invalid", str(error), event)
             return
         self.counts["applied"] += 1
         self._ledger(event, message, "applied", facts=self._facts)

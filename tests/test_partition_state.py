@@ -1180,3 +1180,28 @@ def test_checkpoint_with_ids_keyed_by_id_alone_rejected() -> None:
         PartitionState.restore(msgspec.msgpack.encode(saved))
     assert "partition 3" in str(raised.value)
     assert "Delete the object store bucket" in str(raised.value)
+
+
+def test_rejected_event_corrected_under_same_id() -> None:
+    # A plant fixes the unit and sends the event again under its id.
+    state = PartitionState(0)
+    wrong = msgspec.structs.replace(consume("c1", "2"), quantity=qty("2", "kg"))
+    result = state.apply_batch(messages(release("O1"), wrong))
+    assert [letter.reason for letter in result.dead_letters] == ["invalid"]
+    subject = event_subject("P1", "material_consumed")
+    fixed = SourceMessage(3, subject, encode(consume("c1", "2")))
+    result = state.apply_batch([fixed])
+    assert result.dead_letters == []
+    assert [p.movement for p in result.postings] == ["261"]
+
+
+def test_rejected_event_retried_is_judged_again() -> None:
+    # A retry of the same bytes is rejected again, not dropped as a duplicate.
+    state = PartitionState(0)
+    wrong = msgspec.structs.replace(consume("c1", "2"), quantity=qty("2", "kg"))
+    state.apply_batch(messages(release("O1"), wrong))
+    subject = event_subject("P1", "material_consumed")
+    retried = SourceMessage(3, subject, encode(wrong))
+    result = state.apply_batch([retried])
+    assert [letter.reason for letter in result.dead_letters] == ["invalid"]
+    assert result.counts.get("duplicates") is None
