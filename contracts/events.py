@@ -91,12 +91,15 @@ class Quantity(msgspec.Struct, frozen=True, gc=False):
                 )
             force_setattr(self, "value", _at_scale(self.value))
         if self.value.adjusted() >= QUANTITY_INTEGER_DIGITS:
-            raise ValueError(
-                f"quantity {shown_decimal(self.value)} has more than "
-                f"{QUANTITY_INTEGER_DIGITS} digits before the decimal point; larger "
-                "quantities would let an order's totals outgrow the DECIMAL(38, 9) "
-                "columns of postings and snapshots"
-            )
+            if self.value:
+                raise ValueError(
+                    f"quantity {shown_decimal(self.value)} has more than "
+                    f"{QUANTITY_INTEGER_DIGITS} digits before the decimal point; "
+                    "larger quantities would let an order's totals outgrow the "
+                    "DECIMAL(38, 9) columns of postings and snapshots"
+                )
+            # A zero such as 0E+20 has no digits before the point to count.
+            force_setattr(self, "value", Decimal(0))
         if self.value < 0:
             raise ValueError(
                 f"quantity must not be negative, got {shown_decimal(self.value)} "

@@ -93,6 +93,14 @@ def test_zeros_past_nine_places_stored_at_nine(written: bytes) -> None:
     pa.array([event.quantity.value], pa.decimal128(38, 9))
 
 
+@pytest.mark.parametrize("written", [b'"0E+20"', b'"0E+999999999"', b"0e20"])
+def test_zero_with_large_exponent_is_zero(written: bytes) -> None:
+    event = decode_event(consumed(written))
+    assert isinstance(event, MaterialConsumed)
+    assert event.quantity.value == 0
+    assert event.quantity.value.as_tuple().exponent == 0
+
+
 def test_quantity_errors_write_the_value_in_plain_notation() -> None:
     with pytest.raises(msgspec.ValidationError, match="quantity 0.0000000001 has"):
         decode_event(consumed(b'"1E-10"'))
