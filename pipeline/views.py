@@ -146,6 +146,22 @@ CREATE OR REPLACE MACRO scale_units(a, b, divisor) AS
     scale_split(a // divisor, a % divisor, b // divisor, b % divisor, divisor)
 """
 
+# Aggregate sum of non-negative unit counts, or null when a count is null or the sum
+# passes 10^38 - 1 units. A plain sum() raises an overflow error once it passes HUGEINT.
+# Every part above and below 10^18 is below 10^20, so summing the parts apart fits
+# HUGEINT for fewer than 10^18 rows.
+CHECKED_UNITS_SUM = """
+CREATE OR REPLACE MACRO checked_units_sum(units) AS
+    CASE WHEN bool_and(units IS NOT NULL)
+        THEN checked_sum(
+            checked_product(
+                sum(units // 1000000000000000000), 1000000000000000000
+            ),
+            sum(units % 1000000000000000000)
+        )
+    END
+"""
+
 # One row per stretch of machine time with a single category, which the other machine
 # views aggregate. The sweep counts, at every boundary, how many intervals of each
 # category are open, which is O(n log n) per machine instead of joining intervals
@@ -252,6 +268,10 @@ WHERE ended_at IS NOT NULL
 # Unless performance is capped, oee is then the good output's ideal time over the
 # planned busy time. When a report of such a machine has no ideal cycle time, quality
 # and oee are null.
+#
+# A machine whose ideal time (PRI x PQ summed over its reports) does not fit
+# DECIMAL(38, 9) gets null ideal times, performance and oee instead of an overflow
+# error, which would fail every query on the view.
 OEE = """
 CREATE OR REPLACE VIEW oee AS
 WITH state_machines AS (
@@ -287,6 +307,27 @@ reports AS (
     FROM production
     WHERE NOT coalesce(cancelled, false) AND work_center IS NOT NULL
 ),
+report_units AS (
+    SELECT
+        *,
+        quantity_units(ideal_cycle_time_s) AS cycle_units,
+        quantity_units(produced) AS produced_units,
+        quantity_units(good) AS good_units
+    FROM reports
+),
+-- PRI x PQ and PRI x GQ per report, in 1e-9 s. A report without an ideal cycle time
+-- adds 0, and one whose product passes DECIMAL(38, 9) gets null.
+report_ideal_times AS (
+    SELECT
+        *,
+        CASE WHEN ideal_cycle_time_s IS NULL THEN 0
+            ELSE scale_units(cycle_units, produced_units, 1000000000)
+        END AS ideal_units,
+        CASE WHEN ideal_cycle_time_s IS NULL THEN 0
+            ELSE scale_units(cycle_units, good_units, 1000000000)
+        END AS good_ideal_units
+    FROM report_units
+),
 output AS (
     SELECT
         plant,
@@ -299,19 +340,11 @@ output AS (
         CAST(sum(produced) AS DECIMAL(38, 9)) AS produced_quantity,
         CAST(sum(good) AS DECIMAL(38, 9)) AS good_quantity,
         CAST(sum(scrap) AS DECIMAL(38, 9)) AS scrap_quantity,
-        -- TODO: a cycle time times an output past 1e20 overflows DECIMAL(38, 18), and
-        -- one such report fails every query on this view (the demo summary shows the
-        -- error). scale_units, as material_variance uses, would make it exact.
-        CAST(
-            coalesce(sum(CAST(ideal_cycle_time_s * produced AS DECIMAL(38, 9))), 0)
-            AS DECIMAL(38, 9)
-        ) AS ideal_time_s,
-        CAST(
-            coalesce(sum(CAST(ideal_cycle_time_s * good AS DECIMAL(38, 9))), 0)
-            AS DECIMAL(38, 9)
-        ) AS good_ideal_time_s,
+        -- Null when a report's ideal time or their sum does not fit DECIMAL(38, 9).
+        units_quantity(checked_units_sum(ideal_units)) AS ideal_time_s,
+        units_quantity(checked_units_sum(good_ideal_units)) AS good_ideal_time_s,
         count(*) FILTER (WHERE ideal_cycle_time_s IS NULL) AS reports_without_ideal_time
-    FROM reports
+    FROM report_ideal_times
     GROUP BY plant, machine
 ),
 totals AS (
@@ -347,8 +380,11 @@ totals AS (
             AS good_quantity,
         CASE WHEN coalesce(o.units, 0) <= 1 THEN coalesce(o.scrap_quantity, 0) END
             AS scrap_quantity,
-        coalesce(o.ideal_time_s, 0) AS ideal_time_s,
-        coalesce(o.good_ideal_time_s, 0) AS good_ideal_time_s,
+        -- A machine without reports has an ideal time of 0. A null from `output` means
+        -- the ideal time does not fit DECIMAL(38, 9), so it must stay null.
+        CASE WHEN o.machine IS NULL THEN 0 ELSE o.ideal_time_s END AS ideal_time_s,
+        CASE WHEN o.machine IS NULL THEN 0 ELSE o.good_ideal_time_s END
+            AS good_ideal_time_s,
         coalesce(o.reports_without_ideal_time, 0) AS reports_without_ideal_time
     FROM (
         SELECT plant, machine FROM machine_time
@@ -401,6 +437,8 @@ SELECT
     CASE
         WHEN planned_busy_time_s IS NULL OR planned_busy_time_s <= 0 THEN NULL
         WHEN NOT has_output THEN 0.0
+        -- least() would skip an ideal time that is null because it overflowed.
+        WHEN ideal_time_s IS NULL THEN NULL
         ELSE CAST(least(ideal_time_s, actual_production_time_s) AS DOUBLE)
             / CAST(planned_busy_time_s AS DOUBLE)
             * quality_ratio(
@@ -423,10 +461,22 @@ FROM ratios
 # time, so a machine with a wrong ideal cycle time cannot lift the plant above 1.
 # Quantities and quality follow the unit rule of `oee`, applied to all reports of the
 # plant: a machine with several units, or two machines with different ones, make the
-# plant's quantities null and its quality a ratio of ideal times.
+# plant's quantities null and its quality a ratio of ideal times. A machine with a null
+# ideal time makes the plant's ideal times null, and its performance and oee too unless
+# the machine has no state data, because sum() would skip it and understate them.
 OEE_BY_PLANT = """
 CREATE OR REPLACE VIEW oee_by_plant AS
-WITH sums AS (
+WITH machine_ideal_times AS (
+    SELECT
+        *,
+        quantity_units(ideal_time_s) AS ideal_units,
+        quantity_units(good_ideal_time_s) AS good_ideal_units,
+        CASE WHEN ideal_time_s IS NOT NULL
+            THEN least(ideal_time_s, actual_production_time_s)
+        END AS capped_ideal_time_s
+    FROM oee
+),
+sums AS (
     SELECT
         plant,
         count(*) AS machines,
@@ -446,12 +496,15 @@ WITH sums AS (
         sum(good_quantity) AS good_quantity,
         sum(scrap_quantity) AS scrap_quantity,
         sum(reports_without_ideal_time) AS reports_without_ideal_time,
-        sum(ideal_time_s) AS ideal_time_s,
-        sum(good_ideal_time_s) AS good_ideal_time_s,
-        sum(least(ideal_time_s, actual_production_time_s))
-            FILTER (WHERE has_state_data) AS capped_ideal_time_s,
+        units_quantity(checked_units_sum(ideal_units)) AS ideal_time_s,
+        units_quantity(checked_units_sum(good_ideal_units)) AS good_ideal_time_s,
+        CASE
+            WHEN bool_and(capped_ideal_time_s IS NOT NULL)
+                FILTER (WHERE has_state_data)
+            THEN sum(capped_ideal_time_s) FILTER (WHERE has_state_data)
+        END AS capped_ideal_time_s,
         count(*) FILTER (WHERE performance_flag) AS flagged_machines
-    FROM oee
+    FROM machine_ideal_times
     GROUP BY plant
 ),
 ratios AS (
@@ -797,6 +850,7 @@ MACROS: dict[str, str] = {
     "round_divmod": ROUND_DIVMOD,
     "scale_split": SCALE_SPLIT,
     "scale_units": SCALE_UNITS,
+    "checked_units_sum": CHECKED_UNITS_SUM,
     "quality_basis": QUALITY_BASIS,
     "quality_ratio": QUALITY_RATIO,
 }

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from decimal import Decimal
+from decimal import ROUND_HALF_UP, Decimal, localcontext
 from pathlib import Path
 from typing import Any
 
@@ -382,3 +382,134 @@ def test_oee_by_plant_single_unit_counts(tmp_path: Path) -> None:
     assert plant["good_quantity"] == Decimal(80)
     assert plant["quality_basis"] == "count"
     assert plant["quality"] == pytest.approx(0.8)
+
+
+# The largest quantity and cycle time the contracts accept: 15 digits before the point
+# and 9 after.
+LARGEST = "999999999999999.999999999"
+
+
+def test_oee_ideal_time_overflow_is_null(tmp_path: Path) -> None:
+    states = [
+        state("M1", "running", 0, 60),
+        state("M2", "running", 0, 60),
+        state("M3", "running", 0, 60),
+    ]
+    # PRI x PQ of M1 is about 1e30 s, more than DECIMAL(38, 9) holds. M3 has no reports.
+    reports = [
+        report("E1", "M1", 30, good=LARGEST, ideal_cycle_time_s=LARGEST),
+        report("E2", "M2", 30, good="1800"),
+    ]
+    rows = query(tmp_path, states, reports, "SELECT * FROM oee ORDER BY machine")
+    overflowed, normal, without_reports = rows
+
+    assert overflowed["ideal_time_s"] is None
+    assert overflowed["good_ideal_time_s"] is None
+    assert overflowed["raw_performance"] is None
+    assert overflowed["performance"] is None
+    assert overflowed["performance_flag"] is None
+    assert overflowed["oee"] is None
+    # The figures that need no ideal time are still computed.
+    assert overflowed["produced_quantity"] == Decimal(LARGEST)
+    assert overflowed["availability"] == pytest.approx(1.0)
+    assert overflowed["quality"] == pytest.approx(1.0)
+    assert overflowed["quality_basis"] == "count"
+
+    assert normal["ideal_time_s"] == Decimal(1800)
+    assert normal["performance"] == pytest.approx(0.5)
+    assert normal["oee"] == pytest.approx(0.5)
+
+    assert without_reports["ideal_time_s"] == Decimal(0)
+    assert without_reports["good_ideal_time_s"] == Decimal(0)
+    assert without_reports["oee"] == 0.0
+
+
+def test_oee_ideal_time_exact_above_1e20(tmp_path: Path) -> None:
+    states = [state("M1", "running", 0, 60)]
+    cycle_time = Decimal("1234567.123456789")
+    good = Decimal(LARGEST)
+    reports = [
+        report("E1", "M1", 30, good=str(good), ideal_cycle_time_s=str(cycle_time)),
+    ]
+    (row,) = query(tmp_path, states, reports, "SELECT * FROM oee")
+
+    # About 1.2e21 s, rounded half up to 9 decimal places like a DECIMAL(38, 9) cast.
+    # The exact product has 40 digits, more than the default context's 28.
+    with localcontext(prec=40):
+        expected = (cycle_time * good).quantize(Decimal("1e-9"), rounding=ROUND_HALF_UP)
+    assert row["ideal_time_s"] == expected
+    assert row["good_ideal_time_s"] == expected
+    assert row["performance"] == pytest.approx(1.0)
+    assert row["performance_flag"] is True
+
+
+def test_oee_ideal_time_sum_overflow_is_null(tmp_path: Path) -> None:
+    states = [state("M1", "running", 0, 60)]
+    # Each report has an ideal time of about 6e28 s, which fits DECIMAL(38, 9) alone
+    # but not summed with the other.
+    reports = [
+        report("E1", "M1", 20, good="999999999999999", ideal_cycle_time_s="6e13"),
+        report("E2", "M1", 40, good="999999999999999", ideal_cycle_time_s="6e13"),
+    ]
+    (row,) = query(tmp_path, states, reports, "SELECT * FROM oee")
+
+    assert row["ideal_time_s"] is None
+    assert row["good_ideal_time_s"] is None
+    assert row["performance"] is None
+    assert row["oee"] is None
+
+
+def test_oee_by_plant_ideal_time_overflow(tmp_path: Path) -> None:
+    states = [
+        state("M1", "running", 0, 60),
+        state("M2", "running", 0, 60),
+        state("M3", "running", 0, 60, plant="P2"),
+        state("M5", "running", 0, 60, plant="P3"),
+    ]
+    reports = [
+        report("E1", "M1", 30, good=LARGEST, ideal_cycle_time_s=LARGEST),
+        report("E2", "M2", 30, good="1800"),
+        report("E3", "M3", 30, good="900", scrap="900", plant="P2"),
+        # M4 has no state data, so it adds nothing to the performance numerator.
+        report("E4", "M4", 30, good=LARGEST, ideal_cycle_time_s=LARGEST, plant="P3"),
+        report("E5", "M5", 30, good="1800", plant="P3"),
+    ]
+    rows = query(tmp_path, states, reports, "SELECT * FROM oee_by_plant ORDER BY plant")
+    p1, p2, p3 = rows
+
+    assert p1["ideal_time_s"] is None
+    assert p1["good_ideal_time_s"] is None
+    assert p1["performance"] is None
+    assert p1["oee"] is None
+    assert p1["availability"] == pytest.approx(1.0)
+    assert p1["quality"] == pytest.approx(1.0)
+
+    assert p2["ideal_time_s"] == Decimal(1800)
+    assert p2["performance"] == pytest.approx(0.5)
+    assert p2["quality"] == pytest.approx(0.5)
+    assert p2["oee"] == pytest.approx(0.25)
+
+    assert p3["ideal_time_s"] is None
+    assert p3["good_ideal_time_s"] is None
+    assert p3["performance"] == pytest.approx(0.5)
+    assert p3["oee"] == pytest.approx(0.5)
+
+
+def test_oee_by_plant_ideal_time_sum_overflow(tmp_path: Path) -> None:
+    states = [state("M1", "running", 0, 60), state("M2", "running", 0, 60)]
+    # Each machine's ideal time of about 6e28 s fits, but their sum does not. Both are
+    # capped at the running time, so performance and oee are still known.
+    reports = [
+        report("E1", "M1", 30, good="999999999999999", ideal_cycle_time_s="6e13"),
+        report("E2", "M2", 30, good="999999999999999", ideal_cycle_time_s="6e13"),
+    ]
+    machines = query(tmp_path, states, reports, "SELECT ideal_time_s FROM oee")
+    (plant,) = query(tmp_path, states, reports, "SELECT * FROM oee_by_plant")
+
+    expected = Decimal("6e13") * Decimal("999999999999999")
+    assert machines == [{"ideal_time_s": expected}, {"ideal_time_s": expected}]
+    assert plant["ideal_time_s"] is None
+    assert plant["good_ideal_time_s"] is None
+    assert plant["performance"] == pytest.approx(1.0)
+    assert plant["oee"] == pytest.approx(1.0)
+    assert plant["flagged_machines"] == 2
