@@ -359,6 +359,20 @@ def _is_lock_conflict(error: duckdb.Error) -> bool:
     return "Could not set lock" in str(error)
 
 
+_ACCESS_PROBLEMS = (
+    "Read-only file system",
+    "Permission denied",
+    "Operation not permitted",
+    "No space left on device",
+)
+"""Operating system errors, as DuckDB quotes them, that say the file could not be
+written rather than that it is not a DuckDB database."""
+
+
+def _is_access_problem(detail: str) -> bool:
+    return any(problem in detail for problem in _ACCESS_PROBLEMS)
+
+
 def _connect(
     path: Path, *, read_only: bool, timeout_s: float
 ) -> duckdb.DuckDBPyConnection:
@@ -373,13 +387,21 @@ def _connect(
             # A file DuckDB does not recognise can raise more than IOException. Opened
             # read-only, a JSON file fails with a CatalogException.
             if not (isinstance(exc, duckdb.IOException) and _is_lock_conflict(exc)):
+                detail = str(exc).rstrip(".!")
+                if _is_access_problem(detail):
+                    # The file may be fine: moving it aside or resetting checkpoints,
+                    # the advice for a file of another format, would only do harm.
+                    raise SinkError(
+                        f"cannot open DuckDB file {path}: {detail}. Make the file and "
+                        f"its folder {path.parent} writable for this process, and "
+                        "check that the disk has free space, then start again"
+                    ) from exc
                 fix = (
                     "pass the snapshot file plantstream run or demo writes"
                     if read_only
                     else "move it aside and let the writer create a new one. "
                     f"{_NEW_FILE_NOTE}"
                 )
-                detail = str(exc).rstrip(".!")
                 raise SinkError(
                     f"cannot open DuckDB file {path}: {detail}. If the file is not a "
                     f"DuckDB database, {fix}"

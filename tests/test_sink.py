@@ -819,3 +819,16 @@ def test_stock_signs_by_movement_type(tmp_path: Path) -> None:
     assert stock[("FG", "unrestricted")] == Decimal(6)
     assert stock[("FG", "blocked")] == Decimal(3)
     assert stock[("RM", "unrestricted")] == Decimal(-2)
+
+
+@pytest.mark.skipif(not Path("/sys/kernel").is_dir(), reason="needs Linux sysfs")
+def test_unwritable_folder_gets_access_advice() -> None:
+    # sysfs refuses new files to every user, root included.
+    path = Path("/sys/plantstream-test.duckdb")
+    with pytest.raises(SinkError) as raised:
+        SnapshotWriter(path)
+    message = str(raised.value)
+    assert "Permission denied" in message
+    assert "writable for this process" in message
+    assert "move it aside" not in message
+    assert "checkpoints reset" not in message
