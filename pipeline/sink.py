@@ -365,8 +365,8 @@ _ACCESS_PROBLEMS = (
     "Operation not permitted",
     "No space left on device",
 )
-"""Operating system errors, as DuckDB quotes them, that say the file could not be
-written rather than that it is not a DuckDB database."""
+"""Operating system errors, as DuckDB quotes them, which mean that the file could not
+be written, not that it is not a DuckDB database."""
 
 
 def _is_access_problem(detail: str) -> bool:

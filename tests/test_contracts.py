@@ -85,7 +85,7 @@ def test_trailing_zeros_past_nine_places_accepted() -> None:
 )
 def test_zeros_past_nine_places_stored_at_nine(written: bytes) -> None:
     # Arrow rejected 40 places for DECIMAL(38, 9) and crashed on the zero, so the
-    # value is kept at the tables' scale; its digits do not change.
+    # value is kept at the tables' scale. Its digits do not change.
     event = decode_event(consumed(written))
     assert isinstance(event, MaterialConsumed)
     _, _, exponent = event.quantity.value.as_tuple()

@@ -338,7 +338,7 @@ def test_reversal_parked_until_named_event_arrives() -> None:
 
 
 def test_expired_reversal_names_wrong_order() -> None:
-    # c2 belongs to an order of another partition, so this one never sees it.
+    # c2 belongs to an order of another partition, so this one never receives it.
     state = PartitionState(0, StateSettings(park_timeout_s=0))
     state.apply_batch(messages(release("O1"), reversal("r1", "c2", order="O1")))
     state._last_expiry_scan = 0.0  # the next batch scans for expired events
