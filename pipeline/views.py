@@ -449,7 +449,11 @@ SELECT
                 good_ideal_time_s
             )
     END AS oee,
-    ideal_time_s > actual_production_time_s AS performance_flag,
+    -- A null ideal time overflowed DECIMAL(38, 9): 1e29 s or more, longer than any
+    -- running time, so the cycle time is surely set too long.
+    CASE WHEN ideal_time_s IS NULL AND actual_production_time_s IS NOT NULL THEN true
+        ELSE ideal_time_s > actual_production_time_s
+    END AS performance_flag,
     raw_performance,
     reports_without_ideal_time,
     has_state_data

@@ -407,7 +407,8 @@ def test_oee_ideal_time_overflow_is_null(tmp_path: Path) -> None:
     assert overflowed["good_ideal_time_s"] is None
     assert overflowed["raw_performance"] is None
     assert overflowed["performance"] is None
-    assert overflowed["performance_flag"] is None
+    # 1e29 s or more is longer than any running time.
+    assert overflowed["performance_flag"] is True
     assert overflowed["oee"] is None
     # The figures that need no ideal time are still computed.
     assert overflowed["produced_quantity"] == Decimal(LARGEST)
@@ -483,6 +484,8 @@ def test_oee_by_plant_ideal_time_overflow(tmp_path: Path) -> None:
     assert p1["oee"] is None
     assert p1["availability"] == pytest.approx(1.0)
     assert p1["quality"] == pytest.approx(1.0)
+    assert p1["flagged_machines"] == 1
+    assert p1["performance_flag"] is True
 
     assert p2["ideal_time_s"] == Decimal(1800)
     assert p2["performance"] == pytest.approx(0.5)
