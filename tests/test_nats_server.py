@@ -17,12 +17,16 @@ EXIT_TIMEOUT_S = 10.0
 """How long nats-server may take to exit on SIGTERM."""
 
 _STARTER = """
+import sys
 import time
+from pathlib import Path
 from cluster.nats_server import EmbeddedNatsServer
-server = EmbeddedNatsServer().start()
+server = EmbeddedNatsServer(Path(sys.argv[1])).start()
 print(server.pid, flush=True)
 time.sleep(120)
 """
+"""Starts a server whose store is the folder in argv[1]: the killed parent cannot
+remove a store of its own, which would stay behind in the system's temporary folder."""
 
 
 def process_gone(pid: int) -> bool:
@@ -36,10 +40,10 @@ def process_gone(pid: int) -> bool:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="prctl is Linux only")
-def test_server_exits_with_killed_parent() -> None:
+def test_server_exits_with_killed_parent(tmp_path: Path) -> None:
     # SIGKILL runs no clean-up in the parent, so only the kernel can stop the server.
     parent = subprocess.Popen(
-        [sys.executable, "-c", _STARTER],
+        [sys.executable, "-c", _STARTER, str(tmp_path / "store")],
         cwd=REPO_ROOT,
         stdout=subprocess.PIPE,
         text=True,
