@@ -690,26 +690,19 @@ class SnapshotWriter:
             return
 
         started = time.perf_counter()
+        write_staged = functools.partial(
+            self._write_staged, staged, through_seq=through_seq, partitions=partitions
+        )
         try:
             try:
-                self._write_staged(
-                    staged,
-                    insert_new=True,
-                    through_seq=through_seq,
-                    partitions=partitions,
-                )
+                write_staged(insert_new=True)
             except duckdb.ConstraintException as error:
                 # A row inserted as new was stored already: a restart or a replay
                 # wrote it before. Nothing of this write was committed, so write it
                 # all again with upserts, which replace such rows.
                 logger.debug("writing again with upserts to %s: %s", self.path, error)
                 self._high_seq.clear()
-                self._write_staged(
-                    staged,
-                    insert_new=False,
-                    through_seq=through_seq,
-                    partitions=partitions,
-                )
+                write_staged(insert_new=False)
         except duckdb.OperationalError as error:
             # Failures of the file or the machine rather than of the rows, such as a
             # write-ahead log that cannot be created. As a SinkError, the ingest
