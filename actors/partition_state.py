@@ -76,7 +76,12 @@ from contracts.codec import (
     encode,
     encode_posting,
 )
-from contracts.dead_letters import DeadLetter, DeadLetterReason
+from contracts.dead_letters import (
+    DeadLetter,
+    DeadLetterReason,
+    LetterResolved,
+    letter_id_at,
+)
 from contracts.keys import EventKey, decode_key
 from contracts.postings import GoodsMovement, MovementType, Posting
 from contracts.snapshots import TABLES, table_from_rows
@@ -117,6 +122,11 @@ are turned into Arrow tables."""
 EXPIRY_SCAN_INTERVAL_S = 5.0
 """Seconds between scans for expired parked events; every batch would cost more."""
 
+REJECTED_MAX_IDS = 100_000
+"""Event ids whose dead letters a partition keeps, to report them resolved when a
+corrected event under the id is applied. Past it the oldest id is dropped, and its
+letters stay open in `plantstream dlq list`."""
+
 PAYLOAD_HASH_BITS = 30
 """Bits of the payload hash kept per event id. 30 bits keep each hash in one 28-byte
 CPython int. Two different payloads under one reused id collide with odds of 1 in 2**30
@@ -153,6 +163,8 @@ class BatchResult(msgspec.Struct):
     dead_letters: list[DeadLetter]
     counts: dict[str, int]
     last_seq: int
+    resolved: list[LetterResolved] = []
+    """Dead letters that an event applied in this batch made needless."""
 
 
 class Parked(msgspec.Struct, array_like=True, gc=False):
@@ -192,6 +204,8 @@ class Checkpoint(msgspec.Struct):
     ids_keyed_by_plant: bool = False
     """Whether the remembered event ids are keyed by plant and id (`event_hash`).
     Versions before it keyed them by the id alone, which a restore cannot convert."""
+    rejected: dict[int, list[str]] = {}
+    """`PartitionState.rejected`."""
 
 
 class OrdersCheckpoint(msgspec.Struct):
@@ -277,6 +291,9 @@ class PartitionState:
         self.plant_holds: dict[str, HoldState] = {}
         self.counts: Counter[str] = Counter()
         self.clocks: dict[str, PlantClock] = {}
+        self.rejected: dict[int, list[str]] = {}
+        """Dead letter ids by event_hash, for events whose id applying rejected and
+        forgot, oldest first; at most REJECTED_MAX_IDS ids."""
         self._dirty_orders: set[str] = set()
         # Orders changed since the last checkpoint_parts and already taken by
         # take_snapshot, which empties _dirty_orders; and orders dropped since then.
@@ -325,6 +342,7 @@ class PartitionState:
         # Per batch, reset by apply_batch.
         self._postings: list[OutgoingPosting] = []
         self._dead: list[DeadLetter] = []
+        self._resolved: list[LetterResolved] = []
 
     # -- the batch -------------------------------------------------------------------
 
@@ -332,6 +350,7 @@ class PartitionState:
         """Apply messages in stream order and return the postings and dead letters."""
         self._postings = []
         self._dead = []
+        self._resolved = []
         before = self.counts.copy()
         interval = self.settings.eviction_interval_seqs
         # One reading of the host clock per batch, because a batch takes milliseconds,
@@ -384,11 +403,20 @@ class PartitionState:
         }
         if len(self._ledger_rows) >= self.chunk_rows:
             self._build_chunks()
-        return BatchResult(self._postings, self._dead, delta, self.last_seq)
+        return BatchResult(
+            self._postings, self._dead, delta, self.last_seq, self._resolved
+        )
 
     def _accept(self, message: SourceMessage) -> None:
         if not message.primary:
             self._accept_copy(message)
+            return
+        if (message.stream_seq, message.index) <= self._position:
+            # JetStream delivered a message this partition already took (a stalled
+            # ack, a server restart). Checked before the id table, because that no
+            # longer holds the id of an event applying rejected, or of one it dropped
+            # when full; either would otherwise be judged, and dead-lettered, again.
+            self.counts["redelivered"] += 1
             return
         try:
             event = decode_event(message.data)
@@ -439,11 +467,7 @@ class PartitionState:
                     # The id table had forgotten it: remember the first payload again.
                     self.seen.put(id_hash, known)
         if known is not None:
-            if (message.stream_seq, message.index) <= self._position:
-                # JetStream delivered a message this partition already took (a stalled
-                # ack, a server restart); the ledger row of the first delivery is kept.
-                self.counts["redelivered"] += 1
-            elif known == payload_hash:
+            if known == payload_hash:
                 self.counts["duplicates"] += 1
                 self._ledger(event, message, "duplicate")
             else:
@@ -667,13 +691,51 @@ class PartitionState:
         Nothing of the event was applied, so its id must not block what comes under
         it later: the corrected event that a plant sends again under the same id, or
         this dead letter retried once its cause is fixed. Either is judged afresh.
-
-        NOTE: so is a JetStream redelivery of the rejected message to the same
-        process (a stalled ack), which gives a second dead letter at the same stream
-        position.
         """
-        self.seen.pop(event_hash(event.plant, event.event_id))
+        id_hash = event_hash(event.plant, event.event_id)
+        self.seen.pop(id_hash)
         self._reject(message, reason, detail, event)
+        self._keep_letter(id_hash, message, reason)
+
+    def _keep_letter(
+        self, id_hash: int, message: SourceMessage, reason: DeadLetterReason
+    ) -> None:
+        """Keep the letter's id under its event's, for `_resolve_letters`."""
+        index = None if message.index < 0 else message.index
+        letter = letter_id_at(message.subject, message.stream_seq, index, reason)
+        letters = self.rejected.get(id_hash)
+        if letters is None:
+            if len(self.rejected) >= REJECTED_MAX_IDS:
+                del self.rejected[next(iter(self.rejected))]
+            self.rejected[id_hash] = [letter]
+        elif letter not in letters:
+            # A replay rejects the same message again under the same letter id.
+            letters.append(letter)
+
+    def _resolve_letters(
+        self, event: ev.PlantEvent, message: SourceMessage, id_hash: int | None
+    ) -> None:
+        """Report the kept letters of `event`'s id as resolved, now that it applied."""
+        if id_hash is None:
+            id_hash = event_hash(event.plant, event.event_id)
+        letters = self.rejected.pop(id_hash, None)
+        if letters is None:
+            return
+        now = dt.datetime.now(dt.UTC)
+        index = None if message.index < 0 else message.index
+        for letter in letters:
+            self._resolved.append(
+                LetterResolved(
+                    letter_id=letter,
+                    plant=event.plant,
+                    event_id=event.event_id,
+                    subject=message.subject,
+                    stream_seq=message.stream_seq,
+                    batch_index=index,
+                    resolved_at=now,
+                )
+            )
+        self.counts["dead_letters_resolved"] += len(letters)
 
     # -- applying ----------------------------------------------------------------------
 
@@ -709,6 +771,8 @@ class PartitionState:
             return
         self.counts["applied"] += 1
         self._ledger(event, message, "applied", facts=self._facts)
+        if self.rejected:
+            self._resolve_letters(event, message, id_hash)
         if order_key is not None:
             order = self.orders.get(order_key)
             if order is not None:
@@ -965,7 +1029,8 @@ class PartitionState:
                 self._parked_row(event, parked.stream_seq, key, "expired")
                 self._reledgered.add((parked.stream_seq, parked.index))
                 # Forget the id, so that the dead letter applies when it is retried.
-                self.seen.pop(event_hash(event.plant, parked.event_id))
+                id_hash = event_hash(event.plant, parked.event_id)
+                self.seen.pop(id_hash)
                 self._reject(
                     message,
                     "parked_expired",
@@ -974,6 +1039,7 @@ class PartitionState:
                     + _expired_reversal_hint(event, key),
                     event,
                 )
+                self._keep_letter(id_hash, message, "parked_expired")
             if keep:
                 self.parked[key] = keep
 
@@ -1207,6 +1273,7 @@ class PartitionState:
                 self.clocks,
                 closed_orders,
                 ids_keyed_by_plant=True,
+                rejected=self.rejected,
             )
         )
 
@@ -1253,6 +1320,7 @@ class PartitionState:
         state.plant_holds = saved.plant_holds
         state.counts = Counter(saved.counts)
         state.clocks = saved.clocks
+        state.rejected = saved.rejected
         state.rewrite_rows()
         return state
 

@@ -92,6 +92,11 @@ def take_share(
             ),
             share.settings.closed_order_max_keys,
         )
+    # Each share keeps every rejected id, like every remembered one, because the
+    # corrected event may route to any of them.
+    for state in states:
+        for id_hash, letters in state.rejected.items():
+            share.rejected.setdefault(id_hash, []).extend(letters)
     if partition == 0:
         for state in states:
             share.counts.update(state.counts)

@@ -38,7 +38,12 @@ from actors.settings import StateSettings
 from cluster.cli import positive_int
 from cluster.lease import DEFAULT_TTL_S, lease_holder
 from contracts.codec import decode_dead_letter, decode_edge_batch
-from contracts.dead_letters import DeadLetter, DeadLetterReason
+from contracts.dead_letters import (
+    DeadLetter,
+    DeadLetterReason,
+    LetterResolved,
+    letter_id,
+)
 from contracts.keys import decode_key, is_plant_wide, partition_of, routing_key
 from pipeline.checkpoints import (
     CheckpointChains,
@@ -59,6 +64,8 @@ from pipeline.subjects import (
     EVENTS_PREFIX,
     EVENTS_STREAM,
     POSTINGS_STREAM,
+    RESOLVED_SUFFIX,
+    RETRIED_SUFFIX,
     dlq_subject,
     posting_subject,
     validate_token,
@@ -97,9 +104,6 @@ ACTIVE_SAMPLES = 3
 """Consumer info samples, 0.6 s apart, that replay takes to see whether the ingest runs.
 
 A running ingest almost always has a fetch waiting, since one lasts 0.5 s by default."""
-
-RETRIED_SUFFIX = "retried"
-"""Retry records go to plantstream.dlq.<plant>.retried, beside the dead letters."""
 
 
 class OperationError(Exception):
@@ -597,20 +601,17 @@ class DeadLetterEntry:
     dlq_seq: int
     letter: DeadLetter
     retried: RetryRecord | None = None
+    resolved: LetterResolved | None = None
+    """The record of a later event under the letter's id that was applied."""
 
     @property
     def letter_id(self) -> str:
         return letter_id(self.letter)
 
-
-def letter_id(letter: DeadLetter) -> str:
-    """Return the identity of a dead letter: its message, event position and reason.
-
-    A replay after a crash can publish the same dead letter again once the DLQ stream's
-    duplicate window has passed. Entries with one identity are one dead letter.
-    """
-    index = "" if letter.batch_index is None else f":{letter.batch_index}"
-    return f"{letter.subject}:{letter.stream_seq}{index}:{letter.reason}"
+    @property
+    def is_open(self) -> bool:
+        """Whether the letter may still need a retry: neither retried nor resolved."""
+        return self.retried is None and self.resolved is None
 
 
 async def list_dead_letters(
@@ -619,7 +620,11 @@ async def list_dead_letters(
     plant: str | None = None,
     reason: str | None = None,
 ) -> list[DeadLetterEntry]:
-    """Return the dead letters in the DLQ stream, once per identity, oldest first.
+    """Return the dead letters in the DLQ stream, once per identity, oldest first,
+    each with its retry and resolution records.
+
+    A replay after a crash can publish the same dead letter again once the DLQ stream's
+    duplicate window has passed, so entries with one identity are one dead letter.
 
     `plant` matches the plant a dead letter names, or else the plant token of its
     original subject, because a message too broken to name its plant is filed under
@@ -633,6 +638,12 @@ async def list_dead_letters(
     ):
         record = msgspec.json.decode(message.data, type=RetryRecord)
         retried[record.letter_id] = record
+    resolved: dict[str, LetterResolved] = {}
+    async for message in iter_stream(
+        js, DLQ_STREAM, f"{DLQ_PREFIX}.*.{RESOLVED_SUFFIX}"
+    ):
+        resolution = msgspec.json.decode(message.data, type=LetterResolved)
+        resolved.setdefault(resolution.letter_id, resolution)
     entries: dict[str, DeadLetterEntry] = {}
     async for message in iter_stream(js, DLQ_STREAM, f"{DLQ_PREFIX}.*"):
         letter = decode_dead_letter(message.data)
@@ -643,7 +654,10 @@ async def list_dead_letters(
         key = letter_id(letter)
         if key not in entries:
             entries[key] = DeadLetterEntry(
-                message.metadata.sequence.stream, letter, retried.get(key)
+                message.metadata.sequence.stream,
+                letter,
+                retried.get(key),
+                resolved.get(key),
             )
     return list(entries.values())
 
@@ -686,14 +700,14 @@ async def retry_dead_letters(
 ) -> list[RetryRecord]:
     """Republish each entry's bytes to its original subject and record the retry.
 
-    Entries already retried are skipped, and so are `lost_at_site` letters, which hold
-    no bytes to send. The republish carries a Nats-Msg-Id made of the dead letter's
-    identity, so two retries within the events stream's duplicate window store one
-    message.
+    Entries already retried or resolved are skipped, and so are `lost_at_site`
+    letters, which hold no bytes to send. The republish carries a Nats-Msg-Id made of
+    the dead letter's identity, so two retries within the events stream's duplicate
+    window store one message.
     """
     records: list[RetryRecord] = []
     for entry in entries:
-        if entry.retried is not None or entry.letter.reason == "lost_at_site":
+        if not entry.is_open or entry.letter.reason == "lost_at_site":
             continue
         letter = entry.letter
         ack = await js.publish(
@@ -840,11 +854,7 @@ def _format_entries(entries: list[DeadLetterEntry]) -> list[str]:
     for entry, row in zip(entries, rows, strict=True):
         line = "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True))
         lines.append(line.rstrip())
-        status = (
-            f"retried as seq {entry.retried.republished_seq}; "
-            if entry.retried is not None
-            else ""
-        )
+        status = _status(entry)
         # The whole detail, wrapped: its last sentence is usually the fix.
         lines += textwrap.wrap(
             f"{status}{entry.letter.detail}",
@@ -853,6 +863,21 @@ def _format_entries(entries: list[DeadLetterEntry]) -> list[str]:
             subsequent_indent="    ",
         )
     return lines
+
+
+def _status(entry: DeadLetterEntry) -> str:
+    """Return what happened to `entry` since, as the start of its detail line."""
+    parts = []
+    if entry.retried is not None:
+        parts.append(f"retried as seq {entry.retried.republished_seq}; ")
+    if entry.resolved is not None:
+        index = entry.resolved.batch_index
+        at = "" if index is None else f" index {index}"
+        parts.append(
+            f"resolved: event {entry.resolved.event_id} applied at seq "
+            f"{entry.resolved.stream_seq}{at}; "
+        )
+    return "".join(parts)
 
 
 def _cmd_dlq_list(args: argparse.Namespace) -> int:
@@ -866,6 +891,8 @@ def _cmd_dlq_list(args: argparse.Namespace) -> int:
             await nc.close()
 
     entries = asyncio.run(read())
+    if args.open:
+        entries = [entry for entry in entries if entry.is_open]
     shown = entries[: args.limit] if args.limit else entries
     if not shown:
         print("no dead letters match")
@@ -910,14 +937,20 @@ def _cmd_dlq_retry(args: argparse.Namespace) -> int:
 
     entries, records = asyncio.run(retry())
     lost = sum(entry.letter.reason == "lost_at_site" for entry in entries)
-    skipped = len(entries) - len(records) - lost
+    # Counted before the retry marked the entries it sent.
+    just_sent = {record.letter_id for record in records}
+    retried = sum(
+        e.retried is not None and e.letter_id not in just_sent for e in entries
+    )
+    resolved = sum(e.resolved is not None and e.retried is None for e in entries)
     for record in records:
         print(
             f"retried {record.letter_id} (dlq seq {record.dlq_seq}) as "
             f"{record.subject} seq {record.republished_seq}"
         )
     print(
-        f"retried {len(records)} dead letters; skipped {skipped} retried before"
+        f"retried {len(records)} dead letters; skipped {retried} retried before "
+        f"and {resolved} resolved by a later event under their id"
         if entries
         else "no dead letters match"
     )
@@ -998,7 +1031,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     listing = actions.add_parser(
         "list",
         help="show dead letters with reason, subject, sequence and detail",
-        description="Lists each dead letter once, oldest first. Retried ones say so.",
+        description="Lists each dead letter once, oldest first. Retried ones say so, "
+        "and so do resolved ones: a later event under the letter's event id was "
+        "applied, such as the corrected event a plant sent again.",
     )
     listing.add_argument("--nats-url", required=True, help="NATS server to read from")
     listing.add_argument("--plant", help="only dead letters of this plant")
@@ -1008,6 +1043,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     listing.add_argument(
         "--limit", type=int, default=50, help="rows to show, 0 for all (default: 50)"
     )
+    listing.add_argument(
+        "--open",
+        action="store_true",
+        help="only dead letters neither retried nor resolved",
+    )
     listing.set_defaults(handler=_cmd_dlq_list)
 
     retry = actions.add_parser(
@@ -1015,7 +1055,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="republish dead letters to their original subject after fixing the cause",
         description="Sends each chosen dead letter's original bytes to its original "
         "subject, where the running ingest processes them again, and records the retry "
-        "in PLANTSTREAM_DLQ. A dead letter retried before is skipped. An event "
+        "in PLANTSTREAM_DLQ. A dead letter retried before, or resolved by a later "
+        "event under its event id, is skipped. An event "
         "rejected from an edge batch goes back as a batch of one.",
     )
     retry.add_argument("--nats-url", required=True, help="NATS server to use")

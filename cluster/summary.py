@@ -94,6 +94,11 @@ def format_summary(result: JobResult, db: Path, *, top: int = 5) -> str:
     ]
     for reason, number in sorted(dead_letters.items()):
         lines.append(f"    {reason:<20} {number}")
+    if counts["dead_letters_resolved"]:
+        lines.append(
+            f"  letters resolved     {counts['dead_letters_resolved']}  (earlier dead "
+            "letters whose event was then applied under the same id)"
+        )
     if counts["edge_batches_empty"]:
         lines.append(
             f"  empty edge batches   {counts['edge_batches_empty']}  (messages of "

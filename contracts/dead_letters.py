@@ -12,6 +12,9 @@ __all__ = [
     "MAX_NAME_CHARS",
     "DeadLetter",
     "DeadLetterReason",
+    "LetterResolved",
+    "letter_id",
+    "letter_id_at",
     "shorten_letter",
 ]
 
@@ -62,6 +65,44 @@ class DeadLetter(msgspec.Struct, frozen=True, kw_only=True):
     event_id: str | None = None
     plant: str | None = None
     order: str | None = None
+
+
+class LetterResolved(msgspec.Struct, frozen=True, kw_only=True):
+    """A later event under a dead letter's event id was applied, so the letter needs
+    no retry.
+
+    A partition forgets the id of an event it rejected while applying it, so that the
+    plant can send the corrected event again under the same id. When that event is
+    applied, the partition records this for every letter of the id it still holds.
+    `subject`, `stream_seq` and `batch_index` are those of the applied event.
+    """
+
+    letter_id: str
+    plant: str
+    event_id: str
+    subject: str
+    stream_seq: int
+    batch_index: int | None = None
+    resolved_at: dt.datetime
+
+
+def letter_id_at(
+    subject: str, stream_seq: int, batch_index: int | None, reason: str
+) -> str:
+    """Return the identity of a dead letter: its message, event position and reason.
+
+    A replay after a crash can reject the same message again, and letters with one
+    identity are one dead letter. The identity is also their Nats-Msg-Id.
+    """
+    index = "" if batch_index is None else f":{batch_index}"
+    return f"{subject}:{stream_seq}{index}:{reason}"
+
+
+def letter_id(letter: DeadLetter) -> str:
+    """Return `letter`'s identity (`letter_id_at`)."""
+    return letter_id_at(
+        letter.subject, letter.stream_seq, letter.batch_index, letter.reason
+    )
 
 
 def shorten_letter(letter: DeadLetter) -> DeadLetter:

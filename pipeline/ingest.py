@@ -57,7 +57,12 @@ from contracts.codec import (
     encode,
     lone_surrogate_detail,
 )
-from contracts.dead_letters import DeadLetter, DeadLetterReason, shorten_letter
+from contracts.dead_letters import (
+    DeadLetter,
+    DeadLetterReason,
+    letter_id,
+    shorten_letter,
+)
 from contracts.events import EVENT_TYPES
 from contracts.keys import (
     EventKey,
@@ -91,6 +96,7 @@ from pipeline.streams import (
 from pipeline.subjects import (
     EDGE_BATCH_TYPE_TOKEN,
     EVENTS_STREAM,
+    dlq_resolved_subject,
     dlq_subject,
     event_subject,
     validate_token,
@@ -1005,12 +1011,20 @@ class Ingest:
             outgoing.extend((p.subject, p.data, p.key) for p in result.postings)
             dead.extend(result.dead_letters)
             self.report.counts.update(result.counts)
+            outgoing.extend(
+                (
+                    dlq_resolved_subject(r.plant),
+                    encode(r),
+                    f"resolved:{r.letter_id}",
+                )
+                for r in result.resolved
+            )
         dead[:] = [shorten_letter(letter) for letter in dead]
         outgoing.extend(
             (
                 dlq_subject(d.plant or _subject_plant(d.subject)),
                 self._encode_dead_letter(d),
-                _dead_letter_id(d),
+                letter_id(d),
             )
             for d in dead
         )
@@ -1375,10 +1389,3 @@ def _split_by_size(messages: list[Msg], max_bytes: int) -> Iterator[list[Msg]]:
 def _consume_failure(future: asyncio.Future[Any]) -> None:
     if not future.cancelled():
         future.exception()
-
-
-def _dead_letter_id(letter: DeadLetter) -> str:
-    # One dead letter per message (and event of an edge batch) and reason, however often
-    # a replay rejects it again.
-    index = "" if letter.batch_index is None else f":{letter.batch_index}"
-    return f"{letter.subject}:{letter.stream_seq}{index}:{letter.reason}"

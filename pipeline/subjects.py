@@ -3,6 +3,8 @@
 Plant events:  plant.events.<plant>.<event_type>   (stream PLANT_EVENTS)
 ERP postings:  erp.postings.<plant>                (stream ERP_POSTINGS)
 Dead letters:  plantstream.dlq.<plant>             (stream PLANTSTREAM_DLQ)
+  resolved:    plantstream.dlq.<plant>.resolved    (a later event under the id applied)
+  retried:     plantstream.dlq.<plant>.retried     (plantstream dlq retry sent it back)
 
 A plant id becomes a subject token, so it must not contain ".", "*", ">" or white space.
 """
@@ -17,6 +19,7 @@ __all__ = [
     "DLQ_STREAM",
     "EVENTS_STREAM",
     "POSTINGS_STREAM",
+    "dlq_resolved_subject",
     "dlq_subject",
     "event_subject",
     "posting_subject",
@@ -32,6 +35,8 @@ EDGE_BATCH_TYPE_TOKEN = "batch"  # noqa: S105 (a subject token, not a secret)
 """The last token of an edge batch's subject (plant.events.<plant>.batch)."""
 POSTINGS_PREFIX = "erp.postings"
 DLQ_PREFIX = "plantstream.dlq"
+RESOLVED_SUFFIX = "resolved"
+RETRIED_SUFFIX = "retried"
 
 _TOKEN = re.compile(PLANT_ID_PATTERN)
 
@@ -59,3 +64,8 @@ def dlq_subject(plant: str | None) -> str:
     if plant is None or not _TOKEN.fullmatch(plant):
         return f"{DLQ_PREFIX}._unknown"
     return f"{DLQ_PREFIX}.{plant}"
+
+
+def dlq_resolved_subject(plant: str) -> str:
+    """Return the subject of the records that resolve `plant`'s dead letters."""
+    return f"{dlq_subject(plant)}.{RESOLVED_SUFFIX}"

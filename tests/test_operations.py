@@ -33,6 +33,7 @@ from cluster.operations import (
 from contracts.codec import encode
 from contracts.dead_letters import DeadLetter
 from contracts.events import (
+    ConsumptionReversed,
     MaterialConsumed,
     ProductionConfirmed,
     Quantity,
@@ -637,3 +638,53 @@ def test_dlq_list_shows_whole_detail() -> None:
     wrapped = " ".join(line.strip() for line in lines[2:])
     assert wrapped == detail.strip()
     assert all(len(line) <= 100 for line in lines[2:])
+
+
+def _consumption_and_reversal(reverses: str) -> list[tuple[str, bytes]]:
+    """Return a consumption of order 4711 and reversal x-1 of event `reverses`."""
+    at = _RELEASED_AT + dt.timedelta(hours=1)
+    consumption = MaterialConsumed(
+        event_id="c-1", plant="P01", occurred_at=at, source="mes", order="4711",
+        material="RM-1", quantity=Quantity(value=Decimal(3), uom="KG"),
+    )  # fmt: skip
+    reversal = ConsumptionReversed(
+        event_id="x-1", plant="P01", occurred_at=at, source="mes", order="4711",
+        reverses_event_id=reverses,
+    )  # fmt: skip
+    return [
+        (event_subject("P01", "material_consumed"), encode(consumption)),
+        (event_subject("P01", "consumption_reversed"), encode(reversal)),
+    ]
+
+
+def test_corrected_event_resolves_letter(
+    nats_server: EmbeddedNatsServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    db = tmp_path / "db.duckdb"
+    # The reversal names the release, which no reversal can undo.
+    release = [(event_subject("P01", "work_order_released"), encode(_release()))]
+    first = _run(nats_server, db, release + _consumption_and_reversal("r-1"))
+    assert first.totals["dead_letter:unmatched"] == 1
+    [letter] = asyncio.run(_entries(nats_server.url))
+    assert letter.is_open
+
+    # The plant sends the reversal again under its id, now naming the consumption.
+    # A second run resumes from the checkpoint, which must keep the rejected id.
+    corrected = _consumption_and_reversal("c-1")[1:]
+    second = _run(nats_server, db, corrected)
+    assert second.totals["dead_letters_resolved"] == 1
+
+    [entry] = asyncio.run(_entries(nats_server.url))
+    assert entry.resolved is not None
+    assert (entry.resolved.event_id, entry.resolved.stream_seq) == ("x-1", 4)
+    assert not entry.is_open
+    capsys.readouterr()
+    assert main(["dlq", "list", "--nats-url", nats_server.url]) == 0
+    assert "resolved: event x-1 applied at seq 4" in capsys.readouterr().out
+    assert main(["dlq", "list", "--nats-url", nats_server.url, "--open"]) == 0
+    assert capsys.readouterr().out == "no dead letters match\n"
+    assert main(["dlq", "retry", "--nats-url", nats_server.url, "--all"]) == 0
+    out = capsys.readouterr().out
+    assert "retried 0 dead letters; skipped 0 retried before and 1 resolved" in out

@@ -22,6 +22,7 @@ from actors.partition_state import (
     PartitionState,
     SourceMessage,
 )
+from actors.repartition import take_share
 from actors.settings import StateSettings
 from contracts import events as ev
 from contracts.codec import decode_posting, encode
@@ -101,9 +102,11 @@ def unhold(event_id: str, hold_id: str, order: str = "O1") -> ev.QualityHoldRele
     )  # fmt: skip
 
 
-def messages(*events: ev.PlantEvent | bytes) -> list[SourceMessage]:
+def messages(*events: ev.PlantEvent | bytes, after: int = 0) -> list[SourceMessage]:
+    """Messages at stream sequences after `after`; a state takes a message at or
+    before its last sequence as a redelivery."""
     out = []
-    for seq, item in enumerate(events, start=1):
+    for seq, item in enumerate(events, start=after + 1):
         if isinstance(item, bytes):
             out.append(SourceMessage(seq, "plant.events.P1.x", item))
         else:
@@ -201,11 +204,11 @@ def test_cancelled_final_confirmation_reopens_the_order() -> None:
     assert (order.status, order.completed_at) == ("completed", at(10))
 
     # p1 is still final, so the order stays completed, as of p1.
-    state.apply_batch(messages(cancel))
+    state.apply_batch(messages(cancel, after=state.last_seq))
     assert (order.status, order.completed_at) == ("completed", at(20))
 
     again = msgspec.structs.replace(cancel, event_id="x2", cancels_event_id="p1")
-    state.apply_batch(messages(again))
+    state.apply_batch(messages(again, after=state.last_seq))
     assert (order.status, order.completed_at) == ("in_progress", None)
 
 
@@ -561,7 +564,7 @@ def test_plant_wide_lot_hold() -> None:
     assert ("O1", "344", "L1", "blocked") in by_key
     assert ("O2", "101", "L1", "blocked") in by_key
     assert ("O2", "101", "L2", "unrestricted") in by_key
-    second = state.apply_batch(messages(lot_release))
+    second = state.apply_batch(messages(lot_release, after=state.last_seq))
     returned = sorted((m.order, m.quantity) for m in movements(second))
     assert returned == [("O1", Decimal(5)), ("O2", Decimal(3))]
     holds = state.take_snapshot()["holds"].to_pylist()
@@ -617,6 +620,7 @@ def completed_and_aged(state: PartitionState, order: str = "O1", days: int = 8) 
             release(order),
             confirm(f"{order}-p1", "5", order=order, final=True),
             release(f"{order}-later", minutes=days * DAY_MIN),
+            after=state.last_seq,
         )
     )
     state.take_snapshot()
@@ -1205,3 +1209,90 @@ def test_rejected_event_retried_is_judged_again() -> None:
     result = state.apply_batch([retried])
     assert [letter.reason for letter in result.dead_letters] == ["invalid"]
     assert result.counts.get("duplicates") is None
+
+
+def test_rejected_redelivery_one_dead_letter() -> None:
+    # Applying forgot the rejected event's id, so only its stream position tells a
+    # redelivery of it from a corrected event sent again.
+    state = PartitionState(0)
+    wrong = msgspec.structs.replace(consume("c1", "2"), quantity=qty("2", "kg"))
+    batch = messages(release("O1"), wrong)
+    first = state.apply_batch(batch)
+    assert [letter.reason for letter in first.dead_letters] == ["invalid"]
+    again = state.apply_batch(batch[1:])
+    assert again.dead_letters == []
+    assert again.counts == {"events_in": 1, "redelivered": 1}
+
+
+def test_malformed_redelivery_one_dead_letter() -> None:
+    state = PartitionState(0)
+    subject = event_subject("P1", "material_consumed")
+    broken = SourceMessage(1, subject, b'{"event_id": "c1", ')
+    assert len(state.apply_batch([broken]).dead_letters) == 1
+    again = state.apply_batch([broken])
+    assert again.dead_letters == []
+    assert again.counts == {"events_in": 1, "redelivered": 1}
+
+
+def test_redelivery_of_dropped_id_ignored() -> None:
+    # A shipment belongs to no order, so the id table alone held its id.
+    state = PartitionState(0, StateSettings(dedup_max_ids=2))
+    batch = messages(shipment("s1"), shipment("s2"), shipment("s3"))
+    state.apply_batch(batch)
+    assert state.counts["ids_forgotten"] == 1
+    again = state.apply_batch(batch[:1])
+    assert again.counts == {"events_in": 1, "redelivered": 1}
+
+
+def test_corrected_event_resolves_all_letters() -> None:
+    state = PartitionState(0)
+    wrong = msgspec.structs.replace(consume("c1", "2"), quantity=qty("2", "kg"))
+    state.apply_batch(messages(release("O1"), wrong))
+    retried = state.apply_batch(messages(wrong, after=state.last_seq))
+    assert [letter.reason for letter in retried.dead_letters] == ["invalid"]
+    # A checkpoint in between must keep the letters of the rejected id.
+    restored = PartitionState.restore(state.checkpoint())
+    fixed = restored.apply_batch(messages(consume("c1", "2"), after=state.last_seq))
+    subject = event_subject("P1", "material_consumed")
+    assert [r.letter_id for r in fixed.resolved] == [
+        f"{subject}:2:invalid",
+        f"{subject}:3:invalid",
+    ]
+    assert {(r.event_id, r.stream_seq) for r in fixed.resolved} == {("c1", 4)}
+    assert fixed.counts["dead_letters_resolved"] == 2
+    assert restored.rejected == {}
+
+
+def test_expired_event_resolved_when_applied() -> None:
+    state = PartitionState(0, StateSettings(park_timeout_s=0))
+    state.apply_batch(messages(consume("c1", "2", order="O9")))
+    state._last_expiry_scan = 0.0
+    [letter] = state.apply_batch([]).dead_letters
+    resent = messages(release("O9"), consume("c1", "2", order="O9"), after=1)
+    [resolved] = state.apply_batch(resent).resolved
+    assert resolved.letter_id.endswith(":1:parked_expired")
+    assert resolved.stream_seq == 3
+
+
+def test_rejected_ids_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("actors.partition_state.REJECTED_MAX_IDS", 2)
+    state = PartitionState(0)
+    wrong = [
+        msgspec.structs.replace(consume(f"c{n}", "2"), quantity=qty("2", "kg"))
+        for n in range(3)
+    ]
+    state.apply_batch(messages(release("O1"), *wrong))
+    assert len(state.rejected) == 2
+    fixed = state.apply_batch(
+        messages(consume("c0", "2"), consume("c2", "2"), after=state.last_seq)
+    )
+    # c0's letter was dropped first, so only c2's is reported resolved.
+    assert [r.event_id for r in fixed.resolved] == ["c2"]
+
+
+def test_shares_keep_rejected_ids() -> None:
+    state = PartitionState(0)
+    wrong = msgspec.structs.replace(consume("c1", "2"), quantity=qty("2", "kg"))
+    state.apply_batch(messages(release("O1"), wrong))
+    shares = [take_share([state], p, 3, state.last_seq) for p in range(3)]
+    assert all(share.rejected == state.rejected for share in shares)
