@@ -448,6 +448,8 @@ class PartitionState:
                 f"the clock of plant {plant}'s source {event.source}",
                 event,
             )
+            # Its id was never remembered, so a retry or a corrected event applies.
+            self._keep_letter(event_hash(plant, event.event_id), message, "future_time")
             return
 
         payload_hash = _payload_hash(event)
@@ -723,18 +725,22 @@ class PartitionState:
             return
         now = dt.datetime.now(dt.UTC)
         index = None if message.index < 0 else message.index
+        rows = self._rows.setdefault("dead_letter_resolutions", [])
         for letter in letters:
-            self._resolved.append(
-                LetterResolved(
-                    letter_id=letter,
-                    plant=event.plant,
-                    event_id=event.event_id,
-                    subject=message.subject,
-                    stream_seq=message.stream_seq,
-                    batch_index=index,
-                    resolved_at=now,
-                )
+            resolved = LetterResolved(
+                letter_id=letter,
+                plant=event.plant,
+                event_id=event.event_id,
+                subject=message.subject,
+                stream_seq=message.stream_seq,
+                batch_index=index,
+                resolved_at=now,
             )
+            self._resolved.append(resolved)
+            row = msgspec.structs.asdict(resolved)
+            # A key column cannot be null: -1 marks a message that carried one event.
+            row["batch_index"] = message.index
+            rows.append(row)
         self.counts["dead_letters_resolved"] += len(letters)
 
     # -- applying ----------------------------------------------------------------------

@@ -226,6 +226,19 @@ TABLES: dict[str, TableSpec] = {
         ("batch_index", pa.int32()),
         ("data", pa.binary()),
     ),
+    # Dead letters made needless by a later event applied under their event id. The
+    # key is the letter's identity (contracts.dead_letters.letter_id_at); the other
+    # columns are those of the applied event.
+    "dead_letter_resolutions": _spec(
+        ("letter_id",),
+        ("letter_id", pa.string()),
+        ("plant", pa.string()),
+        ("event_id", pa.string()),
+        ("subject", pa.string()),
+        ("stream_seq", pa.int64()),
+        ("batch_index", pa.int32()),
+        ("resolved_at", TIMESTAMP),
+    ),
 }
 
 

@@ -818,6 +818,21 @@ FROM plant_clocks
 GROUP BY plant
 """
 
+# A letter's identity is built as contracts.dead_letters.letter_id_at builds it, and
+# the two must stay the same.
+OPEN_DEAD_LETTERS = """
+CREATE OR REPLACE VIEW open_dead_letters AS
+SELECT d.*
+FROM dead_letters AS d
+WHERE NOT EXISTS (
+    SELECT 1
+    FROM dead_letter_resolutions AS r
+    WHERE r.letter_id = d.subject || ':' || d.stream_seq
+        || CASE WHEN d.batch_index = -1 THEN '' ELSE ':' || d.batch_index END
+        || ':' || d.reason
+)
+"""
+
 # The quality rule of `oee` and `oee_by_plant` (see the comment on OEE). Quality is a
 # ratio of counts when all reports share one unit, else a ratio of ideal times when
 # every report has an ideal cycle time. Otherwise, and without output, it has no basis.
@@ -870,4 +885,5 @@ VIEWS: dict[str, str] = {
     "production_by_shift": PRODUCTION_BY_SHIFT,
     "production_by_day": PRODUCTION_BY_DAY,
     "plant_lateness": PLANT_LATENESS,
+    "open_dead_letters": OPEN_DEAD_LETTERS,
 }

@@ -492,6 +492,8 @@ def test_dlq_retry_applies_fixed_letter(
     fixed = StateSettings(max_future_s=10 * 365 * 86400.0)
     second = _run(nats_server, db, None, fixed)
     assert second.totals["applied"] == first.totals["applied"] + 1
+    # The retried event applied under the letter's event id, which resolves it.
+    assert second.totals["dead_letters_resolved"] == 1
     with duckdb.connect(str(db), read_only=True) as connection:
         issues = connection.execute(
             "SELECT count(*) FROM postings WHERE movement_type = '261'"
@@ -669,6 +671,11 @@ def test_corrected_event_resolves_letter(
     assert first.totals["dead_letter:unmatched"] == 1
     [letter] = asyncio.run(_entries(nats_server.url))
     assert letter.is_open
+    with duckdb.connect(str(db), read_only=True) as connection:
+        open_before = connection.execute(
+            "SELECT event_id, reason FROM open_dead_letters"
+        ).fetchall()
+    assert open_before == [("x-1", "unmatched")]
 
     # The plant sends the reversal again under its id, now naming the consumption.
     # A second run resumes from the checkpoint, which must keep the rejected id.
@@ -680,6 +687,13 @@ def test_corrected_event_resolves_letter(
     assert entry.resolved is not None
     assert (entry.resolved.event_id, entry.resolved.stream_seq) == ("x-1", 4)
     assert not entry.is_open
+    with duckdb.connect(str(db), read_only=True) as connection:
+        open_after = connection.execute("FROM open_dead_letters").fetchall()
+        resolutions = connection.execute(
+            "SELECT letter_id, event_id, stream_seq FROM dead_letter_resolutions"
+        ).fetchall()
+    assert open_after == []
+    assert resolutions == [(entry.letter_id, "x-1", 4)]
     capsys.readouterr()
     assert main(["dlq", "list", "--nats-url", nats_server.url]) == 0
     assert "resolved: event x-1 applied at seq 4" in capsys.readouterr().out

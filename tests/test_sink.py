@@ -20,6 +20,7 @@ import duckdb
 import pyarrow as pa
 import pytest
 
+from contracts.dead_letters import letter_id_at
 from contracts.snapshots import TABLES
 from pipeline.sink import (
     WRITER_NICENESS,
@@ -117,6 +118,44 @@ def test_writer_creates_views(tmp_path: Path) -> None:
         "downtime_by_reason",
     ):
         assert name in views
+
+
+def letter(seq: int, index: int, reason: str = "invalid") -> dict[str, Any]:
+    subject = "plant.events.P1.batch"
+    return {
+        "subject": subject,
+        "stream_seq": seq,
+        "batch_index": index,
+        "reason": reason,
+    }
+
+
+def test_open_dead_letters_leave_out_resolved(tmp_path: Path) -> None:
+    path = tmp_path / "snapshots.duckdb"
+    letters = [letter(4, -1), letter(5, 0), letter(5, 1), letter(6, 2, "future_time")]
+    # The first and third letters, and a letter of another reason at the last one's
+    # position, which resolves nothing here.
+    resolved = [
+        letter_id_at("plant.events.P1.batch", 4, None, "invalid"),
+        letter_id_at("plant.events.P1.batch", 5, 1, "invalid"),
+        letter_id_at("plant.events.P1.batch", 6, 2, "invalid"),
+    ]
+    with SnapshotWriter(path) as writer:
+        writer.write(
+            {
+                "dead_letters": table("dead_letters", letters),
+                "dead_letter_resolutions": table(
+                    "dead_letter_resolutions", [{"letter_id": r} for r in resolved]
+                ),
+            }
+        )
+    rows = fetch(
+        path,
+        "SELECT stream_seq, batch_index, reason FROM open_dead_letters "
+        "ORDER BY stream_seq, batch_index",
+    )
+
+    assert rows == [(5, 0, "invalid"), (6, 2, "future_time")]
 
 
 def test_upsert_replaces_row(tmp_path: Path) -> None:
@@ -608,6 +647,7 @@ def test_reader_times_out_on_held_writer(tmp_path: Path) -> None:
 KILLED_WRITER = """
 import pyarrow as pa
 import pyarrow.compute as pc
+from contracts.dead_letters import letter_id_at
 from contracts.snapshots import TABLES
 from pipeline.sink import SnapshotWriter
 
