@@ -1,4 +1,5 @@
-"""Commands that set up a hub and plant sites: hub-config, site-config, site-init."""
+"""Commands that set up a hub and plant sites: hub-config, site-config, site-init,
+and site-remove to stop copying a site's events."""
 
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from pipeline.site_streams import (
     MIN_SITE_MAX_AGE_S,
     SITE_BUFFER_MAX_AGE_S,
     ensure_site_stream,
+    remove_site_source,
     site_stream_name,
 )
+from pipeline.subjects import EVENTS_STREAM
 
 __all__ = ["add_parser"]
 
@@ -109,12 +112,34 @@ def _site_init(args: argparse.Namespace) -> int:
     async def create() -> None:
         nc = await connect_nats(args.nats_url)
         try:
-            await ensure_site_stream(nc.jetstream(), args.plant, args.max_age_s)
+            await ensure_site_stream(
+                nc.jetstream(),
+                args.plant,
+                args.max_age_s,
+                allow_shorter=args.allow_shorter,
+            )
         finally:
             await nc.close()
 
     asyncio.run(create())
     print(f"stream {site_stream_name(args.plant)} is ready on {args.nats_url}")
+    return 0
+
+
+def _site_remove(args: argparse.Namespace) -> int:
+    async def remove() -> None:
+        nc = await connect_nats(args.nats_url)
+        try:
+            await remove_site_source(nc.jetstream(), args.plant)
+        finally:
+            await nc.close()
+
+    asyncio.run(remove())
+    print(
+        f"{EVENTS_STREAM} on {args.nats_url} no longer copies "
+        f"{site_stream_name(args.plant)}. Take {args.plant} out of PLANTSTREAM_SITES "
+        "too, or the next start copies it again"
+    )
     return 0
 
 
@@ -163,4 +188,22 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         help="seconds the site keeps events, the longest outage it rides out; 0 keeps "
         "them until the disk is full (default: %(default)s)",
     )
+    init.add_argument(
+        "--allow-shorter",
+        action="store_true",
+        help="shorten the retention of a stream that holds events, which deletes the "
+        "older ones at once",
+    )
     init.set_defaults(handler=_site_init)
+
+    remove = commands.add_parser(
+        "site-remove",
+        help="stop PLANT_EVENTS on the hub copying a site's buffer stream",
+        description="A start without the plant in PLANTSTREAM_SITES keeps copying "
+        "the site, so that a missing variable cannot cut a site off; this command is "
+        "how a site is taken out. Events the hub has not copied stay in the site's "
+        "stream.",
+    )
+    remove.add_argument("--plant", required=True, help="plant id of the site")
+    remove.add_argument("--nats-url", required=True, help="the hub's nats-server")
+    remove.set_defaults(handler=_site_remove)

@@ -7,8 +7,14 @@ whether or not the hub is reachable (`pipeline.site_streams`). On the hub, PLANT
 sources every site stream, so JetStream copies the backlog over when the link comes
 back, in order and without duplicates.
 
-The site config denies exporting `plant.events.>` over the leaf connection. Without
-that, a live publish would reach the hub twice, once forwarded and once sourced.
+The site config denies `plant.events.>` over the leaf connection both ways. Without
+that, a live publish at the site would reach the hub twice, once forwarded and once
+sourced. And a publish at the hub, such as `plantstream dlq retry`, would be stored
+at the hub and forwarded into the site stream, from where the hub copies it again.
+
+The hub's leaf listener does not advertise its addresses to the sites, so a site
+connects only to the URL its config names, such as a relay or a NAT address, and a
+link cut there stays cut.
 
 The leaf connection usually crosses a network the plant does not control, so both
 configs can secure it with TLS (`LeafTls`). With a CA on the hub, the hub accepts only
@@ -164,15 +170,10 @@ def hub_server_config(
 ) -> str:
     """Return the nats-server config of the hub: JetStream plus a leaf node listener,
     over TLS with `tls`."""
-    leafnodes = f"leafnodes {{ listen: {_quote(leaf_listen)} }}\n"
+    settings = [f"listen: {_quote(leaf_listen)}", "no_advertise: true"]
     if tls is not None:
-        tls = tls.checked("hub")
-        leafnodes = (
-            "leafnodes {\n"
-            f"  listen: {_quote(leaf_listen)}\n"
-            f"  {tls.block(verify=tls.ca is not None)}\n"
-            "}\n"
-        )
+        settings.append(tls.checked("hub").block(verify=tls.ca is not None))
+    leafnodes = "leafnodes {\n" + "".join(f"  {line}\n" for line in settings) + "}\n"
     return (
         f"listen: {_quote(listen)}\n"
         f"jetstream {{ store_dir: {_quote(store_dir)}, domain: {HUB_DOMAIN} }}\n"
@@ -193,6 +194,7 @@ def site_server_config(
     remote = [
         f"url: {_quote(hub_leaf_url)}",
         f"deny_exports: [{_quote(EVENTS_PREFIX + '.>')}]",
+        f"deny_imports: [{_quote(EVENTS_PREFIX + '.>')}]",
     ]
     if tls is not None:
         remote.append(tls.checked("site").block(verify=False))

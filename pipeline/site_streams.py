@@ -12,6 +12,7 @@ in those sequences.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping
 
@@ -26,18 +27,20 @@ from nats.js.api import (
 )
 from nats.js.errors import APIError, NotFoundError, ServiceUnavailableError
 
-from pipeline.subjects import EVENTS_PREFIX, validate_token
+from pipeline.subjects import EVENTS_PREFIX, EVENTS_STREAM, validate_token
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "MAX_SITE_MAX_AGE_S",
     "MIN_SITE_MAX_AGE_S",
+    "RetentionCutError",
     "SITE_BUFFER_MAX_AGE_S",
     "SITE_DOMAIN_PREFIX",
     "SOURCE_HEADER",
     "SiteSequences",
     "ensure_site_stream",
+    "remove_site_source",
     "site_domain",
     "site_sources",
     "site_stream_config",
@@ -88,21 +91,46 @@ def site_stream_config(
     )
 
 
+class RetentionCutError(ValueError):
+    """A shorter retention would delete events that a site stream holds."""
+
+
 async def ensure_site_stream(
-    js: JetStreamContext, plant: str, max_age_s: float = SITE_BUFFER_MAX_AGE_S
+    js: JetStreamContext,
+    plant: str,
+    max_age_s: float = SITE_BUFFER_MAX_AGE_S,
+    *,
+    allow_shorter: bool = False,
 ) -> None:
-    """Create or update the buffer stream on a site's own nats-server."""
+    """Create or update the buffer stream on a site's own nats-server.
+
+    Raises RetentionCutError, unless `allow_shorter`, when the stream exists, holds
+    messages and would keep them for less time than now: nats-server deletes the
+    older ones at once, and during an outage the hub has not copied them yet.
+    """
     # Imported here: pipeline.streams imports this module for the hub's sources.
     from pipeline.streams import stream_rejected_error
 
     config = site_stream_config(plant, max_age_s)
     try:
         try:
-            await js.stream_info(site_stream_name(plant))
+            info = await js.stream_info(site_stream_name(plant))
         except NotFoundError:
             await js.add_stream(config)
             logger.info("created site stream %s on %s", config.name, config.subjects)
         else:
+            current = info.config.max_age or 0.0
+            shorter = max_age_s > 0 and (current == 0 or max_age_s < current)
+            if shorter and info.state.messages and not allow_shorter:
+                kept = f"{current:g} s" if current else "without a time limit"
+                count = info.state.messages
+                noun = "message" if count == 1 else "messages"
+                raise RetentionCutError(
+                    f"{config.name} stores {count:,} {noun}, kept {kept}; "
+                    f"--max-age-s {max_age_s:g} would delete the older ones at once, "
+                    "including any the hub has not copied yet. Check that the hub "
+                    "has them, then pass --allow-shorter"
+                )
             await js.update_stream(config)
     except ServiceUnavailableError:
         raise
@@ -119,6 +147,25 @@ def site_sources(plants: list[str]) -> list[StreamSource]:
         )
         for plant in plants
     ]
+
+
+async def remove_site_source(js: JetStreamContext, plant: str) -> None:
+    """Stop PLANT_EVENTS on the hub copying the buffer stream of `plant`'s site.
+
+    Raises ValueError if it does not copy that stream.
+    """
+    name = site_stream_name(plant)
+    info = await js.stream_info(EVENTS_STREAM)
+    sources = info.config.sources or []
+    remaining = [source for source in sources if source.name != name]
+    if len(remaining) == len(sources):
+        copied = ", ".join(sorted(str(source.name) for source in sources)) or "none"
+        raise ValueError(
+            f"{EVENTS_STREAM} does not copy {name} (it copies: {copied}); check the "
+            "plant id and that --nats-url is the hub"
+        )
+    await js.update_stream(dataclasses.replace(info.config, sources=remaining or None))
+    logger.info("%s no longer copies %s", EVENTS_STREAM, name)
 
 
 SOURCE_HEADER = "Nats-Stream-Source"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 from nats.js import JetStreamContext
@@ -163,13 +164,34 @@ async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
     if config.name is None:
         raise ValueError(f"a stream configuration needs a name: {config}")
     try:
-        await js.stream_info(config.name)
+        info = await js.stream_info(config.name)
     except NotFoundError:
         await js.add_stream(config)
         logger.info("created stream %s on %s", config.name, config.subjects)
     else:
-        await js.update_stream(config)
+        await js.update_stream(_keep_sources(config, info.config))
         logger.debug("stream %s exists; configuration updated", config.name)
+
+
+def _keep_sources(config: StreamConfig, current: StreamConfig) -> StreamConfig:
+    """Return `config` with the sources `current` has and `config` lacks added.
+
+    A command started without PLANTSTREAM_SITES would otherwise stop the copying from
+    every site, silently, and a site's events would expire in its buffer. Only
+    `plantstream site-remove` drops a source.
+    """
+    wanted = {source.name for source in config.sources or []}
+    kept = [source for source in current.sources or [] if source.name not in wanted]
+    if not kept:
+        return config
+    logger.warning(
+        "%s keeps sourcing %s, which PLANTSTREAM_SITES does not name; add their "
+        "plants to PLANTSTREAM_SITES, or stop copying a site's events with "
+        "`plantstream site-remove`",
+        config.name,
+        ", ".join(source.name for source in kept),
+    )
+    return dataclasses.replace(config, sources=[*(config.sources or []), *kept])
 
 
 def consumer_config(settings: PipelineSettings) -> ConsumerConfig:

@@ -20,8 +20,10 @@ from pipeline.checkpoints import read_manifest
 from pipeline.publish import publish_all
 from pipeline.settings import PipelineSettings
 from pipeline.site_streams import (
+    RetentionCutError,
     SiteSequences,
     ensure_site_stream,
+    remove_site_source,
     site_domain,
     site_stream_name,
     source_position,
@@ -82,10 +84,12 @@ def test_configs_name_domain_and_remote() -> None:
     assert 'domain: "site-P01"' in site
     assert 'url: "nats-leaf://hub:7422"' in site
     assert 'deny_exports: ["plant.events.>"]' in site
+    assert 'deny_imports: ["plant.events.>"]' in site
     hub = hub_server_config(
         store_dir="/data/js", listen="0.0.0.0:4222", leaf_listen="0.0.0.0:7422"
     )
     assert "domain: hub" in hub
+    assert "no_advertise: true" in hub
     with pytest.raises(ValueError, match="quote"):
         hub_server_config(store_dir='/a"b', listen="x", leaf_listen="y")
 
@@ -483,3 +487,91 @@ def test_tls_hub_rejects_site_without_certificate(tmp_path: Path) -> None:
     assert not _site_seen_from_hub(
         tmp_path, certificates, LeafTls(ca=certificates["ca"])
     )
+
+
+def test_start_without_sites_keeps_sources(
+    nats_server: EmbeddedNatsServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def sources_after_each_step() -> list[list[str]]:
+        nc = await nats.connect(nats_server.url)
+        try:
+            js = nc.jetstream()
+            steps = []
+            for settings in (PipelineSettings(sites="P01,P02"), PipelineSettings()):
+                await ensure_streams(js, settings)
+                info = await js.stream_info(EVENTS_STREAM)
+                steps.append(sorted(str(s.name) for s in info.config.sources or []))
+            await remove_site_source(js, "P01")
+            info = await js.stream_info(EVENTS_STREAM)
+            steps.append(sorted(str(s.name) for s in info.config.sources or []))
+            with pytest.raises(ValueError, match="does not copy SITE_P01"):
+                await remove_site_source(js, "P01")
+            return steps
+        finally:
+            await nc.close()
+
+    steps = asyncio.run(sources_after_each_step())
+
+    assert steps == [["SITE_P01", "SITE_P02"], ["SITE_P01", "SITE_P02"], ["SITE_P02"]]
+    assert "keeps sourcing SITE_P01, SITE_P02" in caplog.text
+
+
+def test_site_init_refuses_to_cut_retention(nats_server: EmbeddedNatsServer) -> None:
+    async def shorten() -> float | None:
+        nc = await nats.connect(nats_server.url)
+        try:
+            js = nc.jetstream()
+            await ensure_site_stream(js, "P01", 3600)
+            await js.publish("plant.events.P01.x", b"{}")
+            # Longer is always allowed.
+            await ensure_site_stream(js, "P01", 7200)
+            with pytest.raises(
+                RetentionCutError, match="stores 1 message, kept 7200 s"
+            ):
+                await ensure_site_stream(js, "P01", 60)
+            await ensure_site_stream(js, "P01", 60, allow_shorter=True)
+            return (await js.stream_info(site_stream_name("P01"))).config.max_age
+        finally:
+            await nc.close()
+
+    assert asyncio.run(shorten()) == 60
+
+
+def test_hub_publish_of_site_plant_stored_once(tmp_path: Path) -> None:
+    # A dead letter retried at the hub, for a plant that runs as a site.
+    plant = "P01"
+    leaf_port = free_port()
+    hub = _hub(tmp_path, leaf_port).start()
+    site = _site(tmp_path, plant, f"nats-leaf://127.0.0.1:{leaf_port}").start()
+
+    async def publish_at_hub() -> tuple[int, int]:
+        local = await nats.connect(site.url)
+        nc = await nats.connect(hub.url)
+        try:
+            await ensure_site_stream(local.jetstream(), plant)
+            site_api = nc.jetstream(domain=site_domain(plant), timeout=0.5)
+            for _ in range(40):
+                try:
+                    await site_api.stream_info(site_stream_name(plant))
+                    break
+                except (nats.errors.Error, nats.js.errors.Error):
+                    await asyncio.sleep(0.25)
+            js = nc.jetstream()
+            await ensure_streams(js, PipelineSettings(sites=plant))
+            await js.publish(f"plant.events.{plant}.x", b"{}")
+            # Long enough for a forwarded copy to reach the site stream.
+            await asyncio.sleep(1.0)
+            at_site = await local.jetstream().stream_info(site_stream_name(plant))
+            at_hub = await js.stream_info(EVENTS_STREAM)
+            return at_site.state.messages, at_hub.state.messages
+        finally:
+            await nc.close()
+            await local.close()
+
+    try:
+        at_site, at_hub = asyncio.run(publish_at_hub())
+    finally:
+        site.stop()
+        hub.stop()
+
+    assert (at_site, at_hub) == (0, 1)
