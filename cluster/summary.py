@@ -58,14 +58,57 @@ def _view_section(
     try:
         rows = connection.execute(sql, parameters).fetchall()
     except duckdb.Error as error:
-        # DuckDB puts the failure and its values on the first line, and hints after it.
-        message_lines = str(error).splitlines()
-        reason = message_lines[0] if message_lines else type(error).__name__
-        return [
-            heading,
-            f"  not shown, because the query failed: {reason}",
-        ]
+        return [heading, _query_failure(error)]
     return [heading, *_table(headers, rows)]
+
+
+def _query_failure(error: duckdb.Error) -> str:
+    # DuckDB puts the failure and its values on the first line, and hints after it.
+    message_lines = str(error).splitlines()
+    reason = message_lines[0] if message_lines else type(error).__name__
+    return f"  not shown, because the query failed: {reason}"
+
+
+def _variance_section(connection: duckdb.DuckDBPyConnection, top: int) -> list[str]:
+    """Render the largest variances of completed orders and count the other orders.
+
+    An open order's variance is not final, because output and consumption still to
+    come change both its scaled standard and its actual quantity. Ranked with the
+    completed orders, an order that has just begun could lead the list, so open orders
+    are only counted. Completion is read from `completed_at`, because an order with
+    blocked stock keeps status on_hold after its final report.
+    """
+    heading = (
+        "largest material variances of completed orders, by share of standard "
+        f"(top {top})"
+    )
+    try:
+        rows = connection.execute(
+            "SELECT plant, order_id, material, standard_quantity, actual_quantity, "
+            "variance, uom FROM material_variance "
+            "WHERE completed_at IS NOT NULL AND variance <> 0 "
+            "ORDER BY abs(variance_pct) DESC NULLS LAST, abs(variance) DESC LIMIT ?",
+            [top],
+        ).fetchall()
+        # A component row without an `orders` row has no completion time, so it
+        # counts here.
+        open_row = connection.execute(
+            "SELECT count(DISTINCT (plant, order_id)) FROM material_variance "
+            "WHERE completed_at IS NULL AND variance <> 0"
+        ).fetchone()
+    except duckdb.Error as error:
+        return [heading, _query_failure(error)]
+    headers = ["plant", "order", "component", "standard", "actual", "variance", "uom"]
+    lines = [heading, *_table(headers, rows)]
+    open_orders = open_row[0] if open_row else 0
+    if open_orders:
+        noun = "order" if open_orders == 1 else "orders"
+        lines.append(
+            f"  left out: {open_orders} {noun} with a variance that have not "
+            "completed, whose variance can still change (column completed_at of "
+            "material_variance)"
+        )
+    return lines
 
 
 def format_summary(result: JobResult, db: Path, *, top: int = 5) -> str:
@@ -143,21 +186,16 @@ def format_summary(result: JobResult, db: Path, *, top: int = 5) -> str:
                 "availability",
                 "performance",
                 "quality",
+                "quality_basis",
                 "oee",
                 "performance_flag",
             ],
+            # quality_basis marks a machine whose reports mix units, where quality is
+            # a ratio of ideal times instead of counts.
             "SELECT plant, machine, round(availability, 4), round(performance, 4), "
-            "round(quality, 4), round(oee, 4), performance_flag "
+            "round(quality, 4), quality_basis, round(oee, 4), performance_flag "
             "FROM oee ORDER BY plant, machine",
         )
-        lines += _view_section(
-            connection,
-            f"largest material variances, by share of standard (top {top})",
-            ["plant", "order", "component", "standard", "actual", "variance", "uom"],
-            "SELECT plant, order_id, material, standard_quantity, actual_quantity, "
-            "variance, uom FROM material_variance WHERE variance <> 0 "
-            "ORDER BY abs(variance_pct) DESC NULLS LAST, abs(variance) DESC LIMIT ?",
-            [top],
-        )
+        lines += _variance_section(connection, top)
     lines.append(f"DuckDB file: {db}")
     return "\n".join(lines)

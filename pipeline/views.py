@@ -6,9 +6,10 @@ creation order, because a view can only be created after the views it reads.
 docs/analytics.md describes the columns and formulas for analysts.
 
 Time model (ISO 22400-2). Each machine is observed from its first to its last known
-time: state interval starts and ends and the production reports of its work center.
-Open intervals (`ended_at` null) end at the window end. Every instant of the window
-falls into exactly one category, by this precedence when intervals overlap:
+time: state interval starts and ends and the production reports of its work center
+that are not cancelled. Open intervals (`ended_at` null) end at the window end. Every
+instant of the window falls into exactly one category, by this precedence when
+intervals overlap:
 
 1. `planned_down`: any state other than `running` whose row has `planned = true`
    (breaks, planned maintenance, no order). It leaves the planned busy time.
@@ -633,6 +634,8 @@ WITH units AS (
         c.standard_quantity AS bom_quantity,
         coalesce(c.actual_quantity, 0) AS actual_quantity,
         o.planned_quantity,
+        o.status AS order_status,
+        o.completed_at,
         quantity_units(c.standard_quantity) AS bom_units,
         quantity_units(o.planned_quantity) AS planned_units,
         checked_sum(
@@ -671,7 +674,9 @@ SELECT
             / CAST(standard_quantity AS DOUBLE) * 100
     END AS variance_pct,
     planned_quantity,
-    output_quantity
+    output_quantity,
+    order_status,
+    completed_at
 FROM scaled
 """
 

@@ -230,6 +230,21 @@ def test_oee_excludes_cancelled_reports(tmp_path: Path) -> None:
     assert row["produced_quantity"] == Decimal(1000)
 
 
+def test_oee_window_ignores_cancelled_reports(tmp_path: Path) -> None:
+    states = [state("M1", "running", 0, 60)]
+    reports = [
+        report("E1", "M1", 30, good="1000"),
+        # Taken back, so its time neither stretches the window nor adds idle time.
+        report("E2", "M1", 90, good="500", cancelled=True),
+    ]
+    (row,) = query(tmp_path, states, reports, "SELECT * FROM oee")
+
+    assert row["window_end"] == at(60)
+    assert row["planned_busy_time_s"] == Decimal(60 * 60)
+    assert row["idle_time_s"] == 0
+    assert row["availability"] == pytest.approx(1.0)
+
+
 def test_oee_by_plant_sums_times(tmp_path: Path) -> None:
     states = [
         state("M1", "running", 0, 100),

@@ -780,6 +780,27 @@ def test_material_variance_exact(tmp_path: Path) -> None:
     assert by_material["GLUE"][4] is None
 
 
+def test_material_variance_order_status(tmp_path: Path) -> None:
+    path = tmp_path / "snapshots.duckdb"
+    orders = [
+        order("O1", "completed", planned_quantity=Decimal(10)),
+        order("O2", "in_progress", planned_quantity=Decimal(10)),
+    ]
+    components = [
+        ("O1", "STEEL", "7", "7"),
+        ("O2", "STEEL", "7", "2"),
+        # A component whose order has no `orders` row gets a null status.
+        ("O3", "STEEL", "7", "1"),
+    ]
+    _write_components(path, orders, components, "KG")
+    rows = fetch(
+        path,
+        "SELECT order_id, order_status FROM material_variance ORDER BY order_id",
+    )
+
+    assert rows == [("O1", "completed"), ("O2", "in_progress"), ("O3", None)]
+
+
 def test_material_variance_decimal_types(tmp_path: Path) -> None:
     path = tmp_path / "snapshots.duckdb"
     SnapshotWriter(path).close()
