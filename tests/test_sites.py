@@ -226,6 +226,21 @@ async def _publish_at_site(
         await nc.close()
 
 
+async def _wait_for_link(nc: nats.NATS, plant: str) -> None:
+    """Wait until the hub connection `nc` reaches the site's stream, for 100 tries.
+
+    Sources created before the leaf connection is up start only on JetStream's retry
+    schedule (about 40 s seen here), so the tests create them after the link is up.
+    """
+    site_api = nc.jetstream(domain=site_domain(plant))
+    for _ in range(100):
+        try:
+            await site_api.stream_info(site_stream_name(plant))
+            return
+        except (nats.errors.Error, nats.js.errors.Error):
+            await asyncio.sleep(0.1)
+
+
 async def _source_sites(
     hub_url: str, plant: str, settings: PipelineSettings, expected: int
 ) -> int:
@@ -233,15 +248,7 @@ async def _source_sites(
     PLANT_EVENTS has `expected` messages; return its message count."""
     nc = await nats.connect(hub_url)
     try:
-        # Sources created before the leaf connection is up start only on JetStream's
-        # retry schedule (about 40 s seen here), so wait for the link.
-        site_api = nc.jetstream(domain=site_domain(plant))
-        for _ in range(100):
-            try:
-                await site_api.stream_info(site_stream_name(plant))
-                break
-            except (nats.errors.Error, nats.js.errors.Error):
-                await asyncio.sleep(0.1)
+        await _wait_for_link(nc, plant)
         js = nc.jetstream()
         await ensure_streams(js, settings)
         for _ in range(200):
@@ -549,13 +556,7 @@ def test_hub_publish_of_site_plant_stored_once(tmp_path: Path) -> None:
         nc = await nats.connect(hub.url)
         try:
             await ensure_site_stream(local.jetstream(), plant)
-            site_api = nc.jetstream(domain=site_domain(plant), timeout=0.5)
-            for _ in range(40):
-                try:
-                    await site_api.stream_info(site_stream_name(plant))
-                    break
-                except (nats.errors.Error, nats.js.errors.Error):
-                    await asyncio.sleep(0.25)
+            await _wait_for_link(nc, plant)
             js = nc.jetstream()
             await ensure_streams(js, PipelineSettings(sites=plant))
             await js.publish(f"plant.events.{plant}.x", b"{}")
