@@ -931,12 +931,17 @@ def _cmd_dlq_retry(args: argparse.Namespace) -> int:
                 missing = wanted - {e.letter.stream_seq for e in entries}
                 if missing:
                     raise ValueError(_missing_letters_message(missing, args.plant))
-            return entries, await retry_dead_letters(js, entries)
+            if args.all:
+                chosen = [e for e in entries if e.letter.reason not in REJECTED_AGAIN]
+            else:
+                chosen = entries
+            return entries, await retry_dead_letters(js, chosen)
         finally:
             await nc.close()
 
     entries, records = asyncio.run(retry())
     lost = sum(entry.letter.reason == "lost_at_site" for entry in entries)
+    futile = [e for e in entries if e.is_open and e.letter.reason in REJECTED_AGAIN]
     # Counted before the retry marked the entries it sent.
     just_sent = {record.letter_id for record in records}
     retried = sum(
@@ -960,10 +965,21 @@ def _cmd_dlq_retry(args: argparse.Namespace) -> int:
             "dropped before the hub copied them, so no bytes are left to send; have "
             "the plant systems publish those events again"
         )
+    if futile and args.all:
+        print(
+            f"not retried: {len(futile)} malformed or reused_id dead letters, whose "
+            "bytes would be rejected again; have the plant send the corrected event "
+            "(under a new event id for reused_id), or name them with --seq or "
+            "--reason to send them anyway"
+        )
     return 0
 
 
 REASONS = list(typing.get_args(DeadLetterReason))
+
+REJECTED_AGAIN = ("malformed", "reused_id")
+"""Reasons whose bytes are rejected again whatever changes: broken JSON stays broken,
+and the first payload keeps its event id. `dlq retry --all` leaves these out."""
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -1070,6 +1086,11 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     chosen.add_argument(
         "--reason", choices=REASONS, help="every dead letter with this reason"
     )
-    chosen.add_argument("--all", action="store_true", help="every dead letter")
+    chosen.add_argument(
+        "--all",
+        action="store_true",
+        help="every dead letter but malformed and reused_id ones, whose bytes would "
+        "be rejected again",
+    )
     retry.add_argument("--plant", help="only dead letters of this plant")
     retry.set_defaults(handler=_cmd_dlq_retry)

@@ -85,7 +85,7 @@ def _variance_section(connection: duckdb.DuckDBPyConnection, top: int) -> list[s
     try:
         rows = connection.execute(
             "SELECT plant, order_id, material, standard_quantity, actual_quantity, "
-            "variance, uom FROM material_variance "
+            "variance, round(variance_pct, 1), uom FROM material_variance "
             "WHERE completed_at IS NOT NULL AND variance <> 0 "
             "ORDER BY abs(variance_pct) DESC NULLS LAST, abs(variance) DESC LIMIT ?",
             [top],
@@ -98,15 +98,23 @@ def _variance_section(connection: duckdb.DuckDBPyConnection, top: int) -> list[s
         ).fetchone()
     except duckdb.Error as error:
         return [heading, _query_failure(error)]
-    headers = ["plant", "order", "component", "standard", "actual", "variance", "uom"]
+    headers = [
+        "plant",
+        "order",
+        "component",
+        "standard",
+        "actual",
+        "variance",
+        "variance_pct",
+        "uom",
+    ]
     lines = [heading, *_table(headers, rows)]
     open_orders = open_row[0] if open_row else 0
     if open_orders:
-        noun = "order" if open_orders == 1 else "orders"
+        orders = "1 order" if open_orders == 1 else f"{open_orders} orders"
         lines.append(
-            f"  left out: {open_orders} {noun} with a variance that have not "
-            "completed, whose variance can still change (column completed_at of "
-            "material_variance)"
+            f"  left out: {orders} not completed yet, whose variance can still "
+            "change (column completed_at of material_variance)"
         )
     return lines
 
@@ -121,7 +129,12 @@ def format_summary(result: JobResult, db: Path, *, top: int = 5) -> str:
     postings = {
         k.split(":", 1)[1]: v for k, v in counts.items() if k.startswith("posting:")
     }
-    lines = ["plantstream run summary"]
+    # The counts come back with each checkpoint, so a run that resumed reports the
+    # stream as a whole, and a reader must not take them for this run's work.
+    lines = [
+        "plantstream run summary (counts over every run since the first checkpoint, "
+        "not this run alone)"
+    ]
     if result.published:
         # Only the demo publishes its input; `run` reads what others published.
         lines.append(f"  messages published   {result.published}")

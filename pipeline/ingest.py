@@ -338,7 +338,9 @@ def _dead_letter_row(letter: DeadLetter) -> dict[str, object]:
         "subject": letter.subject,
         "stream_seq": letter.stream_seq,
         "event_id": letter.event_id,
-        "plant": letter.plant,
+        # A message too broken to name its plant, or a site's lost messages, still
+        # belongs to the plant of its subject, as in the DLQ subject.
+        "plant": letter.plant or _subject_plant(letter.subject),
         "order_id": letter.order,
         "rejected_at": letter.rejected_at,
         # A key column cannot be null: -1 marks a message that carried one event.

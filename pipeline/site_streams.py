@@ -113,6 +113,17 @@ async def ensure_site_stream(
 
     config = site_stream_config(plant, max_age_s)
     try:
+        await js.stream_info(EVENTS_STREAM)
+    except NotFoundError:
+        pass
+    else:
+        # The advice for subjects taken by another stream is to remove it, which
+        # here would delete the hub's events.
+        raise ValueError(
+            f"{EVENTS_STREAM} is on this server, so it looks like the hub: give "
+            "--nats-url the URL of the site's own nats-server"
+        )
+    try:
         try:
             info = await js.stream_info(site_stream_name(plant))
         except NotFoundError:
@@ -128,8 +139,9 @@ async def ensure_site_stream(
                 raise RetentionCutError(
                     f"{config.name} stores {count:,} {noun}, kept {kept}; "
                     f"--max-age-s {max_age_s:g} would delete the older ones at once, "
-                    "including any the hub has not copied yet. Check that the hub "
-                    "has them, then pass --allow-shorter"
+                    "including any the hub has not copied yet. Check on the hub "
+                    f"that {EVENTS_STREAM}'s source {config.name} has no lag (its "
+                    "stream info shows it), then pass --allow-shorter"
                 )
             await js.update_stream(config)
     except ServiceUnavailableError:
@@ -155,7 +167,13 @@ async def remove_site_source(js: JetStreamContext, plant: str) -> None:
     Raises ValueError if it does not copy that stream.
     """
     name = site_stream_name(plant)
-    info = await js.stream_info(EVENTS_STREAM)
+    try:
+        info = await js.stream_info(EVENTS_STREAM)
+    except NotFoundError:
+        raise ValueError(
+            f"this server has no {EVENTS_STREAM} stream, so it is not the hub: give "
+            "--nats-url the URL of the hub's nats-server"
+        ) from None
     sources = info.config.sources or []
     remaining = [source for source in sources if source.name != name]
     if len(remaining) == len(sources):

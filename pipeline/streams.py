@@ -168,6 +168,9 @@ async def _ensure_stream(js: JetStreamContext, config: StreamConfig) -> None:
     except NotFoundError:
         await js.add_stream(config)
         logger.info("created stream %s on %s", config.name, config.subjects)
+        if config.sources:
+            names = ", ".join(sorted(str(source.name) for source in config.sources))
+            logger.info("%s now copies %s", config.name, names)
     else:
         await js.update_stream(_keep_sources(config, info.config))
         logger.debug("stream %s exists; configuration updated", config.name)
@@ -180,18 +183,30 @@ def _keep_sources(config: StreamConfig, current: StreamConfig) -> StreamConfig:
     every site, silently, and a site's events would expire in its buffer. Only
     `plantstream site-remove` drops a source.
     """
-    wanted = {source.name for source in config.sources or []}
+    wanted = {str(source.name) for source in config.sources or []}
+    present = {str(source.name) for source in current.sources or []}
+    added = sorted(wanted - present)
+    if added:
+        logger.info("%s now copies %s", config.name, ", ".join(added))
     kept = [source for source in current.sources or [] if source.name not in wanted]
     if not kept:
         return config
-    logger.warning(
-        "%s keeps sourcing %s, which PLANTSTREAM_SITES does not name; add their "
-        "plants to PLANTSTREAM_SITES, or stop copying a site's events with "
-        "`plantstream site-remove`",
-        config.name,
-        ", ".join(source.name for source in kept),
-    )
+    names = ", ".join(sorted(str(source.name) for source in kept))
+    # A run sets up its streams twice, at start and when its ingest starts.
+    if names not in _warned_kept:
+        _warned_kept.add(names)
+        logger.warning(
+            "%s keeps copying %s, which PLANTSTREAM_SITES does not name; add the "
+            "plant to PLANTSTREAM_SITES, or stop copying a site's events with "
+            "`plantstream site-remove`",
+            config.name,
+            names,
+        )
     return dataclasses.replace(config, sources=[*(config.sources or []), *kept])
+
+
+_warned_kept: set[str] = set()
+"""Kept sources already warned about in this process, by their names."""
 
 
 def consumer_config(settings: PipelineSettings) -> ConsumerConfig:

@@ -410,14 +410,15 @@ def test_snapshot_file_that_is_not_duckdb(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_site_init_subject_conflict(
+def test_site_init_at_the_hub_refused(
     nats_server: EmbeddedNatsServer,
 ) -> None:
     on_server(nats_server.url, lambda js: ensure_streams(js, PipelineSettings()))
     result = run_cli("site-init", "--plant", "P01", "--nats-url", nats_server.url)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "rejected stream SITE_P01" in result.stderr
-    assert "Stream PLANT_EVENTS already takes these subjects" in result.stderr
+    assert "PLANT_EVENTS is on this server, so it looks like the hub" in result.stderr
+    # Removing the stream that takes the subjects would delete the hub's events.
+    assert "remove or rename it" not in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -501,6 +501,35 @@ def test_dlq_retry_applies_fixed_letter(
     assert issues == (1,)
 
 
+def test_dlq_retry_all_leaves_out_malformed(
+    nats_server: EmbeddedNatsServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    broken = (event_subject("P01", "material_consumed"), b'{"event_id": "c-2", ')
+    _run(nats_server, tmp_path / "db.duckdb", [*_fixable_stream(), broken])
+    capsys.readouterr()
+
+    assert main(["dlq", "retry", "--nats-url", nats_server.url, "--all"]) == 0
+    output = capsys.readouterr().out
+    retried = {e.letter.reason for e in asyncio.run(_entries(nats_server.url))
+               if e.retried is not None}  # fmt: skip
+    assert retried == {"future_time"}
+    assert "not retried: 1 malformed or reused_id dead letters" in output
+    # It names no plant, so its row takes the plant of its subject.
+    with duckdb.connect(str(tmp_path / "db.duckdb"), read_only=True) as connection:
+        plants = connection.execute(
+            "SELECT reason, plant FROM dead_letters ORDER BY reason"
+        ).fetchall()
+    assert plants == [("future_time", "P01"), ("malformed", "P01")]
+    # Named by its reason, the letter is sent anyway.
+    assert (
+        main(["dlq", "retry", "--nats-url", nats_server.url, "--reason", "malformed"])
+        == 0
+    )
+    assert "retried 1 dead letters" in capsys.readouterr().out
+
+
 def test_dlq_retry_not_repeated(
     nats_server: EmbeddedNatsServer, tmp_path: Path
 ) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import socket
 from collections.abc import Iterable
 from pathlib import Path
@@ -499,6 +500,8 @@ def test_tls_hub_rejects_site_without_certificate(tmp_path: Path) -> None:
 def test_start_without_sites_keeps_sources(
     nats_server: EmbeddedNatsServer, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="pipeline.streams")
+
     async def sources_after_each_step() -> list[list[str]]:
         nc = await nats.connect(nats_server.url)
         try:
@@ -513,6 +516,9 @@ def test_start_without_sites_keeps_sources(
             steps.append(sorted(str(s.name) for s in info.config.sources or []))
             with pytest.raises(ValueError, match="does not copy SITE_P01"):
                 await remove_site_source(js, "P01")
+            # A hub URL given to site-init by mistake.
+            with pytest.raises(ValueError, match="looks like the hub"):
+                await ensure_site_stream(js, "P01")
             return steps
         finally:
             await nc.close()
@@ -520,7 +526,8 @@ def test_start_without_sites_keeps_sources(
     steps = asyncio.run(sources_after_each_step())
 
     assert steps == [["SITE_P01", "SITE_P02"], ["SITE_P01", "SITE_P02"], ["SITE_P02"]]
-    assert "keeps sourcing SITE_P01, SITE_P02" in caplog.text
+    assert "PLANT_EVENTS now copies SITE_P01, SITE_P02" in caplog.text
+    assert caplog.text.count("keeps copying SITE_P01, SITE_P02") == 1
 
 
 def test_site_init_refuses_to_cut_retention(nats_server: EmbeddedNatsServer) -> None:
@@ -537,6 +544,9 @@ def test_site_init_refuses_to_cut_retention(nats_server: EmbeddedNatsServer) -> 
             ):
                 await ensure_site_stream(js, "P01", 60)
             await ensure_site_stream(js, "P01", 60, allow_shorter=True)
+            # A site URL given to site-remove by mistake.
+            with pytest.raises(ValueError, match="it is not the hub"):
+                await remove_site_source(js, "P01")
             return (await js.stream_info(site_stream_name("P01"))).config.max_age
         finally:
             await nc.close()

@@ -137,14 +137,15 @@ def test_variances_rank_completed_orders(tmp_path: Path) -> None:
         "standard",
         "actual",
         "variance",
+        "variance_pct",
         "uom",
     ]
     # The section's last line is the note on the orders left out.
     assert [row[1] for row in rows[1:-1]] == ["HELD", "DONE"]
-    assert rows[2][5] == "5"
+    assert rows[2][5:7] == ["5", "5.0"]
     assert lines[lines.index(VARIANCE_HEADING) + 4] == (
-        "  left out: 2 orders with a variance that have not completed, whose "
-        "variance can still change (column completed_at of material_variance)"
+        "  left out: 2 orders not completed yet, whose variance can still change "
+        "(column completed_at of material_variance)"
     )
 
 
