@@ -59,6 +59,7 @@ from pipeline.settings import PipelineSettings
 from pipeline.sink import SnapshotWriter, merge_tables
 from pipeline.streams import CHECKPOINT_BUCKET
 from pipeline.subjects import (
+    DISMISSED_SUFFIX,
     DLQ_PREFIX,
     DLQ_STREAM,
     EVENTS_PREFIX,
@@ -596,6 +597,16 @@ class RetryRecord(msgspec.Struct, kw_only=True):
     retried_at: dt.datetime
 
 
+class DismissRecord(msgspec.Struct, kw_only=True):
+    """A dead letter an operator closed without a retry, with the reason given."""
+
+    letter_id: str
+    dlq_seq: int
+    reason: str
+    note: str
+    dismissed_at: dt.datetime
+
+
 @dataclass
 class DeadLetterEntry:
     dlq_seq: int
@@ -603,6 +614,7 @@ class DeadLetterEntry:
     retried: RetryRecord | None = None
     resolved: LetterResolved | None = None
     """The record of a later event under the letter's id that was applied."""
+    dismissed: DismissRecord | None = None
 
     @property
     def letter_id(self) -> str:
@@ -610,8 +622,9 @@ class DeadLetterEntry:
 
     @property
     def is_open(self) -> bool:
-        """Whether the letter may still need a retry: neither retried nor resolved."""
-        return self.retried is None and self.resolved is None
+        """Whether the letter may still need a retry: neither retried, resolved nor
+        dismissed."""
+        return self.retried is None and self.resolved is None and self.dismissed is None
 
 
 async def list_dead_letters(
@@ -644,6 +657,12 @@ async def list_dead_letters(
     ):
         resolution = msgspec.json.decode(message.data, type=LetterResolved)
         resolved.setdefault(resolution.letter_id, resolution)
+    dismissed: dict[str, DismissRecord] = {}
+    async for message in iter_stream(
+        js, DLQ_STREAM, f"{DLQ_PREFIX}.*.{DISMISSED_SUFFIX}"
+    ):
+        dismissal = msgspec.json.decode(message.data, type=DismissRecord)
+        dismissed.setdefault(dismissal.letter_id, dismissal)
     entries: dict[str, DeadLetterEntry] = {}
     async for message in iter_stream(js, DLQ_STREAM, f"{DLQ_PREFIX}.*"):
         letter = decode_dead_letter(message.data)
@@ -658,6 +677,7 @@ async def list_dead_letters(
                 letter,
                 retried.get(key),
                 resolved.get(key),
+                dismissed.get(key),
             )
     return list(entries.values())
 
@@ -739,6 +759,36 @@ async def retry_dead_letters(
             letter.subject,
             ack.seq,
         )
+    return records
+
+
+async def dismiss_dead_letters(
+    js: JetStreamContext, entries: Iterable[DeadLetterEntry], note: str
+) -> list[DismissRecord]:
+    """Record each open entry as dismissed with `note`; skip the others.
+
+    For letters no retry can fix: a malformed message the plant sent again as a new
+    event, a site's lost messages published again by the plant systems.
+    """
+    records: list[DismissRecord] = []
+    for entry in entries:
+        if not entry.is_open:
+            continue
+        record = DismissRecord(
+            letter_id=entry.letter_id,
+            dlq_seq=entry.dlq_seq,
+            reason=entry.letter.reason,
+            note=note,
+            dismissed_at=dt.datetime.now(dt.UTC),
+        )
+        await js.publish(
+            f"{dlq_subject(_letter_plant(entry.letter))}.{DISMISSED_SUFFIX}",
+            msgspec.json.encode(record),
+            headers={"Nats-Msg-Id": f"dismissed:{entry.letter_id}"},
+        )
+        entry.dismissed = record
+        records.append(record)
+        logger.info("dismissed dead letter %s: %s", entry.letter_id, note)
     return records
 
 
@@ -870,6 +920,8 @@ def _status(entry: DeadLetterEntry) -> str:
     parts = []
     if entry.retried is not None:
         parts.append(f"retried as seq {entry.retried.republished_seq}; ")
+    if entry.dismissed is not None:
+        parts.append(f"dismissed: {entry.dismissed.note}; ")
     if entry.resolved is not None:
         index = entry.resolved.batch_index
         at = "" if index is None else f" index {index}"
@@ -948,14 +1000,19 @@ def _cmd_dlq_retry(args: argparse.Namespace) -> int:
         e.retried is not None and e.letter_id not in just_sent for e in entries
     )
     resolved = sum(e.resolved is not None and e.retried is None for e in entries)
+    dismissed = sum(
+        e.dismissed is not None and e.retried is None and e.resolved is None
+        for e in entries
+    )
     for record in records:
         print(
             f"retried {record.letter_id} (dlq seq {record.dlq_seq}) as "
             f"{record.subject} seq {record.republished_seq}"
         )
     print(
-        f"retried {len(records)} dead letters; skipped {retried} retried before "
-        f"and {resolved} resolved by a later event under their id"
+        f"retried {len(records)} dead letters; skipped {retried} retried before, "
+        f"{resolved} resolved by a later event under their id and {dismissed} "
+        "dismissed"
         if entries
         else "no dead letters match"
     )
@@ -972,6 +1029,36 @@ def _cmd_dlq_retry(args: argparse.Namespace) -> int:
             "(under a new event id for reused_id), or name them with --seq or "
             "--reason to send them anyway"
         )
+    return 0
+
+
+def _cmd_dlq_dismiss(args: argparse.Namespace) -> int:
+    async def dismiss() -> tuple[list[DeadLetterEntry], list[DismissRecord]]:
+        nc = await _connect(args.nats_url)
+        try:
+            js = nc.jetstream()
+            entries = await list_dead_letters(js, plant=args.plant)
+            wanted = set(args.seq)
+            entries = [e for e in entries if e.letter.stream_seq in wanted]
+            missing = wanted - {e.letter.stream_seq for e in entries}
+            if missing:
+                raise ValueError(_missing_letters_message(missing, args.plant))
+            return entries, await dismiss_dead_letters(js, entries, args.note)
+        finally:
+            await nc.close()
+
+    if not args.note.strip():
+        raise ValueError(
+            "--note is empty; say why the letters need no retry, for whoever reads "
+            "dlq list next"
+        )
+    entries, records = asyncio.run(dismiss())
+    for record in records:
+        print(f"dismissed {record.letter_id} (dlq seq {record.dlq_seq})")
+    print(
+        f"dismissed {len(records)} dead letters; skipped {len(entries) - len(records)} "
+        "retried, resolved or dismissed before"
+    )
     return 0
 
 
@@ -1041,7 +1128,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     reset.set_defaults(handler=_cmd_checkpoints_reset)
 
     dlq = commands.add_parser(
-        "dlq", help="list dead letters or send them back through the pipeline"
+        "dlq",
+        help="list dead letters, send them back through the pipeline, or dismiss them",
     )
     actions = dlq.add_subparsers(dest="dlq_command", required=True)
     listing = actions.add_parser(
@@ -1094,3 +1182,24 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     )
     retry.add_argument("--plant", help="only dead letters of this plant")
     retry.set_defaults(handler=_cmd_dlq_retry)
+
+    dismiss = actions.add_parser(
+        "dismiss",
+        help="close dead letters that need no retry, with a note that says why",
+        description="Records each chosen dead letter as dismissed in PLANTSTREAM_DLQ, "
+        "beside the retry records. dlq list shows the note, and dlq list --open and "
+        "dlq retry leave the letter out. Use it once a letter's cause is handled "
+        "outside plantstream, such as a malformed message the plant sent again as a "
+        "new event. The snapshot file does not record it.",
+    )
+    dismiss.add_argument("--nats-url", required=True, help="NATS server to use")
+    dismiss.add_argument(
+        "--seq",
+        type=int,
+        nargs="+",
+        required=True,
+        help="PLANT_EVENTS stream sequences of the rejected messages",
+    )
+    dismiss.add_argument("--plant", help="only dead letters of this plant")
+    dismiss.add_argument("--note", required=True, help="why the letters need no retry")
+    dismiss.set_defaults(handler=_cmd_dlq_dismiss)

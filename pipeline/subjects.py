@@ -5,6 +5,7 @@ ERP postings:  erp.postings.<plant>                (stream ERP_POSTINGS)
 Dead letters:  plantstream.dlq.<plant>             (stream PLANTSTREAM_DLQ)
   resolved:    plantstream.dlq.<plant>.resolved    (a later event under the id applied)
   retried:     plantstream.dlq.<plant>.retried     (plantstream dlq retry sent it back)
+  dismissed:   plantstream.dlq.<plant>.dismissed   (plantstream dlq dismiss closed it)
 
 A plant id becomes a subject token, so it must not contain ".", "*", ">" or white space.
 """
@@ -35,6 +36,7 @@ EDGE_BATCH_TYPE_TOKEN = "batch"  # noqa: S105 (a subject token, not a secret)
 """The last token of an edge batch's subject (plant.events.<plant>.batch)."""
 POSTINGS_PREFIX = "erp.postings"
 DLQ_PREFIX = "plantstream.dlq"
+DISMISSED_SUFFIX = "dismissed"
 RESOLVED_SUFFIX = "resolved"
 RETRIED_SUFFIX = "retried"
 

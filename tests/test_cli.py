@@ -526,7 +526,9 @@ def test_every_command_checks_nats_url(tmp_path: Path) -> None:
         ("demo", "--db", str(tmp_path / "x.duckdb"), "--nats-url", url),
         ("publish", "--generated", "--nats-url", url),
         ("site-init", "--plant", "P01", "--nats-url", url),
+        ("site-remove", "--plant", "P01", "--nats-url", url),
         ("dlq", "list", "--nats-url", url),
+        ("dlq", "dismiss", "--seq", "1", "--note", "x", "--nats-url", url),
         ("checkpoints", "reset", "--yes", "--nats-url", url),
         ("replay", "--plant", "P01", "--from-seq", "1", "--nats-url", url),
     ]

@@ -530,6 +530,32 @@ def test_dlq_retry_all_leaves_out_malformed(
     assert "retried 1 dead letters" in capsys.readouterr().out
 
 
+def test_dlq_dismiss_closes_letter(
+    nats_server: EmbeddedNatsServer,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _run(nats_server, tmp_path / "db.duckdb", _fixable_stream())
+    url = nats_server.url
+    capsys.readouterr()
+    # Sequence 2 is the future_time letter of plant P01.
+    note = ["--note", "posted by hand in the ERP"]
+    assert main(["dlq", "dismiss", "--nats-url", url, "--seq", "2", *note]) == 0
+    assert "dismissed 1 dead letters; skipped 0" in capsys.readouterr().out
+
+    [entry] = asyncio.run(_entries(url))
+    assert entry.dismissed is not None
+    assert entry.dismissed.note == "posted by hand in the ERP"
+    assert main(["dlq", "list", "--nats-url", url]) == 0
+    assert "dismissed: posted by hand in the ERP" in capsys.readouterr().out
+    assert main(["dlq", "list", "--nats-url", url, "--open"]) == 0
+    assert capsys.readouterr().out == "no dead letters match\n"
+    assert main(["dlq", "retry", "--nats-url", url, "--all"]) == 0
+    assert "retried 0 dead letters" in capsys.readouterr().out
+    assert main(["dlq", "dismiss", "--nats-url", url, "--seq", "2", *note]) == 0
+    assert "dismissed 0 dead letters; skipped 1" in capsys.readouterr().out
+
+
 def test_dlq_retry_not_repeated(
     nats_server: EmbeddedNatsServer, tmp_path: Path
 ) -> None:
@@ -730,4 +756,4 @@ def test_corrected_event_resolves_letter(
     assert capsys.readouterr().out == "no dead letters match\n"
     assert main(["dlq", "retry", "--nats-url", nats_server.url, "--all"]) == 0
     out = capsys.readouterr().out
-    assert "retried 0 dead letters; skipped 0 retried before and 1 resolved" in out
+    assert "retried 0 dead letters; skipped 0 retried before, 1 resolved" in out
