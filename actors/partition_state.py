@@ -414,7 +414,7 @@ class PartitionState:
         if (message.stream_seq, message.index) <= self._position:
             # JetStream delivered a message this partition already took (a stalled
             # ack, a server restart). Checked before the id table, because that no
-            # longer holds the id of an event applying rejected, or of one it dropped
+            # longer contains the id of an event applying rejected, or of one it dropped
             # when full; either would otherwise be judged, and dead-lettered, again.
             self.counts["redelivered"] += 1
             return

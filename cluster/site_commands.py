@@ -191,8 +191,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     init.add_argument(
         "--allow-shorter",
         action="store_true",
-        help="shorten the retention of a stream that holds events, which deletes the "
-        "older ones at once",
+        help="shorten the retention of a stream that contains events, which "
+        "deletes the older ones at once",
     )
     init.set_defaults(handler=_site_init)
 

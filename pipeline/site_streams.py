@@ -104,7 +104,7 @@ async def ensure_site_stream(
 ) -> None:
     """Create or update the buffer stream on a site's own nats-server.
 
-    Raises RetentionCutError, unless `allow_shorter`, when the stream exists, holds
+    Raises RetentionCutError, unless `allow_shorter`, when the stream exists, contains
     messages and would keep them for less time than now: nats-server deletes the
     older ones at once, and during an outage the hub has not copied them yet.
     """
@@ -133,11 +133,11 @@ async def ensure_site_stream(
             current = info.config.max_age or 0.0
             shorter = max_age_s > 0 and (current == 0 or max_age_s < current)
             if shorter and info.state.messages and not allow_shorter:
-                kept = f"{current:g} s" if current else "without a time limit"
+                retention = f"{current:g} s" if current else "without a time limit"
                 count = info.state.messages
                 noun = "message" if count == 1 else "messages"
                 raise RetentionCutError(
-                    f"{config.name} stores {count:,} {noun}, kept {kept}; "
+                    f"{config.name} stores {count:,} {noun}, kept {retention}; "
                     f"--max-age-s {max_age_s:g} would delete the older ones at once, "
                     "including any the hub has not copied yet. Check on the hub "
                     f"that {EVENTS_STREAM}'s source {config.name} has no lag (its "

@@ -183,15 +183,17 @@ def _keep_sources(config: StreamConfig, current: StreamConfig) -> StreamConfig:
     every site, silently, and a site's events would expire in its buffer. Only
     `plantstream site-remove` drops a source.
     """
-    wanted = {str(source.name) for source in config.sources or []}
+    configured = {str(source.name) for source in config.sources or []}
     present = {str(source.name) for source in current.sources or []}
-    added = sorted(wanted - present)
+    added = sorted(configured - present)
     if added:
         logger.info("%s now copies %s", config.name, ", ".join(added))
-    kept = [source for source in current.sources or [] if source.name not in wanted]
-    if not kept:
+    retained = [
+        source for source in current.sources or [] if source.name not in configured
+    ]
+    if not retained:
         return config
-    names = ", ".join(sorted(str(source.name) for source in kept))
+    names = ", ".join(sorted(str(source.name) for source in retained))
     # A run sets up its streams twice, at start and when its ingest starts.
     if names not in _warned_kept:
         _warned_kept.add(names)
@@ -202,7 +204,7 @@ def _keep_sources(config: StreamConfig, current: StreamConfig) -> StreamConfig:
             config.name,
             names,
         )
-    return dataclasses.replace(config, sources=[*(config.sources or []), *kept])
+    return dataclasses.replace(config, sources=[*(config.sources or []), *retained])
 
 
 _warned_kept: set[str] = set()

@@ -1212,8 +1212,8 @@ def test_rejected_event_retried_is_judged_again() -> None:
 
 
 def test_rejected_redelivery_one_dead_letter() -> None:
-    # Applying forgot the rejected event's id, so only its stream position tells a
-    # redelivery of it from a corrected event sent again.
+    # Applying dropped the rejected event's id, so only its stream position
+    # distinguishes a redelivery of it from a corrected event sent again.
     state = PartitionState(0)
     wrong = msgspec.structs.replace(consume("c1", "2"), quantity=qty("2", "kg"))
     batch = messages(release("O1"), wrong)
