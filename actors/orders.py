@@ -528,9 +528,11 @@ def describe_reversal_mismatch(
         if found_type in _REVERSAL_OF
         else "an event that is neither production_confirmed nor material_consumed"
     )
+    # The same id works because nothing of a rejected event was applied, and the
+    # event applied under it resolves this dead letter.
     fixes = [
-        f"send a new {tag} under a new event id that names a {expected} event of "
-        f"order {order.order_id}"
+        f"send the {tag} again under event id {event.event_id}, naming a "
+        f"{expected} event of order {order.order_id}"
     ]
     reversal = _REVERSAL_OF.get(found_type)
     if reversal is not None:

@@ -479,7 +479,8 @@ class PartitionState:
                     f"event id {event.event_id} was seen before with payload hash "
                     f"{known:08x}; this payload hashes to {payload_hash:08x} (the top "
                     f"{PAYLOAD_HASH_BITS} bits of blake2b); send a changed event "
-                    "under a new event id",
+                    "under a new event id, then close this letter with "
+                    "`plantstream dlq dismiss`",
                     event,
                 )
             return

@@ -35,7 +35,7 @@ from nats.js.errors import NotFoundError
 
 from actors.partition_state import PartitionState, SourceMessage
 from actors.settings import StateSettings
-from cluster.cli import positive_int
+from cluster.cli import non_negative_int, positive_int
 from cluster.lease import DEFAULT_TTL_S, lease_holder
 from contracts.codec import decode_dead_letter, decode_edge_batch
 from contracts.dead_letters import (
@@ -1024,10 +1024,12 @@ def _cmd_dlq_retry(args: argparse.Namespace) -> int:
         )
     if futile and args.all:
         print(
-            f"not retried: {len(futile)} malformed or reused_id dead letters, whose "
-            "bytes would be rejected again; have the plant send the corrected event "
-            "(under a new event id for reused_id), or name them with --seq or "
-            "--reason to send them anyway"
+            f"not retried: {len(futile)} malformed, invalid or reused_id dead "
+            "letters, whose bytes would be rejected again. Have the plant send the "
+            "corrected event (under the same event id, or a new one for reused_id), "
+            "then dismiss the letters it does not resolve with `plantstream dlq "
+            "dismiss`. --seq or --reason sends them anyway, as after an upgrade "
+            "that accepts them"
         )
     return 0
 
@@ -1064,9 +1066,10 @@ def _cmd_dlq_dismiss(args: argparse.Namespace) -> int:
 
 REASONS = list(typing.get_args(DeadLetterReason))
 
-REJECTED_AGAIN = ("malformed", "reused_id")
-"""Reasons whose bytes are rejected again whatever changes: broken JSON stays broken,
-and the first payload keeps its event id. `dlq retry --all` leaves these out."""
+REJECTED_AGAIN = ("malformed", "invalid", "reused_id")
+"""Reasons whose unchanged bytes are rejected again: broken JSON stays broken, an
+event that breaks the contract or its order's BOM still does, and the first payload
+keeps its event id. `dlq retry --all` leaves these out."""
 
 
 def add_parser(commands: argparse._SubParsersAction) -> None:
@@ -1145,7 +1148,10 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "--reason", choices=REASONS, help="only dead letters with this reason"
     )
     listing.add_argument(
-        "--limit", type=int, default=50, help="rows to show, 0 for all (default: 50)"
+        "--limit",
+        type=non_negative_int,
+        default=50,
+        help="rows to show, 0 for all (default: 50)",
     )
     listing.add_argument(
         "--open",
@@ -1167,7 +1173,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     chosen = retry.add_mutually_exclusive_group(required=True)
     chosen.add_argument(
         "--seq",
-        type=int,
+        type=positive_int,
         nargs="+",
         help="PLANT_EVENTS stream sequences of the rejected messages",
     )
@@ -1177,8 +1183,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     chosen.add_argument(
         "--all",
         action="store_true",
-        help="every dead letter but malformed and reused_id ones, whose bytes would "
-        "be rejected again",
+        help="every dead letter but malformed, invalid and reused_id ones, whose "
+        "bytes would be rejected again",
     )
     retry.add_argument("--plant", help="only dead letters of this plant")
     retry.set_defaults(handler=_cmd_dlq_retry)
@@ -1195,7 +1201,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     dismiss.add_argument("--nats-url", required=True, help="NATS server to use")
     dismiss.add_argument(
         "--seq",
-        type=int,
+        type=positive_int,
         nargs="+",
         required=True,
         help="PLANT_EVENTS stream sequences of the rejected messages",

@@ -34,6 +34,8 @@ def _cell(value: object) -> str:
 
 
 def _table(headers: list[str], rows: list[tuple[object, ...]]) -> list[str]:
+    if not rows:
+        return ["  none"]
     cells = [headers] + [[_cell(v) for v in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     return [
@@ -150,6 +152,13 @@ def format_summary(result: JobResult, db: Path, *, top: int = 5) -> str:
     ]
     for reason, number in sorted(dead_letters.items()):
         lines.append(f"    {reason:<20} {number}")
+    if dead_letters:
+        # Retries and dismissals are recorded in NATS only, so these counts cannot
+        # say how many letters are still open.
+        lines.append(
+            "    (a retry rejected again counts as a new letter; `plantstream dlq list "
+            "--open` shows the letters not yet retried, resolved or dismissed)"
+        )
     if counts["dead_letters_resolved"]:
         lines.append(
             f"  letters resolved     {counts['dead_letters_resolved']}  (earlier dead "

@@ -515,7 +515,7 @@ def test_dlq_retry_all_leaves_out_malformed(
     retried = {e.letter.reason for e in asyncio.run(_entries(nats_server.url))
                if e.retried is not None}  # fmt: skip
     assert retried == {"future_time"}
-    assert "not retried: 1 malformed or reused_id dead letters" in output
+    assert "not retried: 1 malformed, invalid or reused_id dead letters" in output
     # It names no plant, so its row takes the plant of its subject.
     with duckdb.connect(str(tmp_path / "db.duckdb"), read_only=True) as connection:
         plants = connection.execute(
@@ -554,6 +554,16 @@ def test_dlq_dismiss_closes_letter(
     assert "retried 0 dead letters" in capsys.readouterr().out
     assert main(["dlq", "dismiss", "--nats-url", url, "--seq", "2", *note]) == 0
     assert "dismissed 0 dead letters; skipped 1" in capsys.readouterr().out
+
+
+def test_dlq_list_negative_limit_rejected(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    url = "nats://127.0.0.1:1"
+    with pytest.raises(SystemExit) as exited:
+        main(["dlq", "list", "--nats-url", url, "--limit", "-1"])
+    assert exited.value.code == 2
+    assert "must be 0 or more, got -1" in capsys.readouterr().err
 
 
 def test_dlq_retry_not_repeated(

@@ -297,6 +297,11 @@ def test_reversal_of_wrong_kind_rejected(apply: Apply) -> None:
     assert "neither production_confirmed nor material_consumed" in (
         letters["x2"].detail
     )
+    # The same id resolves the letter once the corrected event applies.
+    assert (
+        "send the production_cancelled again under event id x2, naming a "
+        "production_confirmed event of order O1" in letters["x2"].detail
+    )
 
     posted = [p.movement for p in result.postings]
     assert "102" not in posted

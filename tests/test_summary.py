@@ -212,3 +212,15 @@ def test_oee_shows_quality_basis(tmp_path: Path) -> None:
 
     assert by_machine["MIXED"][basis] == "ideal_time"
     assert by_machine["SINGLE"][basis] == "count"
+
+
+def test_empty_sections_say_none(tmp_path: Path) -> None:
+    db = tmp_path / "snapshots.duckdb"
+    SnapshotWriter(db).close()
+    counts = Counter({"dead_letter:malformed": 1})
+    result = JobResult(IngestReport(), counts, 0, [], db)
+    lines = format_summary(result, db).splitlines()
+
+    oee = lines.index("OEE per machine")
+    assert lines[oee + 1] == "  none"
+    assert any("`plantstream dlq list --open` shows" in line for line in lines)
