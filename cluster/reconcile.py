@@ -752,6 +752,9 @@ def _run(args: argparse.Namespace) -> int:
         differences = reconcile(connection)
         summary = _summary(connection)
         [(events,)] = connection.execute("SELECT count(*) FROM events").fetchall()
+        [(site_losses,)] = connection.execute(
+            "SELECT count(*) FROM dead_letters WHERE reason = 'lost_at_site'"
+        ).fetchall()
         if args.nats_url is not None:
             postings = StreamPostings(PostingBodies(connection, args.max_differences))
             identity = asyncio.run(_read_postings_stream(args.nats_url, postings))
@@ -792,6 +795,14 @@ def _run(args: argparse.Namespace) -> int:
             "file plantstream run or demo writes"
         )
         return 1
+    if site_losses:
+        # The postings agree with the events the file has, but a script that reads
+        # only the exit code must still learn that some events never arrived.
+        print(
+            "reconcile: postings agree with the events, but a plant site lost "
+            "messages before the hub copied them (WARNING above)"
+        )
+        return 3
     print("reconcile: postings agree with the events")
     return 0
 
@@ -808,7 +819,8 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
         "check that the stream stores each posting once, under its key as "
         "Nats-Msg-Id. Prints the differences and a "
         "count per check; exits 1 if there is any or if the file holds no events, 2 "
-        "if it cannot be read.",
+        "if it cannot be read, and 3 if the postings agree but a plant site lost "
+        "messages before the hub copied them (dead letters of reason lost_at_site).",
     )
     parser.add_argument(
         "--db",
