@@ -413,9 +413,9 @@ class PartitionState:
             return
         if (message.stream_seq, message.index) <= self._position:
             # JetStream delivered a message this partition already took (a stalled
-            # ack, a server restart). Checked before the id table, because that no
-            # longer contains the id of an event applying rejected, or of one it dropped
-            # when full; either would otherwise be judged, and dead-lettered, again.
+            # ack, a server restart). The id table would miss it, because it drops
+            # the id of an event that applying rejected, and its oldest ids when
+            # full. So such a message would be judged, and dead-lettered, again.
             self.counts["redelivered"] += 1
             return
         try:

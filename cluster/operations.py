@@ -971,6 +971,19 @@ def _missing_letters_message(missing: set[int], plant: str | None) -> str:
     )
 
 
+def _letters_at(
+    entries: list[DeadLetterEntry], sequences: list[int], plant: str | None
+) -> list[DeadLetterEntry]:
+    """Return the entries at the PLANT_EVENTS `sequences`; raise ValueError naming
+    the sequences that have none."""
+    chosen = set(sequences)
+    found = [entry for entry in entries if entry.letter.stream_seq in chosen]
+    missing = chosen - {entry.letter.stream_seq for entry in found}
+    if missing:
+        raise ValueError(_missing_letters_message(missing, plant))
+    return found
+
+
 def _cmd_dlq_retry(args: argparse.Namespace) -> int:
     async def retry() -> tuple[list[DeadLetterEntry], list[RetryRecord]]:
         nc = await _connect(args.nats_url)
@@ -978,11 +991,7 @@ def _cmd_dlq_retry(args: argparse.Namespace) -> int:
             js = nc.jetstream()
             entries = await list_dead_letters(js, plant=args.plant, reason=args.reason)
             if args.seq:
-                wanted = set(args.seq)
-                entries = [e for e in entries if e.letter.stream_seq in wanted]
-                missing = wanted - {e.letter.stream_seq for e in entries}
-                if missing:
-                    raise ValueError(_missing_letters_message(missing, args.plant))
+                entries = _letters_at(entries, args.seq, args.plant)
             if args.all:
                 chosen = [e for e in entries if e.letter.reason not in REJECTED_AGAIN]
             else:
@@ -1040,19 +1049,15 @@ def _cmd_dlq_dismiss(args: argparse.Namespace) -> int:
         try:
             js = nc.jetstream()
             entries = await list_dead_letters(js, plant=args.plant)
-            wanted = set(args.seq)
-            entries = [e for e in entries if e.letter.stream_seq in wanted]
-            missing = wanted - {e.letter.stream_seq for e in entries}
-            if missing:
-                raise ValueError(_missing_letters_message(missing, args.plant))
+            entries = _letters_at(entries, args.seq, args.plant)
             return entries, await dismiss_dead_letters(js, entries, args.note)
         finally:
             await nc.close()
 
     if not args.note.strip():
         raise ValueError(
-            "--note is empty; say why the letters need no retry, for whoever reads "
-            "dlq list next"
+            "--note is empty; give the reason the letters need no retry, which dlq "
+            "list shows next to them"
         )
     entries, records = asyncio.run(dismiss())
     for record in records:
@@ -1191,7 +1196,7 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
 
     dismiss = actions.add_parser(
         "dismiss",
-        help="close dead letters that need no retry, with a note that says why",
+        help="close dead letters that need no retry, with a note of the reason",
         description="Records each chosen dead letter as dismissed in PLANTSTREAM_DLQ, "
         "beside the retry records. dlq list shows the note, and dlq list --open and "
         "dlq retry leave the letter out. Use it once a letter's cause is handled "

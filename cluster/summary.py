@@ -153,8 +153,8 @@ def format_summary(result: JobResult, db: Path, *, top: int = 5) -> str:
     for reason, number in sorted(dead_letters.items()):
         lines.append(f"    {reason:<20} {number}")
     if dead_letters:
-        # Retries and dismissals are recorded in NATS only, so these counts cannot
-        # say how many letters are still open.
+        # Retries and dismissals are recorded in NATS only, so these counts do not
+        # show how many letters are still open.
         lines.append(
             "    (a retry rejected again counts as a new letter; `plantstream dlq list "
             "--open` shows the letters not yet retried, resolved or dismissed)"

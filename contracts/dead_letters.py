@@ -73,7 +73,7 @@ class LetterResolved(msgspec.Struct, frozen=True, kw_only=True):
 
     A partition drops the id of an event it rejected while applying it, so that the
     plant can send the corrected event again under the same id. When that event is
-    applied, the partition records this for every letter of the id it still holds.
+    applied, the partition records this for every letter of the id it still keeps.
     `subject`, `stream_seq` and `batch_index` are those of the applied event.
     """
 

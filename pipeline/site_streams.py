@@ -92,7 +92,7 @@ def site_stream_config(
 
 
 class RetentionCutError(ValueError):
-    """A shorter retention would delete events that a site stream holds."""
+    """A shorter retention would delete events that a site stream contains."""
 
 
 async def ensure_site_stream(

@@ -204,7 +204,7 @@ def test_messages_a_site_dropped_become_a_dead_letter(
     parser = argparse.ArgumentParser()
     reconcile.add_parser(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["reconcile", "--db", str(tmp_path / "hub.duckdb")])
-    # The postings agree, but the exit code still tells a script of the loss.
+    # The postings agree, but the exit code still reports the loss to a script.
     assert args.handler(args) == 3
     output = capsys.readouterr().out
     assert "WARNING: 1 of them report messages a plant site dropped" in output
